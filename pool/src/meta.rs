@@ -1,0 +1,272 @@
+//! The metadata store: an embedded, transactional, crash-safe redb database holding the object
+//! table (digest -> location and reference count), volume and snapshot records and the WAL's
+//! segment list. Every record carries its own format version; object records carry a CRC so a
+//! damaged record is reported rather than followed.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PoolError, Result};
+use crate::object::ObjectKind;
+use crate::types::{Digest, Extent};
+
+pub const OBJECTS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("objects");
+pub const VOLUMES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("volumes");
+pub const SNAPSHOTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("snapshots");
+pub const NAMES: TableDefinition<'_, &str, u64> = TableDefinition::new("volume_names");
+pub const SEGMENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("wal_segments");
+pub const COUNTERS: TableDefinition<'_, &str, u64> = TableDefinition::new("counters");
+
+pub const META_FORMAT_VERSION: u64 = 1;
+
+/// Location and reference count of a stored object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjRec {
+    pub kind: ObjectKind,
+    pub extent: Extent,
+    pub raw_len: u32,
+    pub stored_len: u32,
+    pub refcount: u64,
+}
+
+const OBJREC_LEN: usize = 40;
+
+impl ObjRec {
+    pub fn encode(&self) -> [u8; OBJREC_LEN] {
+        let mut b = [0u8; OBJREC_LEN];
+        b[0] = 1; // record version
+        b[1] = self.kind as u8;
+        b[2..4].copy_from_slice(&self.extent.device.to_le_bytes());
+        b[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
+        b[12..20].copy_from_slice(&self.extent.offset.to_le_bytes());
+        b[20..28].copy_from_slice(&self.extent.len.to_le_bytes());
+        b[28..36].copy_from_slice(&self.refcount.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..36]);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8], digest: &Digest) -> Result<ObjRec> {
+        let what = || format!("object record {digest}");
+        if b.len() != OBJREC_LEN {
+            return Err(PoolError::corrupt(what(), "bad length"));
+        }
+        let crc = u32::from_le_bytes([b[36], b[37], b[38], b[39]]);
+        if crc != crc32c::crc32c(&b[..36]) {
+            return Err(PoolError::Checksum { what: what() });
+        }
+        if b[0] != 1 {
+            return Err(PoolError::UnsupportedFormat {
+                what: what(),
+                detail: format!("version {}", b[0]),
+            });
+        }
+        let kind = match b[1] {
+            1 => ObjectKind::Chunk,
+            2 => ObjectKind::Node,
+            k => return Err(PoolError::corrupt(what(), format!("kind {k}"))),
+        };
+        let u64at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        Ok(ObjRec {
+            kind,
+            extent: Extent {
+                device: u16::from_le_bytes([b[2], b[3]]),
+                offset: u64at(12),
+                len: u64at(20),
+            },
+            raw_len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            stored_len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            refcount: u64at(28),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeRec {
+    pub version: u32,
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub base_root: Option<Digest>,
+    /// WAL entries of this volume with batch LSN <= folded_lsn are already in `base_root`.
+    pub folded_lsn: u64,
+    pub created_unix: i64,
+    pub origin_snapshot: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRec {
+    pub version: u32,
+    pub id: u64,
+    pub volume_id: u64,
+    pub volume_name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub root: Option<Digest>,
+    pub created_unix: i64,
+    pub locked_until_unix: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegRec {
+    pub extent: Extent,
+    pub first_lsn: u64,
+}
+
+impl SegRec {
+    pub fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0] = 1;
+        b[2..4].copy_from_slice(&self.extent.device.to_le_bytes());
+        b[8..16].copy_from_slice(&self.extent.offset.to_le_bytes());
+        b[16..24].copy_from_slice(&self.extent.len.to_le_bytes());
+        b[24..32].copy_from_slice(&self.first_lsn.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8]) -> Result<SegRec> {
+        if b.len() != 32 || b[0] != 1 {
+            return Err(PoolError::corrupt(
+                "wal segment record",
+                "bad length or version",
+            ));
+        }
+        let u64at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        Ok(SegRec {
+            extent: Extent {
+                device: u16::from_le_bytes([b[2], b[3]]),
+                offset: u64at(8),
+                len: u64at(16),
+            },
+            first_lsn: u64at(24),
+        })
+    }
+}
+
+pub fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| PoolError::Meta(e.to_string()))
+}
+
+pub fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| PoolError::corrupt(what, e.to_string()))
+}
+
+#[derive(Debug)]
+pub struct Meta {
+    pub db: Database,
+}
+
+impl Meta {
+    pub fn create(path: &Path) -> Result<Meta> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(OBJECTS)?;
+            tx.open_table(VOLUMES)?;
+            tx.open_table(SNAPSHOTS)?;
+            tx.open_table(NAMES)?;
+            tx.open_table(SEGMENTS)?;
+            let mut c = tx.open_table(COUNTERS)?;
+            c.insert("format_version", META_FORMAT_VERSION)?;
+            c.insert("next_volume_id", 1)?;
+            c.insert("next_snapshot_id", 1)?;
+            c.insert("next_segment_seq", 1)?;
+        }
+        tx.commit()?;
+        Ok(Meta { db })
+    }
+
+    pub fn open(path: &Path) -> Result<Meta> {
+        let db = Database::open(path)?;
+        let m = Meta { db };
+        let v = m.counter("format_version")?;
+        if v != META_FORMAT_VERSION {
+            return Err(PoolError::UnsupportedFormat {
+                what: "metadata store".into(),
+                detail: format!("format version {v}, this build reads {META_FORMAT_VERSION}"),
+            });
+        }
+        Ok(m)
+    }
+
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(COUNTERS)?;
+        Ok(t.get(name)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    pub fn get_object(&self, d: &Digest) -> Result<Option<ObjRec>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OBJECTS)?;
+        match t.get(&d.0)? {
+            Some(v) => Ok(Some(ObjRec::decode(v.value(), d)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeRec>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VOLUMES)?;
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (_, v) = r?;
+            out.push(from_json(v.value(), "volume record")?);
+        }
+        Ok(out)
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRec>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (_, v) = r?;
+            out.push(from_json(v.value(), "snapshot record")?);
+        }
+        Ok(out)
+    }
+
+    pub fn snapshot(&self, id: u64) -> Result<Option<SnapshotRec>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        match t.get(id)? {
+            Some(v) => Ok(Some(from_json(v.value(), "snapshot record")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn segments(&self) -> Result<Vec<(u64, SegRec)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SEGMENTS)?;
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (k, v) = r?;
+            out.push((k.value(), SegRec::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// All objects, for rebuilding the allocator and for verify/stats.
+    pub fn objects(&self) -> Result<Vec<(Digest, ObjRec)>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(OBJECTS)?;
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (k, v) = r?;
+            let d = Digest(k.value());
+            out.push((d, ObjRec::decode(v.value(), &d)?));
+        }
+        Ok(out)
+    }
+}
+
+/// Increments a counter inside a write transaction and returns the value before.
+pub fn bump(tx: &redb::WriteTransaction, name: &str) -> Result<u64> {
+    let mut t = tx.open_table(COUNTERS)?;
+    let cur = t.get(name)?.map(|v| v.value()).unwrap_or(1);
+    t.insert(name, cur + 1)?;
+    Ok(cur)
+}

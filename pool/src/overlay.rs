@@ -1,0 +1,181 @@
+//! The overlay of a live volume: 4 KiB blocks written since its base index, each pointing at
+//! its copy in the WAL, plus whole chunks zeroed (discard / write-zeroes). Lookups fall through
+//! active overlay -> frozen overlay (being sealed) -> base index.
+
+use std::collections::BTreeMap;
+
+/// Where a block's current data lives in the WAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loc {
+    /// LSN of the WAL batch holding it; batches above the written mark are still in memory.
+    pub lsn: u64,
+    pub device: u16,
+    /// Byte offset of the 4 KiB block on the device.
+    pub offset: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Data(Loc),
+    Zero,
+}
+
+/// Result of looking a block up in an overlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Data(Loc),
+    Zero,
+    /// Not in this overlay: look below.
+    Below,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Overlay {
+    pub blocks: BTreeMap<u64, Slot>,
+    /// Zeroed whole chunks, as disjoint ranges start -> end (exclusive).
+    pub zeroed: BTreeMap<u64, u64>,
+}
+
+impl Overlay {
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.zeroed.is_empty()
+    }
+
+    pub fn chunk_zeroed(&self, chunk: u64) -> bool {
+        self.zeroed
+            .range(..=chunk)
+            .next_back()
+            .is_some_and(|(_, &e)| chunk < e)
+    }
+
+    pub fn lookup(&self, block: u64, chunk_blocks: u64) -> Lookup {
+        match self.blocks.get(&block) {
+            Some(Slot::Data(l)) => Lookup::Data(*l),
+            Some(Slot::Zero) => Lookup::Zero,
+            None if self.chunk_zeroed(block / chunk_blocks) => Lookup::Zero,
+            None => Lookup::Below,
+        }
+    }
+
+    pub fn set_data(&mut self, block: u64, n: u64, first: Loc) {
+        for i in 0..n {
+            let loc = Loc {
+                offset: first.offset + i * 4096,
+                ..first
+            };
+            self.blocks.insert(block + i, Slot::Data(loc));
+        }
+    }
+
+    /// Zeroes blocks [block, block+n): whole chunks go to the range set, the rest block by block.
+    pub fn set_zero(&mut self, block: u64, n: u64, chunk_blocks: u64) {
+        let end = block + n;
+        let first_full = block.div_ceil(chunk_blocks);
+        let last_full = end / chunk_blocks; // exclusive
+        if first_full < last_full {
+            let (fb, lb) = (first_full * chunk_blocks, last_full * chunk_blocks);
+            let doomed: Vec<u64> = self.blocks.range(fb..lb).map(|(k, _)| *k).collect();
+            for k in doomed {
+                self.blocks.remove(&k);
+            }
+            self.insert_zero_range(first_full, last_full);
+            for b in block..fb.min(end) {
+                self.blocks.insert(b, Slot::Zero);
+            }
+            for b in lb.max(block)..end {
+                self.blocks.insert(b, Slot::Zero);
+            }
+        } else {
+            for b in block..end {
+                self.blocks.insert(b, Slot::Zero);
+            }
+        }
+    }
+
+    fn insert_zero_range(&mut self, mut s: u64, mut e: u64) {
+        // Merge with any overlapping or adjacent ranges.
+        let overlapping: Vec<(u64, u64)> = self
+            .zeroed
+            .range(..=e)
+            .rev()
+            .take_while(|(_, end)| **end >= s)
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        for (a, b) in overlapping {
+            self.zeroed.remove(&a);
+            s = s.min(a);
+            e = e.max(b);
+        }
+        self.zeroed.insert(s, e);
+    }
+
+    /// Chunks touched by this overlay's blocks (sorted, unique).
+    pub fn dirty_block_chunks(&self, chunk_blocks: u64) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for b in self.blocks.keys() {
+            let c = b / chunk_blocks;
+            if out.last() != Some(&c) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Applies a newer overlay on top of this one (used when a failed seal returns its frozen
+    /// overlay under the writes that arrived meanwhile).
+    pub fn merge_newer(&mut self, newer: &Overlay, chunk_blocks: u64) {
+        for (&s, &e) in &newer.zeroed {
+            self.set_zero(s * chunk_blocks, (e - s) * chunk_blocks, chunk_blocks);
+        }
+        for (&b, &slot) in &newer.blocks {
+            self.blocks.insert(b, slot);
+        }
+    }
+
+    /// Drops everything at or beyond `chunk` (not used for shrink, which is refused; kept for
+    /// deleting volumes cleanly).
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+        self.zeroed.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_ranges_and_blocks() {
+        let cb = 256;
+        let mut o = Overlay::default();
+        let loc = Loc {
+            lsn: 1,
+            device: 0,
+            offset: 1 << 20,
+        };
+        o.set_data(10, 3, loc);
+        o.set_data(300, 1, loc);
+        assert_eq!(
+            o.lookup(11, cb),
+            Lookup::Data(Loc {
+                offset: (1 << 20) + 4096,
+                ..loc
+            })
+        );
+        // Zero blocks 5..(3*256+7): chunk 0 partial, chunks 1..3 whole, chunk 3 partial.
+        o.set_zero(5, 3 * 256 + 2, cb);
+        assert_eq!(o.lookup(4, cb), Lookup::Below);
+        assert_eq!(o.lookup(11, cb), Lookup::Zero);
+        assert_eq!(o.lookup(300, cb), Lookup::Zero);
+        assert!(o.chunk_zeroed(1) && o.chunk_zeroed(2) && !o.chunk_zeroed(3));
+        assert_eq!(o.lookup(3 * 256 + 6, cb), Lookup::Zero);
+        assert_eq!(o.lookup(3 * 256 + 7, cb), Lookup::Below);
+        // Writing after zeroing wins.
+        o.set_data(300, 1, loc);
+        assert_eq!(o.lookup(300, cb), Lookup::Data(loc));
+        // Adjacent zero ranges merge.
+        o.set_zero(3 * 256, 256, cb);
+        assert_eq!(o.zeroed.len(), 1);
+        assert_eq!(o.zeroed.get(&1), Some(&4));
+    }
+}

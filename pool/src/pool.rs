@@ -1,0 +1,890 @@
+//! The pool: lifecycle (create, open, close), volumes and snapshots, and the background
+//! maintenance thread. Block I/O lives in `volio`, sealing in `fold`, accounting in `stats`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use crate::alloc::Allocator;
+use crate::config::{
+    CreateOptions, DeviceSpec, META_FILE, OpenOptions, POOL_FORMAT_VERSION, POOL_MAGIC, Superblock,
+};
+use crate::device::Device;
+use crate::error::{PoolError, Result};
+use crate::index::Geometry;
+use crate::meta::{self, Meta, NAMES, SEGMENTS, SNAPSHOTS, SnapshotRec, VOLUMES, VolumeRec};
+use crate::object::Keys;
+use crate::overlay::Overlay;
+use crate::refs::{self, RefDelta};
+use crate::shared::{ByteLru, Shared};
+use crate::types::{BLOCK, Digest, SnapshotId, Tier, VolumeId};
+use crate::wal::{EntryKind, Wal};
+
+/// Public description of a volume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub created_unix: i64,
+    /// The snapshot this volume was cloned from, if any.
+    pub origin_snapshot: Option<SnapshotId>,
+}
+
+/// Public description of a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    pub volume_id: VolumeId,
+    pub volume_name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub created_unix: i64,
+    pub locked_until_unix: Option<i64>,
+}
+
+impl From<&SnapshotRec> for SnapshotInfo {
+    fn from(r: &SnapshotRec) -> Self {
+        SnapshotInfo {
+            id: SnapshotId(r.id),
+            volume_id: VolumeId(r.volume_id),
+            volume_name: r.volume_name.clone(),
+            size: r.size,
+            block_size: r.block_size,
+            created_unix: r.created_unix,
+            locked_until_unix: r.locked_until_unix,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct VolOverlay {
+    pub active: Overlay,
+    pub frozen: Option<Arc<Overlay>>,
+    pub base_root: Option<Digest>,
+    pub size: u64,
+    pub deleted: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct VolumeState {
+    pub id: u64,
+    pub block_size: u32,
+    pub created_unix: i64,
+    pub origin_snapshot: Option<u64>,
+    pub name: RwLock<String>,
+    pub ov: RwLock<VolOverlay>,
+    pub seal_lock: Mutex<()>,
+    pub rmw_lock: Mutex<()>,
+    pub folded_lsn: AtomicU64,
+}
+
+impl VolumeState {
+    fn from_rec(r: &VolumeRec) -> Self {
+        VolumeState {
+            id: r.id,
+            block_size: r.block_size,
+            created_unix: r.created_unix,
+            origin_snapshot: r.origin_snapshot,
+            name: RwLock::new(r.name.clone()),
+            ov: RwLock::new(VolOverlay {
+                active: Overlay::default(),
+                frozen: None,
+                base_root: r.base_root,
+                size: r.size,
+                deleted: false,
+            }),
+            seal_lock: Mutex::new(()),
+            rmw_lock: Mutex::new(()),
+            folded_lsn: AtomicU64::new(r.folded_lsn),
+        }
+    }
+
+    pub fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            id: VolumeId(self.id),
+            name: self.name.read().clone(),
+            size: self.ov.read().size,
+            block_size: self.block_size,
+            created_unix: self.created_unix,
+            origin_snapshot: self.origin_snapshot.map(SnapshotId),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct PoolInner {
+    pub dir: PathBuf,
+    pub sb: Superblock,
+    pub opts: OpenOptions,
+    pub shared: Arc<Shared>,
+    pub wal: Arc<Wal>,
+    pub geo: Geometry,
+    pub volumes: RwLock<HashMap<u64, Arc<VolumeState>>>,
+    /// Serialises catalog-shaped changes (create, rename, delete) so names stay unique.
+    pub admin: Mutex<()>,
+    pub cpu: rayon::ThreadPool,
+    pub closed: AtomicBool,
+    pub bg_wake: (Mutex<bool>, Condvar),
+    pub threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A storage pool. Cheap to clone; all clones share one open pool.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub(crate) inner: Arc<PoolInner>,
+}
+
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn fs_available(dir: &Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs fills a plain struct; c is a valid NUL-terminated path.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) == 0 {
+            s.f_bavail as u64 * s.f_frsize as u64
+        } else {
+            0
+        }
+    }
+}
+
+impl Pool {
+    /// Creates a new pool in `dir` (created if missing; must not already hold a pool).
+    pub fn create(dir: &Path, create: CreateOptions, opts: OpenOptions) -> Result<Pool> {
+        let cs = create.chunk_size;
+        if !cs.is_power_of_two() || !(64 << 10..=4 << 20).contains(&cs) {
+            return Err(PoolError::InvalidArgument(format!(
+                "chunk size {cs} must be a power of two from 64 KiB to 4 MiB"
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| PoolError::io(dir.display().to_string(), e))?;
+        if dir.join(crate::config::SUPERBLOCK_FILE).exists() {
+            return Err(PoolError::PoolExists {
+                path: dir.display().to_string(),
+            });
+        }
+        let mut devices = create.devices.clone();
+        if devices.is_empty() {
+            let avail = fs_available(dir) / (1 << 20) * (1 << 20);
+            devices.push(DeviceSpec {
+                path: "data-0.dev".into(),
+                tier: Tier::Ssd,
+                size: avail.max(64 << 20),
+            });
+        }
+        let pool_id = uuid::Uuid::new_v4();
+        let mut secret = [0u8; 32];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut secret[..]);
+        let sb = Superblock {
+            magic: POOL_MAGIC.into(),
+            format_version: POOL_FORMAT_VERSION,
+            pool_id,
+            secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
+            chunk_size: cs,
+            zstd_level: create.zstd_level,
+            devices,
+            created_unix: now_unix(),
+        };
+        for (i, spec) in sb.devices.iter().enumerate() {
+            Device::create(
+                &sb.device_path(dir, i),
+                i as u16,
+                spec.tier,
+                spec.size,
+                *pool_id.as_bytes(),
+            )?;
+        }
+        let meta_path = dir.join(META_FILE);
+        if meta_path.exists() {
+            std::fs::remove_file(&meta_path)
+                .map_err(|e| PoolError::io(meta_path.display().to_string(), e))?;
+        }
+        drop(Meta::create(&meta_path)?);
+        // The superblock goes last: a pool without one was never completely created.
+        sb.store(dir)?;
+        tracing::info!(dir = %dir.display(), pool_id = %pool_id, chunk_size = cs, "pool created");
+        Pool::open(dir, opts)
+    }
+
+    /// Opens an existing pool, replays its WAL and starts its background threads.
+    pub fn open(dir: &Path, opts: OpenOptions) -> Result<Pool> {
+        let sb = Superblock::load(dir)?;
+        let secret = sb.secret_bytes()?;
+        let mut devices = Vec::new();
+        for i in 0..sb.devices.len() {
+            devices.push(Device::open(
+                &sb.device_path(dir, i),
+                i as u16,
+                *sb.pool_id.as_bytes(),
+            )?);
+        }
+        let meta = Meta::open(&dir.join(META_FILE))?;
+        let mut alloc = Allocator::new(
+            &devices
+                .iter()
+                .map(|d| (d.index, d.tier, d.size))
+                .collect::<Vec<_>>(),
+        );
+        let mut dead = std::collections::HashSet::new();
+        for (d, rec) in meta.objects()? {
+            if !alloc.mark_used(rec.extent) {
+                return Err(PoolError::corrupt(
+                    format!("object {d}"),
+                    "extent overlaps other data or lies off-device",
+                ));
+            }
+            if rec.refcount == 0 {
+                dead.insert(d);
+            }
+        }
+        let segs = meta.segments()?;
+        for (seq, s) in &segs {
+            if !alloc.mark_used(s.extent) {
+                return Err(PoolError::corrupt(
+                    format!("WAL segment {seq}"),
+                    "extent overlaps other data",
+                ));
+            }
+        }
+        let shared = Arc::new(Shared {
+            devices,
+            meta,
+            alloc: Mutex::new(alloc),
+            keys: Keys::derive(&secret),
+            chunk_size: sb.chunk_size,
+            zstd_level: sb.zstd_level,
+            chunk_cache: Mutex::new(ByteLru::new(opts.cache_bytes)),
+            node_cache: Mutex::new(ByteLru::new(64 << 20)),
+            pin: RwLock::new(()),
+            pending_free: Mutex::new(Vec::new()),
+            dead: Mutex::new(dead),
+            chunk_cache_disabled: opts.cache_bytes == 0,
+        });
+        let geo = Geometry {
+            chunk_size: sb.chunk_size,
+        };
+        let chunk_blocks = sb.chunk_size / BLOCK;
+        let mut volumes: HashMap<u64, Arc<VolumeState>> = HashMap::new();
+        for r in shared.meta.volumes()? {
+            volumes.insert(r.id, Arc::new(VolumeState::from_rec(&r)));
+        }
+        let replayed = Wal::replay(&shared, &segs, |e, lsn, loc| {
+            let Some(v) = volumes.get(&e.vol) else { return };
+            if lsn <= v.folded_lsn.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut ov = v.ov.write();
+            match (e.kind, loc) {
+                (EntryKind::Data, Some(l)) => ov.active.set_data(e.block, e.nblocks as u64, l),
+                _ => ov.active.set_zero(e.block, e.nblocks as u64, chunk_blocks),
+            }
+        })?;
+        let dirty: usize = volumes
+            .values()
+            .map(|v| v.ov.read().active.blocks.len())
+            .sum();
+        tracing::info!(
+            dir = %dir.display(),
+            volumes = volumes.len(),
+            wal_segments = segs.len(),
+            wal_batches = replayed.batches,
+            live_blocks = dirty,
+            "pool opened; WAL replayed"
+        );
+        let max_folded = volumes
+            .values()
+            .map(|v| v.folded_lsn.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let wal = Arc::new(Wal::new(shared.clone(), opts.wal_segment_bytes, replayed));
+        wal.raise_next_lsn(max_folded + 1);
+        let cpu = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("maas-pool-cpu-{i}"))
+            .build()
+            .map_err(|e| PoolError::InvalidArgument(format!("cpu pool: {e}")))?;
+        let inner = Arc::new(PoolInner {
+            dir: dir.to_path_buf(),
+            sb,
+            opts,
+            shared,
+            wal,
+            geo,
+            volumes: RwLock::new(volumes),
+            admin: Mutex::new(()),
+            cpu,
+            closed: AtomicBool::new(false),
+            bg_wake: (Mutex::new(false), Condvar::new()),
+            threads: Mutex::new(Vec::new()),
+        });
+        let w = inner.wal.clone();
+        let flusher = std::thread::Builder::new()
+            .name("maas-wal-flusher".into())
+            .spawn(move || w.run_flusher())
+            .map_err(|e| PoolError::io("spawn WAL flusher", e))?;
+        inner.threads.lock().push(flusher);
+        inner.gc_log()?;
+        if inner.opts.background {
+            let weak = Arc::downgrade(&inner);
+            let bg = std::thread::Builder::new()
+                .name("maas-pool-maint".into())
+                .spawn(move || maintenance_loop(weak))
+                .map_err(|e| PoolError::io("spawn pool maintenance", e))?;
+            inner.threads.lock().push(bg);
+        }
+        Ok(Pool { inner })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn pool_id(&self) -> uuid::Uuid {
+        self.inner.sb.pool_id
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.sb.chunk_size
+    }
+
+    pub fn devices(&self) -> Vec<(u16, PathBuf, Tier, u64)> {
+        self.inner
+            .shared
+            .devices
+            .iter()
+            .map(|d| (d.index, d.path.clone(), d.tier, d.size))
+            .collect()
+    }
+
+    /// Largest volume this pool's index geometry supports.
+    pub fn max_volume_size(&self) -> u64 {
+        self.inner.geo.max_volume_size()
+    }
+
+    /// Flushes everything and stops the pool's threads. Also done on drop of the last clone.
+    pub fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
+
+    // ---- volumes ----
+
+    pub fn create_volume(&self, name: &str, size: u64, block_size: u32) -> Result<VolumeInfo> {
+        self.inner.check_open()?;
+        validate_name(name)?;
+        if block_size != 512 && block_size != 4096 {
+            return Err(PoolError::InvalidArgument(format!(
+                "block size {block_size} must be 512 or 4096"
+            )));
+        }
+        self.inner.validate_size(size)?;
+        self.inner.new_volume(name, size, block_size, None, None)
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let mut v: Vec<VolumeInfo> = self
+            .inner
+            .volumes
+            .read()
+            .values()
+            .map(|v| v.info())
+            .collect();
+        v.sort_by_key(|v| v.id);
+        v
+    }
+
+    pub fn volume(&self, id: VolumeId) -> Result<VolumeInfo> {
+        Ok(self.inner.vol(id)?.info())
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Result<VolumeInfo> {
+        self.inner
+            .volumes
+            .read()
+            .values()
+            .find(|v| *v.name.read() == name)
+            .map(|v| v.info())
+            .ok_or_else(|| PoolError::VolumeNameNotFound(name.to_string()))
+    }
+
+    /// Grows a volume; shrinking is refused (it would silently destroy data).
+    pub fn resize_volume(&self, id: VolumeId, new_size: u64) -> Result<VolumeInfo> {
+        self.inner.check_open()?;
+        let v = self.inner.vol(id)?;
+        self.inner.validate_size(new_size)?;
+        let _a = self.inner.admin.lock();
+        let mut ov = v.ov.write();
+        if ov.deleted {
+            return Err(PoolError::VolumeDeleted(id));
+        }
+        if new_size < ov.size {
+            return Err(PoolError::ShrinkRefused {
+                current: ov.size,
+                asked: new_size,
+            });
+        }
+        if new_size == ov.size {
+            drop(ov);
+            return Ok(v.info());
+        }
+        self.inner.update_volume_rec(id.0, |r| r.size = new_size)?;
+        ov.size = new_size;
+        drop(ov);
+        tracing::info!(volume = %id, size = new_size, "volume grown");
+        Ok(v.info())
+    }
+
+    pub fn rename_volume(&self, id: VolumeId, new_name: &str) -> Result<VolumeInfo> {
+        self.inner.check_open()?;
+        validate_name(new_name)?;
+        let v = self.inner.vol(id)?;
+        let _a = self.inner.admin.lock();
+        let old = v.name.read().clone();
+        if old == new_name {
+            return Ok(v.info());
+        }
+        let tx = self.inner.shared.meta.db.begin_write()?;
+        {
+            let mut names = tx.open_table(NAMES)?;
+            if names.get(new_name)?.is_some() {
+                return Err(PoolError::VolumeExists(new_name.to_string()));
+            }
+            names.remove(old.as_str())?;
+            names.insert(new_name, id.0)?;
+        }
+        self.inner
+            .update_volume_rec_in(&tx, id.0, |r| r.name = new_name.to_string())?;
+        tx.commit()?;
+        *v.name.write() = new_name.to_string();
+        Ok(v.info())
+    }
+
+    /// Deletes a live volume and reclaims its space. Its snapshots stay: they are backups with
+    /// their own retention and locks, and outlive the disk they were taken from.
+    pub fn delete_volume(&self, id: VolumeId) -> Result<()> {
+        self.inner.check_open()?;
+        let v = self.inner.vol(id)?;
+        let _seal = v.seal_lock.lock();
+        let _a = self.inner.admin.lock();
+        let base = {
+            let mut ov = v.ov.write();
+            if ov.deleted {
+                return Err(PoolError::VolumeDeleted(id));
+            }
+            ov.deleted = true;
+            ov.active.clear();
+            ov.frozen = None;
+            ov.base_root
+        };
+        let res = (|| -> Result<Vec<Digest>> {
+            let tx = self.inner.shared.meta.db.begin_write()?;
+            tx.open_table(VOLUMES)?.remove(id.0)?;
+            tx.open_table(NAMES)?.remove(v.name.read().as_str())?;
+            let mut delta = RefDelta::default();
+            if let Some(r) = base {
+                delta.add(r, -1);
+            }
+            let zeroed = refs::apply(&self.inner.shared, &tx, delta)?;
+            tx.commit()?;
+            Ok(zeroed)
+        })();
+        match res {
+            Ok(zeroed) => {
+                self.inner.volumes.write().remove(&id.0);
+                self.inner.shared.dead.lock().extend(zeroed);
+                tracing::info!(volume = %id, "volume deleted");
+                self.inner.gc_log()?;
+                self.inner.shared.reclaim()?;
+                Ok(())
+            }
+            Err(e) => {
+                v.ov.write().deleted = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// A handle for block I/O on a volume.
+    pub fn open_volume(&self, id: VolumeId) -> Result<crate::Volume> {
+        let v = self.inner.vol(id)?;
+        if v.ov.read().deleted {
+            return Err(PoolError::VolumeDeleted(id));
+        }
+        Ok(crate::Volume {
+            pool: self.inner.clone(),
+            vol: v,
+        })
+    }
+
+    /// Makes every write acknowledged so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.wal.flush()
+    }
+
+    // ---- snapshots and clones ----
+
+    /// Seals a snapshot of a volume: a complete, read-only point-in-time image containing every
+    /// write acknowledged before this call. I/O to the volume continues meanwhile.
+    pub fn seal(&self, id: VolumeId) -> Result<SnapshotInfo> {
+        self.inner.check_open()?;
+        let v = self.inner.vol(id)?;
+        let snap = self.inner.fold(&v, true)?;
+        snap.ok_or_else(|| PoolError::Meta("seal produced no snapshot".into()))
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut s: Vec<SnapshotInfo> = self
+            .inner
+            .shared
+            .meta
+            .snapshots()?
+            .iter()
+            .map(SnapshotInfo::from)
+            .collect();
+        s.sort_by_key(|s| s.id);
+        Ok(s)
+    }
+
+    pub fn snapshot(&self, id: SnapshotId) -> Result<SnapshotInfo> {
+        self.inner
+            .shared
+            .meta
+            .snapshot(id.0)?
+            .as_ref()
+            .map(SnapshotInfo::from)
+            .ok_or(PoolError::SnapshotNotFound(id))
+    }
+
+    /// Locks a snapshot against deletion until `until_unix`; a lock can be extended, never
+    /// shortened or removed.
+    pub fn lock_snapshot(&self, id: SnapshotId, until_unix: i64) -> Result<SnapshotInfo> {
+        self.inner.check_open()?;
+        let _a = self.inner.admin.lock();
+        let tx = self.inner.shared.meta.db.begin_write()?;
+        let rec = {
+            let mut t = tx.open_table(SNAPSHOTS)?;
+            let mut rec: SnapshotRec = match t.get(id.0)? {
+                Some(v) => meta::from_json(v.value(), "snapshot record")?,
+                None => return Err(PoolError::SnapshotNotFound(id)),
+            };
+            if let Some(cur) = rec.locked_until_unix
+                && until_unix < cur
+            {
+                return Err(PoolError::LockShortened {
+                    id,
+                    current_unix: cur,
+                    asked_unix: until_unix,
+                });
+            }
+            rec.locked_until_unix = Some(until_unix);
+            t.insert(id.0, meta::to_json(&rec)?.as_slice())?;
+            rec
+        };
+        tx.commit()?;
+        Ok(SnapshotInfo::from(&rec))
+    }
+
+    /// Deletes a snapshot and reclaims the space only it used. Refused while it is locked.
+    pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
+        self.inner.check_open()?;
+        let _a = self.inner.admin.lock();
+        let tx = self.inner.shared.meta.db.begin_write()?;
+        let rec: SnapshotRec = {
+            let t = tx.open_table(SNAPSHOTS)?;
+            match t.get(id.0)? {
+                Some(v) => meta::from_json(v.value(), "snapshot record")?,
+                None => return Err(PoolError::SnapshotNotFound(id)),
+            }
+        };
+        if let Some(until) = rec.locked_until_unix
+            && until > now_unix()
+        {
+            return Err(PoolError::SnapshotLocked {
+                id,
+                until_unix: until,
+            });
+        }
+        tx.open_table(SNAPSHOTS)?.remove(id.0)?;
+        let mut delta = RefDelta::default();
+        if let Some(r) = rec.root {
+            delta.add(r, -1);
+        }
+        let zeroed = refs::apply(&self.inner.shared, &tx, delta)?;
+        tx.commit()?;
+        self.inner.shared.dead.lock().extend(zeroed);
+        tracing::info!(snapshot = %id, "snapshot deleted");
+        self.inner.shared.reclaim()?;
+        Ok(())
+    }
+
+    /// Creates a writable volume whose contents are the snapshot's: O(1) whatever its size.
+    /// Writes to the clone never change the snapshot.
+    pub fn clone_snapshot(&self, id: SnapshotId, name: &str) -> Result<VolumeInfo> {
+        self.inner.check_open()?;
+        validate_name(name)?;
+        let rec = self
+            .inner
+            .shared
+            .meta
+            .snapshot(id.0)?
+            .ok_or(PoolError::SnapshotNotFound(id))?;
+        self.inner
+            .new_volume(name, rec.size, rec.block_size, rec.root, Some(id.0))
+    }
+
+    /// Reclaims space now (normally done in the background).
+    pub fn reclaim(&self) -> Result<bool> {
+        self.inner.gc_log()?;
+        self.inner.shared.reclaim()
+    }
+
+    /// Folds every volume's live data into sealed chunks without creating snapshots (what the
+    /// background thread does when the WAL grows); frees WAL space.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.inner.check_open()?;
+        let vols: Vec<Arc<VolumeState>> = self.inner.volumes.read().values().cloned().collect();
+        for v in vols {
+            match self.inner.fold(&v, false) {
+                Ok(_) | Err(PoolError::VolumeDeleted(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.inner.gc_log()?;
+        self.inner.shared.reclaim()?;
+        Ok(())
+    }
+}
+
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PoolError::InvalidArgument(format!(
+            "name {name:?}: 1-128 characters of letters, digits, '-', '_', '.', ':'"
+        )))
+    }
+}
+
+impl PoolInner {
+    pub fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(PoolError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn vol(&self, id: VolumeId) -> Result<Arc<VolumeState>> {
+        self.volumes
+            .read()
+            .get(&id.0)
+            .cloned()
+            .ok_or(PoolError::VolumeNotFound(id))
+    }
+
+    fn validate_size(&self, size: u64) -> Result<()> {
+        if size == 0 || size % BLOCK != 0 {
+            return Err(PoolError::InvalidArgument(format!(
+                "size {size} must be a positive multiple of 4096"
+            )));
+        }
+        if size > self.geo.max_volume_size() {
+            return Err(PoolError::InvalidArgument(format!(
+                "size {size} exceeds the largest volume of this pool ({} bytes)",
+                self.geo.max_volume_size()
+            )));
+        }
+        Ok(())
+    }
+
+    fn new_volume(
+        &self,
+        name: &str,
+        size: u64,
+        block_size: u32,
+        base_root: Option<Digest>,
+        origin: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        let _a = self.admin.lock();
+        // Pin so the base root cannot be swept between reading the snapshot and referencing it.
+        let _pin = self.shared.pin.read();
+        let tx = self.shared.meta.db.begin_write()?;
+        if tx.open_table(NAMES)?.get(name)?.is_some() {
+            return Err(PoolError::VolumeExists(name.to_string()));
+        }
+        let id = meta::bump(&tx, "next_volume_id")?;
+        let rec = VolumeRec {
+            version: 1,
+            id,
+            name: name.to_string(),
+            size,
+            block_size,
+            base_root,
+            folded_lsn: self.wal.cut(),
+            created_unix: now_unix(),
+            origin_snapshot: origin,
+        };
+        tx.open_table(VOLUMES)?
+            .insert(id, meta::to_json(&rec)?.as_slice())?;
+        tx.open_table(NAMES)?.insert(name, id)?;
+        let mut delta = RefDelta::default();
+        if let Some(r) = base_root {
+            delta.add(r, 1);
+        }
+        refs::apply(&self.shared, &tx, delta)?;
+        tx.commit()?;
+        let st = Arc::new(VolumeState::from_rec(&rec));
+        let info = st.info();
+        self.volumes.write().insert(id, st);
+        tracing::info!(volume = %info.id, name, size, origin = ?origin, "volume created");
+        Ok(info)
+    }
+
+    pub fn update_volume_rec_in(
+        &self,
+        tx: &redb::WriteTransaction,
+        id: u64,
+        f: impl FnOnce(&mut VolumeRec),
+    ) -> Result<()> {
+        let mut t = tx.open_table(VOLUMES)?;
+        let mut rec: VolumeRec = match t.get(id)? {
+            Some(v) => meta::from_json(v.value(), "volume record")?,
+            None => return Err(PoolError::VolumeNotFound(VolumeId(id))),
+        };
+        f(&mut rec);
+        t.insert(id, meta::to_json(&rec)?.as_slice())?;
+        Ok(())
+    }
+
+    fn update_volume_rec(&self, id: u64, f: impl FnOnce(&mut VolumeRec)) -> Result<()> {
+        let tx = self.shared.meta.db.begin_write()?;
+        self.update_volume_rec_in(&tx, id, f)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn folded_map(&self) -> HashMap<u64, u64> {
+        self.volumes
+            .read()
+            .values()
+            .map(|v| (v.id, v.folded_lsn.load(Ordering::SeqCst)))
+            .collect()
+    }
+
+    /// Frees WAL segments no volume needs any more.
+    pub fn gc_log(&self) -> Result<()> {
+        let dead = self.wal.take_dead_segments(&self.folded_map());
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let tx = self.shared.meta.db.begin_write()?;
+        {
+            let mut t = tx.open_table(SEGMENTS)?;
+            for (seq, _) in &dead {
+                t.remove(*seq)?;
+            }
+        }
+        tx.commit()?;
+        tracing::debug!(segments = dead.len(), "freed WAL segments");
+        self.shared
+            .pending_free
+            .lock()
+            .extend(dead.iter().map(|(_, r)| r.extent));
+        Ok(())
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let res = self.wal.flush();
+        self.wal.shutdown();
+        {
+            let (m, c) = &self.bg_wake;
+            *m.lock() = true;
+            c.notify_all();
+        }
+        let threads: Vec<JoinHandle<()>> = self.threads.lock().drain(..).collect();
+        let me = std::thread::current().id();
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        self.shared.sync_all()?;
+        tracing::info!(dir = %self.dir.display(), "pool closed");
+        res
+    }
+
+    /// One round of background work: fold volumes pinning old WAL segments when the WAL is
+    /// large, free dead segments, sweep unreferenced objects.
+    fn maintain(&self) -> Result<()> {
+        let (bytes, _) = self.wal.usage();
+        if bytes > self.opts.wal_fold_threshold {
+            for vid in self.wal.oldest_pinning_volumes(&self.folded_map()) {
+                let Ok(v) = self.vol(VolumeId(vid)) else {
+                    continue;
+                };
+                match self.fold(&v, false) {
+                    Ok(_) | Err(PoolError::VolumeDeleted(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(volume = vid, error = %e, "background fold failed; will retry")
+                    }
+                }
+            }
+        }
+        self.gc_log()?;
+        self.shared.reclaim()?;
+        Ok(())
+    }
+}
+
+fn maintenance_loop(weak: std::sync::Weak<PoolInner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = inner.maintain() {
+            tracing::warn!(error = %e, "pool maintenance failed; will retry");
+        }
+        let (m, c) = &inner.bg_wake;
+        let mut stop = m.lock();
+        if *stop {
+            return;
+        }
+        c.wait_for(&mut stop, Duration::from_millis(200));
+        if *stop {
+            return;
+        }
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing pool failed");
+        }
+    }
+}

@@ -1,0 +1,760 @@
+//! The write-ahead log: every write to a live volume is appended here before it is
+//! acknowledged, and it is durable once the log is flushed (group commit: one fdatasync serves
+//! every flush waiting at that moment).
+//!
+//! The log is a chain of segments (extents allocated on the fastest durable tier, listed in the
+//! metadata store). A segment holds batches:
+//! ```text
+//! header block (4 KiB):
+//!   0 magic "MAASWAL\0" | 8 version u16 | 10 0 u16 | 12 entry count u32 | 16 segment seq u64
+//!   24 batch LSN u64 | 32 data blocks u32 | 36..60 0 | 60 CRC32C of the header block (field = 0)
+//!   64 + 32*i: entry { volume u64 | first block u64 | block count u32 | kind u8 (1 data, 2 zero)
+//!                      | 0 [3] | CRC32C of the entry's data u32 | 0 u32 }
+//! data blocks, entry after entry
+//! ```
+//! Replay walks each segment from its start while batches carry the segment's sequence number
+//! and consecutive LSNs starting at the segment's recorded first LSN, and every data CRC
+//! matches. A torn batch ends its segment's chain (it was never covered by a completed flush).
+//! After an open, appends always go to a fresh segment, so the bytes replay reads in older
+//! segments never change again and replay is deterministic.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::alloc::Placement;
+use crate::error::{PoolError, Result};
+use crate::io::{self, AlignedBuf, Op};
+use crate::meta::{self, SEGMENTS, SegRec};
+use crate::overlay::Loc;
+use crate::shared::Shared;
+use crate::types::{BLOCK, Extent};
+
+pub const WAL_MAGIC: &[u8; 8] = b"MAASWAL\0";
+pub const WAL_FORMAT_VERSION: u16 = 1;
+pub const MAX_ENTRIES: usize = (4096 - 64) / 32;
+pub const MAX_BATCH_DATA: usize = 2 << 20;
+/// Appenders wait when this much data is in memory but not yet written.
+pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    Data = 1,
+    Zero = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub vol: u64,
+    pub block: u64,
+    pub nblocks: u32,
+    pub kind: EntryKind,
+    pub data_crc: u32,
+}
+
+#[derive(Debug)]
+struct OpenBatch {
+    lsn: u64,
+    seg_seq: u64,
+    device: u16,
+    /// Device offset of the header block.
+    offset: u64,
+    entries: Vec<Entry>,
+    buf: AlignedBuf,
+    data_len: usize,
+}
+
+#[derive(Debug)]
+struct Batch {
+    lsn: u64,
+    device: u16,
+    offset: u64,
+    buf: AlignedBuf,
+}
+
+#[derive(Debug)]
+pub struct Segment {
+    pub seq: u64,
+    pub rec: SegRec,
+    /// Highest batch LSN per volume with entries in this segment.
+    pub vols: HashMap<u64, u64>,
+}
+
+#[derive(Debug)]
+struct CurSeg {
+    seq: u64,
+    extent: Extent,
+    pos: u64,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    segments: BTreeMap<u64, Segment>,
+    cur: Option<CurSeg>,
+    open: Option<OpenBatch>,
+    inflight: BTreeMap<u64, Arc<Batch>>,
+    inflight_bytes: usize,
+    next_lsn: u64,
+    sync_target: u64,
+    dirty_devices: HashSet<u16>,
+    failed: Option<String>,
+    shutdown: bool,
+}
+
+#[derive(Debug)]
+pub struct Wal {
+    shared: Arc<Shared>,
+    st: Mutex<LogState>,
+    work: Condvar,
+    done: Condvar,
+    /// Every batch with LSN <= written is on its device (maybe not yet durable).
+    written: AtomicU64,
+    /// Every batch with LSN <= synced is durable.
+    synced: AtomicU64,
+    segment_size: u64,
+}
+
+/// One contiguous piece of an append, reported to the caller to update its overlay.
+#[derive(Clone, Copy, Debug)]
+pub struct Piece {
+    pub block: u64,
+    pub nblocks: u64,
+    pub loc: Option<Loc>,
+}
+
+fn encode_header(b: &mut [u8], seg_seq: u64, lsn: u64, entries: &[Entry], data_blocks: u32) {
+    b[..4096].fill(0);
+    b[0..8].copy_from_slice(WAL_MAGIC);
+    b[8..10].copy_from_slice(&WAL_FORMAT_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    b[16..24].copy_from_slice(&seg_seq.to_le_bytes());
+    b[24..32].copy_from_slice(&lsn.to_le_bytes());
+    b[32..36].copy_from_slice(&data_blocks.to_le_bytes());
+    for (i, e) in entries.iter().enumerate() {
+        let o = 64 + 32 * i;
+        b[o..o + 8].copy_from_slice(&e.vol.to_le_bytes());
+        b[o + 8..o + 16].copy_from_slice(&e.block.to_le_bytes());
+        b[o + 16..o + 20].copy_from_slice(&e.nblocks.to_le_bytes());
+        b[o + 20] = e.kind as u8;
+        b[o + 24..o + 28].copy_from_slice(&e.data_crc.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b[..4096]);
+    b[60..64].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A parsed batch header; `None` when the block is not a valid header for (seg_seq, lsn).
+pub fn parse_header(b: &[u8], seg_seq: u64, lsn: u64) -> Option<(Vec<Entry>, u32)> {
+    if b.len() < 4096 || &b[0..8] != WAL_MAGIC {
+        return None;
+    }
+    let mut copy = [0u8; 4096];
+    copy.copy_from_slice(&b[..4096]);
+    let stored = u32::from_le_bytes([b[60], b[61], b[62], b[63]]);
+    copy[60..64].fill(0);
+    if crc32c::crc32c(&copy) != stored {
+        return None;
+    }
+    let u64at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    let u32at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
+    if u16::from_le_bytes([b[8], b[9]]) != WAL_FORMAT_VERSION
+        || u64at(16) != seg_seq
+        || u64at(24) != lsn
+    {
+        return None;
+    }
+    let count = u32at(12) as usize;
+    if count > MAX_ENTRIES {
+        return None;
+    }
+    let data_blocks = u32at(32);
+    let mut entries = Vec::with_capacity(count);
+    let mut sum = 0u64;
+    for i in 0..count {
+        let o = 64 + 32 * i;
+        let kind = match b[o + 20] {
+            1 => EntryKind::Data,
+            2 => EntryKind::Zero,
+            _ => return None,
+        };
+        let e = Entry {
+            vol: u64at(o),
+            block: u64at(o + 8),
+            nblocks: u32at(o + 16),
+            kind,
+            data_crc: u32at(o + 24),
+        };
+        if kind == EntryKind::Data {
+            sum += e.nblocks as u64;
+        }
+        entries.push(e);
+    }
+    if sum != data_blocks as u64 || (data_blocks as usize) * 4096 > MAX_BATCH_DATA {
+        return None;
+    }
+    Some((entries, data_blocks))
+}
+
+/// What replay found.
+#[derive(Debug)]
+pub struct Replayed {
+    pub next_lsn: u64,
+    pub segments: Vec<Segment>,
+    pub batches: u64,
+}
+
+impl Wal {
+    pub fn new(shared: Arc<Shared>, segment_size: u64, replayed: Replayed) -> Wal {
+        let last = replayed.next_lsn.saturating_sub(1);
+        let st = LogState {
+            segments: replayed.segments.into_iter().map(|s| (s.seq, s)).collect(),
+            next_lsn: replayed.next_lsn,
+            sync_target: last,
+            ..Default::default()
+        };
+        Wal {
+            shared,
+            st: Mutex::new(st),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            written: AtomicU64::new(last),
+            synced: AtomicU64::new(last),
+            segment_size,
+        }
+    }
+
+    /// Walks the log and calls `apply(entry, batch_lsn, first_block_location)` for every entry of
+    /// every valid batch, in LSN order.
+    pub fn replay(
+        shared: &Shared,
+        segs: &[(u64, SegRec)],
+        mut apply: impl FnMut(&Entry, u64, Option<Loc>),
+    ) -> Result<Replayed> {
+        let mut next_lsn = 1;
+        let mut out = Vec::new();
+        let mut batches = 0;
+        for &(seq, rec) in segs {
+            next_lsn = next_lsn.max(rec.first_lsn);
+            let dev = shared.device(rec.extent.device)?;
+            let mut buf = AlignedBuf::zeroed(rec.extent.len as usize);
+            io::run_batch(&mut [Op::Read {
+                file: dev.file(),
+                offset: rec.extent.offset,
+                buf: &mut buf,
+            }])
+            .map_err(|e| dev.io_err(e))?;
+            let mut seg = Segment {
+                seq,
+                rec,
+                vols: HashMap::new(),
+            };
+            let mut pos = 0usize;
+            let mut lsn = rec.first_lsn;
+            while pos + 4096 <= buf.len() {
+                let Some((entries, data_blocks)) = parse_header(&buf[pos..], seq, lsn) else {
+                    break;
+                };
+                let data_start = pos + 4096;
+                let data_end = data_start + data_blocks as usize * 4096;
+                if data_end > buf.len() {
+                    break;
+                }
+                let mut off = data_start;
+                let mut ok = true;
+                for e in &entries {
+                    if e.kind == EntryKind::Data {
+                        let len = e.nblocks as usize * 4096;
+                        if crc32c::crc32c(&buf[off..off + len]) != e.data_crc {
+                            ok = false;
+                            break;
+                        }
+                        off += len;
+                    }
+                }
+                if !ok {
+                    tracing::info!(
+                        segment = seq,
+                        lsn,
+                        "WAL replay: torn batch ends this segment (never flushed)"
+                    );
+                    break;
+                }
+                let mut off = data_start as u64;
+                for e in &entries {
+                    let loc = (e.kind == EntryKind::Data).then(|| Loc {
+                        lsn,
+                        device: rec.extent.device,
+                        offset: rec.extent.offset + off,
+                    });
+                    if e.kind == EntryKind::Data {
+                        off += e.nblocks as u64 * 4096;
+                    }
+                    let m = seg.vols.entry(e.vol).or_insert(0);
+                    *m = (*m).max(lsn);
+                    apply(e, lsn, loc);
+                }
+                batches += 1;
+                pos = data_end;
+                lsn += 1;
+                next_lsn = next_lsn.max(lsn);
+            }
+            out.push(seg);
+        }
+        Ok(Replayed {
+            next_lsn,
+            segments: out,
+            batches,
+        })
+    }
+
+    fn check_failed(st: &LogState) -> Result<()> {
+        if let Some(f) = &st.failed {
+            return Err(PoolError::Io {
+                what: "write-ahead log".into(),
+                source: std::io::Error::other(f.clone()),
+            });
+        }
+        if st.shutdown {
+            return Err(PoolError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Raises the next LSN (used at open so new batches sort after every folded LSN).
+    pub fn raise_next_lsn(&self, at_least: u64) {
+        let mut st = self.st.lock();
+        if st.next_lsn < at_least {
+            st.next_lsn = at_least;
+            let last = at_least - 1;
+            st.sync_target = st.sync_target.max(last);
+            self.written.fetch_max(last, Ordering::SeqCst);
+            self.synced.fetch_max(last, Ordering::SeqCst);
+        }
+    }
+
+    fn close_open(&self, st: &mut LogState) {
+        let Some(mut ob) = st.open.take() else { return };
+        if ob.entries.is_empty() {
+            st.open = None;
+            // Nothing was added: give the LSN and the space back.
+            st.next_lsn = ob.lsn;
+            return;
+        }
+        let mut off = 4096;
+        for e in ob.entries.iter_mut() {
+            if e.kind == EntryKind::Data {
+                let len = e.nblocks as usize * 4096;
+                e.data_crc = crc32c::crc32c(&ob.buf[off..off + len]);
+                off += len;
+            }
+        }
+        let data_blocks = (ob.data_len / 4096) as u32;
+        encode_header(&mut ob.buf, ob.seg_seq, ob.lsn, &ob.entries, data_blocks);
+        let total = 4096 + ob.data_len;
+        ob.buf.set_len(total);
+        if let Some(cur) = st.cur.as_mut() {
+            cur.pos = ob.offset - cur.extent.offset + total as u64;
+        }
+        st.inflight_bytes += total;
+        st.inflight.insert(
+            ob.lsn,
+            Arc::new(Batch {
+                lsn: ob.lsn,
+                device: ob.device,
+                offset: ob.offset,
+                buf: ob.buf,
+            }),
+        );
+        self.work.notify_one();
+    }
+
+    fn roll_segment(&self, st: &mut LogState) -> Result<()> {
+        self.close_open(st);
+        let extent = self
+            .shared
+            .alloc
+            .lock()
+            .alloc(self.segment_size, Placement::Log)
+            .ok_or_else(|| {
+                PoolError::NoSpace("no room for a new write-ahead log segment".into())
+            })?;
+        let rec = SegRec {
+            extent,
+            first_lsn: st.next_lsn,
+        };
+        let res = (|| -> Result<u64> {
+            let tx = self.shared.meta.db.begin_write()?;
+            let seq = meta::bump(&tx, "next_segment_seq")?;
+            tx.open_table(SEGMENTS)?
+                .insert(seq, rec.encode().as_slice())?;
+            tx.commit()?;
+            Ok(seq)
+        })();
+        let seq = match res {
+            Ok(s) => s,
+            Err(e) => {
+                self.shared.alloc.lock().free(extent);
+                return Err(e);
+            }
+        };
+        tracing::debug!(
+            seq,
+            device = extent.device,
+            offset = extent.offset,
+            "WAL: new segment"
+        );
+        st.segments.insert(
+            seq,
+            Segment {
+                seq,
+                rec,
+                vols: HashMap::new(),
+            },
+        );
+        st.cur = Some(CurSeg {
+            seq,
+            extent,
+            pos: 0,
+        });
+        Ok(())
+    }
+
+    /// Ensures an open batch with room for at least one data block (or one entry) exists.
+    fn ensure_open(&self, st: &mut LogState, need_data: bool) -> Result<()> {
+        loop {
+            if let Some(ob) = &st.open {
+                let full_entries = ob.entries.len() >= MAX_ENTRIES;
+                let no_data_room = need_data && self.data_room(st) == 0;
+                if !full_entries && !no_data_room {
+                    return Ok(());
+                }
+                self.close_open(st);
+                continue;
+            }
+            let fits = st
+                .cur
+                .as_ref()
+                .is_some_and(|c| c.pos + 2 * BLOCK <= c.extent.len);
+            if !fits {
+                self.roll_segment(st)?;
+            }
+            let Some(cur) = st.cur.as_ref() else { continue };
+            let lsn = st.next_lsn;
+            st.next_lsn += 1;
+            st.open = Some(OpenBatch {
+                lsn,
+                seg_seq: cur.seq,
+                device: cur.extent.device,
+                offset: cur.extent.offset + cur.pos,
+                entries: Vec::new(),
+                buf: AlignedBuf::zeroed(4096 + MAX_BATCH_DATA),
+                data_len: 0,
+            });
+        }
+    }
+
+    /// Data blocks that still fit in the open batch (batch limit and segment end).
+    fn data_room(&self, st: &LogState) -> u64 {
+        let (Some(ob), Some(cur)) = (&st.open, &st.cur) else {
+            return 0;
+        };
+        let batch_room = (MAX_BATCH_DATA - ob.data_len) as u64 / BLOCK;
+        let used = ob.offset - cur.extent.offset + 4096 + ob.data_len as u64;
+        let seg_room = cur.extent.len.saturating_sub(used) / BLOCK;
+        batch_room.min(seg_room)
+    }
+
+    /// Appends blocks [block, block+nblocks) of volume `vol`: data (nblocks*4096 bytes) or
+    /// zeroes (`data == None`). `on_piece` sees where each piece landed, under the log lock, so
+    /// overlay order equals log order.
+    pub fn append(
+        &self,
+        vol: u64,
+        block: u64,
+        nblocks: u64,
+        data: Option<&[u8]>,
+        mut on_piece: impl FnMut(Piece),
+    ) -> Result<()> {
+        let mut st = self.st.lock();
+        Self::check_failed(&st)?;
+        while st.inflight_bytes > MAX_INFLIGHT_BYTES {
+            self.work.notify_one();
+            self.done.wait_for(&mut st, Duration::from_millis(100));
+            Self::check_failed(&st)?;
+        }
+        let mut done = 0u64;
+        while done < nblocks {
+            self.ensure_open(&mut st, data.is_some())?;
+            let room = if data.is_some() {
+                self.data_room(&st)
+            } else {
+                u32::MAX as u64
+            };
+            let n = (nblocks - done).min(room).min(u32::MAX as u64);
+            let Some(ob) = st.open.as_mut() else { continue };
+            let lsn = ob.lsn;
+            let kind = if data.is_some() {
+                EntryKind::Data
+            } else {
+                EntryKind::Zero
+            };
+            let loc = data.map(|_| Loc {
+                lsn,
+                device: ob.device,
+                offset: ob.offset + 4096 + ob.data_len as u64,
+            });
+            if let Some(d) = data {
+                let src = &d[(done * BLOCK) as usize..((done + n) * BLOCK) as usize];
+                ob.buf[4096 + ob.data_len..4096 + ob.data_len + src.len()].copy_from_slice(src);
+                ob.data_len += src.len();
+            }
+            let b = block + done;
+            match ob.entries.last_mut() {
+                Some(last)
+                    if last.vol == vol
+                        && last.kind == kind
+                        && last.block + last.nblocks as u64 == b
+                        && (last.nblocks as u64 + n) <= u32::MAX as u64 =>
+                {
+                    last.nblocks += n as u32
+                }
+                _ => ob.entries.push(Entry {
+                    vol,
+                    block: b,
+                    nblocks: n as u32,
+                    kind,
+                    data_crc: 0,
+                }),
+            }
+            if let Some(cur) = st.cur.as_ref() {
+                let seq = cur.seq;
+                if let Some(seg) = st.segments.get_mut(&seq) {
+                    let m = seg.vols.entry(vol).or_insert(0);
+                    *m = (*m).max(lsn);
+                }
+            }
+            on_piece(Piece {
+                block: b,
+                nblocks: n,
+                loc,
+            });
+            done += n;
+        }
+        self.work.notify_one();
+        Ok(())
+    }
+
+    /// Closes the open batch and returns the highest LSN handed out so far: everything appended
+    /// before this call is in a batch with LSN <= the result.
+    pub fn cut(&self) -> u64 {
+        let mut st = self.st.lock();
+        self.close_open(&mut st);
+        st.next_lsn - 1
+    }
+
+    /// Makes everything appended so far durable (group commit).
+    pub fn flush(&self) -> Result<()> {
+        let target = {
+            let mut st = self.st.lock();
+            Self::check_failed(&st)?;
+            self.close_open(&mut st);
+            let target = st.next_lsn - 1;
+            if self.synced.load(Ordering::SeqCst) >= target {
+                return Ok(());
+            }
+            st.sync_target = st.sync_target.max(target);
+            self.work.notify_one();
+            target
+        };
+        let mut st = self.st.lock();
+        while self.synced.load(Ordering::SeqCst) < target {
+            Self::check_failed(&st)?;
+            self.done.wait_for(&mut st, Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Copies a block from a batch still in memory; false if it has been written (read the device).
+    pub fn read_unwritten(&self, loc: &Loc, dst: &mut [u8]) -> bool {
+        if loc.lsn <= self.written.load(Ordering::SeqCst) {
+            return false;
+        }
+        let st = self.st.lock();
+        let (base, buf): (u64, &[u8]) =
+            if let Some(ob) = st.open.as_ref().filter(|o| o.lsn == loc.lsn) {
+                (ob.offset, &ob.buf)
+            } else if let Some(b) = st.inflight.get(&loc.lsn) {
+                (b.offset, &b.buf)
+            } else {
+                return false;
+            };
+        let at = (loc.offset - base) as usize;
+        dst.copy_from_slice(&buf[at..at + dst.len()]);
+        true
+    }
+
+    /// The flusher thread's loop: writes closed batches in LSN order and syncs on demand.
+    pub fn run_flusher(&self) {
+        loop {
+            let (batches, want_sync) = {
+                let mut st = self.st.lock();
+                loop {
+                    if st.shutdown && st.inflight.is_empty() && st.open.is_none() {
+                        return;
+                    }
+                    let written = self.written.load(Ordering::SeqCst);
+                    let pending = st.inflight.range(written + 1..).next().is_some();
+                    let want_sync = st.sync_target > self.synced.load(Ordering::SeqCst);
+                    if !pending && st.open.as_ref().is_some_and(|o| !o.entries.is_empty()) {
+                        // Idle flusher: write what has accumulated (group commit under load
+                        // happens naturally while the previous batch is being written).
+                        self.close_open(&mut st);
+                        continue;
+                    }
+                    if st.failed.is_some() {
+                        self.done.notify_all();
+                        if st.shutdown {
+                            return;
+                        }
+                        self.work.wait_for(&mut st, Duration::from_millis(100));
+                        continue;
+                    }
+                    if pending || want_sync {
+                        let batches: Vec<Arc<Batch>> = st
+                            .inflight
+                            .range(written + 1..)
+                            .map(|(_, b)| b.clone())
+                            .collect();
+                        for b in &batches {
+                            st.dirty_devices.insert(b.device);
+                        }
+                        break (batches, want_sync);
+                    }
+                    if st.shutdown {
+                        if st.open.is_some() {
+                            self.close_open(&mut st);
+                            continue;
+                        }
+                        return;
+                    }
+                    self.work.wait_for(&mut st, Duration::from_millis(50));
+                }
+            };
+            let res = self.write_batches(&batches);
+            let mut st = self.st.lock();
+            if let Err(e) = res {
+                tracing::error!(error = %e, "write-ahead log write failed; the pool refuses further writes");
+                st.failed = Some(e.to_string());
+                self.done.notify_all();
+                continue;
+            }
+            if let Some(last) = batches.last() {
+                self.written.store(last.lsn, Ordering::SeqCst);
+                for b in &batches {
+                    st.inflight.remove(&b.lsn);
+                    st.inflight_bytes -= b.buf.len();
+                }
+            }
+            let written = self.written.load(Ordering::SeqCst);
+            let wants_more_sync = st.sync_target > self.synced.load(Ordering::SeqCst);
+            if want_sync || wants_more_sync {
+                let devs: Vec<u16> = st.dirty_devices.drain().collect();
+                drop(st);
+                let mut err = None;
+                for d in devs {
+                    if let Err(e) = self.shared.device(d).and_then(|dev| dev.sync()) {
+                        err = Some(e);
+                    }
+                }
+                let mut st = self.st.lock();
+                if let Some(e) = err {
+                    tracing::error!(error = %e, "write-ahead log sync failed; the pool refuses further writes");
+                    st.failed = Some(e.to_string());
+                } else {
+                    self.synced.fetch_max(written, Ordering::SeqCst);
+                }
+            }
+            self.done.notify_all();
+        }
+    }
+
+    fn write_batches(&self, batches: &[Arc<Batch>]) -> Result<()> {
+        let mut devs = Vec::with_capacity(batches.len());
+        for b in batches {
+            devs.push(self.shared.device(b.device)?);
+        }
+        let mut ops: Vec<Op<'_>> = batches
+            .iter()
+            .zip(&devs)
+            .map(|(b, d)| Op::Write {
+                file: d.file(),
+                offset: b.offset,
+                buf: &b.buf,
+            })
+            .collect();
+        io::run_batch(&mut ops).map_err(|e| PoolError::io("write-ahead log", e))
+    }
+
+    pub fn shutdown(&self) {
+        let mut st = self.st.lock();
+        st.shutdown = true;
+        self.work.notify_all();
+    }
+
+    /// Segments that no volume needs any more, given each live volume's folded LSN. The current
+    /// segment is never returned. Removed from the in-memory list; the caller deletes the records.
+    pub fn take_dead_segments(&self, folded: &HashMap<u64, u64>) -> Vec<(u64, SegRec)> {
+        let mut st = self.st.lock();
+        let cur = st.cur.as_ref().map(|c| c.seq);
+        let written = self.written.load(Ordering::SeqCst);
+        let dead: Vec<u64> = st
+            .segments
+            .values()
+            .filter(|s| Some(s.seq) != cur)
+            .filter(|s| {
+                s.vols
+                    .iter()
+                    .all(|(v, max)| folded.get(v).is_none_or(|f| f >= max))
+            })
+            // Never while a batch of it may still be in memory or being written.
+            .filter(|s| s.vols.values().all(|&max| max <= written))
+            .map(|s| s.seq)
+            .collect();
+        dead.into_iter()
+            .filter_map(|seq| st.segments.remove(&seq).map(|s| (seq, s.rec)))
+            .collect()
+    }
+
+    /// Bytes of device space held by log segments, and their count.
+    pub fn usage(&self) -> (u64, usize) {
+        let st = self.st.lock();
+        (
+            st.segments.values().map(|s| s.rec.extent.len).sum(),
+            st.segments.len(),
+        )
+    }
+
+    /// Volumes with entries in the oldest segments, oldest first (what a fold should target to
+    /// free log space).
+    pub fn oldest_pinning_volumes(&self, folded: &HashMap<u64, u64>) -> Vec<u64> {
+        let st = self.st.lock();
+        let mut out = Vec::new();
+        for s in st.segments.values() {
+            for (v, max) in &s.vols {
+                if folded.get(v).is_some_and(|f| f < max) && !out.contains(v) {
+                    out.push(*v);
+                }
+            }
+            if !out.is_empty() {
+                break;
+            }
+        }
+        out
+    }
+
+    pub fn synced_lsn(&self) -> u64 {
+        self.synced.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,58 @@
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Helpers shared by the pool's integration tests.
+
+use std::path::Path;
+
+use maas_pool::{BlockDevice, CreateOptions, DeviceSpec, OpenOptions, Pool, Tier};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn small_pool_opts(dir: &Path, device_bytes: u64, chunk: u64) -> CreateOptions {
+    CreateOptions {
+        devices: vec![DeviceSpec {
+            path: dir.join("dev0"),
+            tier: Tier::Ssd,
+            size: device_bytes,
+        }],
+        chunk_size: chunk,
+        zstd_level: 1,
+    }
+}
+
+pub fn test_open_opts() -> OpenOptions {
+    OpenOptions {
+        cache_bytes: 16 * MIB as usize,
+        wal_segment_bytes: 4 * MIB,
+        wal_fold_threshold: 64 * MIB,
+        background: false,
+    }
+}
+
+pub fn create_pool(dir: &Path, device_bytes: u64, chunk: u64) -> Pool {
+    Pool::create(
+        dir,
+        small_pool_opts(dir, device_bytes, chunk),
+        test_open_opts(),
+    )
+    .unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = vec![0u8; len];
+    for chunk in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    out
+}
+
+pub fn read_all(v: &impl BlockDevice, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    v.read(offset, &mut b).unwrap();
+    b
+}
