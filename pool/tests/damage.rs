@@ -1,0 +1,176 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Corruption and disk-full behaviour: damaged data is reported, never returned; a full pool
+//! fails new writes cleanly and keeps everything acknowledged readable.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use common::*;
+use maas_pool::{BlockDevice, OpenOptions, Pool, PoolError};
+
+fn flip(path: &Path, at: u64) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    b[0] ^= 0x5a;
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&b).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn damaged_chunks_and_index_nodes_are_detected_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = 64u64 << 10;
+    let pool = create_pool(dir.path(), 256 * MIB, chunk);
+    let vi = pool.create_volume("d", 8 * MIB, 4096).unwrap();
+    let v = pool.open_volume(vi.id).unwrap();
+    let data = pattern(5, 8 * MIB as usize);
+    v.write(0, &data, true).unwrap();
+    let snap = pool.seal(vi.id).unwrap();
+    let clean = pool.verify().unwrap();
+    assert!(clean.damaged.is_empty());
+
+    // Damage the payload of the chunk at 1 MiB and the header of the chunk at 3 MiB.
+    let c1 = pool.chunk_of(vi.id, MIB).unwrap().unwrap();
+    let c3 = pool.chunk_of(vi.id, 3 * MIB).unwrap().unwrap();
+    let (p1, o1, _) = pool.object_location(&c1).unwrap().unwrap();
+    let (p3, o3, _) = pool.object_location(&c3).unwrap().unwrap();
+    flip(&p1, o1 + 64 + 1000);
+    flip(&p3, o3 + 5);
+    pool.drop_caches();
+
+    let mut buf = vec![0u8; 4096];
+    for off in [MIB, MIB + chunk - 4096, 3 * MIB] {
+        let err = v.read(off, &mut buf).unwrap_err();
+        assert!(
+            matches!(err, PoolError::Checksum { .. } | PoolError::Corrupt { .. }),
+            "{off}: {err}"
+        );
+    }
+    // Undamaged neighbours still read correctly.
+    v.read(2 * MIB, &mut buf).unwrap();
+    assert_eq!(buf, data[2 * MIB as usize..2 * MIB as usize + 4096]);
+
+    let rep = pool.verify().unwrap();
+    let mut names: Vec<String> = rep.damaged.iter().map(|d| d.digest.clone()).collect();
+    names.sort();
+    let mut want = vec![c1.clone(), c3.clone()];
+    want.sort();
+    assert_eq!(names, want, "verify names exactly the damaged chunks");
+
+    // Damage an index node (metadata of the snapshot): reads through it fail, verify names it.
+    let clone = pool.clone_snapshot(snap.id, "c").unwrap();
+    let nodes = pool.index_nodes().unwrap();
+    assert!(!nodes.is_empty());
+    let leaf = &nodes[0];
+    let (pl, ol, _) = pool.object_location(leaf).unwrap().unwrap();
+    flip(&pl, ol + 64 + 3);
+    pool.drop_caches();
+    let cv = pool.open_volume(clone.id).unwrap();
+    let err = cv.read(2 * MIB, &mut buf).unwrap_err();
+    assert!(err.is_integrity(), "{err}");
+    let rep = pool.verify().unwrap();
+    assert!(
+        rep.damaged
+            .iter()
+            .any(|d| d.digest == *leaf && d.kind == "index-node"),
+        "{rep:?}"
+    );
+    assert_eq!(rep.damaged.len(), 3);
+    pool.close().unwrap();
+}
+
+#[test]
+fn damaged_pool_metadata_fails_open_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create_pool(dir.path(), 64 * MIB, 64 << 10);
+    pool.create_volume("x", MIB, 4096).unwrap();
+    pool.close().unwrap();
+    drop(pool);
+    // Device header.
+    flip(&dir.path().join("dev0"), 20);
+    let err = Pool::open(dir.path(), test_open_opts()).unwrap_err();
+    assert!(err.is_integrity(), "{err}");
+    flip(&dir.path().join("dev0"), 20);
+    Pool::open(dir.path(), test_open_opts())
+        .unwrap()
+        .close()
+        .unwrap();
+    // Superblock.
+    let sb = dir.path().join("pool.json");
+    let text = std::fs::read_to_string(&sb).unwrap();
+    std::fs::write(&sb, text.replace("MAAS-POOL", "MAAS-P0OL")).unwrap();
+    let err = Pool::open(dir.path(), test_open_opts()).unwrap_err();
+    assert!(err.is_integrity(), "{err}");
+    // Not a pool at all.
+    let err = Pool::open(&dir.path().join("nope"), test_open_opts()).unwrap_err();
+    assert!(matches!(err, PoolError::PoolNotFound { .. }), "{err}");
+}
+
+#[test]
+fn full_pool_fails_writes_cleanly_and_keeps_acknowledged_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OpenOptions {
+        cache_bytes: 0,
+        wal_segment_bytes: MIB,
+        wal_fold_threshold: u64::MAX,
+        background: false,
+    };
+    let pool = Pool::create(
+        dir.path(),
+        small_pool_opts(dir.path(), 24 * MIB, 64 << 10),
+        opts.clone(),
+    )
+    .unwrap();
+    let keep = pool.create_volume("keep", 4 * MIB, 4096).unwrap();
+    let kv = pool.open_volume(keep.id).unwrap();
+    let kept = pattern(9, 2 * MIB as usize);
+    kv.write(0, &kept, true).unwrap();
+    let ks = pool.seal(keep.id).unwrap();
+
+    let fill = pool.create_volume("fill", 256 * MIB, 4096).unwrap(); // thin: larger than the pool
+    let fv = pool.open_volume(fill.id).unwrap();
+    let mut off = 0;
+    let err = loop {
+        match fv
+            .write(off, &pattern(off, MIB as usize), false)
+            .and_then(|_| fv.flush())
+        {
+            Ok(()) => off += MIB,
+            Err(e) => break e,
+        }
+        assert!(off < 256 * MIB, "never ran out of space");
+    };
+    assert!(matches!(err, PoolError::NoSpace(_)), "{err}");
+    // Sealing cannot find room either, and says so.
+    assert!(matches!(pool.seal(fill.id), Err(PoolError::NoSpace(_))));
+    // Everything acknowledged is still readable.
+    assert_eq!(read_all(&kv, 0, kept.len()), kept);
+    assert_eq!(read_all(&fv, 0, MIB as usize), pattern(0, MIB as usize));
+    // Freeing space makes the pool writable again.
+    pool.delete_volume(fill.id).unwrap();
+    pool.reclaim().unwrap();
+    kv.write(2 * MIB, &pattern(10, MIB as usize), true).unwrap();
+    pool.close().unwrap();
+    drop((kv, fv, pool));
+    let pool = Pool::open(dir.path(), opts).unwrap();
+    let kv = pool.open_volume(keep.id).unwrap();
+    assert_eq!(read_all(&kv, 0, kept.len()), kept);
+    assert_eq!(
+        read_all(&kv, 2 * MIB, MIB as usize),
+        pattern(10, MIB as usize)
+    );
+    let c = pool.clone_snapshot(ks.id, "ks").unwrap();
+    assert_eq!(
+        read_all(&pool.open_volume(c.id).unwrap(), 0, kept.len()),
+        kept
+    );
+}
