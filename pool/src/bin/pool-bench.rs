@@ -1,0 +1,423 @@
+//! pool-bench: the pool's performance, side by side with the raw limit of the same device
+//! measured by fio (io_uring, O_DIRECT) in the same run.
+//!
+//! `pool-bench [--dir DIR] [--big-gib 10] [--seconds 8] [--json]`
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use maas_pool::{BlockDevice, CreateOptions, DeviceSpec, OpenOptions, Pool, Tier, Volume};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Benchmark the MaaS pool against the raw device (fio) in one run")]
+struct Args {
+    /// Where the pool and fio's file go (on the disk to measure). Default: a temporary
+    /// directory under the current one.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Size of the volume for the 1%-rewrite seal test, GiB.
+    #[arg(long, default_value_t = 10)]
+    big_gib: u64,
+    /// Seconds per throughput test.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn fill(&mut self, b: &mut [u8]) {
+        for c in b.chunks_mut(8) {
+            let x = self.next().to_le_bytes();
+            c.copy_from_slice(&x[..c.len()]);
+        }
+    }
+}
+
+/// Mixed data, 1 MiB at a time: log-like text (compressible), random, zeros, and repeats of
+/// earlier chunks (dedupable), in proportions typical of a server's disk.
+struct Mixed {
+    rng: Rng,
+    history: Vec<Vec<u8>>,
+}
+
+impl Mixed {
+    fn new(seed: u64) -> Self {
+        Mixed {
+            rng: Rng(seed | 1),
+            history: Vec::new(),
+        }
+    }
+    fn chunk(&mut self) -> Vec<u8> {
+        let kind = self.rng.next() % 10;
+        let mut b = vec![0u8; MIB as usize];
+        match kind {
+            0..=3 => {
+                let mut pos = 0;
+                while pos < b.len() {
+                    let n = self.rng.next();
+                    let line = format!(
+                        "2026-11-22T00:{:02}:{:02}.{:06}Z host-{:03} svc[{}]: request id={:016x} path=/api/v1/volumes/{} status={} bytes={}\n",
+                        n % 60,
+                        (n >> 8) % 60,
+                        (n >> 16) % 1_000_000,
+                        (n >> 36) % 200,
+                        (n >> 44) % 9000,
+                        self.rng.next(),
+                        (n >> 20) % 5000,
+                        [200, 201, 404, 500][(n >> 12) as usize % 4],
+                        (n >> 24) % 100_000
+                    );
+                    let l = line.len().min(b.len() - pos);
+                    b[pos..pos + l].copy_from_slice(&line.as_bytes()[..l]);
+                    pos += l;
+                }
+            }
+            4..=6 => self.rng.fill(&mut b),
+            7 => {}
+            _ if !self.history.is_empty() => {
+                let i = self.rng.next() as usize % self.history.len();
+                b.copy_from_slice(&self.history[i]);
+            }
+            _ => self.rng.fill(&mut b),
+        }
+        if kind != 7 && self.history.len() < 64 {
+            self.history.push(b.clone());
+        }
+        b
+    }
+}
+
+fn aligned(len: usize) -> maas_pool::io::AlignedBuf {
+    maas_pool::io::AlignedBuf::zeroed(len)
+}
+
+/// One benchmark operation: gets the worker's RNG and its aligned buffer.
+type BenchOp = Arc<dyn Fn(&mut Rng, &mut [u8]) + Send + Sync>;
+
+/// Runs `threads` workers for `secs`, each calling `op(rng)`; returns operations per second.
+fn run_parallel(threads: usize, secs: u64, op: BenchOp, buf: usize) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let (stop, count, op) = (stop.clone(), count.clone(), op.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x1234_5678 + t as u64 * 7919);
+                let mut b = aligned(buf);
+                while !stop.load(Ordering::Relaxed) {
+                    op(&mut rng, &mut b);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        let _ = h.join();
+    }
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn fio(file: &Path, rw: &str, bs: &str, depth: u32, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let out = Command::new("fio")
+        .args([
+            "--name=raw",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--size=1G",
+            "--time_based",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--runtime={secs}"))
+        .output()
+        .context("running fio (apt-get install fio)")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
+    let job = &v["jobs"][0];
+    let side = if rw.contains("read") {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
+    let bw_mib = side["bw_bytes"].as_f64().unwrap_or(0.0) / MIB as f64;
+    let iops = side["iops"].as_f64().unwrap_or(0.0);
+    Ok((bw_mib, iops))
+}
+
+fn fill(v: &Volume, size: u64, seed: u64) -> anyhow::Result<()> {
+    let mut m = Mixed::new(seed);
+    let mut buf = aligned(MIB as usize);
+    let mut off = 0;
+    while off < size {
+        buf.copy_from_slice(&m.chunk());
+        v.write(off, &buf, false)?;
+        off += MIB;
+    }
+    v.flush()?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("pool-bench-")
+                .tempdir_in(".")?;
+            tmp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&dir)?;
+    let secs = a.seconds;
+    let say = |s: &str| {
+        if !a.json {
+            eprintln!("{s}")
+        }
+    };
+
+    // Raw device limit first (same filesystem, same engine as our pool).
+    say("raw device (fio, io_uring, O_DIRECT)...");
+    let raw_file = dir.join("fio.raw");
+    let (raw_sw, _) = fio(&raw_file, "write", "1M", 16, secs)?;
+    let (raw_sr, _) = fio(&raw_file, "read", "1M", 16, secs)?;
+    let (_, raw_rr) = fio(&raw_file, "randread", "4k", 32, secs)?;
+    let (_, raw_rw) = fio(&raw_file, "randwrite", "4k", 32, secs)?;
+    let _ = std::fs::remove_file(&raw_file);
+
+    let pool_dir = dir.join("pool");
+    let create = CreateOptions {
+        devices: vec![DeviceSpec {
+            path: "data-0.dev".into(),
+            tier: Tier::Ssd,
+            size: (a.big_gib * 3 + 8) * GIB,
+        }],
+        ..CreateOptions::default()
+    };
+    let opts = OpenOptions {
+        wal_fold_threshold: 4 * GIB,
+        ..OpenOptions::default()
+    };
+    let pool = Pool::create(&pool_dir, create, opts)?;
+
+    // Live volume: sequential then random.
+    say("pool live volume: sequential 1 MiB, random 4 KiB x 32...");
+    let vi = pool.create_volume("live", GIB, 4096)?;
+    let v = pool.open_volume(vi.id)?;
+    let pos = Arc::new(AtomicU64::new(0));
+    let seq_w = {
+        let (v, pos) = (v.clone(), pos.clone());
+        let mut init = Rng(42);
+        let mut pat = aligned(MIB as usize);
+        init.fill(&mut pat);
+        let pat = Arc::new(pat);
+        run_parallel(
+            16,
+            secs,
+            Arc::new(move |_r, _b| {
+                let off = pos.fetch_add(MIB, Ordering::Relaxed) % GIB;
+                let _ = v.write(off, &pat, false);
+            }),
+            4096,
+        ) * 1.0
+    };
+    v.flush()?;
+    let seq_r = {
+        let (v, pos) = (v.clone(), Arc::new(AtomicU64::new(0)));
+        run_parallel(
+            16,
+            secs,
+            Arc::new(move |_r, b| {
+                let off = pos.fetch_add(MIB, Ordering::Relaxed) % GIB;
+                let _ = v.read(off, b);
+            }),
+            MIB as usize,
+        )
+    };
+    let rand_r = {
+        let v = v.clone();
+        run_parallel(
+            32,
+            secs,
+            Arc::new(move |r, b| {
+                let off = (r.next() % (GIB / 4096)) * 4096;
+                let _ = v.read(off, b);
+            }),
+            4096,
+        )
+    };
+    let rand_w = {
+        let v = v.clone();
+        run_parallel(
+            32,
+            secs,
+            Arc::new(move |r, b| {
+                let off = (r.next() % (GIB / 4096)) * 4096;
+                let _ = v.write(off, b, false);
+            }),
+            4096,
+        )
+    };
+    v.flush()?;
+    pool.delete_volume(vi.id)?;
+    pool.checkpoint()?;
+
+    // Seal throughput of freshly written mixed data.
+    say("seal of freshly written data...");
+    let si = pool.create_volume("sealme", 2 * GIB, 4096)?;
+    let sv = pool.open_volume(si.id)?;
+    fill(&sv, 2 * GIB, 7)?;
+    let t = Instant::now();
+    let snap = pool.seal(si.id)?;
+    let seal_changed = (2 * GIB / MIB) as f64 / t.elapsed().as_secs_f64();
+    let st = pool.snapshot_stats(snap.id)?;
+    let (dedup, compression) = (st.dedup_ratio, st.compression_ratio);
+
+    // Cold sequential read of the snapshot (through a clone).
+    pool.drop_caches();
+    let c = pool.clone_snapshot(snap.id, "readback")?;
+    let cv = pool.open_volume(c.id)?;
+    let t = Instant::now();
+    let mut buf = aligned(4 * MIB as usize);
+    let mut off = 0;
+    while off < 2 * GIB {
+        cv.read(off, &mut buf)?;
+        off += 4 * MIB;
+    }
+    let read_snap = (2 * GIB / MIB) as f64 / t.elapsed().as_secs_f64();
+    pool.delete_volume(c.id)?;
+    pool.delete_volume(si.id)?;
+    pool.delete_snapshot(snap.id)?;
+
+    // 10 GiB filled, sealed, 1% rewritten in random 64 KiB pieces, sealed again.
+    say(&format!(
+        "{} GiB volume: fill, seal, rewrite 1%, seal again...",
+        a.big_gib
+    ));
+    let big = a.big_gib * GIB;
+    let bi = pool.create_volume("big", big, 4096)?;
+    let bv = pool.open_volume(bi.id)?;
+    fill(&bv, big, 11)?;
+    pool.seal(bi.id)?;
+    let mut r = Rng(99);
+    let mut piece = aligned(64 << 10);
+    for _ in 0..(big / 100 / (64 << 10)) {
+        r.fill(&mut piece);
+        let off = (r.next() % (big / (64 << 10))) * (64 << 10);
+        bv.write(off, &piece, false)?;
+    }
+    bv.flush()?;
+    let t = Instant::now();
+    pool.seal(bi.id)?;
+    let seal_1pct = t.elapsed().as_secs_f64() * 1000.0;
+    pool.delete_volume(bi.id)?;
+    for s in pool.snapshots()? {
+        pool.delete_snapshot(s.id)?;
+    }
+
+    // Seal of an unchanged thin 100 GiB volume; clone of a 1 TiB snapshot.
+    let hi = pool.create_volume("hundred", 100 * GIB, 4096)?;
+    let hv = pool.open_volume(hi.id)?;
+    hv.write(50 * GIB, &aligned(MIB as usize), true)?;
+    pool.seal(hi.id)?;
+    let t = Instant::now();
+    pool.seal(hi.id)?;
+    let seal_100g = t.elapsed().as_secs_f64() * 1000.0;
+    let ti = pool.create_volume("tera", 1 << 40, 4096)?;
+    let tv = pool.open_volume(ti.id)?;
+    let mut m = Mixed::new(5);
+    for i in 0..64u64 {
+        let mut b = aligned(MIB as usize);
+        b.copy_from_slice(&m.chunk());
+        tv.write(i * (16 * GIB), &b, false)?;
+    }
+    let ts = pool.seal(ti.id)?;
+    let t = Instant::now();
+    pool.clone_snapshot(ts.id, "tera-clone")?;
+    let clone_1t = t.elapsed().as_secs_f64() * 1000.0;
+    pool.close()?;
+    drop(pool);
+    let _ = std::fs::remove_dir_all(&pool_dir);
+
+    let result = json!({
+        "seq_write_mib_s": seq_w,
+        "seq_read_mib_s": seq_r,
+        "rand_write_iops": rand_w,
+        "rand_read_iops": rand_r,
+        "seal_changed_mib_s": seal_changed,
+        "seal_10g_1pct_ms": seal_1pct,
+        "seal_100g_nochange_ms": seal_100g,
+        "clone_1t_ms": clone_1t,
+        "read_snapshot_mib_s": read_snap,
+        "dedup_ratio": dedup,
+        "compression_ratio": compression,
+        "raw_seq_write_mib_s": raw_sw,
+        "raw_seq_read_mib_s": raw_sr,
+        "raw_rand_read_iops": raw_rr,
+        "raw_rand_write_iops": raw_rw,
+        "ratio_seq_write": seq_w / raw_sw,
+        "ratio_seq_read": seq_r / raw_sr,
+        "ratio_rand_read": rand_r / raw_rr,
+        "ratio_rand_write": rand_w / raw_rw,
+        "big_gib": a.big_gib,
+    });
+    if a.json {
+        println!("{result}");
+    } else {
+        println!(
+            "{:<28} {:>12} {:>12} {:>7}",
+            "metric", "pool", "raw (fio)", "ratio"
+        );
+        for (name, p, r) in [
+            ("seq write MiB/s (1 MiB)", seq_w, raw_sw),
+            ("seq read MiB/s (1 MiB)", seq_r, raw_sr),
+            ("rand read IOPS (4K x32)", rand_r, raw_rr),
+            ("rand write IOPS (4K x32)", rand_w, raw_rw),
+        ] {
+            println!("{name:<28} {p:>12.0} {r:>12.0} {:>7.2}", p / r);
+        }
+        println!("{:<28} {:>12.0}", "seal changed data MiB/s", seal_changed);
+        println!(
+            "{:<28} {:>12.0}",
+            format!("seal {}G after 1% ms", a.big_gib),
+            seal_1pct
+        );
+        println!("{:<28} {:>12.1}", "seal 100G unchanged ms", seal_100g);
+        println!("{:<28} {:>12.1}", "clone 1T snapshot ms", clone_1t);
+        println!("{:<28} {:>12.0}", "read snapshot MiB/s (cold)", read_snap);
+        println!("{:<28} {:>12.2}", "dedup ratio (mixed)", dedup);
+        println!("{:<28} {:>12.2}", "compression ratio (mixed)", compression);
+    }
+    Ok(())
+}
