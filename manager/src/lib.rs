@@ -1,2 +1,13 @@
-//! maas-manager: intent. REST API, catalog, scheduler, jobs, drills, auth, metrics and the web
-//! console; binaries `maasd` and `maasctl`. Arrives with the "maasd and maasctl" issue.
+//! maas-manager: intent. The REST API, the catalog (diesel: SQLite or PostgreSQL), jobs,
+//! auth, and the binaries `maasd` (manager + engine + pool in one process) and `maasctl`.
+//! The manager never touches backup data on the data path: it asks the pool and the engine.
+
+pub mod api;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod reconcile;
+pub mod server;
+pub mod state;

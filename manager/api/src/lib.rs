@@ -1,5 +1,238 @@
-//! maas-api: the REST API's types, shared by the manager, `maasctl` and the client probe so
-//! the probe never depends on server crates.
+//! maas-api: the REST API's types (`/api/v1`), shared by the manager, `maasctl` and the client
+//! probe so the probe never depends on server crates. Sizes are bytes, times RFC 3339, ids
+//! opaque strings. Field names here are the API's contract.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Path prefix of the REST API.
 pub const API_PREFIX: &str = "/api/v1";
+
+/// Every error the API returns.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Stable, machine-readable code, e.g. `VOLUME_NOT_FOUND`.
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+    /// For validation errors: the offending field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// A page of a list.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Device {
+    pub index: u16,
+    pub path: String,
+    /// `ssd` or `hdd`.
+    pub tier: String,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Pool {
+    pub id: String,
+    pub name: String,
+    pub devices: Vec<Device>,
+    /// Tiers present, fastest first (`ram` is the cache).
+    pub tiers: Vec<String>,
+    pub chunk_size: u64,
+    pub capacity: u64,
+    pub used: u64,
+    pub free: u64,
+    pub wal_bytes: u64,
+    pub logical_bytes: u64,
+    pub unique_bytes: u64,
+    pub stored_bytes: u64,
+    pub dedup_ratio: f64,
+    pub compression_ratio: f64,
+    pub volumes: u64,
+    pub snapshots: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+    /// The snapshot this volume is a clone of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_snapshot: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: u64,
+    /// 512 or 4096 (default 512, what most initiators expect).
+    #[serde(default)]
+    pub block_size: Option<u32>,
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVolume {
+    /// Grow to this size (shrinking is refused).
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub volume: String,
+    pub volume_name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub created_at: String,
+    pub starred: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSnapshot {
+    #[serde(default)]
+    pub starred: Option<bool>,
+    /// RFC 3339; a lock can be extended, never shortened.
+    #[serde(default)]
+    pub locked_until: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClone {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Chap {
+    pub user: String,
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_secret: Option<String>,
+}
+
+/// CHAP as shown back: secrets are never returned.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ChapInfo {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_user: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Export {
+    pub id: String,
+    pub volume: String,
+    /// `iscsi`, `nvme-tcp` (later `nbd`, `nvme-rdma`).
+    pub protocol: String,
+    /// Allowed initiator IQNs / host NQNs; empty refuses everyone.
+    pub initiators: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap: Option<ChapInfo>,
+    /// host:port a client connects to.
+    pub portal: String,
+    /// Target IQN (iSCSI) or subsystem NQN (NVMe).
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lun: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nsid: Option<u32>,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateExport {
+    pub protocol: String,
+    #[serde(default)]
+    pub initiators: Vec<String>,
+    #[serde(default)]
+    pub chap: Option<Chap>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Job {
+    pub id: String,
+    /// `seal`, `clone`, `delete-volume`, `delete-snapshot`, `verify`.
+    pub kind: String,
+    /// `queued`, `running`, `succeeded`, `failed`.
+    pub state: String,
+    /// 0..1
+    pub progress: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// What the job made, e.g. `{"snapshot": "snap-..."}` or `{"volume": "vol-..."}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The resource the job works on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl Job {
+    pub fn is_done(&self) -> bool {
+        self.state == "succeeded" || self.state == "failed"
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    /// `admin`, `operator` or `viewer`.
+    pub role: String,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub name: String,
+    pub role: String,
+}
+
+/// Returned once, at creation: the secret is not stored, only its hash.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub token: Token,
+    pub secret: String,
+}

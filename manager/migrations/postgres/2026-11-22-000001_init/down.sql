@@ -1,0 +1,5 @@
+DROP TABLE tokens;
+DROP TABLE jobs;
+DROP TABLE exports;
+DROP TABLE snapshots;
+DROP TABLE volumes;

@@ -1,0 +1,62 @@
+//! maasd: the all-in-one MaaS server (manager, media engine and pool in one process).
+//! With no arguments it runs on embedded defaults: data in ./maas-data, SQLite catalog,
+//! a file-backed pool created on first start, REST on 127.0.0.1:8080.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use maas_manager::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "maasd",
+    version,
+    about = "MaaS server: volumes as disks, snapshots as backups"
+)]
+struct Args {
+    /// TOML configuration file (see --print-default-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (overrides data.dir and MAAS_DATA_DIR).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// REST listen address (overrides api.listen and MAAS_API_LISTEN).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Print the annotated default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", Config::annotated_defaults());
+        return Ok(());
+    }
+    let mut cfg = Config::load(args.config.as_deref(), |k| std::env::var(k).ok())?;
+    if let Some(d) = args.data_dir {
+        cfg.data.dir = d;
+    }
+    if let Some(l) = args.listen {
+        cfg.api.listen = l;
+    }
+    cfg.validate()?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let sys = actix_web::rt::System::with_tokio_rt(|| rt);
+    sys.block_on(maas_manager::server::serve(cfg))
+}

@@ -1,0 +1,481 @@
+//! The catalog: what users asked for (volumes, snapshots, exports, jobs, tokens), in SQL via
+//! diesel. SQLite (WAL mode) by default; PostgreSQL when the URL is `postgres://...`. One
+//! query layer serves both through diesel's `MultiConnection`; each backend has its own
+//! embedded migrations.
+
+use std::sync::Mutex;
+
+use diesel::prelude::*;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+pub mod schema {
+    diesel::table! {
+        volumes (id) {
+            id -> Text,
+            name -> Text,
+            pool -> Text,
+            size -> BigInt,
+            block_size -> BigInt,
+            labels -> Text,
+            origin_snapshot -> Nullable<Text>,
+            state -> Text,
+            created_ms -> BigInt,
+        }
+    }
+    diesel::table! {
+        snapshots (id) {
+            id -> Text,
+            volume -> Text,
+            volume_name -> Text,
+            pool -> Text,
+            pool_snapshot -> BigInt,
+            size -> BigInt,
+            block_size -> BigInt,
+            starred -> BigInt,
+            locked_until_ms -> Nullable<BigInt>,
+            state -> Text,
+            created_ms -> BigInt,
+        }
+    }
+    diesel::table! {
+        exports (id) {
+            id -> Text,
+            volume -> Text,
+            protocol -> Text,
+            initiators -> Text,
+            chap -> Nullable<Text>,
+            target -> Text,
+            created_ms -> BigInt,
+        }
+    }
+    diesel::table! {
+        jobs (id) {
+            id -> Text,
+            kind -> Text,
+            state -> Text,
+            progress_milli -> BigInt,
+            target -> Nullable<Text>,
+            error -> Nullable<Text>,
+            result -> Nullable<Text>,
+            created_ms -> BigInt,
+            updated_ms -> BigInt,
+        }
+    }
+    diesel::table! {
+        tokens (id) {
+            id -> Text,
+            name -> Text,
+            role -> Text,
+            secret_hash -> Text,
+            created_ms -> BigInt,
+        }
+    }
+}
+
+use schema::*;
+
+#[allow(missing_debug_implementations)] // diesel connections are not Debug
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    Postgresql(diesel::PgConnection),
+    Sqlite(diesel::SqliteConnection),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("cannot open catalog {url}: {detail}")]
+    Open { url: String, detail: String },
+    #[error("catalog migration failed: {0}")]
+    Migrate(String),
+}
+
+pub type CResult<T> = Result<T, CatalogError>;
+
+#[derive(Clone, Debug, Queryable, Selectable, Insertable, AsChangeset, PartialEq)]
+#[diesel(table_name = volumes)]
+pub struct VolumeRow {
+    pub id: String,
+    pub name: String,
+    pub pool: String,
+    pub size: i64,
+    pub block_size: i64,
+    pub labels: String,
+    pub origin_snapshot: Option<String>,
+    pub state: String,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, Queryable, Selectable, Insertable, AsChangeset, PartialEq)]
+#[diesel(table_name = snapshots)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub volume: String,
+    pub volume_name: String,
+    pub pool: String,
+    pub pool_snapshot: i64,
+    pub size: i64,
+    pub block_size: i64,
+    pub starred: i64,
+    pub locked_until_ms: Option<i64>,
+    pub state: String,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, Queryable, Selectable, Insertable, PartialEq)]
+#[diesel(table_name = exports)]
+pub struct ExportRow {
+    pub id: String,
+    pub volume: String,
+    pub protocol: String,
+    pub initiators: String,
+    pub chap: Option<String>,
+    pub target: String,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, Queryable, Selectable, Insertable, AsChangeset, PartialEq)]
+#[diesel(table_name = jobs, treat_none_as_null = true)]
+pub struct JobRow {
+    pub id: String,
+    pub kind: String,
+    pub state: String,
+    pub progress_milli: i64,
+    pub target: Option<String>,
+    pub error: Option<String>,
+    pub result: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+#[derive(Clone, Debug, Queryable, Selectable, Insertable, PartialEq)]
+#[diesel(table_name = tokens)]
+pub struct TokenRow {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub secret_hash: String,
+    pub created_ms: i64,
+}
+
+/// The catalog connection. Calls block: run them off the async threads.
+pub struct Catalog {
+    conn: Mutex<AnyConnection>,
+    pub url: String,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Catalog({})", redact(&self.url))
+    }
+}
+
+/// A catalog URL with any password removed, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Catalog {
+    /// Opens `postgres://...` / `postgresql://...` URLs with PostgreSQL, anything else as an
+    /// SQLite path (`sqlite://` prefix allowed), and runs pending migrations.
+    pub fn open(url: &str) -> CResult<Catalog> {
+        let err = |d: String| CatalogError::Open {
+            url: redact(url),
+            detail: d,
+        };
+        let mut conn = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut c = diesel::PgConnection::establish(url).map_err(|e| err(e.to_string()))?;
+            c.run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map_err(|e| CatalogError::Migrate(e.to_string()))?;
+            AnyConnection::Postgresql(c)
+        } else {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            let mut c =
+                diesel::SqliteConnection::establish(path).map_err(|e| err(e.to_string()))?;
+            diesel::sql_query("PRAGMA journal_mode = WAL")
+                .execute(&mut c)
+                .map_err(|e| err(e.to_string()))?;
+            diesel::sql_query("PRAGMA synchronous = FULL")
+                .execute(&mut c)
+                .map_err(|e| err(e.to_string()))?;
+            diesel::sql_query("PRAGMA busy_timeout = 5000")
+                .execute(&mut c)
+                .map_err(|e| err(e.to_string()))?;
+            c.run_pending_migrations(SQLITE_MIGRATIONS)
+                .map_err(|e| CatalogError::Migrate(e.to_string()))?;
+            AnyConnection::Sqlite(c)
+        };
+        // A cheap round trip proves the connection works before we serve anything.
+        volumes::table.count().get_result::<i64>(&mut conn)?;
+        Ok(Catalog {
+            conn: Mutex::new(conn),
+            url: url.to_string(),
+        })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        if self.url.starts_with("postgres") {
+            "postgresql"
+        } else {
+            "sqlite"
+        }
+    }
+
+    /// Runs `f` with the connection (inside a transaction when `tx`).
+    pub fn with<T>(&self, f: impl FnOnce(&mut AnyConnection) -> CResult<T>) -> CResult<T> {
+        let mut c = match self.conn.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut c)
+    }
+
+    pub fn tx<T>(&self, f: impl FnOnce(&mut AnyConnection) -> CResult<T>) -> CResult<T> {
+        self.with(|c| c.transaction(|c| f(c)))
+    }
+
+    // ---- volumes ----
+    pub fn insert_volume(&self, r: &VolumeRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::insert_into(volumes::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn update_volume(&self, r: &VolumeRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::update(volumes::table.find(&r.id))
+                .set(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn delete_volume_row(&self, id: &str) -> CResult<()> {
+        self.tx(|c| {
+            diesel::delete(exports::table.filter(exports::volume.eq(id))).execute(c)?;
+            diesel::delete(volumes::table.find(id)).execute(c)?;
+            Ok(())
+        })
+    }
+    pub fn volume(&self, id: &str) -> CResult<Option<VolumeRow>> {
+        self.with(|c| {
+            Ok(volumes::table
+                .find(id)
+                .select(VolumeRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn volume_by_name(&self, name: &str) -> CResult<Option<VolumeRow>> {
+        self.with(|c| {
+            Ok(volumes::table
+                .filter(volumes::name.eq(name))
+                .select(VolumeRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn volumes(&self, after: Option<&str>, limit: i64) -> CResult<Vec<VolumeRow>> {
+        self.with(|c| {
+            let mut q = volumes::table
+                .select(VolumeRow::as_select())
+                .order(volumes::id.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(a) = after {
+                q = q.filter(volumes::id.gt(a.to_string()));
+            }
+            Ok(q.load(c)?)
+        })
+    }
+    pub fn all_volumes(&self) -> CResult<Vec<VolumeRow>> {
+        self.with(|c| Ok(volumes::table.select(VolumeRow::as_select()).load(c)?))
+    }
+
+    // ---- snapshots ----
+    pub fn insert_snapshot(&self, r: &SnapshotRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::insert_into(snapshots::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn update_snapshot(&self, r: &SnapshotRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::update(snapshots::table.find(&r.id))
+                .set(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn delete_snapshot_row(&self, id: &str) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::delete(snapshots::table.find(id))
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn snapshot(&self, id: &str) -> CResult<Option<SnapshotRow>> {
+        self.with(|c| {
+            Ok(snapshots::table
+                .find(id)
+                .select(SnapshotRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn snapshots_of(
+        &self,
+        volume: &str,
+        after: Option<&str>,
+        limit: i64,
+    ) -> CResult<Vec<SnapshotRow>> {
+        self.with(|c| {
+            let mut q = snapshots::table
+                .filter(snapshots::volume.eq(volume.to_string()))
+                .select(SnapshotRow::as_select())
+                .order(snapshots::id.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(a) = after {
+                q = q.filter(snapshots::id.gt(a.to_string()));
+            }
+            Ok(q.load(c)?)
+        })
+    }
+    pub fn all_snapshots(&self) -> CResult<Vec<SnapshotRow>> {
+        self.with(|c| Ok(snapshots::table.select(SnapshotRow::as_select()).load(c)?))
+    }
+
+    // ---- exports ----
+    pub fn insert_export(&self, r: &ExportRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::insert_into(exports::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn export(&self, id: &str) -> CResult<Option<ExportRow>> {
+        self.with(|c| {
+            Ok(exports::table
+                .find(id)
+                .select(ExportRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn exports_of(
+        &self,
+        volume: &str,
+        after: Option<&str>,
+        limit: i64,
+    ) -> CResult<Vec<ExportRow>> {
+        self.with(|c| {
+            let mut q = exports::table
+                .filter(exports::volume.eq(volume.to_string()))
+                .select(ExportRow::as_select())
+                .order(exports::id.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(a) = after {
+                q = q.filter(exports::id.gt(a.to_string()));
+            }
+            Ok(q.load(c)?)
+        })
+    }
+    pub fn delete_export(&self, id: &str) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::delete(exports::table.find(id))
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+
+    // ---- jobs ----
+    pub fn insert_job(&self, r: &JobRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::insert_into(jobs::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn update_job(&self, r: &JobRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::update(jobs::table.find(&r.id))
+                .set(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn job(&self, id: &str) -> CResult<Option<JobRow>> {
+        self.with(|c| {
+            Ok(jobs::table
+                .find(id)
+                .select(JobRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn jobs(&self, after: Option<&str>, limit: i64) -> CResult<Vec<JobRow>> {
+        self.with(|c| {
+            let mut q = jobs::table
+                .select(JobRow::as_select())
+                .order(jobs::id.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(a) = after {
+                q = q.filter(jobs::id.gt(a.to_string()));
+            }
+            Ok(q.load(c)?)
+        })
+    }
+    pub fn unfinished_jobs(&self) -> CResult<Vec<JobRow>> {
+        self.with(|c| {
+            Ok(jobs::table
+                .filter(jobs::state.eq("queued").or(jobs::state.eq("running")))
+                .select(JobRow::as_select())
+                .load(c)?)
+        })
+    }
+
+    // ---- tokens ----
+    pub fn insert_token(&self, r: &TokenRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::insert_into(tokens::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn tokens(&self) -> CResult<Vec<TokenRow>> {
+        self.with(|c| {
+            Ok(tokens::table
+                .select(TokenRow::as_select())
+                .order(tokens::id.asc())
+                .load(c)?)
+        })
+    }
+    pub fn token_by_hash(&self, hash: &str) -> CResult<Option<TokenRow>> {
+        self.with(|c| {
+            Ok(tokens::table
+                .filter(tokens::secret_hash.eq(hash))
+                .select(TokenRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn delete_token(&self, id: &str) -> CResult<bool> {
+        self.with(|c| Ok(diesel::delete(tokens::table.find(id)).execute(c)? > 0))
+    }
+}

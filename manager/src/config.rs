@@ -1,0 +1,402 @@
+//! maasd's settings: embedded defaults, then a TOML file (`--config`), then environment
+//! variables `MAAS_<SECTION>_<KEY>` (e.g. `MAAS_API_LISTEN`), then command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub data: DataConfig,
+    pub api: ApiConfig,
+    pub catalog: CatalogConfig,
+    pub pool: PoolConfig,
+    pub iscsi: IscsiConfig,
+    pub nvme_tcp: NvmeTcpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: String,
+    pub workers: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CatalogConfig {
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub chunk_size: u64,
+    pub device_size: u64,
+    pub cache_bytes: u64,
+    pub wal_segment_bytes: u64,
+    pub wal_fold_threshold: u64,
+}
+
+/// Where a block target listens and what address it gives clients.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PortalConfig {
+    pub listen: String,
+    pub advertise: String,
+}
+
+macro_rules! portal_section {
+    ($name:ident, $listen:expr) => {
+        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            pub listen: String,
+            pub advertise: String,
+        }
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    listen: $listen.into(),
+                    advertise: String::new(),
+                }
+            }
+        }
+        impl $name {
+            pub fn portal(&self) -> PortalConfig {
+                PortalConfig {
+                    listen: self.listen.clone(),
+                    advertise: self.advertise.clone(),
+                }
+            }
+        }
+    };
+}
+portal_section!(IscsiConfig, "0.0.0.0:3260");
+portal_section!(NvmeTcpConfig, "0.0.0.0:4420");
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: String,
+    pub level: String,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dir: PathBuf::from("./maas-data"),
+        }
+    }
+}
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:8080".into(),
+            workers: 0,
+        }
+    }
+}
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            chunk_size: 1 << 20,
+            device_size: 0,
+            cache_bytes: 256 << 20,
+            wal_segment_bytes: 64 << 20,
+            wal_fold_threshold: 2 << 30,
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "human".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// One line of documentation per setting, printed by `--print-default-config`.
+pub const DOCS: &[(&str, &str, &str)] = &[
+    ("data", "", "Where maasd keeps its state."),
+    (
+        "data",
+        "dir",
+        "Data directory: pool, catalog (SQLite), admin.token.",
+    ),
+    ("api", "", "The REST API (/api/v1) and web console."),
+    ("api", "listen", "host:port of the REST API."),
+    ("api", "workers", "HTTP worker threads; 0 = one per core."),
+    (
+        "catalog",
+        "",
+        "The catalog of volumes, snapshots, exports, jobs and tokens.",
+    ),
+    (
+        "catalog",
+        "url",
+        "Empty = SQLite at DATA_DIR/catalog.sqlite; or postgres://user:pass@host/db.",
+    ),
+    (
+        "pool",
+        "",
+        "The storage pool, created under DATA_DIR/pool on first start.",
+    ),
+    (
+        "pool",
+        "chunk_size",
+        "Chunk size in bytes for a new pool (power of two, 64 KiB..4 MiB).",
+    ),
+    (
+        "pool",
+        "device_size",
+        "Size of the pool's data file on first start; 0 = the filesystem's free space (sparse).",
+    ),
+    ("pool", "cache_bytes", "RAM tier: decompressed chunk cache."),
+    (
+        "pool",
+        "wal_segment_bytes",
+        "Size of one write-ahead-log segment.",
+    ),
+    (
+        "pool",
+        "wal_fold_threshold",
+        "Fold live data into sealed chunks once the WAL holds this much.",
+    ),
+    ("iscsi", "", "The iSCSI target."),
+    ("iscsi", "listen", "host:port the iSCSI target listens on."),
+    (
+        "iscsi",
+        "advertise",
+        "Portal given to clients (exports, SendTargets); empty = listen, with 0.0.0.0 as 127.0.0.1.",
+    ),
+    ("nvme_tcp", "", "The NVMe/TCP target."),
+    (
+        "nvme_tcp",
+        "listen",
+        "host:port the NVMe/TCP target listens on.",
+    ),
+    (
+        "nvme_tcp",
+        "advertise",
+        "Address given to hosts; empty = listen, with 0.0.0.0 as 127.0.0.1.",
+    ),
+    ("log", "", "Logging."),
+    ("log", "format", "human or json."),
+    (
+        "log",
+        "level",
+        "error, warn, info, debug, trace (or a tracing filter such as maas_pool=debug).",
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {detail}")]
+    Parse { path: String, detail: String },
+    #[error("environment variable {var}: {detail}")]
+    Env { var: String, detail: String },
+    #[error("invalid setting {key}: {detail}")]
+    Invalid { key: String, detail: String },
+}
+
+impl Config {
+    /// Defaults, overridden by the file (if any), then by `MAAS_<SECTION>_<KEY>` variables.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source: e,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    detail: e.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let mut v = toml::Value::try_from(&*self).map_err(|e| ConfigError::Invalid {
+            key: "*".into(),
+            detail: e.to_string(),
+        })?;
+        let Some(root) = v.as_table_mut() else {
+            return Ok(());
+        };
+        for (section, table) in root.iter_mut() {
+            let Some(table) = table.as_table_mut() else {
+                continue;
+            };
+            for (key, val) in table.iter_mut() {
+                let var = format!("MAAS_{}_{}", section.to_uppercase(), key.to_uppercase());
+                let Some(s) = env(&var) else { continue };
+                *val = match val {
+                    toml::Value::Integer(_) => {
+                        toml::Value::Integer(s.trim().parse().map_err(|_| ConfigError::Env {
+                            var: var.clone(),
+                            detail: format!("{s:?} is not an integer"),
+                        })?)
+                    }
+                    toml::Value::Boolean(_) => {
+                        toml::Value::Boolean(s.trim().parse().map_err(|_| ConfigError::Env {
+                            var: var.clone(),
+                            detail: format!("{s:?} is not true/false"),
+                        })?)
+                    }
+                    _ => toml::Value::String(s),
+                };
+            }
+        }
+        *self = v
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                key: "*".into(),
+                detail: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |k: &str, d: &str| {
+            Err(ConfigError::Invalid {
+                key: k.into(),
+                detail: d.into(),
+            })
+        };
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "api.listen",
+                "must be host:port with a numeric host, e.g. 127.0.0.1:8080",
+            );
+        }
+        if !matches!(self.log.format.as_str(), "human" | "json") {
+            return bad("log.format", "must be human or json");
+        }
+        let cs = self.pool.chunk_size;
+        if !cs.is_power_of_two() || !(64 << 10..=4 << 20).contains(&cs) {
+            return bad(
+                "pool.chunk_size",
+                "must be a power of two from 65536 to 4194304",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn catalog_url(&self) -> String {
+        if self.catalog.url.is_empty() {
+            self.data.dir.join("catalog.sqlite").display().to_string()
+        } else {
+            self.catalog.url.clone()
+        }
+    }
+
+    /// The annotated defaults, as TOML.
+    pub fn annotated_defaults() -> String {
+        let v = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Boolean(false));
+        let mut out = String::from(
+            "# maasd configuration. Every key can also be set with MAAS_<SECTION>_<KEY>\n# (e.g. MAAS_API_LISTEN=127.0.0.1:18080); flags override both.\n",
+        );
+        let Some(root) = v.as_table() else { return out };
+        for (section, table) in root {
+            out.push('\n');
+            if let Some((_, _, d)) = DOCS.iter().find(|(s, k, _)| s == section && k.is_empty()) {
+                out.push_str(&format!("# {d}\n"));
+            }
+            out.push_str(&format!("[{section}]\n"));
+            if let Some(t) = table.as_table() {
+                for (k, val) in t {
+                    if let Some((_, _, d)) = DOCS.iter().find(|(s, kk, _)| s == section && kk == k)
+                    {
+                        out.push_str(&format!("# {d}\n"));
+                    }
+                    out.push_str(&format!("{k} = {val}\n"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `listen` with an unspecified host replaced by loopback (what a local client can reach).
+pub fn advertised(p: &PortalConfig) -> String {
+    if !p.advertise.is_empty() {
+        return p.advertise.clone();
+    }
+    p.listen
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("[::]", "[::1]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_is_documented_and_defaults_roundtrip() {
+        let text = Config::annotated_defaults();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, Config::default());
+        let v = toml::Value::try_from(Config::default()).unwrap();
+        for (s, t) in v.as_table().unwrap() {
+            for k in t.as_table().unwrap().keys() {
+                assert!(
+                    DOCS.iter().any(|(ds, dk, _)| ds == s && dk == k),
+                    "{s}.{k} undocumented"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn env_overrides_file_and_types_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[api]\nlisten = \"127.0.0.1:9000\"\n[pool]\ncache_bytes = 1\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "MAAS_API_LISTEN" => Some("127.0.0.1:18080".to_string()),
+            "MAAS_ISCSI_LISTEN" => Some("127.0.0.1:3261".to_string()),
+            "MAAS_POOL_CHUNK_SIZE" => Some("262144".to_string()),
+            _ => None,
+        };
+        let c = Config::load(Some(&f), env).unwrap();
+        assert_eq!(c.api.listen, "127.0.0.1:18080");
+        assert_eq!(c.iscsi.listen, "127.0.0.1:3261");
+        assert_eq!(c.pool.chunk_size, 262144);
+        assert_eq!(c.pool.cache_bytes, 1);
+        let bad = Config::load(None, |k| {
+            (k == "MAAS_POOL_CACHE_BYTES").then(|| "lots".to_string())
+        });
+        assert!(matches!(bad, Err(ConfigError::Env { .. })));
+        std::fs::write(&f, "[api]\nlisen = \"x\"\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&f), |_| None),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

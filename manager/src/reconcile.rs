@@ -1,0 +1,152 @@
+//! Start-up reconciliation of catalog and pool, so that after a crash at any point there are no
+//! orphaned and no phantom volumes or snapshots. The pool is the truth about bytes; the catalog
+//! about intent. Pool volumes are named by their catalog id.
+
+use std::collections::{HashMap, HashSet};
+
+use maas_pool::{Pool, SnapshotId, VolumeId};
+
+use crate::catalog::{Catalog, SnapshotRow, VolumeRow};
+use crate::error::ApiResult;
+use crate::state::{POOL_ID, new_id, now_ms};
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub volumes_completed: usize,
+    pub volumes_dropped: usize,
+    pub volumes_adopted: usize,
+    pub volumes_deleted: usize,
+    pub snapshots_dropped: usize,
+    pub snapshots_adopted: usize,
+    pub snapshots_deleted: usize,
+}
+
+pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
+    let mut rep = Report::default();
+    let pool_vols: HashMap<String, maas_pool::VolumeInfo> = pool
+        .volumes()
+        .into_iter()
+        .map(|v| (v.name.clone(), v))
+        .collect();
+    let mut known: HashSet<String> = HashSet::new();
+    for mut row in cat.all_volumes()? {
+        let in_pool = pool_vols.get(&row.id);
+        match (row.state.as_str(), in_pool) {
+            ("deleting", Some(v)) => {
+                pool.delete_volume(v.id)?;
+                cat.delete_volume_row(&row.id)?;
+                rep.volumes_deleted += 1;
+                tracing::warn!(volume = %row.id, "reconcile: finished an interrupted delete");
+            }
+            ("deleting", None) => {
+                cat.delete_volume_row(&row.id)?;
+                rep.volumes_deleted += 1;
+            }
+            ("creating", Some(_)) => {
+                row.state = "ready".into();
+                cat.update_volume(&row)?;
+                known.insert(row.id.clone());
+                rep.volumes_completed += 1;
+                tracing::warn!(volume = %row.id, "reconcile: completed an interrupted create");
+            }
+            (_, None) => {
+                cat.delete_volume_row(&row.id)?;
+                rep.volumes_dropped += 1;
+                tracing::warn!(volume = %row.id, name = %row.name, "reconcile: dropped a catalog volume the pool does not have");
+            }
+            (_, Some(_)) => {
+                known.insert(row.id.clone());
+            }
+        }
+    }
+    for (pname, v) in &pool_vols {
+        if known.contains(pname) {
+            continue;
+        }
+        let mut name = pname.clone();
+        if cat.volume_by_name(&name)?.is_some() {
+            name = format!("{pname}-adopted-{}", v.id.0);
+        }
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("maas.adopted".to_string(), "true".to_string());
+        cat.insert_volume(&VolumeRow {
+            id: pname.clone(),
+            name,
+            pool: POOL_ID.into(),
+            size: v.size as i64,
+            block_size: v.block_size as i64,
+            labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
+            origin_snapshot: None,
+            state: "ready".into(),
+            created_ms: v.created_unix * 1000,
+        })?;
+        rep.volumes_adopted += 1;
+        tracing::warn!(volume = %pname, pool_volume = %v.id, "reconcile: adopted a pool volume the catalog did not know");
+    }
+
+    let pool_snaps: HashMap<u64, maas_pool::SnapshotInfo> =
+        pool.snapshots()?.into_iter().map(|s| (s.id.0, s)).collect();
+    let mut known_snaps = HashSet::new();
+    for row in cat.all_snapshots()? {
+        let ps = row.pool_snapshot as u64;
+        match (row.state.as_str(), pool_snaps.contains_key(&ps)) {
+            ("deleting", true) => match pool.delete_snapshot(SnapshotId(ps)) {
+                Ok(()) => {
+                    cat.delete_snapshot_row(&row.id)?;
+                    rep.snapshots_deleted += 1;
+                }
+                Err(e) => {
+                    let mut r = row.clone();
+                    r.state = "ready".into();
+                    cat.update_snapshot(&r)?;
+                    known_snaps.insert(ps);
+                    tracing::warn!(snapshot = %row.id, error = %e, "reconcile: interrupted delete cannot finish; snapshot kept");
+                }
+            },
+            (_, false) => {
+                cat.delete_snapshot_row(&row.id)?;
+                rep.snapshots_dropped += 1;
+                tracing::warn!(snapshot = %row.id, "reconcile: dropped a catalog snapshot the pool does not have");
+            }
+            (_, true) => {
+                known_snaps.insert(ps);
+            }
+        }
+    }
+    for (ps, s) in &pool_snaps {
+        if known_snaps.contains(ps) {
+            continue;
+        }
+        let vname = cat
+            .volume(&s.volume_name)?
+            .map(|v| v.name)
+            .unwrap_or_else(|| s.volume_name.clone());
+        let row = SnapshotRow {
+            id: new_id("snap"),
+            volume: s.volume_name.clone(),
+            volume_name: vname,
+            pool: POOL_ID.into(),
+            pool_snapshot: *ps as i64,
+            size: s.size as i64,
+            block_size: s.block_size as i64,
+            starred: 0,
+            locked_until_ms: s.locked_until_unix.map(|u| u * 1000),
+            state: "ready".into(),
+            created_ms: if s.created_unix > 0 {
+                s.created_unix * 1000
+            } else {
+                now_ms()
+            },
+        };
+        cat.insert_snapshot(&row)?;
+        rep.snapshots_adopted += 1;
+        tracing::warn!(snapshot = %row.id, pool_snapshot = ps, "reconcile: adopted a pool snapshot the catalog did not know");
+    }
+    let _ = VolumeId(0);
+    if rep != Report::default() {
+        tracing::warn!(?rep, "catalog and pool reconciled");
+    } else {
+        tracing::info!("catalog and pool agree");
+    }
+    Ok(rep)
+}

@@ -1,0 +1,273 @@
+//! maasd's assembly: open the pool and the catalog, reconcile them, bootstrap the admin
+//! token, serve the REST API until SIGTERM/SIGINT, then drain jobs and close the pool.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+
+use actix_web::dev::Service;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{App, HttpResponse, HttpServer, web};
+use anyhow::Context;
+use tracing::Instrument;
+use utoipa::OpenApi;
+
+use crate::api;
+use crate::auth::{Role, hash_secret, new_secret};
+use crate::catalog::{Catalog, TokenRow};
+use crate::config::Config;
+use crate::error::{ApiError, REQUEST_ID};
+use crate::state::{AppState, new_id, now_ms};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "MaaS REST API", version = "1", description = "Medium as a Service: volumes, snapshots, clones, exports, jobs."),
+    paths(
+        api::health, api::list_pools, api::get_pool, api::verify_pool,
+        api::list_volumes, api::create_volume, api::get_volume, api::patch_volume, api::delete_volume,
+        api::seal, api::list_snapshots, api::get_snapshot, api::patch_snapshot, api::delete_snapshot, api::clone_snapshot,
+        api::list_exports, api::create_export, api::get_export, api::delete_export,
+        api::list_jobs, api::get_job, api::list_tokens, api::create_token, api::delete_token,
+    ),
+    components(schemas(
+        maas_api::ErrorBody, maas_api::Health, maas_api::Pool, maas_api::Device, maas_api::Volume,
+        maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
+        maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo,
+        maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
+    )),
+    modifiers(&Security),
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+struct Security;
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        "no such endpoint",
+    ))
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/v1")
+            .route("/health", web::get().to(api::health))
+            .route("/openapi.json", web::get().to(openapi_json))
+            .route("/pools", web::get().to(api::list_pools))
+            .route("/pools/{id}", web::get().to(api::get_pool))
+            .route("/pools/{id}/verify", web::post().to(api::verify_pool))
+            .route("/volumes", web::get().to(api::list_volumes))
+            .route("/volumes", web::post().to(api::create_volume))
+            .route("/volumes/{id}", web::get().to(api::get_volume))
+            .route("/volumes/{id}", web::patch().to(api::patch_volume))
+            .route("/volumes/{id}", web::delete().to(api::delete_volume))
+            .route("/volumes/{id}/snapshots", web::post().to(api::seal))
+            .route(
+                "/volumes/{id}/snapshots",
+                web::get().to(api::list_snapshots),
+            )
+            .route("/volumes/{id}/exports", web::get().to(api::list_exports))
+            .route("/volumes/{id}/exports", web::post().to(api::create_export))
+            .route("/snapshots/{id}", web::get().to(api::get_snapshot))
+            .route("/snapshots/{id}", web::patch().to(api::patch_snapshot))
+            .route("/snapshots/{id}", web::delete().to(api::delete_snapshot))
+            .route(
+                "/snapshots/{id}/clones",
+                web::post().to(api::clone_snapshot),
+            )
+            .route("/exports/{id}", web::get().to(api::get_export))
+            .route("/exports/{id}", web::delete().to(api::delete_export))
+            .route("/jobs", web::get().to(api::list_jobs))
+            .route("/jobs/{id}", web::get().to(api::get_job))
+            .route("/tokens", web::get().to(api::list_tokens))
+            .route("/tokens", web::post().to(api::create_token))
+            .route("/tokens/{id}", web::delete().to(api::delete_token))
+            .default_service(web::to(not_found)),
+    );
+}
+
+fn query_error(
+    e: actix_web::error::QueryPayloadError,
+    _: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    ApiError::new(
+        actix_web::http::StatusCode::BAD_REQUEST,
+        "INVALID_QUERY",
+        e.to_string(),
+    )
+    .into()
+}
+
+fn path_error(e: actix_web::error::PathError, _: &actix_web::HttpRequest) -> actix_web::Error {
+    ApiError::new(
+        actix_web::http::StatusCode::BAD_REQUEST,
+        "INVALID_PATH",
+        e.to_string(),
+    )
+    .into()
+}
+
+/// Writes DATA_DIR/admin.token (0600) and registers it, unless an admin token exists.
+fn bootstrap_admin(cfg: &Config, catalog: &Catalog) -> anyhow::Result<()> {
+    let path = cfg.data.dir.join("admin.token");
+    let tokens = catalog.tokens()?;
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let h = hash_secret(existing.trim());
+        if tokens.iter().any(|t| t.secret_hash == h) {
+            return Ok(());
+        }
+        // A fresh catalog (e.g. moved to PostgreSQL): register the token the operator has.
+        if !existing.trim().is_empty() {
+            catalog.insert_token(&TokenRow {
+                id: new_id("tok"),
+                name: format!("bootstrap-admin-{}", now_ms()),
+                role: Role::Admin.as_str().into(),
+                secret_hash: h,
+                created_ms: now_ms(),
+            })?;
+            tracing::info!(path = %path.display(), "registered the existing admin token with this catalog");
+            return Ok(());
+        }
+    }
+    if tokens.iter().any(|t| t.role == "admin") {
+        tracing::warn!(path = %path.display(), "admin.token missing; an admin token exists in the catalog, none written");
+        return Ok(());
+    }
+    let secret = new_secret();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    f.sync_all()?;
+    catalog.insert_token(&TokenRow {
+        id: new_id("tok"),
+        name: "bootstrap-admin".into(),
+        role: Role::Admin.as_str().into(),
+        secret_hash: hash_secret(&secret),
+        created_ms: now_ms(),
+    })?;
+    tracing::info!(path = %path.display(), "bootstrap admin token written (mode 0600)");
+    Ok(())
+}
+
+pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
+    std::fs::create_dir_all(&cfg.data.dir)
+        .with_context(|| format!("creating {}", cfg.data.dir.display()))?;
+    let pool_dir = cfg.data.dir.join("pool");
+    let opts = maas_pool::OpenOptions {
+        cache_bytes: cfg.pool.cache_bytes as usize,
+        wal_segment_bytes: cfg.pool.wal_segment_bytes,
+        wal_fold_threshold: cfg.pool.wal_fold_threshold,
+        background: true,
+    };
+    let pool = if pool_dir.join(maas_pool::config::SUPERBLOCK_FILE).exists() {
+        maas_pool::Pool::open(&pool_dir, opts)
+            .with_context(|| format!("opening pool {}", pool_dir.display()))?
+    } else {
+        let mut create = maas_pool::CreateOptions {
+            chunk_size: cfg.pool.chunk_size,
+            ..Default::default()
+        };
+        if cfg.pool.device_size > 0 {
+            create.devices.push(maas_pool::DeviceSpec {
+                path: "data-0.dev".into(),
+                tier: maas_pool::Tier::Ssd,
+                size: cfg.pool.device_size,
+            });
+        }
+        maas_pool::Pool::create(&pool_dir, create, opts)
+            .with_context(|| format!("creating pool {}", pool_dir.display()))?
+    };
+    let url = cfg.catalog_url();
+    let catalog = Arc::new(Catalog::open(&url)?);
+    tracing::info!(catalog = %crate::catalog::redact(&url), backend = catalog.backend(), "catalog open");
+    bootstrap_admin(&cfg, &catalog)?;
+    let rep = crate::reconcile::reconcile(&catalog, &pool)
+        .map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
+    let state = AppState {
+        cfg,
+        pool,
+        catalog,
+        tokens: RwLock::new(HashMap::new()),
+        running_jobs: AtomicUsize::new(0),
+    };
+    let interrupted = crate::jobs::fail_interrupted(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if interrupted > 0 {
+        tracing::warn!(
+            jobs = interrupted,
+            "jobs interrupted by the previous stop were marked failed"
+        );
+    }
+    state.reload_tokens().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _ = rep;
+    Ok(state)
+}
+
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let listen = cfg.api.listen.clone();
+    let workers = cfg.api.workers as usize;
+    let state = web::Data::new(open_state(cfg)?);
+    let st = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(st.clone())
+            .app_data(web::QueryConfig::default().error_handler(query_error))
+            .app_data(web::PathConfig::default().error_handler(path_error))
+            .app_data(web::PayloadConfig::default().limit(1 << 20))
+            .wrap_fn(|req, srv| {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
+                let fut = srv.call(req);
+                let id2 = id.clone();
+                REQUEST_ID.scope(
+                    id,
+                    async move {
+                        let mut res = fut.await?;
+                        tracing::debug!(status = res.status().as_u16(), "served");
+                        if let Ok(v) = HeaderValue::from_str(&id2) {
+                            res.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
+                        }
+                        Ok(res)
+                    }
+                    .instrument(span),
+                )
+            })
+            .configure(routes)
+    })
+    .shutdown_timeout(30)
+    .bind(&listen)
+    .with_context(|| format!("binding the REST API to {listen}"))?;
+    if workers > 0 {
+        server = server.workers(workers);
+    }
+    let addrs = server.addrs();
+    tracing::info!(listen = ?addrs, "maasd serving REST API at /api/v1");
+    server.run().await?;
+    tracing::info!("REST API stopped; draining jobs");
+    crate::jobs::drain(&state, std::time::Duration::from_secs(60)).await;
+    state.pool.close().context("closing the pool")?;
+    tracing::info!("maasd stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Server state shared by handlers and jobs, and conversions from catalog rows to API types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+
+use actix_web::web;
+use maas_api as api;
+
+use crate::auth::{Caller, Role};
+use crate::catalog::{Catalog, ExportRow, JobRow, SnapshotRow, TokenRow, VolumeRow};
+use crate::config::Config;
+use crate::error::{ApiError, ApiResult};
+
+pub const POOL_ID: &str = "default";
+
+#[derive(Debug)]
+pub struct AppState {
+    pub cfg: Config,
+    pub pool: maas_pool::Pool,
+    pub catalog: Arc<Catalog>,
+    /// secret hash -> caller
+    pub tokens: RwLock<HashMap<String, Caller>>,
+    pub running_jobs: AtomicUsize,
+}
+
+impl AppState {
+    pub fn reload_tokens(&self) -> ApiResult<()> {
+        let rows = self.catalog.tokens()?;
+        let map = rows
+            .into_iter()
+            .filter_map(|t| {
+                Role::parse(&t.role).map(|role| {
+                    (
+                        t.secret_hash,
+                        Caller {
+                            token_id: t.id,
+                            role,
+                        },
+                    )
+                })
+            })
+            .collect();
+        if let Ok(mut w) = self.tokens.write() {
+            *w = map;
+        }
+        Ok(())
+    }
+}
+
+/// Runs blocking work (catalog, pool) off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    state: &web::Data<AppState>,
+    f: impl FnOnce(&AppState) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let st = state.clone();
+    let id = crate::error::current_request_id();
+    web::block(move || crate::error::REQUEST_ID.sync_scope(id, || f(&st)))
+        .await
+        .map_err(|e| ApiError::internal(format!("worker failed: {e}")))?
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Time-ordered opaque ids: `prefix-<12 hex ms><8 hex random>`.
+pub fn new_id(prefix: &str) -> String {
+    let r: u32 = rand::random();
+    format!(
+        "{prefix}-{:012x}{r:08x}",
+        now_ms() as u64 & 0xffff_ffff_ffff
+    )
+}
+
+pub fn labels_of(s: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(s).unwrap_or_default()
+}
+
+pub fn volume_out(r: &VolumeRow) -> api::Volume {
+    api::Volume {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        size: r.size as u64,
+        block_size: r.block_size as u32,
+        pool: r.pool.clone(),
+        labels: labels_of(&r.labels),
+        origin_snapshot: r.origin_snapshot.clone(),
+        created_at: rfc3339(r.created_ms),
+    }
+}
+
+pub fn snapshot_out(r: &SnapshotRow) -> api::Snapshot {
+    api::Snapshot {
+        id: r.id.clone(),
+        volume: r.volume.clone(),
+        volume_name: r.volume_name.clone(),
+        size: r.size as u64,
+        block_size: r.block_size as u32,
+        created_at: rfc3339(r.created_ms),
+        starred: r.starred != 0,
+        locked_until: r.locked_until_ms.map(rfc3339),
+    }
+}
+
+pub fn export_out(r: &ExportRow, cfg: &Config) -> api::Export {
+    let chap: Option<api::Chap> = r.chap.as_deref().and_then(|c| serde_json::from_str(c).ok());
+    let (portal, lun, nsid) = match r.protocol.as_str() {
+        "nvme-tcp" => (
+            crate::config::advertised(&cfg.nvme_tcp.portal()),
+            None,
+            Some(1),
+        ),
+        _ => (
+            crate::config::advertised(&cfg.iscsi.portal()),
+            Some(0),
+            None,
+        ),
+    };
+    api::Export {
+        id: r.id.clone(),
+        volume: r.volume.clone(),
+        protocol: r.protocol.clone(),
+        initiators: serde_json::from_str(&r.initiators).unwrap_or_default(),
+        chap: chap.map(|c| api::ChapInfo {
+            user: c.user,
+            mutual_user: c.mutual_user,
+        }),
+        portal,
+        target: r.target.clone(),
+        lun,
+        nsid,
+        created_at: rfc3339(r.created_ms),
+    }
+}
+
+pub fn job_out(r: &JobRow) -> api::Job {
+    api::Job {
+        id: r.id.clone(),
+        kind: r.kind.clone(),
+        state: r.state.clone(),
+        progress: r.progress_milli as f64 / 1000.0,
+        error: r
+            .error
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok()),
+        result: r
+            .result
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok()),
+        target: r.target.clone(),
+        created_at: rfc3339(r.created_ms),
+        updated_at: rfc3339(r.updated_ms),
+    }
+}
+
+pub fn token_out(r: &TokenRow) -> api::Token {
+    api::Token {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        role: r.role.clone(),
+        created_at: rfc3339(r.created_ms),
+    }
+}
