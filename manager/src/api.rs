@@ -43,14 +43,31 @@ impl<T: serde::de::DeserializeOwned + 'static> FromRequest for Body<T> {
             serde_path_to_error::deserialize(de).map(Body).map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
-                if inner.is_syntax() || inner.is_eof() || path == "." {
-                    ApiError::new(
+                let msg = inner.to_string();
+                // serde reports a missing field at its parent's path; name the field itself.
+                let missing = msg
+                    .strip_prefix("missing field `")
+                    .and_then(|r| r.split('`').next());
+                match missing {
+                    _ if inner.is_syntax() || inner.is_eof() => ApiError::new(
                         StatusCode::BAD_REQUEST,
                         "INVALID_BODY",
-                        format!("malformed JSON body: {inner}"),
-                    )
-                } else {
-                    ApiError::invalid(&path, format!("{path}: {inner}"))
+                        format!("malformed JSON body: {msg}"),
+                    ),
+                    Some(f) => {
+                        let field = if path == "." {
+                            f.to_string()
+                        } else {
+                            format!("{path}.{f}")
+                        };
+                        ApiError::invalid(&field, format!("{field} is required"))
+                    }
+                    None if path == "." => ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "INVALID_BODY",
+                        format!("wrong JSON body: {msg}"),
+                    ),
+                    None => ApiError::invalid(&path, format!("{path}: {msg}")),
                 }
             })
         })
@@ -172,10 +189,11 @@ fn accepted(job: &crate::catalog::JobRow) -> HttpResponse {
 // ---------------------------------------------------------------- health, pools
 
 #[utoipa::path(get, path = "/api/v1/health", tag = "system", responses((status = 200, body = api::Health)))]
-pub async fn health() -> HttpResponse {
+pub async fn health(state: State) -> HttpResponse {
     HttpResponse::Ok().json(api::Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        catalog: state.catalog.backend().into(),
     })
 }
 

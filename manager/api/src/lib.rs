@@ -35,6 +35,8 @@ pub struct List<T> {
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// Catalog backend: `sqlite` or `postgresql`.
+    pub catalog: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

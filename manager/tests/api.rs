@@ -1,0 +1,550 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The REST API against the real maasd binary: the whole lifecycle, restart persistence, bad
+//! input, roles, on SQLite and PostgreSQL.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+const GIB: u64 = 1 << 30;
+
+fn lifecycle(m: &mut Maasd) {
+    // Volumes.
+    let v = m.ok(
+        "POST",
+        "/volumes",
+        Some(json!({"name": "db01", "size": 10 * GIB, "labels": {"host": "db01"}})),
+    );
+    let vid = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["size"], 10 * GIB);
+    assert_eq!(v["block_size"], 512);
+    assert_eq!(v["pool"], "default");
+    let (s, e) = m.call(
+        "POST",
+        "/volumes",
+        Some(json!({"name": "db01", "size": GIB})),
+    );
+    assert_eq!((s, code(&e)), (409, "VOLUME_EXISTS"));
+    for i in 0..3 {
+        m.ok(
+            "POST",
+            "/volumes",
+            Some(json!({"name": format!("web{i}"), "size": GIB, "block_size": 4096})),
+        );
+    }
+    // Pagination: pages of 2 cover all 4 volumes exactly once.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let p = m.ok("GET", &format!("/volumes?limit=2{cursor}"), None);
+        for it in p["items"].as_array().unwrap() {
+            seen.push(it["name"].as_str().unwrap().to_string());
+        }
+        match p["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["db01", "web0", "web1", "web2"]);
+    let g = m.ok(
+        "PATCH",
+        &format!("/volumes/{vid}"),
+        Some(json!({"size": 20 * GIB})),
+    );
+    assert_eq!(g["size"], 20 * GIB);
+    let (s, e) = m.call(
+        "PATCH",
+        &format!("/volumes/{vid}"),
+        Some(json!({"size": GIB})),
+    );
+    assert_eq!((s, code(&e)), (409, "SHRINK_REFUSED"));
+    m.ok(
+        "PATCH",
+        &format!("/volumes/{vid}"),
+        Some(json!({"name": "db01-renamed"})),
+    );
+
+    // Seal -> job -> snapshot.
+    let (s, job) = m.call("POST", &format!("/volumes/{vid}/snapshots"), None);
+    assert_eq!(s, 202);
+    assert_eq!(job["kind"], "seal");
+    let done = m.wait_job(&job);
+    assert_eq!(done["progress"], 1.0);
+    let sid = done["result"]["snapshot"].as_str().unwrap().to_string();
+    let snaps = m.ok("GET", &format!("/volumes/{vid}/snapshots"), None);
+    assert_eq!(snaps["items"].as_array().unwrap().len(), 1);
+    assert_eq!(snaps["items"][0]["id"], sid.as_str());
+    assert_eq!(snaps["items"][0]["volume_name"], "db01-renamed");
+    let st = m.ok(
+        "PATCH",
+        &format!("/snapshots/{sid}"),
+        Some(json!({"starred": true})),
+    );
+    assert_eq!(st["starred"], true);
+    let l = m.ok(
+        "PATCH",
+        &format!("/snapshots/{sid}"),
+        Some(json!({"locked_until": "2099-01-01T00:00:00Z"})),
+    );
+    assert_eq!(l["locked_until"], "2099-01-01T00:00:00Z");
+    let (s, e) = m.call(
+        "PATCH",
+        &format!("/snapshots/{sid}"),
+        Some(json!({"locked_until": "2098-01-01T00:00:00Z"})),
+    );
+    assert_eq!((s, code(&e)), (409, "LOCK_SHORTENED"));
+    let (s, e) = m.call("DELETE", &format!("/snapshots/{sid}"), None);
+    assert_eq!((s, code(&e)), (409, "SNAPSHOT_LOCKED"));
+
+    // Clone = instant mount.
+    let (s, job) = m.call(
+        "POST",
+        &format!("/snapshots/{sid}/clones"),
+        Some(json!({"name": "db01-restore"})),
+    );
+    assert_eq!(s, 202);
+    let cid = m.wait_job(&job)["result"]["volume"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let c = m.ok("GET", &format!("/volumes/{cid}"), None);
+    assert_eq!(c["origin_snapshot"], sid.as_str());
+    assert_eq!(c["size"], 20 * GIB);
+
+    // Exports carry what a host needs.
+    let ex = m.ok(
+        "POST",
+        &format!("/volumes/{cid}/exports"),
+        Some(json!({"protocol": "iscsi", "initiators": ["iqn.1993-08.org.debian:01:host1"],
+            "chap": {"user": "u1", "secret": "0123456789abcdef", "mutual_user": "t1", "mutual_secret": "fedcba9876543210"}})),
+    );
+    assert_eq!(ex["portal"], "10.0.2.2:3260");
+    assert!(ex["target"].as_str().unwrap().starts_with("iqn."));
+    assert_eq!(ex["lun"], 0);
+    assert_eq!(ex["chap"]["user"], "u1");
+    assert!(
+        ex.get("secret").is_none() && ex["chap"].get("secret").is_none(),
+        "secrets are never returned"
+    );
+    let nv = m.ok(
+        "POST",
+        &format!("/volumes/{vid}/exports"),
+        Some(
+            json!({"protocol": "nvme-tcp", "initiators": ["nqn.2014-08.org.nvmexpress:uuid:1234"]}),
+        ),
+    );
+    assert_eq!(nv["nsid"], 1);
+    assert!(nv["target"].as_str().unwrap().starts_with("nqn."));
+    let eid = nv["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        m.ok("GET", &format!("/exports/{eid}"), None)["volume"],
+        vid.as_str()
+    );
+
+    // Tokens and roles.
+    let t = m.ok(
+        "POST",
+        "/tokens",
+        Some(json!({"name": "ro", "role": "viewer"})),
+    );
+    let viewer = t["secret"].as_str().unwrap().to_string();
+    let tid = t["token"]["id"].as_str().unwrap().to_string();
+    let (s, _) = m.call_as(Some(&viewer), "GET", "/volumes", None);
+    assert_eq!(s, 200);
+    let (s, e) = m.call_as(
+        Some(&viewer),
+        "POST",
+        "/volumes",
+        Some(json!({"name": "nope", "size": GIB})),
+    );
+    assert_eq!((s, code(&e)), (403, "FORBIDDEN"));
+    let (s, e) = m.call_as(Some(&viewer), "DELETE", &format!("/volumes/{vid}"), None);
+    assert_eq!((s, code(&e)), (403, "FORBIDDEN"));
+    let op = m.ok(
+        "POST",
+        "/tokens",
+        Some(json!({"name": "ops", "role": "operator"})),
+    )["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, e) = m.call_as(
+        Some(&op),
+        "POST",
+        "/tokens",
+        Some(json!({"name": "x", "role": "admin"})),
+    );
+    assert_eq!((s, code(&e)), (403, "FORBIDDEN"));
+
+    // Restart: everything is still there.
+    m.restart();
+    let vols = m.ok("GET", "/volumes", None);
+    assert_eq!(vols["items"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        m.ok("GET", &format!("/snapshots/{sid}"), None)["starred"],
+        true
+    );
+    assert_eq!(
+        m.ok("GET", &format!("/exports/{eid}"), None)["protocol"],
+        "nvme-tcp"
+    );
+    let (s, _) = m.call_as(Some(&viewer), "GET", "/pools", None);
+    assert_eq!(s, 200, "tokens survive a restart");
+    let pool = m.ok("GET", "/pools/default", None);
+    assert_eq!(pool["volumes"], 5);
+    assert_eq!(pool["snapshots"], 1);
+    assert!(pool["capacity"].as_u64().unwrap() > 0);
+    assert!(
+        m.ok("GET", "/jobs", None)["items"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 2
+    );
+
+    // Revoking and deleting.
+    m.ok("DELETE", &format!("/tokens/{tid}"), None);
+    let (s, e) = m.call_as(Some(&viewer), "GET", "/volumes", None);
+    assert_eq!((s, code(&e)), (401, "UNAUTHORIZED"));
+    m.ok("DELETE", &format!("/exports/{eid}"), None);
+    let (s, _) = m.call("GET", &format!("/exports/{eid}"), None);
+    assert_eq!(s, 404);
+    let (s, job) = m.call("DELETE", &format!("/volumes/{cid}"), None);
+    assert_eq!(s, 202);
+    m.wait_job(&job);
+    let (s, e) = m.call("GET", &format!("/volumes/{cid}"), None);
+    assert_eq!((s, code(&e)), (404, "VOLUME_NOT_FOUND"));
+    let v = m.ok("POST", "/pools/default/verify", None);
+    let rep = m.wait_job(&v);
+    assert_eq!(rep["result"]["damaged"], json!([]));
+}
+
+#[test]
+fn lifecycle_and_restart_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Maasd::start(dir.path(), None);
+    assert_eq!(m.ok("GET", "/health", None)["catalog"], "sqlite");
+    lifecycle(&mut m);
+    m.stop();
+    assert!(m.log().contains("maasd stopped cleanly"));
+}
+
+#[test]
+fn lifecycle_and_restart_on_postgresql() {
+    let url = std::env::var("MAAS_TEST_POSTGRES_URL").expect(
+        "MAAS_TEST_POSTGRES_URL is not set: ./scripts/test-all.sh starts a local PostgreSQL and sets it",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Maasd::start(dir.path(), Some(url));
+    assert_eq!(m.ok("GET", "/health", None)["catalog"], "postgresql");
+    lifecycle(&mut m);
+    m.stop();
+}
+
+fn counts(m: &Maasd) -> (usize, u64, u64) {
+    let v = m.ok("GET", "/volumes?limit=1000", None)["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let p = m.ok("GET", "/pools/default", None);
+    (
+        v,
+        p["volumes"].as_u64().unwrap(),
+        p["snapshots"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn bad_input_gets_4xx_with_a_code_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Maasd::start(dir.path(), None);
+    let v = m.ok(
+        "POST",
+        "/volumes",
+        Some(json!({"name": "keep", "size": GIB})),
+    );
+    let vid = v["id"].as_str().unwrap().to_string();
+    let before = counts(&m);
+    let cases: Vec<(&str, String, Option<&str>, u16, &str)> = vec![
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", "),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("not json"),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": \"big\"}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": -1}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": 0}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": 1000}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": 18446744073709547520}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": 1e30}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"\", \"size\": 4096}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"a b/c\", \"size\": 4096}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": 4096, \"block_size\": 1024}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"name\": \"x\", \"size\": 4096, \"bogus\": 1}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/volumes".into(),
+            Some("{\"size\": 4096}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        ("POST", "/volumes".into(), Some("[]"), 400, "INVALID_BODY"),
+        (
+            "PATCH",
+            format!("/volumes/{vid}"),
+            Some("{\"size\": -5}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "PATCH",
+            format!("/volumes/{vid}"),
+            Some("{\"size\": 512}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "PATCH",
+            "/volumes/vol-nope".into(),
+            Some("{\"size\": 4096}"),
+            404,
+            "VOLUME_NOT_FOUND",
+        ),
+        (
+            "GET",
+            "/volumes/vol-nope".into(),
+            None,
+            404,
+            "VOLUME_NOT_FOUND",
+        ),
+        (
+            "DELETE",
+            "/volumes/vol-nope".into(),
+            None,
+            404,
+            "VOLUME_NOT_FOUND",
+        ),
+        (
+            "POST",
+            "/volumes/vol-nope/snapshots".into(),
+            None,
+            404,
+            "VOLUME_NOT_FOUND",
+        ),
+        (
+            "GET",
+            "/snapshots/snap-nope".into(),
+            None,
+            404,
+            "SNAPSHOT_NOT_FOUND",
+        ),
+        (
+            "POST",
+            "/snapshots/snap-nope/clones".into(),
+            Some("{\"name\": \"c\"}"),
+            404,
+            "SNAPSHOT_NOT_FOUND",
+        ),
+        (
+            "GET",
+            "/exports/exp-nope".into(),
+            None,
+            404,
+            "EXPORT_NOT_FOUND",
+        ),
+        ("GET", "/jobs/job-nope".into(), None, 404, "JOB_NOT_FOUND"),
+        ("GET", "/pools/nope".into(), None, 404, "POOL_NOT_FOUND"),
+        ("GET", "/volumes?limit=0".into(), None, 400, "INVALID_FIELD"),
+        (
+            "GET",
+            "/volumes?limit=abc".into(),
+            None,
+            400,
+            "INVALID_QUERY",
+        ),
+        (
+            "POST",
+            format!("/volumes/{vid}/exports"),
+            Some("{\"protocol\": \"fc\"}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            format!("/volumes/{vid}/exports"),
+            Some("{\"protocol\": \"nbd\"}"),
+            422,
+            "PROTOCOL_UNAVAILABLE",
+        ),
+        (
+            "POST",
+            format!("/volumes/{vid}/exports"),
+            Some("{\"protocol\": \"iscsi\", \"initiators\": [\"bob\"]}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            format!("/volumes/{vid}/exports"),
+            Some("{\"protocol\": \"iscsi\", \"chap\": {\"user\": \"u\", \"secret\": \"short\"}}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        (
+            "POST",
+            "/tokens".into(),
+            Some("{\"name\": \"t\", \"role\": \"god\"}"),
+            400,
+            "INVALID_FIELD",
+        ),
+        ("GET", "/nothing-here".into(), None, 404, "NOT_FOUND"),
+    ];
+    for (method, path, body, status, want) in cases {
+        let (s, e) = match body {
+            Some(b) => m.raw(method, &path, b),
+            None => m.call(method, &path, None),
+        };
+        assert_eq!(
+            (s, code(&e)),
+            (status, want),
+            "{method} {path} {body:?}: {e}"
+        );
+        assert!(
+            e["request_id"].as_str().is_some_and(|r| r.len() >= 16),
+            "{e}"
+        );
+        assert!(!e["message"].as_str().unwrap_or("").is_empty());
+    }
+    let (_, e) = m.raw("POST", "/volumes", "{\"name\": \"x\", \"size\": \"big\"}");
+    assert_eq!(e["field"], "size", "validation errors name the field");
+    let (_, e) = m.raw("POST", "/volumes", "{\"size\": 4096}");
+    assert_eq!(e["field"], "name", "a missing field is named");
+    // Auth.
+    let (s, e) = m.call_as(None, "GET", "/volumes", None);
+    assert_eq!((s, code(&e)), (401, "UNAUTHORIZED"));
+    let (s, e) = m.call_as(
+        Some("maas_wrong"),
+        "POST",
+        "/volumes",
+        Some(json!({"name": "y", "size": 4096})),
+    );
+    assert_eq!((s, code(&e)), (401, "UNAUTHORIZED"));
+    let (s, _) = m.call_as(None, "GET", "/health", None);
+    assert_eq!(s, 200, "health needs no token");
+    assert_eq!(counts(&m), before, "nothing changed in catalog or pool");
+    let after: Value = m.ok("GET", "/volumes", None);
+    assert_eq!(after["items"][0]["name"], "keep");
+}
+
+#[test]
+fn openapi_document_is_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Maasd::start(dir.path(), None);
+    let (s, doc) = m.call_as(None, "GET", "/openapi.json", None);
+    assert_eq!(s, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/api/v1/health",
+        "/api/v1/pools",
+        "/api/v1/pools/{id}",
+        "/api/v1/volumes",
+        "/api/v1/volumes/{id}",
+        "/api/v1/volumes/{id}/snapshots",
+        "/api/v1/snapshots/{id}",
+        "/api/v1/snapshots/{id}/clones",
+        "/api/v1/volumes/{id}/exports",
+        "/api/v1/exports/{id}",
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/tokens",
+    ] {
+        assert!(
+            paths.contains_key(p),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for s in [
+        "Volume",
+        "Snapshot",
+        "Export",
+        "Job",
+        "ErrorBody",
+        "Pool",
+        "Token",
+    ] {
+        assert!(schemas.contains_key(s), "schema {s} missing");
+    }
+}
