@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# The whole MaaS test suite: installs what it needs (idempotently), then checks formatting,
-# lints and runs every test. This is exactly what CI runs (.ci/run).
+# The whole MaaS test suite: installs what it needs (idempotently), then checks formatting and
+# lints, runs every test (SQLite and PostgreSQL catalogs), and fuzzes the REST API from its
+# OpenAPI document. This is exactly what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/maas/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need_apt=()
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v pg_lsclusters >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+command -v st >/dev/null 2>&1 || python3 -m pip install -q 'schemathesis>=4,<5'
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== PostgreSQL for the catalog tests"
+MAAS_TEST_POSTGRES_URL="$(./scripts/postgres-up.sh)"
+export MAAS_TEST_POSTGRES_URL
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
+echo "== REST API fuzzing (schemathesis)"
+./scripts/api-fuzz.sh

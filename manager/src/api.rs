@@ -247,7 +247,7 @@ pub async fn list_pools(state: State, _c: Caller, q: web::Query<Page>) -> ApiRes
     }))
 }
 
-#[utoipa::path(get, path = "/api/v1/pools/{id}", tag = "pools", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/pools/{id}", params(("id" = String, Path, description = "Resource id")), tag = "pools", security(("bearer" = [])),
     responses((status = 200, body = api::Pool), (status = 404, body = api::ErrorBody)))]
 pub async fn get_pool(state: State, _c: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
     if id.as_str() != POOL_ID {
@@ -256,7 +256,7 @@ pub async fn get_pool(state: State, _c: Caller, id: web::Path<String>) -> ApiRes
     Ok(HttpResponse::Ok().json(blocking(&state, pool_out).await?))
 }
 
-#[utoipa::path(post, path = "/api/v1/pools/{id}/verify", tag = "pools", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/pools/{id}/verify", params(("id" = String, Path, description = "Resource id")), tag = "pools", security(("bearer" = [])),
     responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody)))]
 pub async fn verify_pool(
     state: State,
@@ -351,7 +351,7 @@ pub async fn create_volume(
     Ok(HttpResponse::Created().json(volume_out(&row)))
 }
 
-#[utoipa::path(get, path = "/api/v1/volumes/{id}", tag = "volumes", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/volumes/{id}", params(("id" = String, Path, description = "Resource id")), tag = "volumes", security(("bearer" = [])),
     responses((status = 200, body = api::Volume), (status = 404, body = api::ErrorBody)))]
 pub async fn get_volume(
     state: State,
@@ -363,7 +363,7 @@ pub async fn get_volume(
     Ok(HttpResponse::Ok().json(volume_out(&row)))
 }
 
-#[utoipa::path(patch, path = "/api/v1/volumes/{id}", tag = "volumes", request_body = api::UpdateVolume, security(("bearer" = [])),
+#[utoipa::path(patch, path = "/api/v1/volumes/{id}", params(("id" = String, Path, description = "Resource id")), tag = "volumes", request_body = api::UpdateVolume, security(("bearer" = [])),
     responses((status = 200, body = api::Volume), (status = 400, body = api::ErrorBody), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
 pub async fn patch_volume(
     state: State,
@@ -413,7 +413,7 @@ pub async fn patch_volume(
     Ok(HttpResponse::Ok().json(volume_out(&row)))
 }
 
-#[utoipa::path(delete, path = "/api/v1/volumes/{id}", tag = "volumes", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/volumes/{id}", params(("id" = String, Path, description = "Resource id")), tag = "volumes", security(("bearer" = [])),
     responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody)))]
 pub async fn delete_volume(
     state: State,
@@ -443,7 +443,7 @@ pub async fn delete_volume(
 
 // ---------------------------------------------------------------- snapshots
 
-#[utoipa::path(post, path = "/api/v1/volumes/{id}/snapshots", tag = "snapshots", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/volumes/{id}/snapshots", params(("id" = String, Path, description = "Resource id")), tag = "snapshots", security(("bearer" = [])),
     responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody)))]
 pub async fn seal(state: State, c: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
     c.require(Role::Operator)?;
@@ -473,7 +473,7 @@ pub async fn seal(state: State, c: Caller, id: web::Path<String>) -> ApiResult<H
     Ok(accepted(&job))
 }
 
-#[utoipa::path(get, path = "/api/v1/volumes/{id}/snapshots", tag = "snapshots", params(Page), security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/volumes/{id}/snapshots", tag = "snapshots", params(("id" = String, Path, description = "Resource id"), Page), security(("bearer" = [])),
     responses((status = 200, body = api::List<api::Snapshot>), (status = 404, body = api::ErrorBody)))]
 pub async fn list_snapshots(
     state: State,
@@ -495,7 +495,7 @@ pub async fn list_snapshots(
     Ok(HttpResponse::Ok().json(page(rows, limit, |r| r.id.clone(), snapshot_out)))
 }
 
-#[utoipa::path(get, path = "/api/v1/snapshots/{id}", tag = "snapshots", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/snapshots/{id}", params(("id" = String, Path, description = "Resource id")), tag = "snapshots", security(("bearer" = [])),
     responses((status = 200, body = api::Snapshot), (status = 404, body = api::ErrorBody)))]
 pub async fn get_snapshot(
     state: State,
@@ -507,7 +507,7 @@ pub async fn get_snapshot(
     Ok(HttpResponse::Ok().json(snapshot_out(&row)))
 }
 
-#[utoipa::path(patch, path = "/api/v1/snapshots/{id}", tag = "snapshots", request_body = api::UpdateSnapshot, security(("bearer" = [])),
+#[utoipa::path(patch, path = "/api/v1/snapshots/{id}", params(("id" = String, Path, description = "Resource id")), tag = "snapshots", request_body = api::UpdateSnapshot, security(("bearer" = [])),
     responses((status = 200, body = api::Snapshot), (status = 400, body = api::ErrorBody), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
 pub async fn patch_snapshot(
     state: State,
@@ -553,7 +553,7 @@ pub async fn patch_snapshot(
     Ok(HttpResponse::Ok().json(snapshot_out(&row)))
 }
 
-#[utoipa::path(delete, path = "/api/v1/snapshots/{id}", tag = "snapshots", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/snapshots/{id}", params(("id" = String, Path, description = "Resource id")), tag = "snapshots", security(("bearer" = [])),
     responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
 pub async fn delete_snapshot(
     state: State,
@@ -598,7 +598,7 @@ pub async fn delete_snapshot(
     Ok(accepted(&job))
 }
 
-#[utoipa::path(post, path = "/api/v1/snapshots/{id}/clones", tag = "snapshots", request_body = api::CreateClone, security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/clones", params(("id" = String, Path, description = "Resource id")), tag = "snapshots", request_body = api::CreateClone, security(("bearer" = [])),
     responses((status = 202, body = api::Job), (status = 400, body = api::ErrorBody), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
 pub async fn clone_snapshot(
     state: State,
@@ -717,7 +717,7 @@ fn validate_export(b: &api::CreateExport) -> ApiResult<()> {
     Ok(())
 }
 
-#[utoipa::path(get, path = "/api/v1/volumes/{id}/exports", tag = "exports", params(Page), security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/volumes/{id}/exports", tag = "exports", params(("id" = String, Path, description = "Resource id"), Page), security(("bearer" = [])),
     responses((status = 200, body = api::List<api::Export>), (status = 404, body = api::ErrorBody)))]
 pub async fn list_exports(
     state: State,
@@ -737,7 +737,7 @@ pub async fn list_exports(
     Ok(HttpResponse::Ok().json(page(rows, limit, |r| r.id.clone(), |r| export_out(r, &cfg))))
 }
 
-#[utoipa::path(post, path = "/api/v1/volumes/{id}/exports", tag = "exports", request_body = api::CreateExport, security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/volumes/{id}/exports", params(("id" = String, Path, description = "Resource id")), tag = "exports", request_body = api::CreateExport, security(("bearer" = [])),
     responses((status = 201, body = api::Export), (status = 400, body = api::ErrorBody), (status = 404, body = api::ErrorBody), (status = 422, body = api::ErrorBody)))]
 pub async fn create_export(
     state: State,
@@ -772,7 +772,7 @@ pub async fn create_export(
     Ok(HttpResponse::Created().json(export_out(&row, &state.cfg)))
 }
 
-#[utoipa::path(get, path = "/api/v1/exports/{id}", tag = "exports", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/exports/{id}", params(("id" = String, Path, description = "Resource id")), tag = "exports", security(("bearer" = [])),
     responses((status = 200, body = api::Export), (status = 404, body = api::ErrorBody)))]
 pub async fn get_export(
     state: State,
@@ -789,7 +789,7 @@ pub async fn get_export(
     Ok(HttpResponse::Ok().json(export_out(&row, &state.cfg)))
 }
 
-#[utoipa::path(delete, path = "/api/v1/exports/{id}", tag = "exports", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/exports/{id}", params(("id" = String, Path, description = "Resource id")), tag = "exports", security(("bearer" = [])),
     responses((status = 204), (status = 404, body = api::ErrorBody)))]
 pub async fn delete_export(
     state: State,
@@ -822,7 +822,7 @@ pub async fn list_jobs(state: State, _c: Caller, q: web::Query<Page>) -> ApiResu
     Ok(HttpResponse::Ok().json(page(rows, limit, |r| r.id.clone(), job_out)))
 }
 
-#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", params(("id" = String, Path, description = "Resource id")), tag = "jobs", security(("bearer" = [])),
     responses((status = 200, body = api::Job), (status = 404, body = api::ErrorBody)))]
 pub async fn get_job(state: State, _c: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
@@ -880,7 +880,7 @@ pub async fn create_token(
     }))
 }
 
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(("id" = String, Path, description = "Resource id")), tag = "tokens", security(("bearer" = [])),
     responses((status = 204), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
 pub async fn delete_token(
     state: State,

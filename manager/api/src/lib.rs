@@ -86,7 +86,10 @@ pub struct Volume {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     pub name: String,
+    /// Bytes, a multiple of 4096.
+    #[schema(minimum = 4096, multiple_of = 4096)]
     pub size: u64,
     /// 512 or 4096 (default 512, what most initiators expect).
     #[serde(default)]
@@ -135,6 +138,7 @@ pub struct UpdateSnapshot {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClone {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     pub name: String,
     #[serde(default)]
     pub labels: Option<BTreeMap<String, String>>,
@@ -228,7 +232,10 @@ pub struct Token {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     pub name: String,
+    /// `admin`, `operator` or `viewer`.
+    #[schema(pattern = "^(admin|operator|viewer)$")]
     pub role: String,
 }
 
