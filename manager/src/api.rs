@@ -275,6 +275,81 @@ pub async fn verify_pool(
     Ok(accepted(&job))
 }
 
+#[utoipa::path(post, path = "/api/v1/pools/{id}/devices", params(("id" = String, Path, description = "Pool id")), tag = "pools",
+    request_body = api::AddDevice, security(("bearer" = [])),
+    responses((status = 201, body = api::Pool), (status = 400, body = api::ErrorBody), (status = 403, body = api::ErrorBody), (status = 404, body = api::ErrorBody)))]
+pub async fn add_device(
+    state: State,
+    c: Caller,
+    id: web::Path<String>,
+    body: Body<api::AddDevice>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Admin)?;
+    if id.as_str() != POOL_ID {
+        return Err(ApiError::not_found("POOL_NOT_FOUND", "pool", &id));
+    }
+    let b = body.0;
+    let tier: maas_pool::Tier = match b.tier.as_str() {
+        "ssd" => maas_pool::Tier::Ssd,
+        "hdd" => maas_pool::Tier::Hdd,
+        _ => {
+            return Err(ApiError::invalid(
+                "tier",
+                "tier must be ssd or hdd (ram is the cache, sized in the config)",
+            ));
+        }
+    };
+    // The API never creates files outside the pool: a relative path is a file in the pool's
+    // directory; an absolute one must be an existing block device under /dev/.
+    let rel = std::path::Path::new(&b.path);
+    let is_dev = b.path.starts_with("/dev/");
+    let plain = !b.path.is_empty()
+        && b.path.len() <= 255
+        && !b.path.contains('\0')
+        && rel.components().all(|c| {
+            matches!(c, std::path::Component::Normal(_))
+                || (is_dev && matches!(c, std::path::Component::RootDir))
+        });
+    if !plain || (rel.is_absolute() && !is_dev) {
+        return Err(ApiError::invalid(
+            "path",
+            "a file name inside the pool directory, or a block device under /dev/",
+        ));
+    }
+    let size = b.size.unwrap_or(0);
+    if !b.path.starts_with("/dev/") && !(16 << 20..=1 << 60).contains(&size) {
+        return Err(ApiError::invalid(
+            "size",
+            "a file device needs a size from 16 MiB to 1 EiB",
+        ));
+    }
+    let p = blocking(&state, move |st| {
+        st.pool
+            .add_device(maas_pool::DeviceSpec {
+                path: b.path.into(),
+                tier,
+                size,
+            })
+            .map_err(|e| match e {
+                maas_pool::PoolError::InvalidArgument(m) => ApiError::invalid("path", m),
+                other => other.into(),
+            })?;
+        pool_out(st)
+    })
+    .await?;
+    Ok(HttpResponse::Created().json(p))
+}
+
+#[utoipa::path(post, path = "/api/v1/pools", tag = "pools", security(("bearer" = [])),
+    responses((status = 405, body = api::ErrorBody)))]
+pub async fn create_pool(_c: Caller) -> ApiResult<HttpResponse> {
+    Err(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "ONE_POOL_PER_NODE",
+        "this release serves one pool per maasd; grow it with POST /api/v1/pools/default/devices",
+    ))
+}
+
 // ---------------------------------------------------------------- volumes
 
 #[utoipa::path(get, path = "/api/v1/volumes", tag = "volumes", params(Page), security(("bearer" = [])),

@@ -25,14 +25,14 @@ use crate::state::{AppState, new_id, now_ms};
 #[openapi(
     info(title = "MaaS REST API", version = "1", description = "Medium as a Service: volumes, snapshots, clones, exports, jobs."),
     paths(
-        api::health, api::list_pools, api::get_pool, api::verify_pool,
+        api::health, api::list_pools, api::get_pool, api::verify_pool, api::add_device, api::create_pool,
         api::list_volumes, api::create_volume, api::get_volume, api::patch_volume, api::delete_volume,
         api::seal, api::list_snapshots, api::get_snapshot, api::patch_snapshot, api::delete_snapshot, api::clone_snapshot,
         api::list_exports, api::create_export, api::get_export, api::delete_export,
         api::list_jobs, api::get_job, api::list_tokens, api::create_token, api::delete_token,
     ),
     components(schemas(
-        maas_api::ErrorBody, maas_api::Health, maas_api::Pool, maas_api::Device, maas_api::Volume,
+        maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::Device, maas_api::Volume,
         maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
         maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
@@ -73,7 +73,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/openapi.json", web::get().to(openapi_json))
             .route("/pools", web::get().to(api::list_pools))
             .route("/pools/{id}", web::get().to(api::get_pool))
+            .route("/pools", web::post().to(api::create_pool))
             .route("/pools/{id}/verify", web::post().to(api::verify_pool))
+            .route("/pools/{id}/devices", web::post().to(api::add_device))
             .route("/volumes", web::get().to(api::list_volumes))
             .route("/volumes", web::post().to(api::create_volume))
             .route("/volumes/{id}", web::get().to(api::get_volume))

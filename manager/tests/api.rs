@@ -216,6 +216,42 @@ fn lifecycle(m: &mut Maasd) {
     m.wait_job(&job);
     let (s, e) = m.call("GET", &format!("/volumes/{cid}"), None);
     assert_eq!((s, code(&e)), (404, "VOLUME_NOT_FOUND"));
+    // Growing the pool with a device (admin only).
+    let before = m.ok("GET", "/pools/default", None)["capacity"]
+        .as_u64()
+        .unwrap();
+    let p = m.ok(
+        "POST",
+        "/pools/default/devices",
+        Some(json!({"path": "extra-0.dev", "tier": "hdd", "size": 1u64 << 30})),
+    );
+    assert_eq!(p["devices"].as_array().unwrap().len(), 2);
+    assert!(p["capacity"].as_u64().unwrap() > before);
+    assert_eq!(p["tiers"], json!(["ram", "ssd", "hdd"]));
+    let (s, e) = m.call_as(
+        Some(&op),
+        "POST",
+        "/pools/default/devices",
+        Some(json!({"path": "x.dev", "tier": "hdd", "size": 1u64 << 30})),
+    );
+    assert_eq!((s, code(&e)), (403, "FORBIDDEN"));
+    let (s, e) = m.call(
+        "POST",
+        "/pools/default/devices",
+        Some(json!({"path": "extra-0.dev", "tier": "hdd", "size": 1u64 << 30})),
+    );
+    assert_eq!((s, code(&e)), (400, "INVALID_FIELD"));
+    for bad in ["/etc/maas-evil", "../escape.dev", "/dev/../etc/x", ""] {
+        let (s, e) = m.call(
+            "POST",
+            "/pools/default/devices",
+            Some(json!({"path": bad, "tier": "hdd", "size": 1u64 << 30})),
+        );
+        assert_eq!((s, code(&e)), (400, "INVALID_FIELD"), "{bad}");
+    }
+    assert!(!std::path::Path::new("/etc/maas-evil").exists());
+    let (s, e) = m.call("POST", "/pools", Some(json!({})));
+    assert_eq!((s, code(&e)), (405, "ONE_POOL_PER_NODE"));
     let v = m.ok("POST", "/pools/default/verify", None);
     let rep = m.wait_job(&v);
     assert_eq!(rep["result"]["damaged"], json!([]));

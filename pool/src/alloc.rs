@@ -112,6 +112,23 @@ impl Allocator {
         Allocator { devs }
     }
 
+    /// Makes a new device's space allocatable.
+    pub fn add_device(&mut self, index: u16, tier: Tier, size: u64) {
+        let usable = size.saturating_sub(DEVICE_RESERVED) / BLOCK * BLOCK;
+        let mut free = BTreeMap::new();
+        if usable > 0 {
+            free.insert(DEVICE_RESERVED, usable);
+        }
+        self.devs.push(DevSpace {
+            index,
+            tier,
+            size,
+            free,
+            free_bytes: usable,
+            cursor: DEVICE_RESERVED,
+        });
+    }
+
     fn order(&self, placement: Placement) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.devs.len()).collect();
         idx.sort_by_key(|&i| {

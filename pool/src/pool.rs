@@ -263,8 +263,20 @@ impl Pool {
                 ));
             }
         }
+        let slots: Vec<std::sync::OnceLock<Device>> = (0..crate::shared::MAX_DEVICES)
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        for d in devices {
+            let i = d.index as usize;
+            if i >= slots.len() || slots[i].set(d).is_err() {
+                return Err(PoolError::corrupt(
+                    "pool superblock",
+                    "device slots out of range or repeated",
+                ));
+            }
+        }
         let shared = Arc::new(Shared {
-            devices,
+            devices: slots,
             meta,
             alloc: Mutex::new(alloc),
             keys: Keys::derive(&secret),
@@ -366,10 +378,72 @@ impl Pool {
     pub fn devices(&self) -> Vec<(u16, PathBuf, Tier, u64)> {
         self.inner
             .shared
-            .devices
-            .iter()
+            .all_devices()
             .map(|d| (d.index, d.path.clone(), d.tier, d.size))
             .collect()
+    }
+
+    /// Adds a device (file or block device) to the open pool; its space is usable at once.
+    /// A relative path is placed in the pool directory.
+    pub fn add_device(&self, spec: DeviceSpec) -> Result<(u16, PathBuf, Tier, u64)> {
+        self.inner.check_open()?;
+        let _a = self.inner.admin.lock();
+        let shared = &self.inner.shared;
+        let index = shared.all_devices().count();
+        if index >= crate::shared::MAX_DEVICES {
+            return Err(PoolError::InvalidArgument(format!(
+                "a pool has at most {} devices",
+                crate::shared::MAX_DEVICES
+            )));
+        }
+        let mut sb = Superblock::load(&self.inner.dir)?;
+        if sb
+            .devices
+            .iter()
+            .enumerate()
+            .any(|(i, _)| sb.device_path(&self.inner.dir, i) == self.inner.dir.join(&spec.path))
+        {
+            return Err(PoolError::InvalidArgument(format!(
+                "{} is already a device of this pool",
+                spec.path.display()
+            )));
+        }
+        let path = if spec.path.is_absolute() {
+            spec.path.clone()
+        } else {
+            self.inner.dir.join(&spec.path)
+        };
+        if path.exists()
+            && !std::fs::metadata(&path)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+                .unwrap_or(false)
+        {
+            return Err(PoolError::InvalidArgument(format!(
+                "{} exists and is not a block device",
+                path.display()
+            )));
+        }
+        let dev = Device::create(
+            &path,
+            index as u16,
+            spec.tier,
+            spec.size,
+            *sb.pool_id.as_bytes(),
+        )?;
+        let info = (dev.index, dev.path.clone(), dev.tier, dev.size);
+        sb.devices.push(DeviceSpec {
+            size: dev.size,
+            ..spec
+        });
+        // The superblock is the commit point: a crash before it leaves only an unused file.
+        sb.store(&self.inner.dir)?;
+        shared
+            .alloc
+            .lock()
+            .add_device(dev.index, dev.tier, dev.size);
+        let _ = shared.devices[index].set(dev);
+        tracing::info!(device = index, path = %info.1.display(), tier = ?info.2, size = info.3, "device added to pool");
+        Ok(info)
     }
 
     /// Largest volume this pool's index geometry supports.

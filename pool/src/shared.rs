@@ -56,9 +56,12 @@ impl<V> ByteLru<V> {
     }
 }
 
+/// Device slots; a device is added by filling the next empty slot, so lookups need no lock.
+pub const MAX_DEVICES: usize = 64;
+
 #[derive(Debug)]
 pub struct Shared {
-    pub devices: Vec<Device>,
+    pub devices: Vec<std::sync::OnceLock<Device>>,
     pub meta: Meta,
     pub alloc: Mutex<Allocator>,
     pub keys: Keys,
@@ -78,10 +81,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    pub fn all_devices(&self) -> impl Iterator<Item = &Device> {
+        self.devices.iter().filter_map(|d| d.get())
+    }
+
     pub fn device(&self, index: u16) -> Result<&Device> {
         self.devices
-            .iter()
-            .find(|d| d.index == index)
+            .get(index as usize)
+            .and_then(|d| d.get())
             .ok_or_else(|| {
                 PoolError::corrupt("extent", format!("refers to unknown device {index}"))
             })
@@ -175,7 +182,7 @@ impl Shared {
     }
 
     pub fn sync_all(&self) -> Result<()> {
-        for d in &self.devices {
+        for d in self.all_devices() {
             d.sync()?;
         }
         Ok(())

@@ -184,3 +184,58 @@ fn tiers_place_wal_fast_and_chunks_slow_and_pool_dir_moves() {
         data
     );
 }
+
+#[test]
+fn adding_a_device_to_a_full_pool_makes_room_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create_pool(dir.path(), 24 * MIB, 64 << 10);
+    let vi = pool.create_volume("grow", 256 * MIB, 4096).unwrap();
+    let v = pool.open_volume(vi.id).unwrap();
+    let mut off = 0;
+    while v
+        .write(off, &pattern(off, MIB as usize), false)
+        .and_then(|_| v.flush())
+        .is_ok()
+    {
+        off += MIB;
+        assert!(off < 256 * MIB);
+    }
+    let full_at = off;
+    let added = pool
+        .add_device(DeviceSpec {
+            path: "dev1".into(),
+            tier: Tier::Hdd,
+            size: 64 * MIB,
+        })
+        .unwrap();
+    assert_eq!(added.0, 1);
+    assert!(
+        pool.add_device(DeviceSpec {
+            path: "dev1".into(),
+            tier: Tier::Hdd,
+            size: 64 * MIB
+        })
+        .is_err(),
+        "same path twice"
+    );
+    // Rewrite the failed megabyte and go on: the new device takes it.
+    for i in 0..16u64 {
+        let o = full_at + i * MIB;
+        v.write(o, &pattern(o, MIB as usize), false).unwrap();
+    }
+    v.flush().unwrap();
+    let s = pool.seal(vi.id).unwrap();
+    pool.close().unwrap();
+    drop((v, pool));
+    let pool = Pool::open(dir.path(), test_open_opts()).unwrap();
+    assert_eq!(pool.devices().len(), 2);
+    let c = pool.clone_snapshot(s.id, "c").unwrap();
+    let cv = pool.open_volume(c.id).unwrap();
+    for o in [0, full_at - MIB, full_at, full_at + 15 * MIB] {
+        assert_eq!(
+            read_all(&cv, o, MIB as usize),
+            pattern(o, MIB as usize),
+            "offset {o}"
+        );
+    }
+}

@@ -49,6 +49,19 @@ pub struct Device {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddDevice {
+    /// A block device, or a file to create (relative paths go in the pool's directory).
+    pub path: String,
+    /// `ssd` or `hdd`.
+    #[schema(pattern = "^(ssd|hdd)$")]
+    pub tier: String,
+    /// Size of a file device in bytes (ignored for block devices).
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Pool {
     pub id: String,
     pub name: String,
