@@ -267,7 +267,7 @@ pub async fn verify_pool(
     if id.as_str() != POOL_ID {
         return Err(ApiError::not_found("POOL_NOT_FOUND", "pool", &id));
     }
-    let job = jobs::start(&state, "verify", Some(POOL_ID.into()), |st| {
+    let job = jobs::start(&state, "verify", Some(POOL_ID.into()), |st, _p| {
         let rep = st.pool.verify()?;
         Ok(serde_json::to_value(&rep).unwrap_or_default())
     })
@@ -505,7 +505,7 @@ pub async fn delete_volume(
     })
     .await?;
     let target = id.clone();
-    let job = jobs::start(&state, "delete-volume", Some(target), move |st| {
+    let job = jobs::start(&state, "delete-volume", Some(target), move |st, _p| {
         if let Ok(v) = st.pool.volume_by_name(&id) {
             st.pool.delete_volume(v.id)?;
         }
@@ -525,9 +525,9 @@ pub async fn seal(state: State, c: Caller, id: web::Path<String>) -> ApiResult<H
     let id = id.into_inner();
     let id2 = id.clone();
     let vrow = blocking(&state, move |st| volume_row(st, &id2)).await?;
-    let job = jobs::start(&state, "seal", Some(id.clone()), move |st| {
+    let job = jobs::start(&state, "seal", Some(id.clone()), move |st, p| {
         let pv = pool_volume(st, &id)?;
-        let s = st.pool.seal(pv)?;
+        let s = st.pool.seal_with_progress(pv, &|f| p.set(f))?;
         let row = SnapshotRow {
             id: new_id("snap"),
             volume: id.clone(),
@@ -653,22 +653,27 @@ pub async fn delete_snapshot(
         Ok(row)
     })
     .await?;
-    let job = jobs::start(&state, "delete-snapshot", Some(id.clone()), move |st| {
-        match st
-            .pool
-            .delete_snapshot(SnapshotId(row.pool_snapshot as u64))
-        {
-            Ok(()) | Err(maas_pool::PoolError::SnapshotNotFound(_)) => {}
-            Err(e) => {
-                let mut r = row.clone();
-                r.state = "ready".into();
-                st.catalog.update_snapshot(&r)?;
-                return Err(e.into());
+    let job = jobs::start(
+        &state,
+        "delete-snapshot",
+        Some(id.clone()),
+        move |st, _p| {
+            match st
+                .pool
+                .delete_snapshot(SnapshotId(row.pool_snapshot as u64))
+            {
+                Ok(()) | Err(maas_pool::PoolError::SnapshotNotFound(_)) => {}
+                Err(e) => {
+                    let mut r = row.clone();
+                    r.state = "ready".into();
+                    st.catalog.update_snapshot(&r)?;
+                    return Err(e.into());
+                }
             }
-        }
-        st.catalog.delete_snapshot_row(&id)?;
-        Ok(serde_json::json!({ "snapshot": id }))
-    })
+            st.catalog.delete_snapshot_row(&id)?;
+            Ok(serde_json::json!({ "snapshot": id }))
+        },
+    )
     .await?;
     Ok(accepted(&job))
 }
@@ -712,7 +717,7 @@ pub async fn clone_snapshot(
         Ok((srow, vrow))
     })
     .await?;
-    let job = jobs::start(&state, "clone", Some(id), move |st| {
+    let job = jobs::start(&state, "clone", Some(id), move |st, _p| {
         if let Err(e) = st
             .pool
             .clone_snapshot(SnapshotId(srow.pool_snapshot as u64), &vrow.id)

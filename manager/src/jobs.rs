@@ -12,11 +12,39 @@ use crate::catalog::JobRow;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, new_id, now_ms};
 
+/// Handed to a job's work: reports progress to the catalog (at most every 250 ms).
+pub struct Progress<'a> {
+    st: &'a AppState,
+    row: std::sync::Mutex<(JobRow, std::time::Instant)>,
+}
+
+impl std::fmt::Debug for Progress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+impl Progress<'_> {
+    pub fn set(&self, fraction: f64) {
+        let Ok(mut g) = self.row.lock() else { return };
+        let milli = (fraction.clamp(0.0, 1.0) * 1000.0) as i64;
+        if milli <= g.0.progress_milli || g.1.elapsed() < std::time::Duration::from_millis(250) {
+            return;
+        }
+        g.0.progress_milli = milli;
+        g.0.updated_ms = now_ms();
+        g.1 = std::time::Instant::now();
+        if let Err(e) = self.st.catalog.update_job(&g.0) {
+            tracing::warn!(error = %e, "cannot record job progress");
+        }
+    }
+}
+
 pub async fn start(
     state: &web::Data<AppState>,
     kind: &'static str,
     target: Option<String>,
-    work: impl FnOnce(&AppState) -> ApiResult<serde_json::Value> + Send + 'static,
+    work: impl FnOnce(&AppState, &Progress<'_>) -> ApiResult<serde_json::Value> + Send + 'static,
 ) -> ApiResult<JobRow> {
     let now = now_ms();
     let row = JobRow {
@@ -34,7 +62,7 @@ pub async fn start(
     crate::state::blocking(state, move |st| Ok(st.catalog.insert_job(&r2)?)).await?;
     let st = state.clone();
     let mut job = row.clone();
-    let span = tracing::info_span!("job", id = %job.id, kind, target = ?job.target);
+    let span = tracing::info_span!("job", id = %job.id, kind, target = ?job.target, request_id = %crate::error::current_request_id());
     st.running_jobs.fetch_add(1, Ordering::SeqCst);
     tokio::task::spawn_blocking(move || {
         let _e = span.enter();
@@ -43,7 +71,12 @@ pub async fn start(
         if let Err(e) = st.catalog.update_job(&job) {
             tracing::warn!(error = %e, "cannot record job start");
         }
-        let outcome = work(&st);
+        let progress = Progress {
+            st: &st,
+            row: std::sync::Mutex::new((job.clone(), std::time::Instant::now())),
+        };
+        let outcome = work(&st, &progress);
+        drop(progress);
         job.updated_ms = now_ms();
         match outcome {
             Ok(result) => {

@@ -55,9 +55,14 @@ pub async fn blocking<T: Send + 'static>(
 ) -> ApiResult<T> {
     let st = state.clone();
     let id = crate::error::current_request_id();
-    web::block(move || crate::error::REQUEST_ID.sync_scope(id, || f(&st)))
-        .await
-        .map_err(|e| ApiError::internal(format!("worker failed: {e}")))?
+    // The request's span follows the work onto the blocking thread, so its logs carry the id.
+    let span = tracing::Span::current();
+    web::block(move || {
+        let _e = span.enter();
+        crate::error::REQUEST_ID.sync_scope(id, || f(&st))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("worker failed: {e}")))?
 }
 
 pub fn now_ms() -> i64 {

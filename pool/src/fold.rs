@@ -128,6 +128,7 @@ impl PoolInner {
         &self,
         v: &Arc<VolumeState>,
         snapshot: bool,
+        progress: Option<&(dyn Fn(f64) + Sync)>,
     ) -> Result<Option<SnapshotInfo>> {
         let _seal = v.seal_lock.lock();
         let span = tracing::info_span!("fold", volume = v.id, snapshot);
@@ -148,7 +149,7 @@ impl PoolInner {
             (frozen, ov.base_root, ov.size, cut)
         };
         let new = NewObjects::default();
-        let res = self.fold_frozen(v, &frozen, base_root, size, cut, snapshot, &new);
+        let res = self.fold_frozen(v, &frozen, base_root, size, cut, snapshot, &new, progress);
         match res {
             Ok((new_root, snap, zeroed)) => {
                 {
@@ -200,6 +201,7 @@ impl PoolInner {
         cut: u64,
         snapshot: bool,
         new: &NewObjects,
+        progress: Option<&(dyn Fn(f64) + Sync)>,
     ) -> Result<(Option<Digest>, Option<SnapshotInfo>, Vec<Digest>)> {
         let cb = self.geo.chunk_size / BLOCK;
         let nchunks = self.geo.chunks_for(size);
@@ -228,7 +230,12 @@ impl PoolInner {
 
         // Dirty chunks -> digests, in parallel groups (bounded memory).
         let mut changes: BTreeMap<u64, Option<Digest>> = BTreeMap::new();
-        for group in work.chunks(GROUP) {
+        let total = work.len().max(1) as f64;
+        for (gi, group) in work.chunks(GROUP).enumerate() {
+            if let Some(p) = progress {
+                // Rebuilding chunks is the bulk of a seal; the index and commit follow.
+                p(0.95 * (gi * GROUP) as f64 / total);
+            }
             let out: Vec<Result<(u64, Option<Digest>)>> = self.cpu.install(|| {
                 group
                     .par_iter()

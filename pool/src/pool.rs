@@ -616,9 +616,18 @@ impl Pool {
     /// Seals a snapshot of a volume: a complete, read-only point-in-time image containing every
     /// write acknowledged before this call. I/O to the volume continues meanwhile.
     pub fn seal(&self, id: VolumeId) -> Result<SnapshotInfo> {
+        self.seal_with_progress(id, &|_| {})
+    }
+
+    /// [`Pool::seal`], reporting progress (0..1) as dirty chunks are sealed.
+    pub fn seal_with_progress(
+        &self,
+        id: VolumeId,
+        progress: &(dyn Fn(f64) + Sync),
+    ) -> Result<SnapshotInfo> {
         self.inner.check_open()?;
         let v = self.inner.vol(id)?;
-        let snap = self.inner.fold(&v, true)?;
+        let snap = self.inner.fold(&v, true, Some(progress))?;
         snap.ok_or_else(|| PoolError::Meta("seal produced no snapshot".into()))
     }
 
@@ -734,7 +743,7 @@ impl Pool {
         self.inner.check_open()?;
         let vols: Vec<Arc<VolumeState>> = self.inner.volumes.read().values().cloned().collect();
         for v in vols {
-            match self.inner.fold(&v, false) {
+            match self.inner.fold(&v, false, None) {
                 Ok(_) | Err(PoolError::VolumeDeleted(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -920,7 +929,7 @@ impl PoolInner {
                 let Ok(v) = self.vol(VolumeId(vid)) else {
                     continue;
                 };
-                match self.fold(&v, false) {
+                match self.fold(&v, false, None) {
                     Ok(_) | Err(PoolError::VolumeDeleted(_)) => {}
                     Err(e) => {
                         tracing::warn!(volume = vid, error = %e, "background fold failed; will retry")

@@ -95,3 +95,25 @@ fn write_read_seal_clone_delete_reopen() {
     assert!(rep.damaged.is_empty(), "{rep:?}");
     assert!(rep.objects_checked > 0);
 }
+
+#[test]
+fn seal_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create_pool(dir.path(), 256 * MIB, 64 << 10);
+    let vi = pool.create_volume("p", 32 * MIB, 4096).unwrap();
+    let v = pool.open_volume(vi.id).unwrap();
+    v.write(0, &pattern(3, 32 * MIB as usize), false).unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    pool.seal_with_progress(vi.id, &|f| seen.lock().unwrap().push(f))
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert!(
+        seen.len() >= 10,
+        "512 dirty chunks in groups of 32: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "monotonic: {seen:?}");
+    assert!(
+        seen[0] < 0.1 && *seen.last().unwrap() > 0.8 && *seen.last().unwrap() <= 1.0,
+        "{seen:?}"
+    );
+}

@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
-        sub.json().init();
+        sub.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         sub.init();
     }
