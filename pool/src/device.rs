@@ -187,6 +187,35 @@ impl Device {
         })
     }
 
+    /// Reserves the blocks of `[offset, offset+len)` of a file device, so that writes there
+    /// cannot fail for lack of space on the host filesystem later (after they were
+    /// acknowledged). Block devices and filesystems without fallocate need nothing.
+    pub fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        if std::fs::metadata(&self.path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(true)
+        {
+            return Ok(());
+        }
+        // SAFETY: plain syscall on our open fd.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::unix::io::AsRawFd::as_raw_fd(&self.file),
+                0,
+                offset as i64,
+                len as i64,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(PoolError::io(self.path.display().to_string(), e)),
+        }
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }

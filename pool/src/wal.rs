@@ -380,6 +380,14 @@ impl Wal {
             .ok_or_else(|| {
                 PoolError::NoSpace("no room for a new write-ahead log segment".into())
             })?;
+        if let Err(e) = self
+            .shared
+            .device(extent.device)
+            .and_then(|d| d.reserve(extent.offset, extent.len))
+        {
+            self.shared.alloc.lock().free(extent);
+            return Err(e);
+        }
         let rec = SegRec {
             extent,
             first_lsn: st.next_lsn,
