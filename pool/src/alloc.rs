@@ -91,25 +91,11 @@ pub struct Allocator {
 
 impl Allocator {
     pub fn new(devices: &[(u16, Tier, u64)]) -> Self {
-        let devs = devices
-            .iter()
-            .map(|&(index, tier, size)| {
-                let mut free = BTreeMap::new();
-                let usable = size.saturating_sub(DEVICE_RESERVED) / BLOCK * BLOCK;
-                if usable > 0 {
-                    free.insert(DEVICE_RESERVED, usable);
-                }
-                DevSpace {
-                    index,
-                    tier,
-                    size,
-                    free,
-                    free_bytes: usable,
-                    cursor: DEVICE_RESERVED,
-                }
-            })
-            .collect();
-        Allocator { devs }
+        let mut a = Allocator { devs: Vec::new() };
+        for &(index, tier, size) in devices {
+            a.add_device(index, tier, size);
+        }
+        a
     }
 
     /// Makes a new device's space allocatable.

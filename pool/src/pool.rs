@@ -645,13 +645,7 @@ impl Pool {
     }
 
     pub fn snapshot(&self, id: SnapshotId) -> Result<SnapshotInfo> {
-        self.inner
-            .shared
-            .meta
-            .snapshot(id.0)?
-            .as_ref()
-            .map(SnapshotInfo::from)
-            .ok_or(PoolError::SnapshotNotFound(id))
+        Ok(SnapshotInfo::from(&self.inner.snapshot_rec(id)?))
     }
 
     /// Locks a snapshot against deletion until `until_unix`; a lock can be extended, never
@@ -721,12 +715,7 @@ impl Pool {
     pub fn clone_snapshot(&self, id: SnapshotId, name: &str) -> Result<VolumeInfo> {
         self.inner.check_open()?;
         validate_name(name)?;
-        let rec = self
-            .inner
-            .shared
-            .meta
-            .snapshot(id.0)?
-            .ok_or(PoolError::SnapshotNotFound(id))?;
+        let rec = self.inner.snapshot_rec(id)?;
         self.inner
             .new_volume(name, rec.size, rec.block_size, rec.root, Some(id.0))
     }
@@ -776,6 +765,13 @@ impl PoolInner {
         } else {
             Ok(())
         }
+    }
+
+    pub fn snapshot_rec(&self, id: SnapshotId) -> Result<SnapshotRec> {
+        self.shared
+            .meta
+            .snapshot(id.0)?
+            .ok_or(PoolError::SnapshotNotFound(id))
     }
 
     pub fn vol(&self, id: VolumeId) -> Result<Arc<VolumeState>> {

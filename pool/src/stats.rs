@@ -133,12 +133,7 @@ impl Pool {
     }
 
     pub fn snapshot_stats(&self, id: SnapshotId) -> Result<ImageStats> {
-        let rec = self
-            .inner
-            .shared
-            .meta
-            .snapshot(id.0)?
-            .ok_or(PoolError::SnapshotNotFound(id))?;
+        let rec = self.inner.snapshot_rec(id)?;
         let objs = self.objects_map()?;
         self.image_stats(rec.root, rec.size, &objs)
     }
