@@ -310,7 +310,20 @@ pub async fn add_device(
             matches!(c, std::path::Component::Normal(_))
                 || (is_dev && matches!(c, std::path::Component::RootDir))
         });
-    if !plain || (rel.is_absolute() && !is_dev) {
+    if is_dev {
+        let block = std::fs::metadata(rel)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        if !block {
+            return Err(ApiError::invalid(
+                "path",
+                format!("{} is not a block device", b.path),
+            ));
+        }
+    }
+    // A file device is a plain file name in the pool's directory.
+    let single = rel.components().count() == 1;
+    if !plain || (rel.is_absolute() && !is_dev) || (!is_dev && !single) {
         return Err(ApiError::invalid(
             "path",
             "a file name inside the pool directory, or a block device under /dev/",

@@ -241,7 +241,14 @@ fn lifecycle(m: &mut Maasd) {
         Some(json!({"path": "extra-0.dev", "tier": "hdd", "size": 1u64 << 30})),
     );
     assert_eq!((s, code(&e)), (400, "INVALID_FIELD"));
-    for bad in ["/etc/maas-evil", "../escape.dev", "/dev/../etc/x", ""] {
+    for bad in [
+        "/etc/maas-evil",
+        "../escape.dev",
+        "/dev/../etc/x",
+        "",
+        "sub/dir.dev",
+        "/dev/maas-no-such-disk",
+    ] {
         let (s, e) = m.call(
             "POST",
             "/pools/default/devices",

@@ -413,13 +413,18 @@ impl Pool {
         } else {
             self.inner.dir.join(&spec.path)
         };
-        if path.exists()
-            && !std::fs::metadata(&path)
-                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-                .unwrap_or(false)
-        {
+        let is_block = std::fs::metadata(&path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        if path.exists() && !is_block {
             return Err(PoolError::InvalidArgument(format!(
                 "{} exists and is not a block device",
+                path.display()
+            )));
+        }
+        if !path.exists() && !path.parent().is_some_and(|d| d.is_dir()) {
+            return Err(PoolError::InvalidArgument(format!(
+                "{}: no such block device, and no directory to create a file in",
                 path.display()
             )));
         }
