@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use maas_pool::{Pool, SnapshotId, VolumeId};
+use maas_pool::{Pool, SnapshotId};
 
 use crate::catalog::{Catalog, SnapshotRow, VolumeRow};
 use crate::error::ApiResult;
@@ -142,7 +142,6 @@ pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
         rep.snapshots_adopted += 1;
         tracing::warn!(snapshot = %row.id, pool_snapshot = ps, "reconcile: adopted a pool snapshot the catalog did not know");
     }
-    let _ = VolumeId(0);
     if rep != Report::default() {
         tracing::warn!(?rep, "catalog and pool reconciled");
     } else {

@@ -206,8 +206,7 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
     let catalog = Arc::new(Catalog::open(&url)?);
     tracing::info!(catalog = %crate::catalog::redact(&url), backend = catalog.backend(), "catalog open");
     bootstrap_admin(&cfg, &catalog)?;
-    let rep = crate::reconcile::reconcile(&catalog, &pool)
-        .map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
+    crate::reconcile::reconcile(&catalog, &pool).map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
     let state = AppState {
         cfg,
         pool,
@@ -223,7 +222,6 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
         );
     }
     state.reload_tokens().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _ = rep;
     Ok(state)
 }
 

@@ -103,8 +103,7 @@ impl PoolInner {
         }
         if !pending.is_empty() {
             let mut ops = Vec::with_capacity(pending.len());
-            let mut slices: Vec<&mut [u8]> = raw.chunks_mut(4096).collect();
-            let mut taken: Vec<Option<&mut [u8]>> = slices.drain(..).map(Some).collect();
+            let mut taken: Vec<Option<&mut [u8]>> = raw.chunks_mut(4096).map(Some).collect();
             for (dev, off, at) in &pending {
                 let d = self.shared.device(*dev)?;
                 if let Some(buf) = taken[at / 4096].take() {

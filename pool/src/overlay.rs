@@ -132,8 +132,7 @@ impl Overlay {
         }
     }
 
-    /// Drops everything at or beyond `chunk` (not used for shrink, which is refused; kept for
-    /// deleting volumes cleanly).
+    /// Drops every entry (a deleted volume's overlay).
     pub fn clear(&mut self) {
         self.blocks.clear();
         self.zeroed.clear();

@@ -1,7 +1,6 @@
 //! Accounting (`stats`) and integrity checking (`verify`).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -306,7 +305,6 @@ impl Pool {
 
     /// The LSN up to which the WAL is durable (diagnostics).
     pub fn wal_synced_lsn(&self) -> u64 {
-        let _ = Ordering::SeqCst;
         self.inner.wal.synced_lsn()
     }
 }

@@ -337,7 +337,6 @@ impl Wal {
     fn close_open(&self, st: &mut LogState) {
         let Some(mut ob) = st.open.take() else { return };
         if ob.entries.is_empty() {
-            st.open = None;
             // Nothing was added: give the LSN and the space back.
             st.next_lsn = ob.lsn;
             return;
