@@ -74,3 +74,13 @@ fn json_logs_carry_request_ids() {
     );
     assert!(rid.len() == 32);
 }
+
+#[test]
+fn logs_to_a_file_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Maasd::start(dir.path(), None);
+    m.stop();
+    let log = m.log();
+    assert!(log.contains("maasd stopped cleanly"));
+    assert!(!log.contains('\u{1b}'), "no ANSI escapes in a log file");
+}
