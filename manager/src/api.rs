@@ -519,6 +519,11 @@ pub async fn delete_volume(
     .await?;
     let target = id.clone();
     let job = jobs::start(&state, "delete-volume", Some(target), move |st, _p| {
+        // Sessions on the volume's exports end before its data goes.
+        for row in st.catalog.exports_of(&id, None, i64::MAX)? {
+            st.engine.unexport(&row);
+            st.catalog.delete_export(&row.id)?;
+        }
         if let Ok(v) = st.pool.volume_by_name(&id) {
             st.pool.delete_volume(v.id)?;
         }
@@ -856,8 +861,13 @@ pub async fn create_export(
             chap: b.chap.as_ref().and_then(|c| serde_json::to_string(c).ok()),
             target,
             created_ms: now_ms(),
+            read_only: i64::from(b.read_only),
         };
         st.catalog.insert_export(&row)?;
+        if let Err(e) = st.engine.export(&st.pool, &row) {
+            let _ = st.catalog.delete_export(&row.id);
+            return Err(e);
+        }
         tracing::info!(export = %row.id, volume = %row.volume, protocol = %row.protocol, "export created");
         Ok(row)
     })
@@ -892,9 +902,11 @@ pub async fn delete_export(
     c.require(Role::Operator)?;
     let id = id.into_inner();
     blocking(&state, move |st| {
-        st.catalog
+        let row = st
+            .catalog
             .export(&id)?
             .ok_or_else(|| ApiError::not_found("EXPORT_NOT_FOUND", "export", &id))?;
+        st.engine.unexport(&row);
         Ok(st.catalog.delete_export(&id)?)
     })
     .await?;

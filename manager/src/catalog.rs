@@ -49,6 +49,7 @@ pub mod schema {
             chap -> Nullable<Text>,
             target -> Text,
             created_ms -> BigInt,
+            read_only -> BigInt,
         }
     }
     diesel::table! {
@@ -136,6 +137,8 @@ pub struct ExportRow {
     pub chap: Option<String>,
     pub target: String,
     pub created_ms: i64,
+    /// 1: the export refuses writes (the LU reports write protection).
+    pub read_only: i64,
 }
 
 #[derive(Clone, Debug, Queryable, Selectable, Insertable, AsChangeset, PartialEq)]
@@ -391,6 +394,14 @@ impl Catalog {
                 q = q.filter(exports::id.gt(a.to_string()));
             }
             Ok(q.load(c)?)
+        })
+    }
+    pub fn all_exports(&self) -> CResult<Vec<ExportRow>> {
+        self.with(|c| {
+            Ok(exports::table
+                .select(ExportRow::as_select())
+                .order(exports::id.asc())
+                .load(c)?)
         })
     }
     pub fn delete_export(&self, id: &str) -> CResult<()> {

@@ -291,6 +291,17 @@ impl Config {
                 "must be host:port with a numeric host, e.g. 127.0.0.1:8080",
             );
         }
+        for (key, listen) in [
+            ("iscsi.listen", &self.iscsi.listen),
+            ("nvme_tcp.listen", &self.nvme_tcp.listen),
+        ] {
+            if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    key,
+                    "must be empty (disabled) or host:port with a numeric host",
+                );
+            }
+        }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return bad("log.format", "must be human or json");
         }

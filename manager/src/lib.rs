@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod jobs;
 pub mod reconcile;

@@ -207,12 +207,20 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
     tracing::info!(catalog = %crate::catalog::redact(&url), backend = catalog.backend(), "catalog open");
     bootstrap_admin(&cfg, &catalog)?;
     crate::reconcile::reconcile(&catalog, &pool).map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
+    let advertise = Some(cfg.iscsi.advertise.clone()).filter(|a| !a.is_empty());
+    let engine = crate::engine::Engine::new(advertise);
+    for row in catalog.all_exports()? {
+        if let Err(e) = engine.export(&pool, &row) {
+            tracing::error!(export = %row.id, volume = %row.volume, "export could not be restored: {e}");
+        }
+    }
     let state = AppState {
         cfg,
         pool,
         catalog,
         tokens: RwLock::new(HashMap::new()),
         running_jobs: AtomicUsize::new(0),
+        engine,
     };
     let interrupted = crate::jobs::fail_interrupted(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
     if interrupted > 0 {
@@ -229,6 +237,19 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listen = cfg.api.listen.clone();
     let workers = cfg.api.workers as usize;
     let state = web::Data::new(open_state(cfg)?);
+    // The block front-ends run beside the REST API in the same runtime; a manager restart
+    // is a process restart, so data sessions and the API share its lifetime here.
+    let iscsi_listen = state.cfg.iscsi.listen.clone();
+    let iscsi = if iscsi_listen.is_empty() {
+        tracing::info!("iSCSI target disabled (iscsi.listen is empty)");
+        None
+    } else {
+        Some(
+            maas_engine::iscsi::IscsiServer::bind(&iscsi_listen, state.engine.iscsi.clone())
+                .await
+                .with_context(|| format!("binding the iSCSI target to {iscsi_listen}"))?,
+        )
+    };
     let st = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()
@@ -265,6 +286,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let addrs = server.addrs();
     tracing::info!(listen = ?addrs, "maasd serving REST API at /api/v1");
     server.run().await?;
+    if let Some(t) = iscsi {
+        t.shutdown().await;
+    }
     tracing::info!("REST API stopped; draining jobs");
     crate::jobs::drain(&state, std::time::Duration::from_secs(60)).await;
     state.pool.close().context("closing the pool")?;

@@ -22,6 +22,8 @@ pub struct AppState {
     /// secret hash -> caller
     pub tokens: RwLock<HashMap<String, Caller>>,
     pub running_jobs: AtomicUsize,
+    /// What the media engine exports (targets are driven from catalog export rows).
+    pub engine: crate::engine::Engine,
 }
 
 impl AppState {
@@ -141,6 +143,7 @@ pub fn export_out(r: &ExportRow, cfg: &Config) -> api::Export {
         target: r.target.clone(),
         lun,
         nsid,
+        read_only: r.read_only != 0,
         created_at: rfc3339(r.created_ms),
     }
 }

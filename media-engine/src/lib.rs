@@ -1,6 +1,10 @@
 //! maas-engine: the block front-ends (iSCSI, NVMe/TCP, NBD) that export pool volumes.
 //!
 //! Every front-end speaks to the pool through one interface, [`maas_pool::BlockDevice`].
-//! The protocol layers arrive with their issues (iSCSI target, NVMe/TCP target).
+//! Protocols are split in two: a sans-IO layer (codecs, negotiation, state machines; unit-tested
+//! and fuzzed without sockets) and a thin tokio driver that moves bytes.
 
 pub use maas_pool::BlockDevice;
+
+pub mod iscsi;
+pub mod scsi;

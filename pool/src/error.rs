@@ -40,6 +40,13 @@ pub enum PoolError {
     },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// An atomic write larger than the pool can apply all-or-nothing (see
+    /// [`crate::BlockDevice::atomic_write_max`]).
+    #[error("atomic write of {len} bytes exceeds the atomic write limit of {max} bytes")]
+    AtomicWriteTooLarge { len: u64, max: u64 },
+    /// The block device does not implement the operation (e.g. atomic writes).
+    #[error("not supported: {0}")]
+    Unsupported(String),
     #[error("volume cannot shrink from {current} to {asked} bytes")]
     ShrinkRefused { current: u64, asked: u64 },
     #[error("pool is out of space: {0}")]

@@ -32,4 +32,4 @@ pub use error::{PoolError, Result};
 pub use pool::{Pool, SnapshotInfo, VolumeInfo};
 pub use stats::{DamagedObject, ImageStats, PoolStats, VerifyReport};
 pub use types::{SnapshotId, Tier, VolumeId};
-pub use volio::{BlockDevice, Volume};
+pub use volio::{BlockDevice, ProvisioningRun, Volume};

@@ -83,7 +83,6 @@ pub(crate) struct VolumeState {
     pub name: RwLock<String>,
     pub ov: RwLock<VolOverlay>,
     pub seal_lock: Mutex<()>,
-    pub rmw_lock: Mutex<()>,
     pub folded_lsn: AtomicU64,
 }
 
@@ -103,7 +102,6 @@ impl VolumeState {
                 deleted: false,
             }),
             seal_lock: Mutex::new(()),
-            rmw_lock: Mutex::new(()),
             folded_lsn: AtomicU64::new(r.folded_lsn),
         }
     }

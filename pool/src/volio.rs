@@ -2,16 +2,31 @@
 //!
 //! Writes append to the WAL and update the volume's overlay under the volume's overlay lock, so
 //! overlay order equals log order. Reads resolve every 4 KiB block through active overlay ->
-//! frozen overlay -> base index, then fetch WAL blocks (from memory while their batch is not
-//! yet written) and sealed chunks (through the RAM cache) with one batched submission.
+//! frozen overlay -> base index under one hold of that lock, then fetch WAL blocks (from memory
+//! while their batch is not yet written) and sealed chunks (through the RAM cache) with one
+//! batched submission. WAL blocks are never rewritten in place, so a read sees every write
+//! either wholly or not at all as far as the overlay lock is concerned; the read-modify-write of
+//! partial 4 KiB blocks (512-byte volumes) happens inside the same lock hold as the append, so
+//! it cannot lose a concurrent write to the rest of the block.
+//!
+//! Atomic writes ([`BlockDevice::write_atomic`]) additionally go into one WAL batch, which
+//! replay applies entirely or not at all: all-or-nothing for readers and across a crash.
 
 use std::sync::Arc;
 
 use crate::error::{PoolError, Result};
 use crate::io::{self, AlignedBuf, Op};
 use crate::overlay::{Loc, Lookup};
-use crate::pool::{PoolInner, VolumeState};
+use crate::pool::{PoolInner, VolOverlay, VolumeState};
 use crate::types::{BLOCK, Digest, VolumeId};
+
+/// One run of [`BlockDevice::provisioning_status`]: `len` bytes that are all mapped (stored) or
+/// all deallocated (stored as nothing, read back as zeroes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProvisioningRun {
+    pub len: u64,
+    pub mapped: bool,
+}
 
 /// What every block front-end needs from a volume.
 pub trait BlockDevice: Send + Sync {
@@ -26,7 +41,40 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
     /// Deallocates; the range reads back as zeroes afterwards.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Largest write, in bytes, that [`BlockDevice::write_atomic`] accepts at any (block-aligned)
+    /// offset; 0 when the device cannot write atomically.
+    fn atomic_write_max(&self) -> u64 {
+        0
+    }
+
+    /// Writes `data` at `offset` all-or-nothing: a concurrent read returns either none or all of
+    /// it, and after a crash either none or all of it is there (all of it if `fua` and this
+    /// returned Ok). Writes larger than [`BlockDevice::atomic_write_max`] fail with
+    /// [`PoolError::AtomicWriteTooLarge`] and change nothing. The default implementation refuses
+    /// every atomic write: only a device that can keep the promise may accept one.
+    fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let _ = (offset, data, fua);
+        Err(PoolError::Unsupported("atomic writes".into()))
+    }
+
+    /// Which parts of [offset, offset+len) are mapped, as consecutive runs starting at `offset`.
+    /// The runs may cover only a prefix of the range (never less than one block) so that one
+    /// call stays short; ask again from where they end. The default reports everything mapped,
+    /// which is always safe to say.
+    fn provisioning_status(&self, offset: u64, len: u64) -> Result<Vec<ProvisioningRun>> {
+        let _ = offset;
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![ProvisioningRun { len, mapped: true }]
+        })
+    }
 }
+
+/// Work budget of one provisioning query: a chunk whose blocks need no individual look counts
+/// one, any other counts its blocks. Bounds the time the overlay lock is held for reading.
+const STATUS_BUDGET: u64 = 1 << 16;
 
 /// A handle for I/O on one volume. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -40,6 +88,16 @@ enum Src {
     Zero,
     Wal(Loc),
     Chunk(u64),
+}
+
+/// Provisioning of a run of blocks while the overlay lock is held: the base index is looked up
+/// after the lock is released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prov {
+    Mapped,
+    Unmapped,
+    /// As chunk `c` of the base index says.
+    Base(u64),
 }
 
 impl Volume {
@@ -77,30 +135,48 @@ impl Volume {
 
     /// Reads whole 4 KiB blocks [first, first+n) into `out` (n*4096 bytes, aligned).
     fn read_blocks(&self, first: u64, n: u64, out: &mut [u8]) -> Result<()> {
-        let cb = self.chunk_blocks();
-        let shared = &self.pool.shared;
-        let _pin = shared.pin.read();
+        let _pin = self.pool.shared.pin.read();
         let (srcs, base_root) = {
             let ov = self.vol.ov.read();
             if ov.deleted {
                 return Err(PoolError::VolumeDeleted(self.id()));
             }
-            let mut srcs = Vec::with_capacity(n as usize);
-            for b in first..first + n {
-                let mut l = ov.active.lookup(b, cb);
-                if l == Lookup::Below
-                    && let Some(f) = &ov.frozen
-                {
-                    l = f.lookup(b, cb);
-                }
-                srcs.push(match l {
-                    Lookup::Data(loc) => Src::Wal(loc),
-                    Lookup::Zero => Src::Zero,
-                    Lookup::Below => Src::Chunk(b / cb),
-                });
-            }
-            (srcs, ov.base_root)
+            (self.resolve(&ov, first, n), ov.base_root)
         };
+        self.fetch(&srcs, base_root, first, out)
+    }
+
+    /// Where each of blocks [first, first+n) currently lives.
+    fn resolve(&self, ov: &VolOverlay, first: u64, n: u64) -> Vec<Src> {
+        let cb = self.chunk_blocks();
+        let mut srcs = Vec::with_capacity(n as usize);
+        for b in first..first + n {
+            let mut l = ov.active.lookup(b, cb);
+            if l == Lookup::Below
+                && let Some(f) = &ov.frozen
+            {
+                l = f.lookup(b, cb);
+            }
+            srcs.push(match l {
+                Lookup::Data(loc) => Src::Wal(loc),
+                Lookup::Zero => Src::Zero,
+                Lookup::Below => Src::Chunk(b / cb),
+            });
+        }
+        srcs
+    }
+
+    /// Fills `out` with the blocks `srcs` (resolved for blocks from `first` on) point at. The
+    /// caller holds the pool's pin, so that nothing they point at is reclaimed meanwhile.
+    fn fetch(
+        &self,
+        srcs: &[Src],
+        base_root: Option<Digest>,
+        first: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let cb = self.chunk_blocks();
+        let shared = &self.pool.shared;
         // WAL blocks: from memory if unwritten, else batched device reads (coalesced).
         let mut dev_reads: Vec<(u16, u64, usize, usize)> = Vec::new(); // device, offset, out index, blocks
         for (i, s) in srcs.iter().enumerate() {
@@ -169,17 +245,161 @@ impl Volume {
         Ok(())
     }
 
-    fn write_blocks(&self, first: u64, data: Option<&[u8]>, n: u64) -> Result<()> {
+    /// Zeroes whole 4 KiB blocks [first, first+n) (stored as nothing).
+    fn zero_blocks(&self, first: u64, n: u64) -> Result<()> {
         let cb = self.chunk_blocks();
         let mut ov = self.vol.ov.write();
         if ov.deleted {
             return Err(PoolError::VolumeDeleted(self.id()));
         }
         let vid = self.vol.id;
-        self.pool.wal.append(vid, first, n, data, |p| match p.loc {
-            Some(loc) => ov.active.set_data(p.block, p.nblocks, loc),
-            None => ov.active.set_zero(p.block, p.nblocks, cb),
+        self.pool.wal.append(vid, first, n, None, |p| {
+            ov.active.set_zero(p.block, p.nblocks, cb)
         })
+    }
+
+    /// Reads block `b` as the overlay `ov` (held by the caller, with the pin) resolves it.
+    fn read_block_locked(&self, ov: &VolOverlay, b: u64) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::zeroed(BLOCK as usize);
+        let srcs = self.resolve(ov, b, 1);
+        self.fetch(&srcs, ov.base_root, b, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` (already checked: block-size aligned and in range, not empty) at byte
+    /// `offset` in one hold of the overlay lock. Partial 4 KiB blocks at either end are read,
+    /// merged and appended inside that hold, so the read-modify-write cannot interleave with
+    /// another write to the same block. With `atomic` the whole write is one WAL batch entry
+    /// (see [`crate::wal::Wal::append_atomic`]); otherwise it may be split across batches.
+    fn write_locked(&self, offset: u64, data: &[u8], atomic: bool) -> Result<()> {
+        let len = data.len() as u64;
+        let end = offset + len;
+        let first = offset / BLOCK;
+        let last = end.div_ceil(BLOCK);
+        let head_skip = (offset % BLOCK) as usize;
+        let tail_fill = (end % BLOCK) as usize;
+        let partial = head_skip != 0 || tail_fill != 0;
+        // Reading partial blocks may touch sealed chunks: keep them from being reclaimed. The
+        // pin is taken before the overlay lock, in the order readers and folds take them.
+        let _pin = partial.then(|| self.pool.shared.pin.read());
+        let mut ov = self.vol.ov.write();
+        if ov.deleted {
+            return Err(PoolError::VolumeDeleted(self.id()));
+        }
+        // The write as whole blocks: an optional merged head block, the aligned middle taken
+        // from `data` as it is, an optional merged tail block.
+        let mut head: Option<AlignedBuf> = None;
+        let mut tail: Option<AlignedBuf> = None;
+        let mut middle = data;
+        if last - first == 1 && partial {
+            let mut b = self.read_block_locked(&ov, first)?;
+            b[head_skip..head_skip + data.len()].copy_from_slice(data);
+            head = Some(b);
+            middle = &[];
+        } else {
+            if head_skip != 0 {
+                let take = BLOCK as usize - head_skip;
+                let mut b = self.read_block_locked(&ov, first)?;
+                b[head_skip..].copy_from_slice(&data[..take]);
+                head = Some(b);
+                middle = &middle[take..];
+            }
+            if tail_fill != 0 {
+                let mut b = self.read_block_locked(&ov, last - 1)?;
+                let (rest, tail_data) = middle.split_at(middle.len() - tail_fill);
+                b[..tail_fill].copy_from_slice(tail_data);
+                tail = Some(b);
+                middle = rest;
+            }
+        }
+        let parts: Vec<&[u8]> = [head.as_deref(), Some(middle), tail.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter(|p| !p.is_empty())
+            .collect();
+        let vid = self.vol.id;
+        let wal = &self.pool.wal;
+        if atomic {
+            return wal.append_atomic(vid, first, &parts, |p| {
+                if let Some(loc) = p.loc {
+                    ov.active.set_data(p.block, p.nblocks, loc);
+                }
+            });
+        }
+        let mut block = first;
+        for part in parts {
+            let n = part.len() as u64 / BLOCK;
+            wal.append(vid, block, n, Some(part), |p| {
+                if let Some(loc) = p.loc {
+                    ov.active.set_data(p.block, p.nblocks, loc);
+                }
+            })?;
+            block += n;
+        }
+        Ok(())
+    }
+
+    /// Provisioning of blocks [first, end) as the overlay says, in runs, within the work budget
+    /// (always at least one block).
+    fn scan_provisioning(&self, ov: &VolOverlay, first: u64, end: u64) -> Vec<(u64, u64, Prov)> {
+        let cb = self.chunk_blocks();
+        let mut runs: Vec<(u64, u64, Prov)> = Vec::new();
+        let mut push = |start: u64, n: u64, p: Prov| match runs.last_mut() {
+            Some(last) if last.2 == p && last.0 + last.1 == start => last.1 += n,
+            _ => runs.push((start, n, p)),
+        };
+        let touches = |o: &crate::overlay::Overlay, c: u64, from: u64, to: u64| {
+            o.chunk_zeroed(c) || o.blocks.range(from..to).next().is_some()
+        };
+        let mut budget = STATUS_BUDGET;
+        let mut b = first;
+        while b < end && budget > 0 {
+            let c = b / cb;
+            // Whole chunks zeroed in the active overlay with no block written since: one
+            // deallocated run, however long (a discarded or sanitized volume).
+            let zeroed_to = ov
+                .active
+                .zeroed
+                .range(..=c)
+                .next_back()
+                .filter(|(_, e)| c < **e)
+                .map(|(_, e)| e.saturating_mul(cb).min(end));
+            if let Some(to) = zeroed_to
+                && ov.active.blocks.range(b..to).next().is_none()
+            {
+                push(b, to - b, Prov::Unmapped);
+                b = to;
+                budget -= 1;
+                continue;
+            }
+            let chunk_end = (c + 1).saturating_mul(cb).min(end);
+            let frozen_touches = ov
+                .frozen
+                .as_ref()
+                .is_some_and(|f| touches(f, c, b, chunk_end));
+            if !touches(&ov.active, c, b, chunk_end) && !frozen_touches {
+                push(b, chunk_end - b, Prov::Base(c));
+                budget -= 1;
+            } else {
+                for x in b..chunk_end {
+                    let mut l = ov.active.lookup(x, cb);
+                    if l == Lookup::Below
+                        && let Some(f) = &ov.frozen
+                    {
+                        l = f.lookup(x, cb);
+                    }
+                    let p = match l {
+                        Lookup::Data(_) => Prov::Mapped,
+                        Lookup::Zero => Prov::Unmapped,
+                        Lookup::Below => Prov::Base(c),
+                    };
+                    push(x, 1, p);
+                }
+                budget = budget.saturating_sub(chunk_end - b);
+            }
+            b = chunk_end;
+        }
+        runs
     }
 }
 
@@ -220,20 +440,72 @@ impl BlockDevice for Volume {
         if len == 0 {
             return if fua { self.flush() } else { Ok(()) };
         }
-        if offset % BLOCK == 0 && len % BLOCK == 0 {
-            self.write_blocks(offset / BLOCK, Some(data), len / BLOCK)?;
-        } else {
-            // Sub-4 KiB write on a 512-byte volume: read-modify-write of the covering blocks.
-            let _rmw = self.vol.rmw_lock.lock();
-            let first = offset / BLOCK;
-            let last = (offset + len).div_ceil(BLOCK);
-            let mut tmp = AlignedBuf::zeroed(((last - first) * BLOCK) as usize);
-            self.read_blocks(first, last - first, &mut tmp)?;
-            let skip = (offset - first * BLOCK) as usize;
-            tmp[skip..skip + data.len()].copy_from_slice(data);
-            self.write_blocks(first, Some(&tmp), last - first)?;
-        }
+        self.write_locked(offset, data, false)?;
         if fua { self.flush() } else { Ok(()) }
+    }
+
+    /// The WAL's atomic limit, less what a misaligned start on a 512-byte volume adds in
+    /// read-modify-write (the write's covering 4 KiB blocks must fit in one batch).
+    fn atomic_write_max(&self) -> u64 {
+        let bs = u64::from(self.vol.block_size);
+        let worst_head = BLOCK.saturating_sub(bs);
+        self.pool.wal.max_atomic_bytes().saturating_sub(worst_head)
+    }
+
+    /// All-or-nothing for readers: the overlay changes for every block of the write in one hold
+    /// of the overlay lock (partial head/tail blocks merged inside it), and reads resolve all
+    /// their blocks in one hold. Across a crash: the write is one entry of one WAL batch, which
+    /// replay applies whole or not at all. Durable on return with `fua`.
+    #[tracing::instrument(level = "trace", skip(self, data), fields(volume = self.vol.id, len = data.len()))]
+    fn write_atomic(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        self.check(offset, len)?;
+        let max = self.atomic_write_max();
+        if len > max {
+            return Err(PoolError::AtomicWriteTooLarge { len, max });
+        }
+        if len == 0 {
+            return if fua { self.flush() } else { Ok(()) };
+        }
+        self.write_locked(offset, data, true)?;
+        if fua { self.flush() } else { Ok(()) }
+    }
+
+    fn provisioning_status(&self, offset: u64, len: u64) -> Result<Vec<ProvisioningRun>> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset + len;
+        let _pin = self.pool.shared.pin.read();
+        let (runs, base_root) = {
+            let ov = self.vol.ov.read();
+            if ov.deleted {
+                return Err(PoolError::VolumeDeleted(self.id()));
+            }
+            let runs = self.scan_provisioning(&ov, offset / BLOCK, end.div_ceil(BLOCK));
+            (runs, ov.base_root)
+        };
+        // Base chunks are mapped when stored; an all-zero chunk is never stored.
+        let mut out: Vec<ProvisioningRun> = Vec::with_capacity(runs.len());
+        for (start, n, p) in runs {
+            let mapped = match p {
+                Prov::Mapped => true,
+                Prov::Unmapped => false,
+                Prov::Base(c) => self.pool.chunk_digest(base_root, c)?.is_some(),
+            };
+            // Byte range of the run, clipped to the request (512-byte volumes start and end
+            // inside 4 KiB blocks).
+            let from = (start * BLOCK).max(offset);
+            let to = ((start + n) * BLOCK).min(end);
+            let len = to.saturating_sub(from);
+            match out.last_mut() {
+                Some(last) if last.mapped == mapped => last.len += len,
+                _ if len > 0 => out.push(ProvisioningRun { len, mapped }),
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
     fn flush(&self) -> Result<()> {
@@ -254,7 +526,7 @@ impl BlockDevice for Volume {
             self.write(offset, &vec![0u8; (head_end - offset) as usize], false)?;
         }
         if end > first {
-            self.write_blocks(first, None, end - first)?;
+            self.zero_blocks(first, end - first)?;
         }
         let tail_start = (end * BLOCK).max(head_end);
         if offset + len > tail_start {

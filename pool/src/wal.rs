@@ -14,7 +14,11 @@
 //! ```
 //! Replay walks each segment from its start while batches carry the segment's sequence number
 //! and consecutive LSNs starting at the segment's recorded first LSN, and every data CRC
-//! matches. A torn batch ends its segment's chain (it was never covered by a completed flush).
+//! matches. A batch is applied whole or not at all: its header CRC and every entry's data CRC
+//! are checked before any of its entries is applied. A torn batch ends its segment's chain (it
+//! was never covered by a completed flush). An append is normally split across batches when the
+//! open one fills up; [`Wal::append_atomic`] never splits, which together with the whole-batch
+//! replay makes an atomic write all-or-nothing across a crash.
 //! After an open, appends always go to a fresh segment, so the bytes replay reads in older
 //! segments never change again and replay is deterministic.
 
@@ -447,19 +451,65 @@ impl Wal {
             if !fits {
                 self.roll_segment(st)?;
             }
-            let Some(cur) = st.cur.as_ref() else { continue };
-            let lsn = st.next_lsn;
-            st.next_lsn += 1;
-            st.open = Some(OpenBatch {
-                lsn,
-                seg_seq: cur.seq,
-                device: cur.extent.device,
-                offset: cur.extent.offset + cur.pos,
-                entries: Vec::new(),
-                buf: AlignedBuf::zeroed(4096 + MAX_BATCH_DATA),
-                data_len: 0,
-            });
+            if st.cur.is_some() {
+                self.open_batch(st);
+            }
         }
+    }
+
+    /// Opens a new, empty batch at the current position of the current segment (none open).
+    fn open_batch(&self, st: &mut LogState) {
+        let Some(cur) = st.cur.as_ref() else { return };
+        let lsn = st.next_lsn;
+        st.next_lsn += 1;
+        st.open = Some(OpenBatch {
+            lsn,
+            seg_seq: cur.seq,
+            device: cur.extent.device,
+            offset: cur.extent.offset + cur.pos,
+            entries: Vec::new(),
+            buf: AlignedBuf::zeroed(4096 + MAX_BATCH_DATA),
+            data_len: 0,
+        });
+    }
+
+    /// Ensures the open batch can take one more entry of `n` data blocks. If the open batch
+    /// cannot, it is closed as it is and a new one is opened (in a new segment if the current
+    /// one cannot hold a batch of `n` blocks): what is appended next lands in one batch.
+    fn ensure_room(&self, st: &mut LogState, n: u64) -> Result<()> {
+        let has_room = st
+            .open
+            .as_ref()
+            .is_some_and(|ob| ob.entries.len() < MAX_ENTRIES)
+            && self.data_room(st) >= n;
+        if has_room {
+            return Ok(());
+        }
+        self.close_open(st);
+        let fits = st
+            .cur
+            .as_ref()
+            .is_some_and(|c| c.pos + BLOCK + n * BLOCK <= c.extent.len);
+        if !fits {
+            self.roll_segment(st)?;
+        }
+        self.open_batch(st);
+        if st.open.is_some() && self.data_room(st) >= n {
+            Ok(())
+        } else {
+            // Only reachable if the caller skipped the `max_atomic_bytes` check.
+            Err(PoolError::AtomicWriteTooLarge {
+                len: n * BLOCK,
+                max: self.max_atomic_bytes(),
+            })
+        }
+    }
+
+    /// The largest append [`Wal::append_atomic`] takes: one batch's data, and no more than an
+    /// empty segment holds after the batch header.
+    pub fn max_atomic_bytes(&self) -> u64 {
+        let segment_data = self.segment_size.saturating_sub(BLOCK) / BLOCK * BLOCK;
+        (MAX_BATCH_DATA as u64).min(segment_data)
     }
 
     /// Data blocks that still fit in the open batch (batch limit and segment end).
@@ -484,13 +534,7 @@ impl Wal {
         data: Option<&[u8]>,
         mut on_piece: impl FnMut(Piece),
     ) -> Result<()> {
-        let mut st = self.st.lock();
-        Self::check_failed(&st)?;
-        while st.inflight_bytes > MAX_INFLIGHT_BYTES {
-            self.work.notify_one();
-            self.done.wait_for(&mut st, Duration::from_millis(100));
-            Self::check_failed(&st)?;
-        }
+        let mut st = self.lock_for_append()?;
         let mut done = 0u64;
         while done < nblocks {
             self.ensure_open(&mut st, data.is_some())?;
@@ -549,6 +593,95 @@ impl Wal {
             });
             done += n;
         }
+        self.work.notify_one();
+        Ok(())
+    }
+
+    /// Takes the log lock for an append: fails if the log has failed or is shut down, and waits
+    /// while too much appended data is not yet written (backpressure).
+    fn lock_for_append(&self) -> Result<parking_lot::MutexGuard<'_, LogState>> {
+        let mut st = self.st.lock();
+        Self::check_failed(&st)?;
+        while st.inflight_bytes > MAX_INFLIGHT_BYTES {
+            self.work.notify_one();
+            self.done.wait_for(&mut st, Duration::from_millis(100));
+            Self::check_failed(&st)?;
+        }
+        Ok(st)
+    }
+
+    /// Appends data blocks [block, block+n) of volume `vol` as ONE entry of ONE batch, so the
+    /// write is all-or-nothing across a crash: replay applies a batch only when its header and
+    /// every data CRC check out, and a batch is never split. The data is the concatenation of
+    /// `parts` (a whole number of 4 KiB blocks in total, at most [`Wal::max_atomic_bytes`]); if
+    /// the open batch lacks room it is closed first. `on_piece` is called exactly once, under
+    /// the log lock, with the location of the whole write.
+    pub fn append_atomic(
+        &self,
+        vol: u64,
+        block: u64,
+        parts: &[&[u8]],
+        on_piece: impl FnOnce(Piece),
+    ) -> Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0 || total as u64 % BLOCK != 0 {
+            return Err(PoolError::InvalidArgument(format!(
+                "atomic append of {total} bytes: must be a positive multiple of 4096"
+            )));
+        }
+        let max = self.max_atomic_bytes();
+        if total as u64 > max {
+            return Err(PoolError::AtomicWriteTooLarge {
+                len: total as u64,
+                max,
+            });
+        }
+        let n = total as u64 / BLOCK;
+        let mut st = self.lock_for_append()?;
+        self.ensure_room(&mut st, n)?;
+        let seq = st.cur.as_ref().map(|c| c.seq);
+        let Some(ob) = st.open.as_mut() else {
+            return Err(PoolError::Meta("write-ahead log: no open batch".into()));
+        };
+        let lsn = ob.lsn;
+        let loc = Loc {
+            lsn,
+            device: ob.device,
+            offset: ob.offset + 4096 + ob.data_len as u64,
+        };
+        let mut at = 4096 + ob.data_len;
+        for p in parts {
+            ob.buf[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        ob.data_len += total;
+        match ob.entries.last_mut() {
+            // Extending the previous entry keeps the write inside this batch all the same.
+            Some(last)
+                if last.vol == vol
+                    && last.kind == EntryKind::Data
+                    && last.block + last.nblocks as u64 == block
+                    && last.nblocks as u64 + n <= u32::MAX as u64 =>
+            {
+                last.nblocks += n as u32
+            }
+            _ => ob.entries.push(Entry {
+                vol,
+                block,
+                nblocks: n as u32,
+                kind: EntryKind::Data,
+                data_crc: 0,
+            }),
+        }
+        if let Some(seg) = seq.and_then(|seq| st.segments.get_mut(&seq)) {
+            let m = seg.vols.entry(vol).or_insert(0);
+            *m = (*m).max(lsn);
+        }
+        on_piece(Piece {
+            block,
+            nblocks: n,
+            loc: Some(loc),
+        });
         self.work.notify_one();
         Ok(())
     }

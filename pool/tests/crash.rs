@@ -2,8 +2,9 @@
 //! Crash test: a child process writes randomly with periodic flushes and seals and is SIGKILLed
 //! at a random moment; after reopening, every write acknowledged before the last completed flush
 //! reads back exactly (sector by sector: the flushed value or a later, unflushed write's value),
-//! and the newest completed snapshot holds exactly its writes. `MAAS_CRASH_CYCLES` sets the
-//! number of cycles (default 50; raise it for a soak).
+//! every atomic write is there entirely or not at all, and the newest completed snapshot holds
+//! exactly its writes. `MAAS_CRASH_CYCLES` sets the number of cycles (default 50; raise it for a
+//! soak).
 
 mod common;
 
@@ -105,12 +106,46 @@ fn sigkill_never_loses_flushed_writes() {
             apply(&mut expect, seed, i);
         }
         let mut later: Vec<(u64, u64, Vec<u8>)> = Vec::new();
+        let mut later_atomic: Vec<(u64, u64, Vec<u8>)> = Vec::new();
         // The child flushes (and journals) every 5 writes: it cannot be more than 10 past `flushed`.
         for i in flushed..flushed + 30 {
             let (off, len, dseed) = child::write_op(seed, i, VOL);
-            later.push((off, len, child::pattern(dseed, len as usize)));
+            let w = (off, len, child::pattern(dseed, len as usize));
+            if child::is_atomic(i) {
+                later_atomic.push(w);
+            } else {
+                later.push(w);
+            }
         }
-        for s in 0..(VOL as usize / SECTOR) {
+        // Atomic region: each later atomic write is either absent or there entirely. One that
+        // shows anywhere (random data: it cannot be mistaken for another) must have been
+        // applied whole, so the region must equal the flushed state plus exactly the visible
+        // later atomic writes, in order.
+        let region = (VOL - child::ATOMIC_REGION) as usize..VOL as usize;
+        let mut atomic_expect = expect.clone();
+        let mut visible = 0;
+        for (off, len, data) in &later_atomic {
+            let (off, len) = (*off as usize, *len as usize);
+            let shows = (0..len / SECTOR).any(|k| {
+                let r = off + k * SECTOR..off + (k + 1) * SECTOR;
+                got[r.clone()] == data[k * SECTOR..(k + 1) * SECTOR] && got[r.clone()] != expect[r]
+            });
+            if shows {
+                atomic_expect[off..off + len].copy_from_slice(data);
+                visible += 1;
+            }
+        }
+        if got[region.clone()] != atomic_expect[region.clone()] {
+            let s = (region.start..region.end)
+                .step_by(SECTOR)
+                .find(|&p| got[p..p + SECTOR] != atomic_expect[p..p + SECTOR])
+                .unwrap_or(0);
+            panic!(
+                "cycle {cycle}: atomic region differs at byte {s}: an atomic write is torn or a \
+                 flushed one lost (flushed {flushed}, {visible} later atomic writes visible)"
+            );
+        }
+        for s in 0..(region.start / SECTOR) {
             let r = s * SECTOR..(s + 1) * SECTOR;
             if got[r.clone()] == expect[r.clone()] {
                 continue;

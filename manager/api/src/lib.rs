@@ -193,6 +193,9 @@ pub struct Export {
     pub lun: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nsid: Option<u32>,
+    /// Writes are refused (the disk reports write protection).
+    #[serde(default)]
+    pub read_only: bool,
     pub created_at: String,
 }
 
@@ -204,6 +207,10 @@ pub struct CreateExport {
     pub initiators: Vec<String>,
     #[serde(default)]
     pub chap: Option<Chap>,
+    /// Export read-only: hosts can mount and read (e.g. a restore from a snapshot clone) but
+    /// every write fails with DATA PROTECT / WRITE PROTECTED.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]

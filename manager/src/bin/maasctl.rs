@@ -161,6 +161,9 @@ enum ExportCmd {
         mutual_user: Option<String>,
         #[arg(long)]
         mutual_secret: Option<String>,
+        /// Refuse writes (mount a snapshot clone for restore without changing it).
+        #[arg(long)]
+        read_only: bool,
     },
     Delete {
         id: String,
@@ -689,8 +692,10 @@ fn run(cli: &Cli) -> R<()> {
                 chap_secret,
                 mutual_user,
                 mutual_secret,
+                read_only,
             } => {
-                let mut body = json!({"protocol": protocol, "initiators": initiators});
+                let mut body =
+                    json!({"protocol": protocol, "initiators": initiators, "read_only": read_only});
                 if let (Some(u), Some(s)) = (chap_user, chap_secret) {
                     body["chap"] = json!({"user": u, "secret": s, "mutual_user": mutual_user, "mutual_secret": mutual_secret});
                 }

@@ -10,6 +10,12 @@ use serde_json::{Value, json};
 pub struct Maasd {
     pub dir: PathBuf,
     pub port: u16,
+    /// Size of the pool's file device.
+    pub device_size: u64,
+    /// The iSCSI target's port on 127.0.0.1.
+    pub iscsi_port: u16,
+    /// What SendTargets and exports advertise (a guest reaches the host at 10.0.2.2).
+    pub iscsi_advertise: String,
     pub catalog_url: Option<String>,
     child: Option<Child>,
     pub token: String,
@@ -28,7 +34,31 @@ impl Maasd {
         let mut m = Maasd {
             dir: dir.to_path_buf(),
             port: free_port(),
+            device_size: 2 << 30,
+            iscsi_port: free_port(),
+            iscsi_advertise: "10.0.2.2:3260".into(),
             catalog_url,
+            child: None,
+            token: String::new(),
+        };
+        m.spawn();
+        m
+    }
+
+    /// A maasd whose iSCSI portal advertises itself (127.0.0.1:port), for host-side clients.
+    pub fn start_local(dir: &Path) -> Maasd {
+        Self::start_local_with(dir, 2 << 30)
+    }
+
+    /// As [`Maasd::start_local`], with a pool device of `device_size` bytes (a sparse file).
+    pub fn start_local_with(dir: &Path, device_size: u64) -> Maasd {
+        let mut m = Maasd {
+            device_size,
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            iscsi_port: free_port(),
+            iscsi_advertise: String::new(),
+            catalog_url: None,
             child: None,
             token: String::new(),
         };
@@ -46,9 +76,14 @@ impl Maasd {
         cmd.arg("--data-dir")
             .arg(self.dir.join("data"))
             .env("MAAS_API_LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("MAAS_POOL_DEVICE_SIZE", (2u64 << 30).to_string())
+            .env("MAAS_POOL_DEVICE_SIZE", self.device_size.to_string())
             .env("MAAS_POOL_CHUNK_SIZE", (256u64 << 10).to_string())
-            .env("MAAS_ISCSI_ADVERTISE", "10.0.2.2:3260")
+            .env(
+                "MAAS_ISCSI_LISTEN",
+                format!("127.0.0.1:{}", self.iscsi_port),
+            )
+            .env("MAAS_ISCSI_ADVERTISE", &self.iscsi_advertise)
+            .env("MAAS_NVME_TCP_LISTEN", "")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
@@ -214,3 +249,4 @@ impl Drop for Maasd {
 pub fn code(v: &Value) -> &str {
     v["code"].as_str().unwrap_or("")
 }
+pub mod iscsi;

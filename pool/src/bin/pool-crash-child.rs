@@ -5,6 +5,11 @@
 //! completed flush it appends `F <n>` to a journal (fsynced): the first n writes are durable.
 //! After every completed seal it appends `S <snapshot id> <n>`: the snapshot holds the first n
 //! writes. The parent replays the same write sequence (same seed) to know what must be there.
+//!
+//! Every fourth write is an atomic write ([`BlockDevice::write_atomic`]) of up to the volume's
+//! atomic limit (close to one whole WAL segment, at a misaligned offset) into the last
+//! [`ATOMIC_REGION`] bytes of the volume, which plain writes never touch: after the crash each
+//! of them must be there entirely or not at all.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -25,7 +30,20 @@ struct Args {
     volume_size: u64,
 }
 
+/// The tail of the volume that only atomic writes touch.
+pub const ATOMIC_REGION: u64 = 4 << 20;
+/// Largest atomic write of the workload, in sectors: the atomic limit of a 512-byte volume with
+/// the 1 MiB WAL segments used here (1 MiB less the segment's batch header, less 3.5 KiB of
+/// worst-case misalignment).
+pub const ATOMIC_MAX_SECTORS: u64 = ((1 << 20) - 4096 - 3584) / 512;
+
+/// Whether write i is an atomic write (into the atomic region).
+pub fn is_atomic(i: u64) -> bool {
+    i % 4 == 3
+}
+
 /// The write sequence: (offset, length, data seed) for write i of a run seeded with `seed`.
+/// Plain writes land below the atomic region, atomic writes inside it.
 pub fn write_op(seed: u64, i: u64, volume_size: u64) -> (u64, u64, u64) {
     let mut x = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     let mut next = || {
@@ -34,15 +52,26 @@ pub fn write_op(seed: u64, i: u64, volume_size: u64) -> (u64, u64, u64) {
         x ^= x << 17;
         x
     };
-    let sectors = volume_size / 512;
+    let region = ATOMIC_REGION.min(volume_size / 2) / 512;
+    let plain_sectors = volume_size / 512 - region;
+    if is_atomic(i) {
+        let len = match next() % 3 {
+            0 => 1 + next() % 16, // within one or two 4K blocks
+            // Large: crosses WAL batch (and segment) boundaries unless kept in one batch.
+            _ => ATOMIC_MAX_SECTORS - next() % 512,
+        }
+        .min(region);
+        let at = plain_sectors + next() % (region - len + 1);
+        return (at * 512, len * 512, next());
+    }
     let len = match next() % 4 {
         0 => 1 + next() % 8,       // sub-4K
         1 => 8 * (1 + next() % 4), // a few 4K blocks
         2 => 1 + next() % 300,     // unaligned mid-size
         _ => 2048,                 // 1 MiB
     }
-    .min(sectors);
-    let at = next() % (sectors - len + 1);
+    .min(plain_sectors);
+    let at = next() % (plain_sectors - len + 1);
     (at * 512, len * 512, next())
 }
 
@@ -83,7 +112,11 @@ fn main() -> anyhow::Result<()> {
     loop {
         let (off, len, dseed) = write_op(a.seed, i, a.volume_size);
         let data = pattern(dseed, len as usize);
-        v.write(off, &data, false)?;
+        if is_atomic(i) {
+            v.write_atomic(off, &data, false)?;
+        } else {
+            v.write(off, &data, false)?;
+        }
         i += 1;
         if i % 5 == 0 {
             v.flush()?;

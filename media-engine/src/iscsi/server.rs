@@ -1,0 +1,320 @@
+//! The tokio driver: accepts connections, moves bytes between sockets and the sans-IO login and
+//! session state machines, and runs SCSI commands on blocking threads.
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::login::{Login, Step};
+use super::params::{OUR_MAX_RECV_DATA, SessionType};
+use super::pdu::{Decoded, Framer, Pdu, PduError};
+use super::session::{Output, Session};
+use super::target::{Registry, SessionKey};
+use crate::scsi;
+
+/// A login that takes longer than this is abandoned.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections are pinged with NOP-In this often; two silent periods close them.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// How long an initiator asked to log out (unexport, shutdown) gets before we hang up.
+const LOGOUT_GRACE: Duration = Duration::from_secs(3);
+
+/// A running iSCSI target portal.
+#[derive(Debug)]
+pub struct IscsiServer {
+    registry: Arc<Registry>,
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl IscsiServer {
+    /// Binds `listen` and starts accepting connections on the current tokio runtime.
+    pub async fn bind(listen: &str, registry: Arc<Registry>) -> std::io::Result<IscsiServer> {
+        let listener = TcpListener::bind(listen).await?;
+        let local_addr = listener.local_addr()?;
+        let (shutdown, rx) = watch::channel(false);
+        let reg = registry.clone();
+        let task = tokio::spawn(accept_loop(listener, reg, rx));
+        tracing::info!(%local_addr, "iSCSI target listening");
+        Ok(IscsiServer {
+            registry,
+            local_addr,
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Stops accepting, asks every session to log out, and returns once the listener is gone.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    reg: Arc<Registry>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let span = tracing::info_span!("iscsi_conn", %peer);
+                    let reg = reg.clone();
+                    let sd = shutdown.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(stream, reg, sd).await {
+                            tracing::info!("connection ended: {e}");
+                        }
+                    }.instrument(span));
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad PDU: {0}")]
+    Pdu(#[from] PduError),
+    #[error("login timed out")]
+    LoginTimeout,
+}
+
+/// Reads until one PDU can be decoded; `None` at a clean end of stream.
+async fn read_pdu(
+    rd: &mut OwnedReadHalf,
+    inbuf: &mut Vec<u8>,
+    framer: &Framer,
+) -> Result<Option<Pdu>, ConnError> {
+    loop {
+        match framer.decode(inbuf)? {
+            Decoded::Pdu(p, n) => {
+                inbuf.drain(..n);
+                return Ok(Some(p));
+            }
+            Decoded::NeedMore(n) => {
+                inbuf.reserve(n.saturating_sub(inbuf.len()));
+                if rd.read_buf(inbuf).await? == 0 {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    reg: Arc<Registry>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    stream.set_nodelay(true)?;
+    let local = stream.local_addr()?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut inbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
+
+    // ---- login
+    let framer = Framer::login();
+    let mut login = Login::new();
+    let deadline = Instant::now() + LOGIN_TIMEOUT;
+    let logged_in = loop {
+        let pdu =
+            match tokio::time::timeout_at(deadline, read_pdu(&mut rd, &mut inbuf, &framer)).await {
+                Err(_) => return Err(ConnError::LoginTimeout),
+                Ok(r) => match r? {
+                    Some(p) => p,
+                    None => return Ok(()),
+                },
+            };
+        let mut out = Vec::new();
+        match login.on_request(&pdu, &reg) {
+            Step::Continue(resp) => {
+                framer.encode(&resp, &mut out);
+                wr.write_all(&out).await?;
+            }
+            Step::Complete(resp, li) => {
+                framer.encode(&resp, &mut out);
+                wr.write_all(&out).await?;
+                break li;
+            }
+            Step::Fail(resp, why) => {
+                tracing::warn!("login refused: {why}");
+                framer.encode(&resp, &mut out);
+                wr.write_all(&out).await?;
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
+        }
+    };
+
+    // ---- full feature phase
+    let params = logged_in.params;
+    let target = logged_in.target;
+    let span = tracing::info_span!(
+        "iscsi_session",
+        initiator = %params.initiator_name,
+        target = params.target_name.as_deref().unwrap_or("(discovery)"),
+        tsih = params.tsih,
+    );
+    async move {
+        tracing::info!(
+            header_digest = params.header_digest,
+            data_digest = params.data_digest,
+            max_burst = params.max_burst,
+            first_burst = params.first_burst,
+            immediate = params.immediate_data,
+            initial_r2t = params.initial_r2t,
+            "logged in"
+        );
+        let framer = Framer {
+            header_digest: params.header_digest,
+            data_digest: params.data_digest,
+            max_recv_data: OUR_MAX_RECV_DATA as usize,
+        };
+        let key = (params.session_type == SessionType::Normal).then(|| SessionKey {
+            initiator: params.initiator_name.clone(),
+            isid: params.isid,
+            target: params.target_name.clone().unwrap_or_default(),
+        });
+        // Discovery sessions have neither; a receiver whose sender lives on never fires
+        // (one whose sender is dropped would fire at once).
+        let (_never, never) = watch::channel(false);
+        let (serial, mut reinstated) = match &key {
+            Some(k) => reg.register_session(k.clone()),
+            None => (0, never.clone()),
+        };
+        let mut removed = match &target {
+            Some(t) => t.removed(),
+            None => never,
+        };
+        let mut session = Session::new(params, target, reg.clone(), local.to_string());
+
+        // Writes go through their own task so a slow reader on the other side never stops us
+        // from reading (and the channel bound gives back-pressure).
+        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(64);
+        let writer = tokio::spawn(async move {
+            while let Some(buf) = wrx.recv().await {
+                if wr.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        let (ctx, mut crx) = mpsc::unbounded_channel::<(u32, scsi::Response)>();
+        let mut tick = tokio::time::interval(PING_INTERVAL);
+        tick.reset();
+        let mut hangup: Option<Instant> = None;
+        let mut closing: Option<String> = None;
+        let mut obuf: Vec<u8> = Vec::new();
+        loop {
+            tokio::select! {
+                r = rd.read_buf(&mut inbuf) => {
+                    match r {
+                        Ok(0) => { closing = Some("initiator closed the connection".into()); }
+                        Ok(_) => loop {
+                            match framer.decode(&inbuf) {
+                                Ok(Decoded::Pdu(p, n)) => {
+                                    inbuf.drain(..n);
+                                    session.on_pdu(p);
+                                }
+                                Ok(Decoded::NeedMore(n)) => {
+                                    inbuf.reserve(n.saturating_sub(inbuf.len()));
+                                    break;
+                                }
+                                Err(e) => {
+                                    tracing::warn!("dropping the connection: {e}");
+                                    closing = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                        },
+                        Err(e) => { closing = Some(format!("read: {e}")); }
+                    }
+                }
+                Some((itt, resp)) = crx.recv() => session.on_complete(itt, resp),
+                _ = tick.tick() => session.on_tick(),
+                Ok(()) = reinstated.changed() => {
+                    closing = Some("session reinstated by a new login".into());
+                }
+                Ok(()) = removed.changed(), if hangup.is_none() => {
+                    tracing::info!("target unexported; asking the initiator to log out");
+                    session.request_logout(LOGOUT_GRACE.as_secs() as u16);
+                    hangup = Some(Instant::now() + LOGOUT_GRACE);
+                }
+                Ok(()) = shutdown.changed(), if hangup.is_none() => {
+                    session.request_logout(LOGOUT_GRACE.as_secs() as u16);
+                    hangup = Some(Instant::now() + LOGOUT_GRACE);
+                }
+                _ = async { match hangup { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    closing = Some("initiator did not log out in time".into());
+                }
+            }
+            for o in session.drain() {
+                match o {
+                    Output::Send(p) => framer.encode(&p, &mut obuf),
+                    Output::DataIn(d) => d.encode(&framer, &mut obuf),
+                    Output::Execute(exec) => {
+                        let ctx = ctx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let resp = std::panic::catch_unwind(AssertUnwindSafe(|| exec.run()))
+                                .unwrap_or_else(|_| {
+                                    tracing::error!(itt = exec.itt, "SCSI command panicked");
+                                    scsi::Response::check(scsi::Sense::new(
+                                        scsi::SenseKey::HardwareError,
+                                        scsi::sense::Asc::INTERNAL_TARGET_FAILURE,
+                                    ))
+                                });
+                            let _ = ctx.send((exec.itt, resp));
+                        });
+                    }
+                    Output::Close(why) => {
+                        closing.get_or_insert(why);
+                    }
+                }
+            }
+            if !obuf.is_empty() && wtx.send(std::mem::take(&mut obuf)).await.is_err() {
+                closing.get_or_insert_with(|| "write failed".into());
+            }
+            if let Some(why) = closing {
+                tracing::info!("session ends: {why}");
+                break;
+            }
+        }
+        drop(wtx);
+        let _ = writer.await;
+        session.end();
+        if let Some(k) = key {
+            reg.unregister_session(&k, serial);
+        }
+    }
+    .instrument(span)
+    .await;
+    Ok(())
+}

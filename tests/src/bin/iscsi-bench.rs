@@ -1,0 +1,311 @@
+//! iscsi-bench: MaaS's iSCSI target against Debian's tgt, side by side in one run.
+//!
+//! Both serve a 1 GiB file-backed volume on 127.0.0.1; the same userspace initiator (fio's
+//! libiscsi engine, rebuilt by `scripts/iscsi-peers.sh`) drives each with the same jobs:
+//! sequential 1 MiB write and read, 4 KiB random read and write at queue depth 32. Workloads
+//! alternate between the two targets (MaaS, tgt, MaaS, tgt ...) so drift on a noisy machine hits
+//! both alike; with `--rounds N` each figure is the median of N runs.
+//!
+//! `--json` prints `{"maas": {...}, "tgt": {...}, "ratio": {...}}`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use maas_engine::iscsi::{IscsiServer, Registry, TargetConfig};
+use maas_engine::scsi::{LogicalUnit, LuIdentity};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "iscsi-bench",
+    about = "MaaS iSCSI target vs tgt, same initiator, same volume size"
+)]
+struct Args {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds per workload and target.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Runs of each workload per target; figures are medians.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Volume size in GiB.
+    #[arg(long, default_value_t = 1)]
+    size_gib: u64,
+    /// Queue depth of the sequential jobs (the random ones run at 32).
+    #[arg(long, default_value_t = 16)]
+    seq_depth: u32,
+    /// Working directory (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+const MAAS_IQN: &str = "iqn.2026-11.io.maas:bench";
+const TGT_IQN: &str = "iqn.2026-11.io.maas:bench-tgt";
+const INITIATOR: &str = "iqn.2026-11.io.maas:bench-initiator";
+
+struct Workload {
+    key: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    bandwidth: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        key: "seq_write_mib_s",
+        rw: "write",
+        bs: "1M",
+        bandwidth: true,
+    },
+    Workload {
+        key: "seq_read_mib_s",
+        rw: "read",
+        bs: "1M",
+        bandwidth: true,
+    },
+    Workload {
+        key: "rand_read_iops",
+        rw: "randread",
+        bs: "4k",
+        bandwidth: false,
+    },
+    Workload {
+        key: "rand_write_iops",
+        rw: "randwrite",
+        bs: "4k",
+        bandwidth: false,
+    },
+];
+
+fn cache_dir() -> PathBuf {
+    std::env::var("MAAS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/maas")
+        })
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fio_bin() -> Result<PathBuf> {
+    let p = std::env::var("MAAS_FIO_LIBISCSI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("peers/bin/fio-libiscsi"));
+    if !p.exists() {
+        bail!("{} missing: run scripts/iscsi-peers.sh first", p.display());
+    }
+    Ok(p)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs one fio job against an iSCSI URL; returns MiB/s or IOPS.
+fn fio(fio: &Path, url: &str, w: &Workload, depth: u32, seconds: u64, size: u64) -> Result<f64> {
+    // fio splits filenames at ':'; libiscsi URLs need them escaped.
+    let filename = url.replace(':', "\\:");
+    let out = Command::new(fio)
+        .args([
+            "--name=bench",
+            "--ioengine=libiscsi",
+            &format!("--filename={filename}"),
+            &format!("--initiator={INITIATOR}"),
+            &format!("--rw={}", w.rw),
+            &format!("--bs={}", w.bs),
+            &format!("--iodepth={depth}"),
+            &format!("--size={size}"),
+            &format!("--runtime={seconds}"),
+            "--time_based",
+            "--numjobs=1",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notices before the JSON document.
+    let start = text.find('{').context("no JSON from fio")?;
+    let v: Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
+    let job = &v["jobs"][0];
+    let side = if w.rw.contains("write") {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    if job["error"].as_i64().unwrap_or(0) != 0 {
+        bail!("fio job error {}", job["error"]);
+    }
+    Ok(if w.bandwidth {
+        side["bw_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
+    } else {
+        side["iops"].as_f64().unwrap_or(0.0)
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// tgt through scripts/tgt-target.sh; stopped on drop.
+struct Tgt {
+    port: u16,
+}
+
+impl Tgt {
+    fn start(port: u16, file: &Path, size: u64) -> Result<Tgt> {
+        let st = Command::new(repo_root().join("scripts/tgt-target.sh"))
+            .args(["start", &port.to_string(), TGT_IQN])
+            .arg(file)
+            .arg(size.to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("starting tgt")?;
+        if !st.success() {
+            bail!("tgt-target.sh start failed");
+        }
+        Ok(Tgt { port })
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/tgt-target.sh"))
+            .args(["stop", &self.port.to_string()])
+            .status();
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let fio_path = fio_bin()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let size = args.size_gib << 30;
+
+    // MaaS: a pool on a file device, one volume, served by the engine's iSCSI target.
+    let pool = maas_pool::Pool::create(
+        &dir.join("pool"),
+        maas_pool::CreateOptions {
+            devices: vec![maas_pool::DeviceSpec {
+                path: "data-0.dev".into(),
+                tier: maas_pool::Tier::Ssd,
+                size: size * 4,
+            }],
+            ..Default::default()
+        },
+        maas_pool::OpenOptions {
+            background: true,
+            ..Default::default()
+        },
+    )?;
+    let info = pool.create_volume("bench", size, 512)?;
+    let vol = pool.open_volume(info.id)?;
+    let lu = Arc::new(LogicalUnit::new(
+        Arc::new(vol),
+        LuIdentity::from_volume_id("bench"),
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let registry = Arc::new(Registry::new(None));
+    registry.add(TargetConfig {
+        name: MAAS_IQN.into(),
+        alias: None,
+        initiators: vec![INITIATOR.into()],
+        chap: None,
+        luns: BTreeMap::from([(0, lu)]),
+    });
+    let maas_port = free_port()?;
+    let server = rt.block_on(IscsiServer::bind(
+        &format!("127.0.0.1:{maas_port}"),
+        registry,
+    ))?;
+    let maas_url = format!("iscsi://127.0.0.1:{maas_port}/{MAAS_IQN}/0");
+
+    let tgt_port = free_port()?;
+    let _tgt = Tgt::start(tgt_port, &dir.join("tgt.img"), size)?;
+    let tgt_url = format!("iscsi://127.0.0.1:{tgt_port}/{TGT_IQN}/1");
+
+    let mut results: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for _ in 0..args.rounds {
+        for w in &WORKLOADS {
+            let depth = if w.bandwidth { args.seq_depth } else { 32 };
+            for (name, url) in [("maas", &maas_url), ("tgt", &tgt_url)] {
+                let v = fio(&fio_path, url, w, depth, args.seconds, size)
+                    .with_context(|| format!("{name} {}", w.key))?;
+                if !args.json {
+                    eprintln!("{name:>4} {:<16} {v:>10.1}", w.key);
+                }
+                results
+                    .entry(name)
+                    .or_default()
+                    .entry(w.key)
+                    .or_default()
+                    .push(v);
+            }
+        }
+    }
+    rt.block_on(server.shutdown());
+    drop(rt);
+    pool.close()?;
+
+    let fig = |name: &str, key: &str| {
+        median(
+            results
+                .get(name)
+                .and_then(|r| r.get(key))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    };
+    let mut out = json!({"maas": {}, "tgt": {}, "ratio": {}});
+    for w in &WORKLOADS {
+        let (m, t) = (fig("maas", w.key), fig("tgt", w.key));
+        out["maas"][w.key] = json!((m * 10.0).round() / 10.0);
+        out["tgt"][w.key] = json!((t * 10.0).round() / 10.0);
+        out["ratio"][w.key] = json!(if t > 0.0 {
+            (m / t * 100.0).round() / 100.0
+        } else {
+            0.0
+        });
+    }
+    out["config"] = json!({
+        "seconds": args.seconds, "rounds": args.rounds, "size_gib": args.size_gib,
+        "seq_depth": args.seq_depth, "rand_depth": 32, "initiator": "fio libiscsi engine",
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{:<18} {:>12} {:>12} {:>8}",
+            "workload", "maas", "tgt", "ratio"
+        );
+        for w in &WORKLOADS {
+            println!(
+                "{:<18} {:>12.1} {:>12.1} {:>7.2}x",
+                w.key,
+                fig("maas", w.key),
+                fig("tgt", w.key),
+                out["ratio"][w.key].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
