@@ -239,7 +239,10 @@ fn main() -> Result<()> {
     ))?;
     let maas_url = format!("iscsi://127.0.0.1:{maas_port}/{MAAS_IQN}/0");
 
-    let tgt_port = free_port()?;
+    // tgtd takes its port as its control-channel number too, which must stay small.
+    let tgt_port = (3270..4000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .context("no free port in 3270..4000 for tgt")?;
     let _tgt = Tgt::start(tgt_port, &dir.join("tgt.img"), size)?;
     let tgt_url = format!("iscsi://127.0.0.1:{tgt_port}/{TGT_IQN}/1");
 
