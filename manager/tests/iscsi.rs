@@ -514,10 +514,12 @@ impl FioReader {
                 "--iodepth=8",
                 "--runtime=60",
                 "--time_based",
+                // Threads, not forked job processes: fio's job processes leave the process
+                // group, so only a single process can be reliably killed.
+                "--thread",
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            // fio forks its jobs: give them a process group of their own to kill as one.
             .process_group(0)
             .spawn()
             .unwrap();
