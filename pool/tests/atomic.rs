@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,21 +31,6 @@ fn find_block(path: &Path, block: &[u8]) -> Option<u64> {
         }
         base += n as u64;
     }
-}
-
-fn flip(path: &Path, at: u64) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.read_exact(&mut b).unwrap();
-    b[0] ^= 0x5a;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&b).unwrap();
-    f.sync_all().unwrap();
 }
 
 #[test]

@@ -4,26 +4,8 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
-
 use common::*;
 use maas_pool::{BlockDevice, OpenOptions, Pool, PoolError};
-
-fn flip(path: &Path, at: u64) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.read_exact(&mut b).unwrap();
-    b[0] ^= 0x5a;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&b).unwrap();
-    f.sync_all().unwrap();
-}
 
 #[test]
 fn damaged_chunks_and_index_nodes_are_detected_and_named() {

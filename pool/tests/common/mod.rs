@@ -56,3 +56,20 @@ pub fn read_all(v: &impl BlockDevice, offset: u64, len: usize) -> Vec<u8> {
     v.read(offset, &mut b).unwrap();
     b
 }
+
+/// Flips one byte of a file on disk (damage that checksums must catch).
+pub fn flip(path: &Path, at: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    b[0] ^= 0x5a;
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&b).unwrap();
+    f.sync_all().unwrap();
+}
