@@ -153,21 +153,21 @@ async fn connection(
                     None => return Ok(()),
                 },
             };
+        let (resp, outcome) = match login.on_request(&pdu, &reg) {
+            Step::Continue(resp) => (resp, None),
+            Step::Complete(resp, li) => (resp, Some(Ok(li))),
+            Step::Fail(resp, why) => (resp, Some(Err(why))),
+        };
+        if let Some(Err(why)) = &outcome {
+            tracing::warn!("login refused: {why}");
+        }
         let mut out = Vec::new();
-        match login.on_request(&pdu, &reg) {
-            Step::Continue(resp) => {
-                framer.encode(&resp, &mut out);
-                wr.write_all(&out).await?;
-            }
-            Step::Complete(resp, li) => {
-                framer.encode(&resp, &mut out);
-                wr.write_all(&out).await?;
-                break li;
-            }
-            Step::Fail(resp, why) => {
-                tracing::warn!("login refused: {why}");
-                framer.encode(&resp, &mut out);
-                wr.write_all(&out).await?;
+        framer.encode(&resp, &mut out);
+        wr.write_all(&out).await?;
+        match outcome {
+            None => {}
+            Some(Ok(li)) => break li,
+            Some(Err(_)) => {
                 let _ = wr.shutdown().await;
                 return Ok(());
             }

@@ -24,6 +24,16 @@ const R2T_BUDGET: u64 = 64 << 20;
 
 const REPORT_LUNS: u8 = 0xa0;
 
+/// Hands out the next target transfer tag, never the reserved value.
+fn take_tag(next: &mut u32) -> u32 {
+    let t = *next;
+    *next = next.wrapping_add(1);
+    if *next == RESERVED_TAG {
+        *next = 1;
+    }
+    t
+}
+
 /// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers.
 fn sn_lt(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -420,12 +430,7 @@ impl Session {
     }
 
     fn new_ttt(&mut self) -> u32 {
-        let t = self.next_ttt;
-        self.next_ttt = self.next_ttt.wrapping_add(1);
-        if self.next_ttt == RESERVED_TAG {
-            self.next_ttt = 1;
-        }
-        t
+        take_tag(&mut self.next_ttt)
     }
 
     // ------------------------------------------------------------------ SCSI commands
@@ -445,7 +450,7 @@ impl Session {
             return self.reject(reject::TASK_IN_PROGRESS, &pdu);
         }
         let flags = pdu.flags();
-        let (read, write) = (flags & 0x40 != 0, flags & 0x20 != 0);
+        let write = flags & 0x20 != 0;
         let edtl = pdu.u32_at(20);
         let mut cdb = pdu.bhs[32..48].to_vec();
         // An extended CDB arrives in an AHS of type 1 (RFC 7143 11.3.5).
@@ -472,7 +477,6 @@ impl Session {
             aborted: false,
             r2t_count: 0,
         };
-        let _ = read;
         if !write || edtl == 0 {
             self.tasks.insert(itt, task);
             return self.execute(itt, Vec::new());
@@ -514,7 +518,7 @@ impl Session {
         if x.received >= edtl {
             let data = std::mem::take(&mut x.buf);
             let (discard, budgeted) = (x.discard, x.budgeted);
-            self.r2t_used -= budgeted.min(self.r2t_used);
+            self.r2t_used = self.r2t_used.saturating_sub(budgeted);
             if discard {
                 return self.fail_oversized(itt);
             }
@@ -542,14 +546,7 @@ impl Session {
         let mut r2ts = Vec::new();
         while x.r2ts.len() < mtr && x.next_r2t_offset < edtl {
             let len = mb.min(edtl - x.next_r2t_offset);
-            let ttt = {
-                let t = self.next_ttt;
-                self.next_ttt = self.next_ttt.wrapping_add(1);
-                if self.next_ttt == RESERVED_TAG {
-                    self.next_ttt = 1;
-                }
-                t
-            };
+            let ttt = take_tag(&mut self.next_ttt);
             x.r2ts.push_back(R2tSeq {
                 ttt,
                 offset: x.next_r2t_offset,
@@ -656,7 +653,7 @@ impl Session {
             // task. The connection and the initiator's other commands carry on.
             tracing::warn!(itt, ttt, data_sn, offset, len, "{e}; failing the command");
             let budgeted = x.budgeted;
-            self.r2t_used -= budgeted.min(self.r2t_used);
+            self.r2t_used = self.r2t_used.saturating_sub(budgeted);
             if let Some(t) = self.tasks.get_mut(&itt) {
                 t.phase = Phase::Executing;
             }
@@ -846,7 +843,7 @@ impl Session {
             match &task.phase {
                 Phase::Collecting(x) => {
                     let b = x.budgeted;
-                    self.r2t_used -= b.min(self.r2t_used);
+                    self.r2t_used = self.r2t_used.saturating_sub(b);
                     self.tasks.remove(&itt);
                     self.r2t_waiting.retain(|i| *i != itt);
                 }

@@ -117,6 +117,23 @@ impl LogicalUnit {
         data.get(..usable).unwrap_or_default()
     }
 
+    /// The checks of a write that carries data, in order (transfer length, write protection,
+    /// LBA range), and the whole blocks of the Data-Out it may write.
+    fn write_range<'d>(
+        &self,
+        cdb: &[u8],
+        data: &'d [u8],
+        capacity: u64,
+    ) -> Result<(BlockRange, &'d [u8]), Sense> {
+        let r = block_range(cdb);
+        if r.blocks > self.limits.max_transfer {
+            return Err(Sense::invalid_cdb_field(transfer_length_at(cdb), None));
+        }
+        self.check_writable()?;
+        check_range(r.lba, u64::from(r.blocks), capacity)?;
+        Ok((r, self.whole_blocks(data, r.blocks)))
+    }
+
     /// WRITE (6/10/12/16) and WRITE AND VERIFY (10/12/16). FUA (and WRITE AND VERIFY, and a
     /// disabled write cache) make the data durable before GOOD.
     fn write(
@@ -126,13 +143,7 @@ impl LogicalUnit {
         capacity: u64,
         verify: bool,
     ) -> Result<Response, Sense> {
-        let r = block_range(cdb);
-        if r.blocks > self.limits.max_transfer {
-            return Err(Sense::invalid_cdb_field(transfer_length_at(cdb), None));
-        }
-        self.check_writable()?;
-        check_range(r.lba, u64::from(r.blocks), capacity)?;
-        let data = self.whole_blocks(data, r.blocks);
+        let (r, data) = self.write_range(cdb, data, capacity)?;
         if data.is_empty() {
             return Ok(Response::good());
         }
@@ -349,13 +360,7 @@ impl LogicalUnit {
     /// ORWRITE (16) (SBC-3 5.9): ORs the Data-Out into the stored blocks, atomically with
     /// respect to other writes through this logical unit.
     fn orwrite(&self, cdb: &[u8], data: &[u8], capacity: u64) -> Result<Response, Sense> {
-        let r = block_range(cdb);
-        if r.blocks > self.limits.max_transfer {
-            return Err(Sense::invalid_cdb_field(transfer_length_at(cdb), None));
-        }
-        self.check_writable()?;
-        check_range(r.lba, u64::from(r.blocks), capacity)?;
-        let data = self.whole_blocks(data, r.blocks);
+        let (r, data) = self.write_range(cdb, data, capacity)?;
         if data.is_empty() {
             return Ok(Response::good());
         }
