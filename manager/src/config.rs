@@ -42,6 +42,7 @@ pub struct PoolConfig {
     pub chunk_size: u64,
     pub device_size: u64,
     pub cache_bytes: u64,
+    pub log_cache_bytes: u64,
     pub wal_segment_bytes: u64,
     pub wal_fold_threshold: u64,
 }
@@ -110,6 +111,7 @@ impl Default for PoolConfig {
             chunk_size: 1 << 20,
             device_size: 0,
             cache_bytes: 256 << 20,
+            log_cache_bytes: 256 << 20,
             wal_segment_bytes: 64 << 20,
             wal_fold_threshold: 2 << 30,
         }
@@ -161,6 +163,11 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "Size of the pool's data file on first start; 0 = the filesystem's free space (sparse).",
     ),
     ("pool", "cache_bytes", "RAM tier: decompressed chunk cache."),
+    (
+        "pool",
+        "log_cache_bytes",
+        "RAM tier: recently written blocks kept in memory for reads (0 = off).",
+    ),
     (
         "pool",
         "wal_segment_bytes",

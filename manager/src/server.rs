@@ -180,6 +180,7 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
     let pool_dir = cfg.data.dir.join("pool");
     let opts = maas_pool::OpenOptions {
         cache_bytes: cfg.pool.cache_bytes as usize,
+        log_cache_bytes: cfg.pool.log_cache_bytes as usize,
         wal_segment_bytes: cfg.pool.wal_segment_bytes,
         wal_fold_threshold: cfg.pool.wal_fold_threshold,
         background: true,

@@ -135,6 +135,9 @@ impl Default for CreateOptions {
 pub struct OpenOptions {
     /// RAM tier: decompressed chunk cache.
     pub cache_bytes: usize,
+    /// RAM tier: recently written blocks, kept after they reach the write-ahead log so reading
+    /// them back needs no device I/O (0 disables it).
+    pub log_cache_bytes: usize,
     /// Size of one WAL segment.
     pub wal_segment_bytes: u64,
     /// Fold live data into sealed chunks once the WAL holds this much.
@@ -147,6 +150,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             cache_bytes: 256 << 20,
+            log_cache_bytes: 256 << 20,
             wal_segment_bytes: 64 << 20,
             wal_fold_threshold: 2 << 30,
             background: true,

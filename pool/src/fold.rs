@@ -95,7 +95,7 @@ impl PoolInner {
             match slot {
                 Slot::Zero => raw[at..at + 4096].fill(0),
                 Slot::Data(loc) => {
-                    if !self.wal.read_unwritten(loc, &mut raw[at..at + 4096]) {
+                    if !self.wal.read_from_memory(loc, &mut raw[at..at + 4096]) {
                         pending.push((loc.device, loc.offset, at));
                     }
                 }

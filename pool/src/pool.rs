@@ -323,7 +323,12 @@ impl Pool {
             .map(|v| v.folded_lsn.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
-        let wal = Arc::new(Wal::new(shared.clone(), opts.wal_segment_bytes, replayed));
+        let wal = Arc::new(Wal::new(
+            shared.clone(),
+            opts.wal_segment_bytes,
+            opts.log_cache_bytes,
+            replayed,
+        ));
         wal.raise_next_lsn(max_folded + 1);
         let cpu = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("maas-pool-cpu-{i}"))

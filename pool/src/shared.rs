@@ -127,6 +127,16 @@ impl Shared {
         })
     }
 
+    /// A data chunk's bytes if the RAM cache holds them.
+    pub fn chunk_cached(&self, d: &Digest) -> Option<Arc<Vec<u8>>> {
+        self.chunk_cache.lock().get(d)
+    }
+
+    /// An index node if the RAM cache holds it.
+    pub fn node_cached(&self, d: &Digest) -> Option<Arc<Node>> {
+        self.node_cache.lock().get(d)
+    }
+
     /// A data chunk's bytes (chunk_size long), through the RAM cache.
     pub fn chunk(&self, d: &Digest) -> Result<Arc<Vec<u8>>> {
         if let Some(c) = self.chunk_cache.lock().get(d) {

@@ -19,6 +19,7 @@ use crate::io::{self, AlignedBuf, Op};
 use crate::overlay::{Loc, Lookup};
 use crate::pool::{PoolInner, VolOverlay, VolumeState};
 use crate::types::{BLOCK, Digest, VolumeId};
+use crate::wal::NOWAIT_LOCK_WAIT;
 
 /// One run of [`BlockDevice::provisioning_status`]: `len` bytes that are all mapped (stored) or
 /// all deallocated (stored as nothing, read back as zeroes).
@@ -41,6 +42,21 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
     /// Deallocates; the range reads back as zeroes afterwards.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Reads like [`BlockDevice::read`] if that needs no device I/O and no waiting (the blocks
+    /// are in memory); otherwise returns false at once, `buf` then holding anything. For
+    /// front-ends that serve such reads on their network thread.
+    fn read_nowait(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let _ = (offset, buf);
+        Ok(false)
+    }
+
+    /// Writes like [`BlockDevice::write`] without FUA if that needs no device I/O and no
+    /// waiting; otherwise returns false at once, having written nothing.
+    fn write_nowait(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        let _ = (offset, data);
+        Ok(false)
+    }
 
     /// Largest write, in bytes, that [`BlockDevice::write_atomic`] accepts at any (block-aligned)
     /// offset; 0 when the device cannot write atomically.
@@ -83,6 +99,39 @@ pub struct Volume {
     pub(crate) vol: Arc<VolumeState>,
 }
 
+/// Whether a read may wait for device I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
+/// Reads coalesced WAL runs (device, offset, first block in `out`, blocks) straight into an
+/// aligned `out`.
+fn read_device_runs(
+    shared: &crate::shared::Shared,
+    runs: &[(u16, u64, usize, usize)],
+    out: &mut [u8],
+) -> Result<()> {
+    let mut ops = Vec::with_capacity(runs.len());
+    let mut rest: &mut [u8] = out;
+    let mut consumed = 0usize;
+    for &(d, off, idx, cnt) in runs {
+        let dev = shared.device(d)?;
+        let tail = std::mem::take(&mut rest);
+        let (_, tail) = tail.split_at_mut(idx * 4096 - consumed);
+        let (mine, tail) = tail.split_at_mut(cnt * 4096);
+        consumed = (idx + cnt) * 4096;
+        rest = tail;
+        ops.push(Op::Read {
+            file: dev.file(),
+            offset: off,
+            buf: mine,
+        });
+    }
+    io::run_batch(&mut ops).map_err(|e| PoolError::io("read of write-ahead log", e))
+}
+
 #[derive(Clone, Copy)]
 enum Src {
     Zero,
@@ -108,6 +157,11 @@ impl Volume {
     fn check(&self, offset: u64, len: u64) -> Result<u64> {
         self.pool.check_open()?;
         let ov = self.vol.ov.read();
+        self.check_in(&ov, offset, len)
+    }
+
+    /// As [`Volume::check`] under an overlay lock the caller holds.
+    fn check_in(&self, ov: &VolOverlay, offset: u64, len: u64) -> Result<u64> {
         if ov.deleted {
             return Err(PoolError::VolumeDeleted(self.id()));
         }
@@ -175,17 +229,35 @@ impl Volume {
         first: u64,
         out: &mut [u8],
     ) -> Result<()> {
+        self.fetch_as(srcs, base_root, first, out, Wait::Yes)
+            .map(|_| ())
+    }
+
+    /// As [`Volume::fetch`]; with `Wait::No` it returns false as soon as a block would need
+    /// device I/O (`out` is then partly filled). `out` need not be aligned: device reads go
+    /// through aligned bounce buffers when it is not.
+    fn fetch_as(
+        &self,
+        srcs: &[Src],
+        base_root: Option<Digest>,
+        first: u64,
+        out: &mut [u8],
+        wait: Wait,
+    ) -> Result<bool> {
         let cb = self.chunk_blocks();
         let shared = &self.pool.shared;
-        // WAL blocks: from memory if unwritten, else batched device reads (coalesced).
+        // WAL blocks: from memory if there, else batched device reads (coalesced).
         let mut dev_reads: Vec<(u16, u64, usize, usize)> = Vec::new(); // device, offset, out index, blocks
         for (i, s) in srcs.iter().enumerate() {
             let dst = &mut out[i * 4096..(i + 1) * 4096];
             match s {
                 Src::Zero => dst.fill(0),
                 Src::Wal(loc) => {
-                    if self.pool.wal.read_unwritten(loc, dst) {
+                    if self.pool.wal.read_from_memory(loc, dst) {
                         continue;
+                    }
+                    if wait == Wait::No {
+                        return Ok(false);
                     }
                     match dev_reads.last_mut() {
                         Some((d, off, idx, cnt))
@@ -202,23 +274,28 @@ impl Volume {
             }
         }
         if !dev_reads.is_empty() {
-            let mut ops = Vec::with_capacity(dev_reads.len());
-            let mut rest: &mut [u8] = &mut *out;
-            let mut consumed = 0usize;
-            for &(d, off, idx, cnt) in &dev_reads {
-                let dev = shared.device(d)?;
-                let tail = std::mem::take(&mut rest);
-                let (_, tail) = tail.split_at_mut(idx * 4096 - consumed);
-                let (mine, tail) = tail.split_at_mut(cnt * 4096);
-                consumed = (idx + cnt) * 4096;
-                rest = tail;
-                ops.push(Op::Read {
-                    file: dev.file(),
-                    offset: off,
-                    buf: mine,
-                });
+            if (out.as_ptr() as usize) % io::ALIGN == 0 {
+                read_device_runs(shared, &dev_reads, out)?;
+            } else {
+                // O_DIRECT needs aligned memory: read into bounce buffers, then copy.
+                let mut bounce: Vec<AlignedBuf> = dev_reads
+                    .iter()
+                    .map(|&(_, _, _, cnt)| AlignedBuf::zeroed(cnt * 4096))
+                    .collect();
+                let mut ops = Vec::with_capacity(dev_reads.len());
+                for (&(d, off, _, _), buf) in dev_reads.iter().zip(bounce.iter_mut()) {
+                    ops.push(Op::Read {
+                        file: shared.device(d)?.file(),
+                        offset: off,
+                        buf: &mut buf[..],
+                    });
+                }
+                io::run_batch(&mut ops).map_err(|e| PoolError::io("read of write-ahead log", e))?;
+                drop(ops);
+                for (&(_, _, idx, cnt), buf) in dev_reads.iter().zip(&bounce) {
+                    out[idx * 4096..(idx + cnt) * 4096].copy_from_slice(buf);
+                }
             }
-            io::run_batch(&mut ops).map_err(|e| PoolError::io("read of write-ahead log", e))?;
         }
         // Sealed chunks.
         let mut i = 0usize;
@@ -232,17 +309,30 @@ impl Volume {
                 j += 1;
             }
             let dst = &mut out[i * 4096..j * 4096];
-            match self.pool.chunk_digest(base_root, c)? {
+            let digest = match wait {
+                Wait::Yes => self.pool.chunk_digest(base_root, c)?,
+                Wait::No => match self.pool.chunk_digest_cached(base_root, c) {
+                    Some(d) => d,
+                    None => return Ok(false),
+                },
+            };
+            match digest {
                 None => dst.fill(0),
                 Some(d) => {
-                    let data = shared.chunk(&d)?;
+                    let data = match wait {
+                        Wait::Yes => shared.chunk(&d)?,
+                        Wait::No => match shared.chunk_cached(&d) {
+                            Some(c) => c,
+                            None => return Ok(false),
+                        },
+                    };
                     let within = ((first + i as u64) % cb * BLOCK) as usize;
                     dst.copy_from_slice(&data[within..within + dst.len()]);
                 }
             }
             i = j;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Zeroes whole 4 KiB blocks [first, first+n) (stored as nothing).
@@ -421,9 +511,7 @@ impl BlockDevice for Volume {
         }
         let first = offset / BLOCK;
         let last = (offset + len).div_ceil(BLOCK);
-        let aligned =
-            offset % BLOCK == 0 && len % BLOCK == 0 && (buf.as_ptr() as usize) % 4096 == 0;
-        if aligned {
+        if offset % BLOCK == 0 && len % BLOCK == 0 {
             return self.read_blocks(first, last - first, buf);
         }
         let mut tmp = AlignedBuf::zeroed(((last - first) * BLOCK) as usize);
@@ -431,6 +519,47 @@ impl BlockDevice for Volume {
         let skip = (offset - first * BLOCK) as usize;
         buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
         Ok(())
+    }
+
+    fn read_nowait(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let len = buf.len() as u64;
+        self.pool.check_open()?;
+        if offset % BLOCK != 0 || len % BLOCK != 0 {
+            return Ok(false);
+        }
+        // Whoever holds these exclusively (reclaim, a fold's switch, a write) is brief, but not
+        // ours to wait for.
+        let Some(_pin) = self.pool.shared.pin.try_read_for(NOWAIT_LOCK_WAIT) else {
+            return Ok(false);
+        };
+        let (srcs, base_root) = {
+            let Some(ov) = self.vol.ov.try_read_for(NOWAIT_LOCK_WAIT) else {
+                return Ok(false);
+            };
+            self.check_in(&ov, offset, len)?;
+            (self.resolve(&ov, offset / BLOCK, len / BLOCK), ov.base_root)
+        };
+        self.fetch_as(&srcs, base_root, offset / BLOCK, buf, Wait::No)
+    }
+
+    fn write_nowait(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        let len = data.len() as u64;
+        self.pool.check_open()?;
+        // Partial 4 KiB blocks need a read-modify-write, which may read the device.
+        if len == 0 || offset % BLOCK != 0 || len % BLOCK != 0 {
+            return Ok(false);
+        }
+        let Some(mut ov) = self.vol.ov.try_write_for(NOWAIT_LOCK_WAIT) else {
+            return Ok(false);
+        };
+        self.check_in(&ov, offset, len)?;
+        self.pool
+            .wal
+            .append_nowait(self.vol.id, offset / BLOCK, data, |p| {
+                if let Some(loc) = p.loc {
+                    ov.active.set_data(p.block, p.nblocks, loc);
+                }
+            })
     }
 
     #[tracing::instrument(level = "trace", skip(self, data), fields(volume = self.vol.id, len = data.len()))]
@@ -548,6 +677,25 @@ impl BlockDevice for Volume {
 
 impl PoolInner {
     /// Digest of chunk `c` in the index rooted at `root` (None: all-zero).
+    /// As [`PoolInner::chunk_digest`] from the RAM cache only; None if an index node is not
+    /// cached.
+    pub(crate) fn chunk_digest_cached(
+        &self,
+        root: Option<Digest>,
+        c: u64,
+    ) -> Option<Option<Digest>> {
+        let Some(root) = root else {
+            return Some(None);
+        };
+        let fan = crate::index::LEAF_FANOUT;
+        let r = self.shared.node_cached(&root)?;
+        let Some(Some(leaf)) = r.entries.get((c / fan) as usize) else {
+            return Some(None);
+        };
+        let l = self.shared.node_cached(leaf)?;
+        Some(l.entries.get((c % fan) as usize).copied().flatten())
+    }
+
     pub(crate) fn chunk_digest(&self, root: Option<Digest>, c: u64) -> Result<Option<Digest>> {
         let Some(root) = root else { return Ok(None) };
         let fan = crate::index::LEAF_FANOUT;

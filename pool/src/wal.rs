@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::alloc::Placement;
 use crate::error::{PoolError, Result};
@@ -41,6 +41,13 @@ pub const WAL_MAGIC: &[u8; 8] = b"MAASWAL\0";
 pub const WAL_FORMAT_VERSION: u16 = 1;
 pub const MAX_ENTRIES: usize = (4096 - 64) / 32;
 pub const MAX_BATCH_DATA: usize = 2 << 20;
+/// How long a non-blocking call waits for a lock another thread holds for a moment (the
+/// flusher taking batches, another append) before it declines.
+pub const NOWAIT_LOCK_WAIT: Duration = Duration::from_micros(50);
+/// Size of a batch buffer: the header block and the most data a batch holds.
+const BATCH_BUF_LEN: usize = 4096 + MAX_BATCH_DATA;
+/// Spare batch buffers kept for reuse.
+const MAX_SPARE_BUFFERS: usize = 8;
 /// Appenders wait when this much data is in memory but not yet written.
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 
@@ -108,10 +115,25 @@ struct LogState {
     shutdown: bool,
 }
 
+/// Written batches kept in memory: the RAM tier's log cache. Reads of recently written blocks
+/// then need no device I/O (and can be served without blocking). LSNs are never reused, so an
+/// entry can never describe other data than its LSN's; entries whose blocks were overwritten,
+/// folded or reclaimed simply age out, oldest first, once the cache is over its byte budget.
+#[derive(Debug, Default)]
+struct LogCache {
+    batches: BTreeMap<u64, Arc<Batch>>,
+    bytes: usize,
+}
+
 #[derive(Debug)]
 pub struct Wal {
     shared: Arc<Shared>,
     st: Mutex<LogState>,
+    cache: RwLock<LogCache>,
+    /// Byte budget of `cache` (0: no log cache).
+    cache_limit: usize,
+    /// Batch buffers to reuse: a fresh one costs page faults and zeroing for each of its pages.
+    spare: Mutex<Vec<AlignedBuf>>,
     work: Condvar,
     done: Condvar,
     /// Every batch with LSN <= written is on its device (maybe not yet durable).
@@ -210,7 +232,12 @@ pub struct Replayed {
 }
 
 impl Wal {
-    pub fn new(shared: Arc<Shared>, segment_size: u64, replayed: Replayed) -> Wal {
+    pub fn new(
+        shared: Arc<Shared>,
+        segment_size: u64,
+        cache_limit: usize,
+        replayed: Replayed,
+    ) -> Wal {
         let last = replayed.next_lsn.saturating_sub(1);
         let st = LogState {
             segments: replayed.segments.into_iter().map(|s| (s.seq, s)).collect(),
@@ -221,6 +248,9 @@ impl Wal {
         Wal {
             shared,
             st: Mutex::new(st),
+            cache: RwLock::new(LogCache::default()),
+            cache_limit,
+            spare: Mutex::new(Vec::new()),
             work: Condvar::new(),
             done: Condvar::new(),
             written: AtomicU64::new(last),
@@ -457,6 +487,30 @@ impl Wal {
         }
     }
 
+    /// A buffer for a new batch, reused if one is spare. Its bytes are whatever they were: the
+    /// header block is encoded whole and only the data appended is ever read or written.
+    fn batch_buffer(&self) -> AlignedBuf {
+        match self.spare.lock().pop() {
+            Some(mut b) => {
+                b.set_len(BATCH_BUF_LEN);
+                b
+            }
+            None => AlignedBuf::zeroed(BATCH_BUF_LEN),
+        }
+    }
+
+    /// Keeps the buffer of a batch nobody else holds for reuse (up to [`MAX_SPARE_BUFFERS`]).
+    fn recycle(&self, b: Arc<Batch>) {
+        if let Ok(batch) = Arc::try_unwrap(b)
+            && batch.buf.capacity() == BATCH_BUF_LEN
+        {
+            let mut spare = self.spare.lock();
+            if spare.len() < MAX_SPARE_BUFFERS {
+                spare.push(batch.buf);
+            }
+        }
+    }
+
     /// Opens a new, empty batch at the current position of the current segment (none open).
     fn open_batch(&self, st: &mut LogState) {
         let Some(cur) = st.cur.as_ref() else { return };
@@ -468,7 +522,7 @@ impl Wal {
             device: cur.extent.device,
             offset: cur.extent.offset + cur.pos,
             entries: Vec::new(),
-            buf: AlignedBuf::zeroed(4096 + MAX_BATCH_DATA),
+            buf: self.batch_buffer(),
             data_len: 0,
         });
     }
@@ -532,14 +586,62 @@ impl Wal {
         block: u64,
         nblocks: u64,
         data: Option<&[u8]>,
-        mut on_piece: impl FnMut(Piece),
+        on_piece: impl FnMut(Piece),
     ) -> Result<()> {
         let mut st = self.lock_for_append()?;
+        self.append_locked(&mut st, vol, block, nblocks, data, on_piece)
+    }
+
+    /// As [`Wal::append`] for data, but only if that needs no waiting: no backpressure, and room
+    /// for the whole write in the current segment (a new segment means a metadata commit).
+    /// Returns false, having appended nothing, otherwise.
+    pub fn append_nowait(
+        &self,
+        vol: u64,
+        block: u64,
+        data: &[u8],
+        on_piece: impl FnMut(Piece),
+    ) -> Result<bool> {
+        let Some(mut st) = self.st.try_lock_for(NOWAIT_LOCK_WAIT) else {
+            return Ok(false);
+        };
+        Self::check_failed(&st)?;
+        if st.inflight_bytes > MAX_INFLIGHT_BYTES {
+            return Ok(false);
+        }
+        let Some(cur) = st.cur.as_ref() else {
+            return Ok(false);
+        };
+        // End of what is used in the segment, counting the open batch as it is.
+        let used = match &st.open {
+            Some(ob) => ob.offset - cur.extent.offset + 4096 + ob.data_len as u64,
+            None => cur.pos,
+        };
+        let len = data.len() as u64;
+        // Every batch the write may open needs a header block; one more for slack.
+        let headers = (len / MAX_BATCH_DATA as u64 + 2) * BLOCK;
+        if used + len + headers > cur.extent.len {
+            return Ok(false);
+        }
+        let nblocks = len / BLOCK;
+        self.append_locked(&mut st, vol, block, nblocks, Some(data), on_piece)?;
+        Ok(true)
+    }
+
+    fn append_locked(
+        &self,
+        st: &mut LogState,
+        vol: u64,
+        block: u64,
+        nblocks: u64,
+        data: Option<&[u8]>,
+        mut on_piece: impl FnMut(Piece),
+    ) -> Result<()> {
         let mut done = 0u64;
         while done < nblocks {
-            self.ensure_open(&mut st, data.is_some())?;
+            self.ensure_open(st, data.is_some())?;
             let room = if data.is_some() {
-                self.data_room(&st)
+                self.data_room(st)
             } else {
                 u32::MAX as u64
             };
@@ -716,8 +818,18 @@ impl Wal {
         Ok(())
     }
 
-    /// Copies a block from a batch still in memory; false if it has been written (read the device).
-    pub fn read_unwritten(&self, loc: &Loc, dst: &mut [u8]) -> bool {
+    /// Copies blocks from a batch still in memory (not yet written, or kept in the log cache);
+    /// false if the device must be read.
+    pub fn read_from_memory(&self, loc: &Loc, dst: &mut [u8]) -> bool {
+        if let Some(b) = self.cache.read().batches.get(&loc.lsn) {
+            let at = (loc.offset - b.offset) as usize;
+            if let Some(src) = b.buf.get(at..at + dst.len()) {
+                dst.copy_from_slice(src);
+                return true;
+            }
+        }
+        // A batch leaves `inflight` only after it is written and offered to the cache, so a
+        // batch found in neither place is on its device.
         if loc.lsn <= self.written.load(Ordering::SeqCst) {
             return false;
         }
@@ -783,6 +895,9 @@ impl Wal {
                 }
             };
             let res = self.write_batches(&batches);
+            if res.is_ok() {
+                self.keep_in_cache(&batches);
+            }
             let mut st = self.st.lock();
             if let Err(e) = res {
                 tracing::error!(error = %e, "write-ahead log write failed; the pool refuses further writes");
@@ -796,6 +911,9 @@ impl Wal {
                     st.inflight.remove(&b.lsn);
                     st.inflight_bytes -= b.buf.len();
                 }
+            }
+            for b in batches {
+                self.recycle(b);
             }
             let written = self.written.load(Ordering::SeqCst);
             let wants_more_sync = st.sync_target > self.synced.load(Ordering::SeqCst);
@@ -817,6 +935,52 @@ impl Wal {
                 }
             }
             self.done.notify_all();
+        }
+    }
+
+    /// Offers written batches to the log cache, evicting the oldest beyond its budget. A batch
+    /// that fills little of its buffer (small random writes) is copied into a tight one first,
+    /// so the budget counts data rather than empty buffer space.
+    fn keep_in_cache(&self, batches: &[Arc<Batch>]) {
+        if self.cache_limit == 0 {
+            return;
+        }
+        let kept: Vec<Arc<Batch>> = batches
+            .iter()
+            .map(|b| {
+                if b.buf.len() * 2 >= b.buf.capacity() {
+                    return b.clone();
+                }
+                let mut buf = AlignedBuf::zeroed(b.buf.len());
+                buf.copy_from_slice(&b.buf);
+                Arc::new(Batch {
+                    lsn: b.lsn,
+                    device: b.device,
+                    offset: b.offset,
+                    buf,
+                })
+            })
+            .collect();
+        let mut evicted = Vec::new();
+        {
+            let mut c = self.cache.write();
+            for b in kept {
+                c.bytes += b.buf.capacity();
+                if let Some(old) = c.batches.insert(b.lsn, b) {
+                    c.bytes -= old.buf.capacity();
+                }
+            }
+            while c.bytes > self.cache_limit {
+                let Some((_, old)) = c.batches.pop_first() else {
+                    break;
+                };
+                c.bytes -= old.buf.capacity();
+                evicted.push(old);
+            }
+        }
+        // Buffers are recycled or freed outside the lock.
+        for b in evicted {
+            self.recycle(b);
         }
     }
 

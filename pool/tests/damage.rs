@@ -102,6 +102,8 @@ fn full_pool_fails_writes_cleanly_and_keeps_acknowledged_data() {
     let dir = tempfile::tempdir().unwrap();
     let opts = OpenOptions {
         cache_bytes: 0,
+        // Reads must reach the (damaged) device.
+        log_cache_bytes: 0,
         wal_segment_bytes: MIB,
         wal_fold_threshold: u64::MAX,
         background: false,
@@ -193,6 +195,8 @@ fn host_filesystem_full_under_a_thin_device() {
     let _u = Unmount(mnt.clone());
     let opts = OpenOptions {
         cache_bytes: 0,
+        // Reads must reach the (damaged) device.
+        log_cache_bytes: 0,
         wal_segment_bytes: 4 * MIB,
         wal_fold_threshold: u64::MAX,
         background: false,

@@ -25,6 +25,8 @@ use crate::scsi;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections are pinged with NOP-In this often; two silent periods close them.
 const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Output bytes waiting for the socket above which a connection stops reading commands.
+const MAX_PENDING_OUT: usize = 8 << 20;
 /// How long an initiator asked to log out (unexport, shutdown) gets before we hang up.
 const LOGOUT_GRACE: Duration = Duration::from_secs(3);
 
@@ -106,6 +108,16 @@ enum ConnError {
     Pdu(#[from] PduError),
     #[error("login timed out")]
     LoginTimeout,
+}
+
+/// The answer to a command whose execution panicked (a bug: logged, and the initiator gets
+/// HARDWARE ERROR rather than a hung command or a dropped connection).
+fn panicked(itt: u32) -> scsi::Response {
+    tracing::error!(itt, "SCSI command panicked");
+    scsi::Response::check(scsi::Sense::new(
+        scsi::SenseKey::HardwareError,
+        scsi::sense::Asc::INTERNAL_TARGET_FAILURE,
+    ))
 }
 
 /// Reads until one PDU can be decoded; `None` at a clean end of stream.
@@ -216,35 +228,38 @@ async fn connection(
         };
         let mut session = Session::new(params, target, reg.clone(), local.to_string());
 
-        // Writes go through their own task so a slow reader on the other side never stops us
-        // from reading (and the channel bound gives back-pressure).
-        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(64);
-        let writer = tokio::spawn(async move {
-            while let Some(buf) = wrx.recv().await {
-                if wr.write_all(&buf).await.is_err() {
-                    return;
-                }
-            }
-            let _ = wr.shutdown().await;
-        });
+        // Output waiting for the socket. This task writes it itself, as far as the socket takes
+        // it without waiting (no hand-off to another task per answer), and finishes it when
+        // the socket becomes writable; it stops reading commands while more than
+        // MAX_PENDING_OUT waits, so a peer that does not read cannot make us buffer without
+        // bound.
+        let mut pending: Vec<u8> = Vec::new();
+        let mut sent = 0usize;
         let (ctx, mut crx) = mpsc::unbounded_channel::<(u32, scsi::Response)>();
         let mut tick = tokio::time::interval(PING_INTERVAL);
         tick.reset();
         let mut hangup: Option<Instant> = None;
         let mut closing: Option<String> = None;
         let mut obuf: Vec<u8> = Vec::new();
+        let mut done_inline: Vec<(u32, scsi::Response)> = Vec::new();
+        // Bytes of `inbuf` already decoded.
+        let mut consumed = 0usize;
         loop {
             tokio::select! {
-                r = rd.read_buf(&mut inbuf) => {
+                r = rd.read_buf(&mut inbuf), if pending.len() - sent < MAX_PENDING_OUT => {
                     match r {
                         Ok(0) => { closing = Some("initiator closed the connection".into()); }
                         Ok(_) => loop {
-                            match framer.decode(&inbuf) {
+                            match framer.decode(&inbuf[consumed..]) {
                                 Ok(Decoded::Pdu(p, n)) => {
-                                    inbuf.drain(..n);
+                                    consumed += n;
                                     session.on_pdu(p);
                                 }
                                 Ok(Decoded::NeedMore(n)) => {
+                                    // Move the partial PDU to the front once per read, not
+                                    // the rest of the buffer once per PDU.
+                                    inbuf.drain(..consumed);
+                                    consumed = 0;
                                     inbuf.reserve(n.saturating_sub(inbuf.len()));
                                     break;
                                 }
@@ -259,6 +274,11 @@ async fn connection(
                     }
                 }
                 Some((itt, resp)) = crx.recv() => session.on_complete(itt, resp),
+                w = wr.writable(), if sent < pending.len() => {
+                    if let Err(e) = w {
+                        closing = Some(format!("write: {e}"));
+                    }
+                }
                 _ = tick.tick() => session.on_tick(),
                 Ok(()) = reinstated.changed() => {
                     closing = Some("session reinstated by a new login".into());
@@ -276,39 +296,79 @@ async fn connection(
                     closing = Some("initiator did not log out in time".into());
                 }
             }
-            for o in session.drain() {
-                match o {
-                    Output::Send(p) => framer.encode(&p, &mut obuf),
-                    Output::DataIn(d) => d.encode(&framer, &mut obuf),
-                    Output::Execute(exec) => {
-                        let ctx = ctx.clone();
-                        tokio::task::spawn_blocking(move || {
-                            let resp = std::panic::catch_unwind(AssertUnwindSafe(|| exec.run()))
-                                .unwrap_or_else(|_| {
-                                    tracing::error!(itt = exec.itt, "SCSI command panicked");
-                                    scsi::Response::check(scsi::Sense::new(
-                                        scsi::SenseKey::HardwareError,
-                                        scsi::sense::Asc::INTERNAL_TARGET_FAILURE,
-                                    ))
-                                });
-                            let _ = ctx.send((exec.itt, resp));
-                        });
+            // Commands that complete without blocking (reads from memory, writes the log takes
+            // in memory) run right here; their answers may let more output out, hence the loop.
+            loop {
+                let outs = session.drain();
+                if outs.is_empty() {
+                    break;
+                }
+                for o in outs {
+                    match o {
+                        Output::Send(p) => framer.encode(&p, &mut obuf),
+                        Output::DataIn(d) => d.encode(&framer, &mut obuf),
+                        Output::Execute(exec) => {
+                            let inline = std::panic::catch_unwind(AssertUnwindSafe(|| exec.run_nowait()))
+                                .unwrap_or_else(|_| Some(panicked(exec.itt)));
+                            match inline {
+                                Some(resp) => done_inline.push((exec.itt, resp)),
+                                None => {
+                                    let ctx = ctx.clone();
+                                    tokio::task::spawn_blocking(move || {
+                                        let resp = std::panic::catch_unwind(AssertUnwindSafe(|| exec.run()))
+                                            .unwrap_or_else(|_| panicked(exec.itt));
+                                        let _ = ctx.send((exec.itt, resp));
+                                    });
+                                }
+                            }
+                        }
+                        Output::Close(why) => {
+                            closing.get_or_insert(why);
+                        }
                     }
-                    Output::Close(why) => {
-                        closing.get_or_insert(why);
+                }
+                for (itt, resp) in done_inline.drain(..) {
+                    session.on_complete(itt, resp);
+                }
+            }
+            if !obuf.is_empty() {
+                if sent == pending.len() {
+                    // Nothing waiting: the new output becomes the pending buffer (and the old,
+                    // empty one is reused for the next round's output).
+                    pending.clear();
+                    sent = 0;
+                    std::mem::swap(&mut pending, &mut obuf);
+                } else {
+                    pending.extend_from_slice(&obuf);
+                    obuf.clear();
+                }
+            }
+            while sent < pending.len() {
+                match wr.try_write(&pending[sent..]) {
+                    Ok(0) => break,
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        closing.get_or_insert_with(|| format!("write: {e}"));
+                        break;
                     }
                 }
             }
-            if !obuf.is_empty() && wtx.send(std::mem::take(&mut obuf)).await.is_err() {
-                closing.get_or_insert_with(|| "write failed".into());
+            if sent == pending.len() {
+                pending.clear();
+                sent = 0;
             }
             if let Some(why) = closing {
                 tracing::info!("session ends: {why}");
                 break;
             }
         }
-        drop(wtx);
-        let _ = writer.await;
+        // What is still waiting (a logout response, a last status) gets the grace period.
+        let _ = tokio::time::timeout(LOGOUT_GRACE, async {
+            wr.write_all(&pending[sent..]).await?;
+            wr.shutdown().await
+        })
+        .await;
         session.end();
         if let Some(k) = key {
             reg.unregister_session(&k, serial);

@@ -69,6 +69,23 @@ impl Exec {
     }
 }
 
+impl Exec {
+    /// Runs the command now if it can complete without blocking (see
+    /// [`LogicalUnit::execute_nowait`]); None if it must go to [`Exec::run`] on a blocking
+    /// thread.
+    pub fn run_nowait(&self) -> Option<scsi::Response> {
+        if self.cdb.first() == Some(&REPORT_LUNS) {
+            return None;
+        }
+        self.lu.as_ref()?.execute_nowait(&scsi::Command {
+            cdb: &self.cdb,
+            nexus: &self.nexus,
+            data_out: &self.data_out,
+            expected_in: self.expected_in,
+        })
+    }
+}
+
 /// A read's Data-In PDUs, encoded straight from the response buffer.
 #[derive(Debug)]
 pub struct DataIn {
@@ -441,7 +458,7 @@ impl Session {
             .and_then(|t| t.cfg.luns.get(&lun).cloned())
     }
 
-    fn on_scsi_cmd(&mut self, pdu: Pdu) {
+    fn on_scsi_cmd(&mut self, mut pdu: Pdu) {
         if self.p.session_type == SessionType::Discovery {
             return self.reject(reject::PROTOCOL_ERROR, &pdu);
         }
@@ -482,13 +499,18 @@ impl Session {
             return self.execute(itt, Vec::new());
         }
         let discard = edtl > MAX_WRITE;
-        let mut buf = Vec::new();
-        if !discard {
-            buf = Vec::with_capacity(edtl as usize);
-            buf.extend_from_slice(&pdu.data);
-        }
         let unsolicited_open =
             !self.p.initial_r2t && !pdu.final_bit() && imm < edtl.min(self.p.first_burst);
+        let mut buf = Vec::new();
+        if !discard {
+            if imm == edtl {
+                // All of the data came with the command (the common small write): no copy.
+                buf = std::mem::take(&mut pdu.data);
+            } else {
+                buf = Vec::with_capacity(edtl as usize);
+                buf.extend_from_slice(&pdu.data);
+            }
+        }
         task.phase = Phase::Collecting(WriteXfer {
             buf,
             discard,

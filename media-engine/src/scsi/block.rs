@@ -107,6 +107,61 @@ impl LogicalUnit {
             .map(Response::data)
     }
 
+    /// READ as [`LogicalUnit::read`] if the blocks are in memory; None (nothing done) if the
+    /// device would have to be read.
+    pub(super) fn read_nowait(&self, cdb: &[u8], capacity: u64) -> Option<Result<Response, Sense>> {
+        let r = block_range(cdb);
+        if let Err(s) = self.check_transfer(cdb, r, capacity) {
+            return Some(Err(s));
+        }
+        if r.blocks == 0 {
+            return Some(Ok(Response::good()));
+        }
+        let (offset, len) = match self.offset_and_len(r.lba, u64::from(r.blocks)) {
+            Ok(x) => x,
+            Err(s) => return Some(Err(s)),
+        };
+        let mut buf = vec![0u8; len];
+        match self.dev.read_nowait(offset, &mut buf) {
+            Ok(true) => Some(Ok(Response::data(buf))),
+            Ok(false) => None,
+            Err(e) => Some(Err(self.io_sense(&e, IoKind::Read))),
+        }
+    }
+
+    /// WRITE as [`LogicalUnit::write`] if the write cache takes it without waiting; None
+    /// (nothing written) for FUA, a disabled write cache, or a write that would wait.
+    pub(super) fn write_nowait(
+        &self,
+        cdb: &[u8],
+        data: &[u8],
+        capacity: u64,
+    ) -> Option<Result<Response, Sense>> {
+        let (r, data) = match self.write_range(cdb, data, capacity) {
+            Ok(x) => x,
+            Err(s) => return Some(Err(s)),
+        };
+        if data.is_empty() {
+            return Some(Ok(Response::good()));
+        }
+        let fua = (u8_at(cdb, 0) != op::WRITE_6 && bit(cdb, 1, FUA)) || !self.write_cache_enabled();
+        if fua {
+            return None;
+        }
+        let _order = match self.try_write_shared()? {
+            Ok(guard) => guard,
+            Err(s) => return Some(Err(s)),
+        };
+        let Some(offset) = self.limits.offset(r.lba) else {
+            return Some(Err(Sense::lba_out_of_range()));
+        };
+        match self.dev.write_nowait(offset, data) {
+            Ok(true) => Some(Ok(Response::good())),
+            Ok(false) => None,
+            Err(e) => Some(Err(self.io_sense(&e, IoKind::Write))),
+        }
+    }
+
     /// The whole blocks of `data` up to `blocks` blocks. When the initiator sent less Data-Out
     /// than the CDB asks for (its expected transfer length was short), only the blocks that
     /// arrived are written and the transport reports the residual (RFC 7143 11.4.5.1).

@@ -120,6 +120,50 @@ impl LogicalUnit {
         response
     }
 
+    /// Executes a READ, or a WRITE the write cache may absorb (no FUA), if it completes without
+    /// waiting: the blocks to read are in memory, the write fits the write-ahead log's memory.
+    /// Returns None, having changed nothing, for every other command and whenever it would have
+    /// to wait: then run it with [`LogicalUnit::execute`] on a blocking thread. Made for a
+    /// network thread, which it never blocks on I/O.
+    pub fn execute_nowait(&self, cmd: &Command<'_>) -> Option<Response> {
+        let opcode = *cmd.cdb.first()?;
+        if !matches!(
+            opcode,
+            op::READ_6
+                | op::READ_10
+                | op::READ_12
+                | op::READ_16
+                | op::WRITE_6
+                | op::WRITE_10
+                | op::WRITE_12
+                | op::WRITE_16
+        ) {
+            return None;
+        }
+        let lookup = opcodes::lookup(cmd.cdb);
+        // Admission changes nothing when it admits (a unit attention is only taken when it is
+        // the answer), so a command admitted here and run again by `execute` is admitted once.
+        let result = match self.admit(cmd, lookup) {
+            Ok((info, blocks)) => {
+                let outcome = if matches!(
+                    info.op,
+                    op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16
+                ) {
+                    self.read_nowait(cmd.cdb, blocks)
+                } else {
+                    self.write_nowait(cmd.cdb, cmd.data_out, blocks)
+                };
+                outcome?.unwrap_or_else(Response::check)
+            }
+            Err(response) => response,
+        };
+        let mut response = result;
+        if let Ok(info) = lookup {
+            response.spdtl_out = self.data_out_length(info, cmd.cdb);
+        }
+        Some(response)
+    }
+
     /// LOGICAL UNIT RESET, or a target reset reaching this logical unit: RESERVE(6)
     /// reservations, medium removal prevention and mode parameters return to their initial
     /// state (persistent reservations stay), and every I_T nexus that has used the logical unit
@@ -425,6 +469,12 @@ impl LogicalUnit {
         let order = self.write_order.read();
         self.sanitize.check_medium_access()?;
         Ok(order)
+    }
+
+    /// As [`LogicalUnit::write_shared`] if the write order is free now; None otherwise.
+    pub(super) fn try_write_shared(&self) -> Option<Result<RwLockReadGuard<'_, ()>, Sense>> {
+        let order = self.write_order.try_read()?;
+        Some(self.sanitize.check_medium_access().map(|()| order))
     }
 
     /// As [`LogicalUnit::write_shared`], exclusively (read-then-write commands).

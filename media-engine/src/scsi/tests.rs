@@ -4,13 +4,13 @@
 //! unbounded Data-In.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use maas_pool::{BlockDevice, PoolError, ProvisioningRun, Result as PoolResult};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 
-use super::cdb::{be16, be32, be64};
+use super::cdb::{be16, be32, be64, op};
 use super::limits::MAX_TRANSFER_BYTES;
 use super::opcodes::COMMANDS;
 use super::sense::{Asc, SenseKey};
@@ -34,6 +34,8 @@ struct MemDisk {
     unmapped: Mutex<std::collections::BTreeSet<u64>>,
     hold: Mutex<()>,
     fail_with: Mutex<Option<MakeError>>,
+    /// Whether `read_nowait`/`write_nowait` complete (true) or report that they would block.
+    nowait_ok: AtomicBool,
 }
 
 impl MemDisk {
@@ -49,6 +51,7 @@ impl MemDisk {
             unmapped: Mutex::new(Default::default()),
             hold: Mutex::new(()),
             fail_with: Mutex::new(None),
+            nowait_ok: AtomicBool::new(true),
         }
     }
 
@@ -125,6 +128,20 @@ impl BlockDevice for MemDisk {
 
     fn discard(&self, offset: u64, len: u64) -> PoolResult<()> {
         self.write_zeroes(offset, len, false)
+    }
+
+    fn read_nowait(&self, offset: u64, buf: &mut [u8]) -> PoolResult<bool> {
+        if !self.nowait_ok.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.read(offset, buf).map(|()| true)
+    }
+
+    fn write_nowait(&self, offset: u64, data: &[u8]) -> PoolResult<bool> {
+        if !self.nowait_ok.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.write(offset, data, false).map(|()| true)
     }
 
     fn atomic_write_max(&self) -> u64 {
@@ -239,6 +256,61 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
+}
+
+fn nowait(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], data_out: &[u8]) -> Option<Response> {
+    lu.execute_nowait(&Command {
+        cdb,
+        nexus: n,
+        data_out,
+        expected_in: 1 << 24,
+    })
+}
+
+/// The network-thread fast path answers exactly what `execute` would, for reads and cached
+/// writes only, and declines (changing nothing) whatever would block.
+#[test]
+fn execute_nowait_matches_execute_and_declines_what_would_block() {
+    let (disk, lu) = setup();
+    let n = nexus(1);
+    // Only READ and WRITE take the fast path.
+    assert!(nowait(&lu, &n, &[0u8; 6], &[]).is_none(), "TEST UNIT READY");
+    assert!(nowait(&lu, &n, &cdb10(op::SYNCHRONIZE_CACHE_10, 0, 0, 0), &[]).is_none());
+    // A write the cache takes, then a read of it: same data as the blocking path.
+    let data = pattern(8 * 512, 7);
+    let w = nowait(&lu, &n, &cdb10(op::WRITE_10, 0, 16, 8), &data).expect("cached write");
+    assert_good(&w);
+    assert_eq!(w.spdtl_out, data.len() as u32);
+    assert_eq!(disk.bytes(16 * 512, data.len()), data);
+    let r = nowait(&lu, &n, &cdb10(op::READ_10, 0, 16, 8), &[]).expect("read from memory");
+    assert_good(&r);
+    assert_eq!(
+        r.data_in,
+        run(&lu, &cdb10(op::READ_10, 0, 16, 8), &[]).data_in
+    );
+    // FUA must reach the medium: declined, nothing written.
+    let other = pattern(8 * 512, 9);
+    assert!(nowait(&lu, &n, &cdb10(op::WRITE_10, 0x08, 16, 8), &other).is_none());
+    assert_eq!(disk.bytes(16 * 512, data.len()), data);
+    // Errors found before any I/O are final answers, as from execute.
+    let oor = nowait(&lu, &n, &cdb10(op::READ_10, 0, BLOCKS as u32, 1), &[]).expect("answered");
+    assert_illegal(&oor, Asc::LBA_OUT_OF_RANGE);
+    // A device that would block: declined, and the blocking path still works afterwards.
+    disk.nowait_ok.store(false, Ordering::Relaxed);
+    assert!(nowait(&lu, &n, &cdb10(op::READ_10, 0, 16, 8), &[]).is_none());
+    assert!(nowait(&lu, &n, &cdb10(op::WRITE_10, 0, 16, 8), &other).is_none());
+    assert_eq!(disk.bytes(16 * 512, data.len()), data);
+    assert_eq!(run(&lu, &cdb10(op::READ_10, 0, 16, 8), &[]).data_in, data);
+    // A pending unit attention is the answer, taken once, whichever path sees it.
+    disk.nowait_ok.store(true, Ordering::Relaxed);
+    lu.reset();
+    let ua = nowait(&lu, &n, &cdb10(op::READ_10, 0, 16, 8), &[]).expect("unit attention");
+    assert_check(
+        &ua,
+        SenseKey::UnitAttention,
+        Asc::BUS_DEVICE_RESET_FUNCTION_OCCURRED,
+    );
+    assert_good(&nowait(&lu, &n, &cdb10(op::READ_10, 0, 16, 8), &[]).expect("read"));
 }
 
 #[test]

@@ -22,6 +22,7 @@ pub fn small_pool_opts(dir: &Path, device_bytes: u64, chunk: u64) -> CreateOptio
 pub fn test_open_opts() -> OpenOptions {
     OpenOptions {
         cache_bytes: 16 * MIB as usize,
+        log_cache_bytes: 16 * MIB as usize,
         wal_segment_bytes: 4 * MIB,
         wal_fold_threshold: 64 * MIB,
         background: false,

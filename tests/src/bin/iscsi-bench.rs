@@ -40,6 +40,12 @@ struct Args {
     /// Queue depth of the sequential jobs (the random ones run at 32).
     #[arg(long, default_value_t = 16)]
     seq_depth: u32,
+    /// Run only these workloads (e.g. `--only rand_read_iops`); for profiling one of them.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Run only MaaS (`maas`) or only tgt (`tgt`); for profiling. Ratios need both.
+    #[arg(long)]
+    side: Option<String>,
     /// Working directory (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -212,6 +218,11 @@ fn main() -> Result<()> {
         },
         maas_pool::OpenOptions {
             background: true,
+            // tgt reads through the kernel's page cache, which holds the whole volume here; the
+            // RAM tier gets the same room, for recently written blocks and for sealed chunks
+            // (what the background fold turns them into once the log grows).
+            log_cache_bytes: (size + (256 << 20)) as usize,
+            cache_bytes: (size + (256 << 20)) as usize,
             ..Default::default()
         },
     )?;
@@ -249,8 +260,14 @@ fn main() -> Result<()> {
     let mut results: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     for _ in 0..args.rounds {
         for w in &WORKLOADS {
+            if !args.only.is_empty() && !args.only.iter().any(|o| o == w.key) {
+                continue;
+            }
             let depth = if w.bandwidth { args.seq_depth } else { 32 };
             for (name, url) in [("maas", &maas_url), ("tgt", &tgt_url)] {
+                if args.side.as_deref().is_some_and(|s| s != name) {
+                    continue;
+                }
                 let v = fio(&fio_path, url, w, depth, args.seconds, size)
                     .with_context(|| format!("{name} {}", w.key))?;
                 if !args.json {
