@@ -332,6 +332,7 @@ impl Pool {
         wal.raise_next_lsn(max_folded + 1);
         let cpu = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("maas-pool-cpu-{i}"))
+            .start_handler(|_| lower_thread_priority())
             .build()
             .map_err(|e| PoolError::InvalidArgument(format!("cpu pool: {e}")))?;
         let inner = Arc::new(PoolInner {
@@ -767,6 +768,45 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
 }
 
 impl PoolInner {
+    /// Space backpressure for writers: while the log is too large for what is free (see
+    /// [`PoolInner::log_space_low`]) and holds space a fold gives back, wake the maintenance thread and wait for it
+    /// (bounded by [`LOG_SPACE_WAIT`]; after that, or when folding cannot help, the write goes
+    /// ahead and fails cleanly if the pool is really full). Sustained overwrites of a live
+    /// volume thus slow down to the speed of folding instead of failing.
+    /// Whether writers should wait for space (see [`PoolInner::wait_for_log_space`]).
+    /// The log may hold at most as much as is free besides it, so that a fold of everything it
+    /// holds always has room for the chunks it writes; and a few segments stay free.
+    pub(crate) fn log_space_low(&self) -> bool {
+        let free = self.shared.alloc.lock().free_bytes();
+        free < 4 * self.opts.wal_segment_bytes || free < self.wal.segment_bytes()
+    }
+
+    pub(crate) fn wait_for_log_space(&self) {
+        let deadline = std::time::Instant::now() + LOG_SPACE_WAIT;
+        let mut waited = false;
+        loop {
+            if !self.log_space_low() {
+                break;
+            }
+            let (_, segments) = self.wal.usage();
+            if !self.opts.background
+                || segments <= 2
+                || std::time::Instant::now() >= deadline
+                || self.check_open().is_err()
+            {
+                break;
+            }
+            if !waited {
+                tracing::info!(
+                    "pool nearly full: writes wait while live data is folded into chunks"
+                );
+                waited = true;
+            }
+            self.bg_wake.1.notify_all();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             Err(PoolError::Closed)
@@ -928,7 +968,10 @@ impl PoolInner {
     /// large, free dead segments, sweep unreferenced objects.
     fn maintain(&self) -> Result<()> {
         let (bytes, _) = self.wal.usage();
-        if bytes > self.opts.wal_fold_threshold {
+        // Fold at the configured size, and early enough that the fold always has room for the
+        // chunks it writes: the log never takes more than half of what is free.
+        let free = self.shared.alloc.lock().free_bytes();
+        if bytes > self.opts.wal_fold_threshold || bytes > free / 2 {
             for vid in self.wal.oldest_pinning_volumes(&self.folded_map()) {
                 let Ok(v) = self.vol(VolumeId(vid)) else {
                     continue;
@@ -946,6 +989,24 @@ impl PoolInner {
         Ok(())
     }
 }
+
+/// Hashing and compressing (folds, seals) is background work: its threads run at the lowest
+/// scheduling priority, so front-end I/O never waits behind them for a CPU. They still get
+/// every idle cycle, and all of them when writers wait for the space a fold frees.
+fn lower_thread_priority() {
+    // SAFETY: plain syscalls on the calling thread; setpriority with PRIO_PROCESS and a thread
+    // id affects only that thread on Linux.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19)
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the CPU pool's priority");
+    }
+}
+
+/// Longest a write waits for folding to free space before it is tried anyway.
+const LOG_SPACE_WAIT: Duration = Duration::from_secs(60);
 
 fn maintenance_loop(weak: std::sync::Weak<PoolInner>) {
     loop {

@@ -549,6 +549,9 @@ impl BlockDevice for Volume {
         if len == 0 || offset % BLOCK != 0 || len % BLOCK != 0 {
             return Ok(false);
         }
+        if self.pool.log_space_low() {
+            return Ok(false);
+        }
         let Some(mut ov) = self.vol.ov.try_write_for(NOWAIT_LOCK_WAIT) else {
             return Ok(false);
         };
@@ -569,6 +572,7 @@ impl BlockDevice for Volume {
         if len == 0 {
             return if fua { self.flush() } else { Ok(()) };
         }
+        self.pool.wait_for_log_space();
         self.write_locked(offset, data, false)?;
         if fua { self.flush() } else { Ok(()) }
     }
@@ -596,6 +600,7 @@ impl BlockDevice for Volume {
         if len == 0 {
             return if fua { self.flush() } else { Ok(()) };
         }
+        self.pool.wait_for_log_space();
         self.write_locked(offset, data, true)?;
         if fua { self.flush() } else { Ok(()) }
     }

@@ -132,6 +132,8 @@ pub struct Wal {
     cache: RwLock<LogCache>,
     /// Byte budget of `cache` (0: no log cache).
     cache_limit: usize,
+    /// Device bytes held by log segments (what [`Wal::usage`] sums, without its lock).
+    segment_bytes: AtomicU64,
     /// Batch buffers to reuse: a fresh one costs page faults and zeroing for each of its pages.
     spare: Mutex<Vec<AlignedBuf>>,
     work: Condvar,
@@ -239,6 +241,7 @@ impl Wal {
         replayed: Replayed,
     ) -> Wal {
         let last = replayed.next_lsn.saturating_sub(1);
+        let segment_bytes = replayed.segments.iter().map(|s| s.rec.extent.len).sum();
         let st = LogState {
             segments: replayed.segments.into_iter().map(|s| (s.seq, s)).collect(),
             next_lsn: replayed.next_lsn,
@@ -251,6 +254,7 @@ impl Wal {
             cache: RwLock::new(LogCache::default()),
             cache_limit,
             spare: Mutex::new(Vec::new()),
+            segment_bytes: AtomicU64::new(segment_bytes),
             work: Condvar::new(),
             done: Condvar::new(),
             written: AtomicU64::new(last),
@@ -446,6 +450,7 @@ impl Wal {
             offset = extent.offset,
             "WAL: new segment"
         );
+        self.segment_bytes.fetch_add(extent.len, Ordering::SeqCst);
         st.segments.insert(
             seq,
             Segment {
@@ -1026,9 +1031,18 @@ impl Wal {
             .filter(|s| s.vols.values().all(|&max| max <= written))
             .map(|s| s.seq)
             .collect();
-        dead.into_iter()
+        let taken: Vec<(u64, SegRec)> = dead
+            .into_iter()
             .filter_map(|seq| st.segments.remove(&seq).map(|s| (seq, s.rec)))
-            .collect()
+            .collect();
+        let freed: u64 = taken.iter().map(|(_, r)| r.extent.len).sum();
+        self.segment_bytes.fetch_sub(freed, Ordering::SeqCst);
+        taken
+    }
+
+    /// Bytes of device space held by log segments (no lock taken).
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes.load(Ordering::SeqCst)
     }
 
     /// Bytes of device space held by log segments, and their count.

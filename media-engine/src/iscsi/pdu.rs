@@ -6,7 +6,12 @@
 //! buffer. Every length a peer sends is checked against the negotiated limits before anything
 //! is allocated.
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use thiserror::Error;
+
+use super::outq::{OutQueue, SHARE_AT};
 
 pub const BHS_LEN: usize = 48;
 /// Reserved tag value ("no task" / "no transfer").
@@ -295,13 +300,42 @@ impl Framer {
 
     /// Appends a PDU given as parts (so a Data-In can borrow its data from a larger buffer).
     pub fn encode_parts(&self, bhs: &[u8; BHS_LEN], ahs: &[u8], data: &[u8], out: &mut Vec<u8>) {
+        out.reserve(BHS_LEN + ahs.len() + data.len() + 12);
+        self.encode_head(bhs, ahs, data.len(), out);
+        if !data.is_empty() {
+            out.extend_from_slice(data);
+            self.encode_trailer(data, out);
+        }
+    }
+
+    /// As [`Framer::encode_parts`] (no AHS) with the data segment `data[range]` queued by
+    /// reference when it is large: only the header and the trailer are copied.
+    pub fn encode_shared(
+        &self,
+        bhs: &[u8; BHS_LEN],
+        data: &Arc<Vec<u8>>,
+        range: Range<usize>,
+        out: &mut OutQueue,
+    ) {
+        let Some(payload) = data.get(range.clone()) else {
+            return;
+        };
+        if payload.len() < SHARE_AT {
+            self.encode_parts(bhs, &[], payload, out.tail());
+            return;
+        }
+        self.encode_head(bhs, &[], payload.len(), out.tail());
+        out.push_shared(data, range);
+        self.encode_trailer(payload, out.tail());
+    }
+
+    /// The BHS (with the AHS and data lengths filled in), the AHS and the header digest.
+    fn encode_head(&self, bhs: &[u8; BHS_LEN], ahs: &[u8], data_len: usize, out: &mut Vec<u8>) {
         let mut bhs = *bhs;
         bhs[4] = (ahs.len() / 4) as u8;
-        let n = data.len();
-        bhs[5] = (n >> 16) as u8;
-        bhs[6] = (n >> 8) as u8;
-        bhs[7] = n as u8;
-        out.reserve(BHS_LEN + ahs.len() + n + 12);
+        bhs[5] = (data_len >> 16) as u8;
+        bhs[6] = (data_len >> 8) as u8;
+        bhs[7] = data_len as u8;
         let start = out.len();
         out.extend_from_slice(&bhs);
         out.extend_from_slice(ahs);
@@ -309,14 +343,16 @@ impl Framer {
             let crc = crc32c::crc32c(&out[start..]);
             out.extend_from_slice(&crc.to_le_bytes());
         }
-        if n > 0 {
-            let dstart = out.len();
-            out.extend_from_slice(data);
-            out.resize(out.len() + pad4(n), 0);
-            if self.data_digest {
-                let crc = crc32c::crc32c(&out[dstart..]);
-                out.extend_from_slice(&crc.to_le_bytes());
-            }
+    }
+
+    /// What follows a data segment: padding to 4 bytes, and the data digest (over the data
+    /// and the padding).
+    fn encode_trailer(&self, data: &[u8], out: &mut Vec<u8>) {
+        let pad = pad4(data.len());
+        out.resize(out.len() + pad, 0);
+        if self.data_digest {
+            let crc = crc32c::crc32c_append(crc32c::crc32c(data), &[0u8; 3][..pad]);
+            out.extend_from_slice(&crc.to_le_bytes());
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::login::{Login, Step};
+use super::outq::OutQueue;
 use super::params::{OUR_MAX_RECV_DATA, SessionType};
 use super::pdu::{Decoded, Framer, Pdu, PduError};
 use super::session::{Output, Session};
@@ -233,20 +234,18 @@ async fn connection(
         // the socket becomes writable; it stops reading commands while more than
         // MAX_PENDING_OUT waits, so a peer that does not read cannot make us buffer without
         // bound.
-        let mut pending: Vec<u8> = Vec::new();
-        let mut sent = 0usize;
+        let mut pending = OutQueue::new();
         let (ctx, mut crx) = mpsc::unbounded_channel::<(u32, scsi::Response)>();
         let mut tick = tokio::time::interval(PING_INTERVAL);
         tick.reset();
         let mut hangup: Option<Instant> = None;
         let mut closing: Option<String> = None;
-        let mut obuf: Vec<u8> = Vec::new();
         let mut done_inline: Vec<(u32, scsi::Response)> = Vec::new();
         // Bytes of `inbuf` already decoded.
         let mut consumed = 0usize;
         loop {
             tokio::select! {
-                r = rd.read_buf(&mut inbuf), if pending.len() - sent < MAX_PENDING_OUT => {
+                r = rd.read_buf(&mut inbuf), if pending.len() < MAX_PENDING_OUT => {
                     match r {
                         Ok(0) => { closing = Some("initiator closed the connection".into()); }
                         Ok(_) => loop {
@@ -274,7 +273,7 @@ async fn connection(
                     }
                 }
                 Some((itt, resp)) = crx.recv() => session.on_complete(itt, resp),
-                w = wr.writable(), if sent < pending.len() => {
+                w = wr.writable(), if !pending.is_empty() => {
                     if let Err(e) = w {
                         closing = Some(format!("write: {e}"));
                     }
@@ -305,8 +304,8 @@ async fn connection(
                 }
                 for o in outs {
                     match o {
-                        Output::Send(p) => framer.encode(&p, &mut obuf),
-                        Output::DataIn(d) => d.encode(&framer, &mut obuf),
+                        Output::Send(p) => framer.encode(&p, pending.tail()),
+                        Output::DataIn(d) => d.encode_into(&framer, &mut pending),
                         Output::Execute(exec) => {
                             let inline = std::panic::catch_unwind(AssertUnwindSafe(|| exec.run_nowait()))
                                 .unwrap_or_else(|_| Some(panicked(exec.itt)));
@@ -331,32 +330,16 @@ async fn connection(
                     session.on_complete(itt, resp);
                 }
             }
-            if !obuf.is_empty() {
-                if sent == pending.len() {
-                    // Nothing waiting: the new output becomes the pending buffer (and the old,
-                    // empty one is reused for the next round's output).
-                    pending.clear();
-                    sent = 0;
-                    std::mem::swap(&mut pending, &mut obuf);
-                } else {
-                    pending.extend_from_slice(&obuf);
-                    obuf.clear();
-                }
-            }
-            while sent < pending.len() {
-                match wr.try_write(&pending[sent..]) {
+            while !pending.is_empty() {
+                match wr.try_write_vectored(&pending.slices()) {
                     Ok(0) => break,
-                    Ok(n) => sent += n,
+                    Ok(n) => pending.advance(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         closing.get_or_insert_with(|| format!("write: {e}"));
                         break;
                     }
                 }
-            }
-            if sent == pending.len() {
-                pending.clear();
-                sent = 0;
             }
             if let Some(why) = closing {
                 tracing::info!("session ends: {why}");
@@ -365,7 +348,13 @@ async fn connection(
         }
         // What is still waiting (a logout response, a last status) gets the grace period.
         let _ = tokio::time::timeout(LOGOUT_GRACE, async {
-            wr.write_all(&pending[sent..]).await?;
+            while !pending.is_empty() {
+                let n = wr.write_vectored(&pending.slices()).await?;
+                if n == 0 {
+                    break;
+                }
+                pending.advance(n);
+            }
             wr.shutdown().await
         })
         .await;

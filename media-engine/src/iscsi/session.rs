@@ -8,8 +8,10 @@
 //! management, text (SendTargets) and logout.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 
+use super::outq::OutQueue;
 use super::params::{CMD_WINDOW, MAX_TEXT, Negotiated, SessionType};
 use super::pdu::{BHS_LEN, Framer, Pdu, RESERVED_TAG, lun_from_raw, op, reject};
 use super::target::{Registry, TPGT, Target};
@@ -98,9 +100,10 @@ pub struct DataIn {
 }
 
 impl DataIn {
-    /// Appends every Data-In PDU to `out`.
-    pub fn encode(&self, framer: &Framer, out: &mut Vec<u8>) {
+    /// Each Data-In PDU: its BHS and the range of the data it carries.
+    fn pdus(&self) -> Vec<([u8; BHS_LEN], Range<usize>)> {
         let total = self.data.len();
+        let mut out = Vec::new();
         let mut off = 0usize;
         let mut sn = 0u32;
         while off < total {
@@ -123,9 +126,26 @@ impl DataIn {
             bhs[1] = flags;
             bhs[36..40].copy_from_slice(&sn.to_be_bytes());
             bhs[40..44].copy_from_slice(&(off as u32).to_be_bytes());
-            framer.encode_parts(&bhs, &[], &self.data[off..off + len], out);
+            out.push((bhs, off..off + len));
             off += len;
             sn += 1;
+        }
+        out
+    }
+
+    /// Appends every Data-In PDU to `out`.
+    pub fn encode(&self, framer: &Framer, out: &mut Vec<u8>) {
+        for (bhs, range) in self.pdus() {
+            framer.encode_parts(&bhs, &[], &self.data[range], out);
+        }
+    }
+
+    /// Queues every Data-In PDU on `out`, the data by reference (no copy) where it is large.
+    pub fn encode_into(self, framer: &Framer, out: &mut OutQueue) {
+        let pdus = self.pdus();
+        let data = Arc::new(self.data);
+        for (bhs, range) in pdus {
+            framer.encode_shared(&bhs, &data, range, out);
         }
     }
 
@@ -1601,6 +1621,44 @@ mod tests {
                 if matches!(step, Step::Fail(..) | Step::Complete(..)) {
                     break;
                 }
+            }
+        }
+    }
+
+    /// Queuing Data-In by reference puts the same bytes on the wire as copying it, with and
+    /// without digests, across PDU and burst boundaries.
+    #[test]
+    fn data_in_by_reference_matches_data_in_by_copy() {
+        for (hd, dd) in [(false, false), (true, true), (false, true)] {
+            for len in [0usize, 1, 4093, 20_000, 300_001, 1 << 20] {
+                let framer = Framer {
+                    header_digest: hd,
+                    data_digest: dd,
+                    max_recv_data: 1 << 20,
+                };
+                let mut bhs = [0u8; BHS_LEN];
+                bhs[0] = op::DATA_IN;
+                bhs[24..28].copy_from_slice(&7u32.to_be_bytes());
+                let make = || DataIn {
+                    bhs,
+                    data: (0..len).map(|i| (i % 253) as u8).collect(),
+                    max_seg: 65_536 + 3,
+                    max_burst: 262_144,
+                    status: Some(0),
+                };
+                let mut copied = Vec::new();
+                make().encode(&framer, &mut copied);
+                let mut q = OutQueue::new();
+                make().encode_into(&framer, &mut q);
+                let mut queued = Vec::new();
+                while !q.is_empty() {
+                    let n: usize = q.slices().iter().map(|s| s.len()).sum();
+                    for s in q.slices() {
+                        queued.extend_from_slice(&s);
+                    }
+                    q.advance(n);
+                }
+                assert_eq!(queued, copied, "len {len} hd {hd} dd {dd}");
             }
         }
     }
