@@ -1,1 +1,5 @@
-//! Shared helpers for the end-to-end tests under `tests/tests/`.
+//! Shared helpers for the end-to-end tests under `tests/tests/` (and the manager's tests): the
+//! real `maasd` ([`maasd`]) and the third-party tools of `scripts/iscsi-peers.sh` ([`peers`]).
+
+pub mod maasd;
+pub mod peers;
