@@ -22,6 +22,8 @@ command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 command -v st >/dev/null 2>&1 || python3 -m pip install -q 'schemathesis>=4,<5'
 echo "== iSCSI peers (libiscsi, tgt, QEMU 7.2, fio with libiscsi)"
 eval "$(./scripts/iscsi-peers.sh)"
+echo "== guest VM (Debian's kernel and an initramfs for QEMU TCG; open-iscsi, nvme-cli)"
+eval "$(./scripts/guest-build.sh)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -12,8 +12,8 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Maasd;
 use common::iscsi::*;
+use common::{Maasd, Start};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -596,7 +596,7 @@ fn unexport_and_volume_delete_end_sessions_cleanly() {
     assert!(log_shows(&m, "logged in", 2, 20), "{}", m.log());
     let (st, job) = m.call("DELETE", &format!("/volumes/{vol}"), None);
     assert_eq!(st, 202, "{job}");
-    wait_job(&m, &job);
+    m.wait_job(&job);
     assert!(
         log_shows(&m, "asking the initiator to log out", 2, 10),
         "{}",

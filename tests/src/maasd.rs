@@ -1,0 +1,519 @@
+//! Runs the real `maasd` binary on a temporary data directory and talks to it over HTTP.
+//!
+//! The binary is a parameter ([`Maasd::builder`]): the manager's own tests pass
+//! `env!("CARGO_BIN_EXE_maasd")`; tests of other packages use [`maasd_bin`], which builds it.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A `maasd` child process. Dropping it kills the process (SIGKILL); it also dies with the
+/// thread that started it (`PR_SET_PDEATHSIG`), so a killed test leaves no server behind.
+#[derive(Debug)]
+pub struct Maasd {
+    /// The test's directory: `data/` (the data directory) and `maasd.log` (stderr).
+    pub dir: PathBuf,
+    /// The REST API's port on 127.0.0.1.
+    pub port: u16,
+    /// Size of the pool's file device.
+    pub device_size: u64,
+    /// The iSCSI target's port on 127.0.0.1.
+    pub iscsi_port: u16,
+    /// What SendTargets and exports advertise (empty: the address the initiator reached).
+    pub iscsi_advertise: String,
+    pub catalog_url: Option<String>,
+    /// The admin token (read from `data/admin.token` at start).
+    pub token: String,
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+/// How to start a [`Maasd`]; see [`Maasd::builder`].
+#[derive(Debug, Clone)]
+pub struct MaasdBuilder {
+    bin: PathBuf,
+    dir: PathBuf,
+    device_size: u64,
+    catalog_url: Option<String>,
+    advertise: Advertise,
+    env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+enum Advertise {
+    Fixed(String),
+    /// `10.0.2.2:<iscsi port>`: the host as a QEMU user-networking guest reaches it.
+    Guest,
+}
+
+/// The address of the host's loopback from a QEMU guest with user networking.
+pub const GUEST_HOST: &str = "10.0.2.2";
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+}
+
+/// The API error code of an error body.
+pub fn code(v: &Value) -> &str {
+    v["code"].as_str().unwrap_or("")
+}
+
+/// The `maasd` binary for tests outside the manager package (cargo hands a package's binaries
+/// only to that package's own tests): `MAAS_MAASD_BIN` if set, else cargo (`$CARGO`) builds it
+/// into the target directory and with the profile of the running test binary — a no-op when it
+/// is up to date; cargo's lock serialises concurrent builds — once per process.
+pub fn maasd_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MAAS_MAASD_BIN") {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "MAAS_MAASD_BIN={} is not a file", p.display());
+            return p;
+        }
+        build_maasd()
+    })
+    .clone()
+}
+
+fn build_maasd() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    // <target>/<profile>/deps/<test binary>
+    let profile_dir = exe
+        .parent()
+        .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent)
+        .unwrap_or_else(|| {
+            panic!(
+                "cannot find the target directory from {} (set MAAS_MAASD_BIN)",
+                exe.display()
+            )
+        });
+    let target_dir = profile_dir
+        .parent()
+        .unwrap_or_else(|| panic!("no target directory above {}", profile_dir.display()));
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or_else(|| panic!("the maas-tests package has no parent directory"));
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(workspace)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .args(["build", "-q"]);
+    // Under nextest (`cargo nextest run --workspace`, the test command) every test binary of the
+    // workspace was built at once, with features unified across the workspace and its
+    // dev-dependencies: ask for the same build, a no-op, so the maasd the manager's tests are
+    // running at the same time is never relinked under them. Under `cargo test`, binaries run
+    // one after the other and building just maasd is cheaper.
+    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
+        cmd.args(["--workspace", "--all-targets"]);
+    } else {
+        cmd.args(["-p", "maas-manager", "--bin", "maasd"]);
+    }
+    // The profile tests are built with (`cargo test`: test, `cargo test --release`: bench),
+    // whose output directory is that of the profile it inherits from: the binary cargo would
+    // hand the manager's own tests, so that a workspace test run builds maasd once.
+    cmd.args([
+        "--profile",
+        match profile {
+            "debug" => "test",
+            "release" => "bench",
+            other => other,
+        },
+    ]);
+    let st = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("running {cargo:?} to build maasd: {e}"));
+    assert!(st.success(), "building maasd failed ({st}): {cmd:?}");
+    let bin = profile_dir.join("maasd");
+    assert!(
+        bin.is_file(),
+        "{} is missing after the build (set MAAS_MAASD_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+impl MaasdBuilder {
+    /// Size of the pool's file device (a sparse file); default 2 GiB.
+    pub fn device_size(mut self, bytes: u64) -> Self {
+        self.device_size = bytes;
+        self
+    }
+
+    /// A catalog URL (PostgreSQL); default the embedded SQLite.
+    pub fn catalog_url(mut self, url: Option<String>) -> Self {
+        self.catalog_url = url;
+        self
+    }
+
+    /// What the iSCSI target advertises (empty: the address the initiator reached, for clients
+    /// on the host). Default: empty.
+    pub fn advertise(mut self, portal: &str) -> Self {
+        self.advertise = Advertise::Fixed(portal.to_string());
+        self
+    }
+
+    /// Advertise the portal a QEMU guest reaches: `10.0.2.2:<iscsi port>`.
+    pub fn guest_portal(mut self) -> Self {
+        self.advertise = Advertise::Guest;
+        self
+    }
+
+    /// An extra environment variable for the server.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts the server and waits until `/health` answers.
+    pub fn start(self) -> Maasd {
+        let iscsi_port = free_port();
+        let iscsi_advertise = match self.advertise {
+            Advertise::Fixed(s) => s,
+            Advertise::Guest => format!("{GUEST_HOST}:{iscsi_port}"),
+        };
+        let mut m = Maasd {
+            dir: self.dir,
+            port: free_port(),
+            device_size: self.device_size,
+            iscsi_port,
+            iscsi_advertise,
+            catalog_url: self.catalog_url,
+            token: String::new(),
+            bin: self.bin,
+            env: self.env,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+}
+
+impl Maasd {
+    /// A server from `bin` on `dir` (created if missing), REST and iSCSI on free ports of
+    /// 127.0.0.1, NVMe/TCP off, 256 KiB chunks.
+    pub fn builder(bin: impl Into<PathBuf>, dir: &Path) -> MaasdBuilder {
+        MaasdBuilder {
+            bin: bin.into(),
+            dir: dir.to_path_buf(),
+            device_size: 2 << 30,
+            catalog_url: None,
+            advertise: Advertise::Fixed(String::new()),
+            env: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", self.dir.display()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("maasd.log"))
+            .unwrap_or_else(|e| panic!("opening maasd.log: {e}"));
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .env("MAAS_API_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("MAAS_POOL_DEVICE_SIZE", self.device_size.to_string())
+            .env("MAAS_POOL_CHUNK_SIZE", (256u64 << 10).to_string())
+            .env(
+                "MAAS_ISCSI_LISTEN",
+                format!("127.0.0.1:{}", self.iscsi_port),
+            )
+            .env("MAAS_ISCSI_ADVERTISE", &self.iscsi_advertise)
+            .env("MAAS_NVME_TCP_LISTEN", "")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some(u) = &self.catalog_url {
+            cmd.env("MAAS_CATALOG_URL", u);
+        }
+        die_with_parent(&mut cmd);
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawning {}: {e}", self.bin.display())),
+        );
+        let t = Instant::now();
+        loop {
+            if let Ok(r) = ureq::get(&self.url("/health")).call()
+                && r.status() == 200
+            {
+                break;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("maasd exited at start-up ({st}):\n{}", self.log());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "maasd did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.token = std::fs::read_to_string(self.dir.join("data/admin.token"))
+            .unwrap_or_else(|e| panic!("reading admin.token: {e}"))
+            .trim()
+            .to_string();
+    }
+
+    /// The server's log (stderr) so far, across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maasd.log")).unwrap_or_default()
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/api/v1{}", self.port, path)
+    }
+
+    /// SIGTERM and wait: a graceful stop must exit 0.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t = Instant::now();
+            loop {
+                if let Some(st) = c.try_wait().unwrap_or_else(|e| panic!("wait: {e}")) {
+                    assert!(
+                        st.success(),
+                        "maasd did not stop cleanly: {st}\n{}",
+                        self.log()
+                    );
+                    return;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "maasd ignored SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap_or_else(|e| panic!("kill: {e}"));
+            c.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+        }
+    }
+
+    /// A graceful stop, then a start on the same directory and ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts the server again (after [`Maasd::kill9`] or [`Maasd::stop`]) on the same
+    /// directory and ports.
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
+    /// Calls the API with the admin token; returns (status, body).
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_as(Some(&self.token.clone()), method, path, body)
+    }
+
+    pub fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = ureq::request(method, &self.url(path));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let (status, resp) = match res {
+            Ok(r) => (r.status(), r),
+            Err(ureq::Error::Status(s, r)) => (s, r),
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let text = resp
+            .into_string()
+            .unwrap_or_else(|e| panic!("{method} {path}: reading the body: {e}"));
+        (
+            status,
+            if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap_or(json!({ "raw": text }))
+            },
+        )
+    }
+
+    /// Sends `content` as a JSON body verbatim (for malformed-input tests).
+    pub fn raw(&self, method: &str, path: &str, content: &str) -> (u16, Value) {
+        let req = ureq::request(method, &self.url(path))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .set("Content-Type", "application/json");
+        let (status, resp) = match req.send_string(content) {
+            Ok(r) => (r.status(), r),
+            Err(ureq::Error::Status(s, r)) => (s, r),
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let text = resp
+            .into_string()
+            .unwrap_or_else(|e| panic!("{method} {path}: reading the body: {e}"));
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(json!({ "raw": text })),
+        )
+    }
+
+    /// Calls the API and asserts a 2xx status; returns the body.
+    pub fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (s, v) = self.call(method, path, body);
+        assert!((200..300).contains(&s), "{method} {path} -> {s} {v}");
+        v
+    }
+
+    /// Waits for a job (as returned by a 202) and returns it; panics if it failed or takes
+    /// more than two minutes.
+    pub fn wait_job(&self, job: &Value) -> Value {
+        let id = job["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not a job: {job}"))
+            .to_string();
+        let t = Instant::now();
+        loop {
+            let j = self.ok("GET", &format!("/jobs/{id}"), None);
+            match j["state"].as_str() {
+                Some("succeeded") => return j,
+                Some("failed") => panic!("job failed: {j}"),
+                _ => {}
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "job stuck: {j}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Maasd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The child gets SIGKILL when the thread that spawned it exits (normally or not), so a test
+/// process that is killed leaves no server or VM behind. Spawn long-lived children from the
+/// thread that owns them.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl(2) and getppid(2) are async-signal-safe; nothing else runs in the child
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may already be gone (the signal only covers deaths after prctl).
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the parent exited before exec"));
+            }
+            Ok(())
+        });
+    }
+}
+
+// ------------------------------------------------------------------ REST helpers
+
+/// Creates a volume; returns its id.
+pub fn volume(m: &Maasd, name: &str, size: u64, block_size: u32) -> String {
+    let (st, v) = m.call(
+        "POST",
+        "/volumes",
+        Some(json!({"name": name, "size": size, "block_size": block_size})),
+    );
+    assert_eq!(st, 201, "{v}");
+    id_of(&v)
+}
+
+/// Exports a volume over iSCSI to these initiators (with optional CHAP:
+/// `{"user", "secret", "mutual_user", "mutual_secret"}`); returns the export object
+/// (`portal`, `target`, `lun`...).
+pub fn export(m: &Maasd, vol: &str, initiators: &[&str], chap: Option<Value>) -> Value {
+    let mut body = json!({"protocol": "iscsi", "initiators": initiators});
+    if let Some(c) = chap {
+        body["chap"] = c;
+    }
+    let (st, e) = m.call("POST", &format!("/volumes/{vol}/exports"), Some(body));
+    assert_eq!(st, 201, "{e}");
+    e
+}
+
+/// Seals a volume; returns the snapshot id.
+pub fn seal(m: &Maasd, vol: &str) -> String {
+    let (st, job) = m.call("POST", &format!("/volumes/{vol}/snapshots"), None);
+    assert_eq!(st, 202, "{job}");
+    let j = m.wait_job(&job);
+    j["result"]["snapshot"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no snapshot in {j}"))
+        .to_string()
+}
+
+/// Clones a snapshot into a new volume; returns its id.
+pub fn clone_snapshot(m: &Maasd, snap: &str, name: &str) -> String {
+    let (st, job) = m.call(
+        "POST",
+        &format!("/snapshots/{snap}/clones"),
+        Some(json!({"name": name})),
+    );
+    assert_eq!(st, 202, "{job}");
+    let j = m.wait_job(&job);
+    j["result"]["volume"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no volume in {j}"))
+        .to_string()
+}
+
+/// Re-reads and checks everything in the pool (`POST /pools/{id}/verify`); returns the report.
+pub fn verify_pool(m: &Maasd) -> Value {
+    let pools = m.ok("GET", "/pools", None);
+    let id = pools["items"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no pool in {pools}"))
+        .to_string();
+    let (st, job) = m.call("POST", &format!("/pools/{id}/verify"), None);
+    assert_eq!(st, 202, "{job}");
+    m.wait_job(&job)["result"].clone()
+}
+
+fn id_of(v: &Value) -> String {
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {v}"))
+        .to_string()
+}
