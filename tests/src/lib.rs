@@ -5,3 +5,40 @@
 pub mod guest;
 pub mod maasd;
 pub mod peers;
+
+use std::path::Path;
+
+/// A temporary directory for a test, removed when dropped — unless the test is failing
+/// (the thread is panicking) and `MAAS_KEEP_TEST_DIRS=1`: then it stays for inspection (guest
+/// logs, maasd's log and data) and its path is printed.
+#[derive(Debug)]
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    pub fn new(prefix: &str) -> TestDir {
+        TestDir(Some(
+            tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .unwrap_or_else(|e| panic!("creating a temporary directory: {e}")),
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        match &self.0 {
+            Some(d) => d.path(),
+            None => Path::new("/nonexistent"),
+        }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && std::env::var_os("MAAS_KEEP_TEST_DIRS").is_some_and(|v| v == "1")
+            && let Some(d) = self.0.take()
+        {
+            eprintln!("kept for inspection: {}", d.keep().display());
+        }
+    }
+}

@@ -21,6 +21,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use maas_tests::TestDir;
 use maas_tests::guest::{Guest, GuestRun, ISCSI_SH};
 use maas_tests::maasd::{Maasd, clone_snapshot, export, maasd_bin, seal, verify_pool, volume};
 use maas_tests::peers::{qemu_img, run_with_timeout, text};
@@ -367,7 +368,7 @@ fn run_ok(g: &Guest, script: &str) -> GuestRun {
 fn mount_and_restore_workflow() {
     let _one = one_at_a_time();
     let mut clock = Clock::new("mount_and_restore");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new("guest-iscsi-");
     let xchg = tmp.path().join("xchg");
     std::fs::create_dir_all(&xchg).unwrap();
     let m = Maasd::builder(maasd_bin(), &tmp.path().join("maasd"))
@@ -662,7 +663,7 @@ fn log_since_start(log: &str, n: usize) -> String {
 fn fio_verify_survives_maasd_sigkill() {
     let _one = one_at_a_time();
     let mut clock = Clock::new("fio_sigkill");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new("guest-iscsi-");
     let mut m = Maasd::builder(maasd_bin(), &tmp.path().join("maasd"))
         .guest_portal()
         .start();

@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::TestDir;
 use crate::maasd::die_with_parent;
 
 /// Shell helpers for the host's open-iscsi in a guest (`iscsi_start`, `iscsi_discover`,
@@ -192,7 +193,8 @@ impl Guest {
 
     /// QEMU's `-cpu` model. Default `qemu64`: under TCG a plain model runs the guest about
     /// twice as fast as `max` (measured here: iSCSI writes, md5sum), and spectre/meltdown
-    /// mitigations are off in the guest (`mitigations=off`) for the same reason.
+    /// mitigations are off in the guest (`mitigations=off`) for the same reason. Host programs
+    /// built for newer instruction sets (`-C target-cpu=native`) need `max`.
     pub fn cpu_model(mut self, model: &str) -> Self {
         self.cpu_model = model.to_string();
         self
@@ -231,12 +233,7 @@ impl Guest {
         let image = GuestImage::locate();
         let private = match &self.exchange {
             Some(_) => None,
-            None => Some(
-                tempfile::Builder::new()
-                    .prefix("maas-guest-")
-                    .tempdir()
-                    .unwrap_or_else(|e| panic!("creating an exchange directory: {e}")),
-            ),
+            None => Some(TestDir::new("maas-guest-")),
         };
         let exchange = match (&self.exchange, &private) {
             (Some(d), _) => d.clone(),
@@ -361,7 +358,7 @@ pub struct RunningGuest {
     console: PathBuf,
     started: Instant,
     timeout: Duration,
-    _private: Option<tempfile::TempDir>,
+    _private: Option<TestDir>,
 }
 
 impl RunningGuest {
@@ -483,7 +480,7 @@ pub struct GuestRun {
     /// This run's directory on the host (in the exchange directory).
     pub run_dir: PathBuf,
     /// The private exchange directory, if any: it lives as long as the run's outcome.
-    _private: Option<Arc<tempfile::TempDir>>,
+    _private: Option<Arc<TestDir>>,
 }
 
 impl GuestRun {
@@ -530,7 +527,7 @@ impl fmt::Display for GuestRun {
         };
         writeln!(
             f,
-            "guest {}: {status} after {:.1} s (logs in {})",
+            "guest {}: {status} after {:.1} s (logs in {}; MAAS_KEEP_TEST_DIRS=1 keeps them)",
             self.name,
             self.elapsed.as_secs_f64(),
             self.run_dir.display()
