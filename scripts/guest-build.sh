@@ -30,12 +30,9 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="${MAAS_CACHE:-$HOME/.cache/maas}"
 GUEST="$CACHE/guest"
-SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-APT_OPTS=(-o DPkg::Lock::Timeout=600 -o APT::Sandbox::User=root)
-
-log() { echo "guest-build: $*" >&2; }
-die() { echo "guest-build: ERROR: $*" >&2; exit 1; }
+SETUP_NAME=guest-build
+# shellcheck source=lib/setup.sh
+source "$HERE/lib/setup.sh"
 
 mkdir -p "$GUEST"
 exec 8>>"$GUEST/.lock"
@@ -43,55 +40,6 @@ if ! flock -n 8; then
     log "another guest-build.sh is running; waiting for its lock ($GUEST/.lock)"
     flock 8
 fi
-
-CLEANUP=()
-cleanup() { local c; for c in "${CLEANUP[@]}"; do eval "$c" || true; done; }
-trap cleanup EXIT
-
-write_if_changed() { # FILE MODE < content; warm runs touch nothing
-    local file="$1" mode="$2" new tmp
-    new="$(cat; echo x)"; new="${new%x}"
-    if [ -f "$file" ] && [ "$(cat "$file"; echo x)" = "${new}x" ]; then return 0; fi
-    tmp="$(mktemp "$file.XXXXXX")"
-    printf '%s' "$new" >"$tmp"
-    chmod "$mode" "$tmp"; mv -f "$tmp" "$file"
-    log "wrote $file"
-}
-
-missing_pkgs() { # prints those of the given packages that are not installed
-    local -A ok=()
-    local p st
-    while read -r p st; do [ "$st" = ii ] && ok[$p]=1; done \
-        < <(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "$@" 2>/dev/null || true)
-    for p in "$@"; do [ -n "${ok[$p]:-}" ] || echo "$p"; done
-}
-
-APT_UPDATED=0
-apt_update_once() {
-    [ "$APT_UPDATED" -eq 1 ] && return 0
-    log "apt-get update"
-    $SUDO apt-get "${APT_OPTS[@]}" update -qq
-    APT_UPDATED=1
-}
-
-apt_install() { # installs the missing packages; refuses anything that would remove a package
-    local missing sim
-    mapfile -t missing < <(missing_pkgs "$@")
-    [ "${#missing[@]}" -eq 0 ] && return 0
-    log "apt-get install ${missing[*]}"
-    if ! sim="$(apt-get "${APT_OPTS[@]}" -s install --no-install-recommends "${missing[@]}" 2>&1)"; then
-        apt_update_once
-        sim="$(apt-get "${APT_OPTS[@]}" -s install --no-install-recommends "${missing[@]}" 2>&1)" \
-            || die "apt-get cannot install ${missing[*]}: $sim"
-    fi
-    if grep -q '^Remv' <<<"$sim"; then
-        die "installing ${missing[*]} would remove packages, refusing:
-$(grep '^Remv' <<<"$sim")"
-    fi
-    $SUDO apt-get "${APT_OPTS[@]}" install -y -qq --no-install-recommends "${missing[@]}" >&2 \
-        || { apt_update_once
-             $SUDO apt-get "${APT_OPTS[@]}" install -y -qq --no-install-recommends "${missing[@]}" >&2; }
-}
 
 # ---------------------------------------------------------------- 1. QEMU 7.2 (the peers script)
 PEERS_ENV="$("$HERE/iscsi-peers.sh")" || die "scripts/iscsi-peers.sh failed"

@@ -352,22 +352,7 @@ impl Maasd {
             Some(b) => req.send_json(b),
             None => req.call(),
         };
-        let (status, resp) = match res {
-            Ok(r) => (r.status(), r),
-            Err(ureq::Error::Status(s, r)) => (s, r),
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let text = resp
-            .into_string()
-            .unwrap_or_else(|e| panic!("{method} {path}: reading the body: {e}"));
-        (
-            status,
-            if text.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_str(&text).unwrap_or(json!({ "raw": text }))
-            },
-        )
+        response(method, path, res)
     }
 
     /// Sends `content` as a JSON body verbatim (for malformed-input tests).
@@ -375,18 +360,7 @@ impl Maasd {
         let req = ureq::request(method, &self.url(path))
             .set("Authorization", &format!("Bearer {}", self.token))
             .set("Content-Type", "application/json");
-        let (status, resp) = match req.send_string(content) {
-            Ok(r) => (r.status(), r),
-            Err(ureq::Error::Status(s, r)) => (s, r),
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let text = resp
-            .into_string()
-            .unwrap_or_else(|e| panic!("{method} {path}: reading the body: {e}"));
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(json!({ "raw": text })),
-        )
+        response(method, path, req.send_string(content))
     }
 
     /// Calls the API and asserts a 2xx status; returns the body.
@@ -516,4 +490,25 @@ fn id_of(v: &Value) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no id in {v}"))
         .to_string()
+}
+
+/// (status, body) of a finished request: an empty body is `null`, one that is not JSON is
+/// `{"raw": text}`. Only a transport failure panics.
+fn response(method: &str, path: &str, res: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let (status, resp) = match res {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(s, r)) => (s, r),
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let text = resp
+        .into_string()
+        .unwrap_or_else(|e| panic!("{method} {path}: reading the body: {e}"));
+    (
+        status,
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(json!({ "raw": text }))
+        },
+    )
 }
