@@ -83,13 +83,17 @@ pub struct Encoded {
 
 /// Compresses (when it pays) and frames `raw`.
 pub fn encode(kind: ObjectKind, digest: &Digest, raw: &[u8], zstd_level: i32) -> Result<Encoded> {
-    let compressed =
-        zstd::bulk::compress(raw, zstd_level).map_err(|e| PoolError::io("zstd compression", e))?;
-    let (codec, payload): (Codec, &[u8]) = if compressed.len() + 64 < raw.len() {
-        (Codec::Zstd, &compressed)
+    let compressed = if worth_compressing(raw, zstd_level)? {
+        zstd::bulk::compress(raw, zstd_level).map_err(|e| PoolError::io("zstd compression", e))?
     } else {
-        (Codec::Raw, raw)
+        Vec::new()
     };
+    let (codec, payload): (Codec, &[u8]) =
+        if !compressed.is_empty() && compressed.len() + 64 < raw.len() {
+            (Codec::Zstd, &compressed)
+        } else {
+            (Codec::Raw, raw)
+        };
     let total = align_up((OBJECT_HEADER_LEN + payload.len()) as u64, BLOCK) as usize;
     let mut buf = AlignedBuf::zeroed(total);
     buf[0..8].copy_from_slice(OBJECT_MAGIC);
@@ -109,6 +113,29 @@ pub fn encode(kind: ObjectKind, digest: &Digest, raw: &[u8], zstd_level: i32) ->
         stored_len: payload.len() as u32,
         codec,
     })
+}
+
+/// Objects at least this long are sampled before they are compressed.
+const SAMPLE_FROM: usize = 64 << 10;
+const SAMPLE_LEN: usize = 4096;
+
+/// Whether compressing `raw` is worth trying. Large objects are judged by three samples (start,
+/// middle, end): when those do not shrink by 1/16, the object is stored as it is without
+/// compressing all of it. Already-compressed or encrypted backups (and random test data) then
+/// cost a few KiB of compression per chunk instead of the whole chunk; an object that only
+/// compresses where no sample looked is stored raw, which costs space, never correctness.
+fn worth_compressing(raw: &[u8], zstd_level: i32) -> Result<bool> {
+    if raw.len() < SAMPLE_FROM {
+        return Ok(true);
+    }
+    let mid = (raw.len() / 2) & !(SAMPLE_LEN - 1);
+    let mut sample = Vec::with_capacity(3 * SAMPLE_LEN);
+    for at in [0, mid, raw.len() - SAMPLE_LEN] {
+        sample.extend_from_slice(&raw[at..at + SAMPLE_LEN]);
+    }
+    let packed = zstd::bulk::compress(&sample, zstd_level)
+        .map_err(|e| PoolError::io("zstd compression", e))?;
+    Ok(packed.len() < sample.len() - sample.len() / 16)
 }
 
 /// Total on-device length of an object whose payload is `stored_len` bytes.
@@ -213,6 +240,42 @@ mod tests {
         // Other pool key: digest does not verify.
         let other = Keys::derive(&[2; 32]);
         assert!(decode(&other, &enc.buf, ObjectKind::Chunk, &d, "t").is_err());
+    }
+
+    /// Large objects are sampled before compression: random data is stored raw, and data that
+    /// compresses anywhere the samples look is still compressed.
+    #[test]
+    fn large_objects_are_judged_by_samples() {
+        let keys = Keys::derive(&[1; 32]);
+        let mut x = 0x9e37_79b9u32;
+        let mut random = vec![0u8; 1 << 20];
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        assert!(!worth_compressing(&random, 1).unwrap());
+        let d = keys.digest(ObjectKind::Chunk, &random);
+        let enc = encode(ObjectKind::Chunk, &d, &random, 1).unwrap();
+        assert_eq!(enc.codec, Codec::Raw);
+        assert_eq!(
+            decode(&keys, &enc.buf, ObjectKind::Chunk, &d, "t").unwrap(),
+            random
+        );
+        // Three quarters random, the last quarter zeroes: the end sample sees it.
+        let mut mixed = random.clone();
+        mixed[(3 << 20) / 4..].fill(0);
+        let d = keys.digest(ObjectKind::Chunk, &mixed);
+        let enc = encode(ObjectKind::Chunk, &d, &mixed, 1).unwrap();
+        assert_eq!(enc.codec, Codec::Zstd);
+        assert!(enc.stored_len < (800 << 10), "{}", enc.stored_len);
+        assert_eq!(
+            decode(&keys, &enc.buf, ObjectKind::Chunk, &d, "t").unwrap(),
+            mixed
+        );
+        // Small objects are always tried.
+        assert!(worth_compressing(&random[..4096], 1).unwrap());
     }
 
     #[test]
