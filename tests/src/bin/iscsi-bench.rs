@@ -199,6 +199,13 @@ impl Drop for Tgt {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // The pool's and the target's logs, on stderr, when RUST_LOG asks for them.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let fio_path = fio_bin()?;
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
