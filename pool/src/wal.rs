@@ -826,12 +826,12 @@ impl Wal {
     /// Copies blocks from a batch still in memory (not yet written, or kept in the log cache);
     /// false if the device must be read.
     pub fn read_from_memory(&self, loc: &Loc, dst: &mut [u8]) -> bool {
-        if let Some(b) = self.cache.read().batches.get(&loc.lsn) {
-            let at = (loc.offset - b.offset) as usize;
-            if let Some(src) = b.buf.get(at..at + dst.len()) {
-                dst.copy_from_slice(src);
-                return true;
-            }
+        if let Some(b) = self.cache.read().batches.get(&loc.lsn)
+            && let Some(at) = loc.offset.checked_sub(b.offset)
+            && let Some(src) = b.buf.get(at as usize..at as usize + dst.len())
+        {
+            dst.copy_from_slice(src);
+            return true;
         }
         // A batch leaves `inflight` only after it is written and offered to the cache, so a
         // batch found in neither place is on its device.
@@ -847,8 +847,14 @@ impl Wal {
             } else {
                 return false;
             };
-        let at = (loc.offset - base) as usize;
-        dst.copy_from_slice(&buf[at..at + dst.len()]);
+        let Some(src) = loc
+            .offset
+            .checked_sub(base)
+            .and_then(|at| buf.get(at as usize..at as usize + dst.len()))
+        else {
+            return false;
+        };
+        dst.copy_from_slice(src);
         true
     }
 
