@@ -1,5 +1,7 @@
 //! The tokio driver: accepts connections, moves bytes between sockets and the sans-IO login and
-//! session state machines, and runs SCSI commands on blocking threads.
+//! session state machines, and runs SCSI commands: those that complete without waiting (reads
+//! from memory, writes the log takes in memory) right on the connection's task, the others on
+//! blocking threads.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
