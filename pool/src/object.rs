@@ -217,6 +217,18 @@ pub fn decode(
 mod tests {
     use super::*;
 
+    /// Incompressible bytes (xorshift32 from `seed`).
+    fn random_bytes(mut x: u32, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn roundtrip_and_detects_flips() {
         let keys = Keys::derive(&[1; 32]);
@@ -247,14 +259,7 @@ mod tests {
     #[test]
     fn large_objects_are_judged_by_samples() {
         let keys = Keys::derive(&[1; 32]);
-        let mut x = 0x9e37_79b9u32;
-        let mut random = vec![0u8; 1 << 20];
-        for b in random.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *b = x as u8;
-        }
+        let random = random_bytes(0x9e37_79b9, 1 << 20);
         assert!(!worth_compressing(&random, 1).unwrap());
         let d = keys.digest(ObjectKind::Chunk, &random);
         let enc = encode(ObjectKind::Chunk, &d, &random, 1).unwrap();
@@ -281,14 +286,7 @@ mod tests {
     #[test]
     fn incompressible_is_stored_raw() {
         let keys = Keys::derive(&[1; 32]);
-        let mut raw = vec![0u8; 65536];
-        let mut x = 0x1234_5678u32;
-        for b in raw.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *b = x as u8;
-        }
+        let raw = random_bytes(0x1234_5678, 65536);
         let d = keys.digest(ObjectKind::Chunk, &raw);
         let enc = encode(ObjectKind::Chunk, &d, &raw, 1).unwrap();
         assert_eq!(enc.codec, Codec::Raw);

@@ -104,6 +104,19 @@ impl OutQueue {
         out
     }
 
+    /// Everything queued, as one buffer, leaving the queue empty (what the socket would get).
+    #[cfg(test)]
+    pub(crate) fn take_all(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for s in self.slices() {
+            out.extend_from_slice(&s);
+        }
+        let n = out.len();
+        self.advance(n);
+        assert!(self.is_empty(), "more than {MAX_SLICES} segments queued");
+        out
+    }
+
     /// Drops `n` sent bytes from the front.
     pub fn advance(&mut self, mut n: usize) {
         while n > 0 {

@@ -60,18 +60,11 @@ impl Exec {
             return scsi::luns::report_luns(&self.luns, &self.cdb);
         }
         match &self.lu {
-            Some(lu) => lu.execute(&scsi::Command {
-                cdb: &self.cdb,
-                nexus: &self.nexus,
-                data_out: &self.data_out,
-                expected_in: self.expected_in,
-            }),
+            Some(lu) => lu.execute(&self.command()),
             None => scsi::luns::lun_not_supported(&self.cdb),
         }
     }
-}
 
-impl Exec {
     /// Runs the command now if it can complete without blocking (see
     /// [`LogicalUnit::execute_nowait`]); None if it must go to [`Exec::run`] on a blocking
     /// thread.
@@ -79,12 +72,16 @@ impl Exec {
         if self.cdb.first() == Some(&REPORT_LUNS) {
             return None;
         }
-        self.lu.as_ref()?.execute_nowait(&scsi::Command {
+        self.lu.as_ref()?.execute_nowait(&self.command())
+    }
+
+    fn command(&self) -> scsi::Command<'_> {
+        scsi::Command {
             cdb: &self.cdb,
             nexus: &self.nexus,
             data_out: &self.data_out,
             expected_in: self.expected_in,
-        })
+        }
     }
 }
 
@@ -131,13 +128,6 @@ impl DataIn {
             sn += 1;
         }
         out
-    }
-
-    /// Appends every Data-In PDU to `out`.
-    pub fn encode(&self, framer: &Framer, out: &mut Vec<u8>) {
-        for (bhs, range) in self.pdus() {
-            framer.encode_parts(&bhs, &[], &self.data[range], out);
-        }
     }
 
     /// Queues every Data-In PDU on `out`, the data by reference (no copy) where it is large.
@@ -1219,8 +1209,9 @@ mod tests {
                 match o {
                     Output::Send(p) => sent.push(p),
                     Output::DataIn(d) => {
-                        let mut wire = Vec::new();
-                        d.encode(&framer, &mut wire);
+                        let mut q = OutQueue::new();
+                        d.encode_into(&framer, &mut q);
+                        let wire = q.take_all();
                         let mut pos = 0;
                         while pos < wire.len() {
                             let Ok(crate::iscsi::pdu::Decoded::Pdu(p, n)) =
@@ -1646,19 +1637,15 @@ mod tests {
                     max_burst: 262_144,
                     status: Some(0),
                 };
+                // Every PDU copied whole into one buffer: the plain encoding.
+                let d = make();
                 let mut copied = Vec::new();
-                make().encode(&framer, &mut copied);
+                for (bhs, range) in d.pdus() {
+                    framer.encode_parts(&bhs, &[], &d.data[range], &mut copied);
+                }
                 let mut q = OutQueue::new();
                 make().encode_into(&framer, &mut q);
-                let mut queued = Vec::new();
-                while !q.is_empty() {
-                    let n: usize = q.slices().iter().map(|s| s.len()).sum();
-                    for s in q.slices() {
-                        queued.extend_from_slice(&s);
-                    }
-                    q.advance(n);
-                }
-                assert_eq!(queued, copied, "len {len} hd {hd} dd {dd}");
+                assert_eq!(q.take_all(), copied, "len {len} hd {hd} dd {dd}");
             }
         }
     }

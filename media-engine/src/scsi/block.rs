@@ -60,6 +60,12 @@ impl LogicalUnit {
         }
     }
 
+    /// Whether a write must be durable before GOOD: its FUA bit (WRITE (6) has none), or a
+    /// disabled write cache.
+    fn wants_fua(&self, cdb: &[u8]) -> bool {
+        (u8_at(cdb, 0) != op::WRITE_6 && bit(cdb, 1, FUA)) || !self.write_cache_enabled()
+    }
+
     /// Checks the transfer length against the Block Limits maximum and the range against the
     /// capacity.
     fn check_transfer(&self, cdb: &[u8], r: BlockRange, capacity: u64) -> Result<(), Sense> {
@@ -144,8 +150,7 @@ impl LogicalUnit {
         if data.is_empty() {
             return Some(Ok(Response::good()));
         }
-        let fua = (u8_at(cdb, 0) != op::WRITE_6 && bit(cdb, 1, FUA)) || !self.write_cache_enabled();
-        if fua {
+        if self.wants_fua(cdb) {
             return None;
         }
         let _order = match self.try_write_shared()? {
@@ -202,9 +207,7 @@ impl LogicalUnit {
         if data.is_empty() {
             return Ok(Response::good());
         }
-        let fua = verify
-            || (u8_at(cdb, 0) != op::WRITE_6 && bit(cdb, 1, FUA))
-            || !self.write_cache_enabled();
+        let fua = verify || self.wants_fua(cdb);
         {
             let _order = self.write_shared()?;
             self.write_blocks(r.lba, data, fua)?;
@@ -402,7 +405,7 @@ impl LogicalUnit {
             return Ok(Response::good());
         }
         let (compare, write) = data.split_at(half);
-        let fua = bit(cdb, 1, FUA) || !self.write_cache_enabled();
+        let fua = self.wants_fua(cdb);
         let _exclusive = self.write_exclusive()?;
         let stored = self.read_blocks(lba, blocks)?;
         if let Some(at) = first_difference(&stored, compare) {
@@ -420,7 +423,7 @@ impl LogicalUnit {
             return Ok(Response::good());
         }
         let blocks = (data.len() / self.limits.block_size as usize) as u64;
-        let fua = bit(cdb, 1, FUA) || !self.write_cache_enabled();
+        let fua = self.wants_fua(cdb);
         let _exclusive = self.write_exclusive()?;
         let mut stored = self.read_blocks(r.lba, blocks)?;
         for (s, d) in stored.iter_mut().zip(data) {
@@ -452,7 +455,7 @@ impl LogicalUnit {
             // the initiator asked to be atomic.
             return Err(Sense::invalid_cdb_field(12, None));
         }
-        let fua = bit(cdb, 1, FUA) || !self.write_cache_enabled();
+        let fua = self.wants_fua(cdb);
         let offset = self
             .limits
             .offset(lba)
