@@ -479,6 +479,11 @@ pub async fn patch_volume(
             }
             st.pool.resize_volume(pool_volume(st, &id)?, size)?;
             row.size = size as i64;
+            // NVMe hosts hear of it through an asynchronous event (iSCSI initiators through
+            // the capacity-changed unit attention their logical unit raises itself).
+            for e in st.catalog.exports_of(&id, None, 1024)? {
+                st.engine.volume_resized(&e);
+            }
         }
         if let Some(n) = b.name
             && n != row.name

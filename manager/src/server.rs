@@ -208,8 +208,11 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
     tracing::info!(catalog = %crate::catalog::redact(&url), backend = catalog.backend(), "catalog open");
     bootstrap_admin(&cfg, &catalog)?;
     crate::reconcile::reconcile(&catalog, &pool).map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
-    let advertise = Some(cfg.iscsi.advertise.clone()).filter(|a| !a.is_empty());
-    let engine = crate::engine::Engine::new(advertise);
+    let advertise = |a: &str| Some(a.to_string()).filter(|a| !a.is_empty());
+    let engine = crate::engine::Engine::new(
+        advertise(&cfg.iscsi.advertise),
+        advertise(&cfg.nvme_tcp.advertise),
+    );
     for row in catalog.all_exports()? {
         if let Err(e) = engine.export(&pool, &row) {
             tracing::error!(export = %row.id, volume = %row.volume, "export could not be restored: {e}");
@@ -251,6 +254,21 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("binding the iSCSI target to {iscsi_listen}"))?,
         )
     };
+    let nvme_listen = state.cfg.nvme_tcp.listen.clone();
+    let nvme = if nvme_listen.is_empty() {
+        tracing::info!("NVMe/TCP target disabled (nvme_tcp.listen is empty)");
+        None
+    } else {
+        Some(
+            maas_engine::nvme::NvmeTcpServer::bind(
+                &nvme_listen,
+                state.engine.nvme.clone(),
+                maas_engine::nvme::QueueConfig::default(),
+            )
+            .await
+            .with_context(|| format!("binding the NVMe/TCP target to {nvme_listen}"))?,
+        )
+    };
     let st = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()
@@ -288,6 +306,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(listen = ?addrs, "maasd serving REST API at /api/v1");
     server.run().await?;
     if let Some(t) = iscsi {
+        t.shutdown().await;
+    }
+    if let Some(t) = nvme {
         t.shutdown().await;
     }
     tracing::info!("REST API stopped; draining jobs");

@@ -7,4 +7,6 @@
 pub use maas_pool::BlockDevice;
 
 pub mod iscsi;
+pub mod nvme;
+pub mod outq;
 pub mod scsi;

@@ -6,7 +6,6 @@
 
 pub mod chap;
 pub mod login;
-pub mod outq;
 pub mod params;
 pub mod pdu;
 pub mod server;

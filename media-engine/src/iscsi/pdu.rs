@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::outq::{OutQueue, SHARE_AT};
+use crate::outq::{OutQueue, SHARE_AT};
 
 pub const BHS_LEN: usize = 48;
 /// Reserved tag value ("no task" / "no transfer").

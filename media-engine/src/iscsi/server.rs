@@ -17,11 +17,11 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::login::{Login, Step};
-use super::outq::OutQueue;
 use super::params::{OUR_MAX_RECV_DATA, SessionType};
 use super::pdu::{Decoded, Framer, Pdu, PduError};
 use super::session::{Output, Session};
 use super::target::{Registry, SessionKey};
+use crate::outq::OutQueue;
 use crate::scsi;
 
 /// A login that takes longer than this is abandoned.

@@ -11,11 +11,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::outq::OutQueue;
 use super::params::{CMD_WINDOW, MAX_TEXT, Negotiated, SessionType};
 use super::pdu::{BHS_LEN, Framer, Pdu, RESERVED_TAG, lun_from_raw, op, reject};
 use super::target::{Registry, TPGT, Target};
 use super::text;
+use crate::outq::OutQueue;
 use crate::scsi::{self, LogicalUnit, Nexus, Status};
 
 /// Largest write we buffer (the SCSI layer's maximum transfer is below this; larger writes are

@@ -1,0 +1,614 @@
+//! One NVMe/TCP queue on the target side (one TCP connection): the ICReq/ICResp exchange,
+//! Fabrics Connect, command capsules with in-capsule data or R2T/H2CData transfers, and
+//! C2HData/CapsuleResp answers. Sans-IO: PDUs in, bytes into an [`OutQueue`] out, I/O jobs
+//! handed to the driver, which hands their completions back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::pdu::{DataPdu, Framer, IcResp, Pdu, R2t, TermReq, fes};
+use crate::nvme::controller::{AdminOutcome, Controller, KatoPolicy, Portal};
+use crate::nvme::io::{IoJob, Target};
+use crate::nvme::spec::{Completion, Cqe, DataPointer, Direction, Sqe, Status, admin, fctype, io};
+use crate::nvme::subsystem::{ConnectRequest, Registry};
+use crate::nvme::{IN_CAPSULE_DATA, MAX_TRANSFER};
+use crate::outq::OutQueue;
+
+/// Transport limits of a queue.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueConfig {
+    /// Largest H2CData payload we take (ICResp MAXH2CDATA).
+    pub max_h2c_data: u32,
+    /// Largest C2HData payload we send.
+    pub max_c2h_data: usize,
+    /// Bytes of host data we ask for with R2Ts at once; further writes wait their turn, so a
+    /// host cannot make us buffer more than this per connection.
+    pub r2t_budget: usize,
+    pub kato: KatoPolicy,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_h2c_data: 256 << 10,
+            max_c2h_data: 256 << 10,
+            r2t_budget: 8 << 20,
+            kato: KatoPolicy::default(),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The largest data segment a PDU from the host may carry.
+    pub fn max_pdu_data(&self) -> usize {
+        (self.max_h2c_data as usize).max(IN_CAPSULE_DATA).max(8192)
+    }
+}
+
+/// The connection must end: why, and the termination request to send first (if any).
+#[derive(Debug)]
+pub struct Fatal {
+    pub why: String,
+    pub term: Option<TermReq>,
+}
+
+impl Fatal {
+    fn sequence(why: impl Into<String>, header: &[u8]) -> Fatal {
+        Fatal {
+            why: why.into(),
+            term: Some(TermReq {
+                fes: fes::PDU_SEQUENCE_ERROR,
+                fei: 0,
+                header: header.to_vec(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum CmdState {
+    /// Waiting for R2T budget.
+    AwaitR2t { len: usize },
+    /// Receiving H2CData.
+    Receiving {
+        buf: Vec<u8>,
+        len: usize,
+        digest_ok: bool,
+    },
+    /// Handed to the driver or held (an AER).
+    Running,
+}
+
+#[derive(Debug)]
+struct Cmd {
+    sqe: Sqe,
+    state: CmdState,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    AwaitIcReq,
+    Ready,
+}
+
+/// The state of one queue.
+pub struct Queue {
+    registry: Arc<Registry>,
+    portal: Portal,
+    cfg: QueueConfig,
+    framer: Framer,
+    stage: Stage,
+    ctrl: Option<Arc<Controller>>,
+    qid: u16,
+    /// Submission queue size, 0-based.
+    sqsize: u16,
+    sqhd: u16,
+    sq_flow_control: bool,
+    inflight: HashMap<u16, Cmd>,
+    r2t_waiting: VecDeque<u16>,
+    r2t_bytes: usize,
+    work: Vec<(u16, IoJob)>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("qid", &self.qid)
+            .field("ctrl", &self.ctrl)
+            .field("inflight", &self.inflight.len())
+            .finish()
+    }
+}
+
+impl Queue {
+    pub fn new(registry: Arc<Registry>, portal: Portal, cfg: QueueConfig) -> Queue {
+        Queue {
+            registry,
+            portal,
+            cfg,
+            framer: Framer::initial(cfg.max_pdu_data()),
+            stage: Stage::AwaitIcReq,
+            ctrl: None,
+            qid: 0,
+            sqsize: 0,
+            sqhd: 0,
+            sq_flow_control: true,
+            inflight: HashMap::new(),
+            r2t_waiting: VecDeque::new(),
+            r2t_bytes: 0,
+            work: Vec::new(),
+        }
+    }
+
+    /// How to frame what comes next (digests change after the IC exchange).
+    pub fn framer(&self) -> &Framer {
+        &self.framer
+    }
+
+    /// The controller this queue belongs to, once connected.
+    pub fn controller(&self) -> Option<&Arc<Controller>> {
+        self.ctrl.as_ref()
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.ctrl.is_some() && self.qid == 0
+    }
+
+    /// I/O jobs to run; each one's completion goes back through [`Queue::on_complete`].
+    pub fn take_work(&mut self) -> Vec<(u16, IoJob)> {
+        std::mem::take(&mut self.work)
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.work.is_empty()
+    }
+
+    /// Handles one PDU from the host.
+    pub fn on_pdu(&mut self, pdu: Pdu, out: &mut OutQueue) -> Result<(), Fatal> {
+        match (&self.stage, pdu) {
+            (Stage::AwaitIcReq, Pdu::IcReq(req)) => {
+                if req.pfv != 0 {
+                    return Err(Fatal {
+                        why: format!("unsupported PDU format version {}", req.pfv),
+                        term: Some(TermReq {
+                            fes: fes::UNSUPPORTED_PARAMETER,
+                            fei: 8,
+                            header: Vec::new(),
+                        }),
+                    });
+                }
+                if req.hpda > 31 {
+                    return Err(Fatal {
+                        why: format!("host PDU data alignment {}", req.hpda),
+                        term: Some(TermReq {
+                            fes: fes::INVALID_HEADER_FIELD,
+                            fei: 10,
+                            header: Vec::new(),
+                        }),
+                    });
+                }
+                let resp = IcResp {
+                    pfv: 0,
+                    cpda: 0,
+                    header_digest: req.header_digest,
+                    data_digest: req.data_digest,
+                    maxh2cdata: self.cfg.max_h2c_data,
+                };
+                self.framer.encode(&Pdu::IcResp(resp), out.tail());
+                self.framer.header_digest = req.header_digest;
+                self.framer.data_digest = req.data_digest;
+                self.framer.data_align = (usize::from(req.hpda) + 1) * 4;
+                self.stage = Stage::Ready;
+                Ok(())
+            }
+            (Stage::AwaitIcReq, _) => Err(Fatal::sequence("a PDU before ICReq", &[])),
+            (
+                Stage::Ready,
+                Pdu::CapsuleCmd {
+                    sqe,
+                    data,
+                    digest_ok,
+                },
+            ) => self.on_capsule(sqe, data, digest_ok, out),
+            (Stage::Ready, Pdu::H2CData(d)) => self.on_h2c_data(d, out),
+            (Stage::Ready, Pdu::H2CTermReq(t)) => Err(Fatal {
+                why: format!("host terminated the connection (fes {:#x})", t.fes),
+                term: None,
+            }),
+            (Stage::Ready, other) => Err(Fatal::sequence(
+                format!("unexpected PDU from the host: {}", pdu_name(&other)),
+                &[],
+            )),
+        }
+    }
+
+    fn on_capsule(
+        &mut self,
+        sqe: Sqe,
+        data: Vec<u8>,
+        digest_ok: bool,
+        out: &mut OutQueue,
+    ) -> Result<(), Fatal> {
+        let cid = sqe.cid();
+        let depth = if self.ctrl.is_some() {
+            usize::from(self.sqsize) + 1
+        } else {
+            1
+        };
+        if self.inflight.len() >= depth {
+            return Err(Fatal::sequence(
+                format!("more than {depth} commands outstanding"),
+                &sqe.0,
+            ));
+        }
+        if self.inflight.contains_key(&cid) {
+            return Err(Fatal::sequence(
+                format!("command id {cid} already in use"),
+                &sqe.0,
+            ));
+        }
+        if self.ctrl.is_some() {
+            self.sqhd = (self.sqhd + 1) % (self.sqsize + 1);
+        }
+        self.inflight.insert(
+            cid,
+            Cmd {
+                sqe,
+                state: CmdState::Running,
+            },
+        );
+        if !digest_ok {
+            self.complete(cid, Completion::status(Status::DATA_TRANSFER_ERROR), out);
+            return Ok(());
+        }
+        let dp = sqe.data_pointer();
+        let dir = sqe.direction();
+        let refuse = |q: &mut Queue, s: Status, out: &mut OutQueue| {
+            q.complete(cid, Completion::status(s), out);
+            Ok(())
+        };
+        match (dir, dp) {
+            (_, DataPointer::Unsupported) => refuse(self, Status::SGL_TYPE_INVALID, out),
+            (
+                Direction::HostToController | Direction::Both,
+                DataPointer::InCapsule { offset, len },
+            ) => {
+                let (offset, len) = (offset as usize, len as usize);
+                if len > IN_CAPSULE_DATA.max(8192) || offset.saturating_add(len) > data.len() {
+                    return refuse(self, Status::SGL_LENGTH_INVALID, out);
+                }
+                let data = if offset == 0 && len == data.len() {
+                    data
+                } else {
+                    data[offset..offset + len].to_vec()
+                };
+                self.dispatch(cid, sqe, data, out);
+                Ok(())
+            }
+            (Direction::HostToController | Direction::Both, DataPointer::Transport { len }) => {
+                let len = len as usize;
+                if !data.is_empty() || len > MAX_TRANSFER {
+                    return refuse(self, Status::SGL_LENGTH_INVALID, out);
+                }
+                if let Some(c) = self.inflight.get_mut(&cid) {
+                    c.state = CmdState::AwaitR2t { len };
+                }
+                self.r2t_waiting.push_back(cid);
+                self.pump_r2t(out);
+                Ok(())
+            }
+            (Direction::ControllerToHost, DataPointer::InCapsule { .. }) => {
+                refuse(self, Status::SGL_TYPE_INVALID, out)
+            }
+            _ => {
+                self.dispatch(cid, sqe, data, out);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends R2Ts to waiting commands as far as the budget allows (always at least one, so a
+    /// transfer larger than the budget still goes).
+    fn pump_r2t(&mut self, out: &mut OutQueue) {
+        while let Some(&cid) = self.r2t_waiting.front() {
+            let len = match self.inflight.get(&cid) {
+                Some(Cmd {
+                    state: CmdState::AwaitR2t { len },
+                    ..
+                }) => *len,
+                _ => {
+                    self.r2t_waiting.pop_front();
+                    continue;
+                }
+            };
+            if self.r2t_bytes > 0 && self.r2t_bytes + len > self.cfg.r2t_budget {
+                return;
+            }
+            self.r2t_waiting.pop_front();
+            self.r2t_bytes += len;
+            if let Some(c) = self.inflight.get_mut(&cid) {
+                c.state = CmdState::Receiving {
+                    buf: Vec::with_capacity(len),
+                    len,
+                    digest_ok: true,
+                };
+            }
+            let r2t = R2t {
+                cccid: cid,
+                ttag: cid,
+                offset: 0,
+                len: len as u32,
+            };
+            self.framer.encode(&Pdu::R2t(r2t), out.tail());
+        }
+    }
+
+    fn on_h2c_data(&mut self, d: DataPdu, out: &mut OutQueue) -> Result<(), Fatal> {
+        let cid = d.ttag;
+        let max = self.cfg.max_h2c_data as usize;
+        let cmd = match self.inflight.get_mut(&cid) {
+            Some(c) if d.cccid == cid => c,
+            _ => {
+                return Err(Fatal::sequence(
+                    format!("H2CData for unknown transfer tag {}", d.ttag),
+                    &[],
+                ));
+            }
+        };
+        let CmdState::Receiving {
+            buf,
+            len,
+            digest_ok,
+        } = &mut cmd.state
+        else {
+            return Err(Fatal::sequence(
+                format!("H2CData for command {cid}, which asked for none"),
+                &[],
+            ));
+        };
+        if d.offset as usize != buf.len() || buf.len() + d.data.len() > *len || d.data.len() > max {
+            return Err(Fatal {
+                why: format!(
+                    "H2CData at {} (+{}) for a transfer of {len} at {}",
+                    d.offset,
+                    d.data.len(),
+                    buf.len()
+                ),
+                term: Some(TermReq {
+                    fes: fes::DATA_OUT_OF_RANGE,
+                    fei: 12,
+                    header: Vec::new(),
+                }),
+            });
+        }
+        if buf.is_empty() && d.data.len() == *len {
+            *buf = d.data;
+        } else {
+            buf.extend_from_slice(&d.data);
+        }
+        *digest_ok &= d.digest_ok;
+        if buf.len() < *len {
+            return Ok(());
+        }
+        let (data, ok, len) = (std::mem::take(buf), *digest_ok, *len);
+        let sqe = cmd.sqe;
+        cmd.state = CmdState::Running;
+        self.r2t_bytes -= len.min(self.r2t_bytes);
+        self.pump_r2t(out);
+        if ok {
+            self.dispatch(cid, sqe, data, out);
+        } else {
+            self.complete(cid, Completion::status(Status::DATA_TRANSFER_ERROR), out);
+        }
+        Ok(())
+    }
+
+    /// Runs or hands off a command whose data (if any) has arrived.
+    fn dispatch(&mut self, cid: u16, sqe: Sqe, data: Vec<u8>, out: &mut OutQueue) {
+        if sqe.fuse() != 0 {
+            return self.complete(cid, Completion::status(Status::INVALID_FIELD), out);
+        }
+        let ctrl = match (&self.ctrl, sqe.opcode(), sqe.fctype()) {
+            (None, admin::FABRICS, fctype::CONNECT) => {
+                let c = self.connect(&sqe, &data);
+                return self.complete(cid, c, out);
+            }
+            (None, _, _) => {
+                return self.complete(cid, Completion::status(Status::COMMAND_SEQUENCE_ERROR), out);
+            }
+            (Some(c), _, _) => c.clone(),
+        };
+        if self.qid == 0 {
+            match ctrl.admin(&sqe, &data, &self.portal) {
+                AdminOutcome::Done(c) => self.complete(cid, c, out),
+                AdminOutcome::Held => {}
+            }
+            self.deliver_events(out);
+            return;
+        }
+        if sqe.opcode() == admin::FABRICS {
+            let c = match sqe.fctype() {
+                fctype::DISCONNECT => Completion::ok(),
+                fctype::CONNECT => Completion::status(Status::COMMAND_SEQUENCE_ERROR),
+                _ => Completion::status(Status::INVALID_OPCODE),
+            };
+            return self.complete(cid, c, out);
+        }
+        ctrl.keep_alive();
+        let nsid = sqe.nsid();
+        let target = if sqe.opcode() == io::FLUSH && nsid == 0xffff_ffff {
+            match ctrl.subsystem() {
+                Some(s) => Target::All(s.config.namespaces.values().cloned().collect()),
+                None => Target::All(Vec::new()),
+            }
+        } else {
+            match ctrl.namespace(nsid) {
+                Some(ns) => Target::One(ns.clone()),
+                None => {
+                    return self.complete(cid, Completion::status(Status::INVALID_NAMESPACE), out);
+                }
+            }
+        };
+        // The transfer the SGL describes must be what the command moves.
+        if let Target::One(ns) = &target
+            && matches!(sqe.opcode(), io::READ | io::WRITE)
+        {
+            let want = (u64::from(sqe.cdw(12) & 0xffff) + 1) * u64::from(ns.dev.block_size());
+            let have = match sqe.data_pointer() {
+                DataPointer::InCapsule { len, .. } | DataPointer::Transport { len } => {
+                    u64::from(len)
+                }
+                _ => 0,
+            };
+            if want != have {
+                return self.complete(cid, Completion::status(Status::SGL_LENGTH_INVALID), out);
+            }
+        }
+        self.work.push((
+            cid,
+            IoJob {
+                target,
+                sqe,
+                data,
+                write_cache: ctrl.write_cache(),
+            },
+        ));
+    }
+
+    fn connect(&mut self, sqe: &Sqe, data: &[u8]) -> Completion {
+        let req = match ConnectRequest::parse(sqe, data) {
+            Ok(r) => r,
+            Err(r) => {
+                return Completion {
+                    dw0: r.dw0,
+                    ..Completion::status(r.status)
+                };
+            }
+        };
+        match self.registry.connect(&req, self.cfg.kato) {
+            Ok(ctrl) => {
+                self.qid = req.qid;
+                self.sqsize = req.sqsize;
+                self.sq_flow_control = !req.disable_sq_flow_control;
+                // Count the Connect itself.
+                self.sqhd = 1 % (self.sqsize + 1);
+                if req.qid == 0 {
+                    ctrl.keep_alive();
+                    tracing::info!(
+                        cntlid = ctrl.cntlid,
+                        hostnqn = %req.hostnqn,
+                        subnqn = %req.subnqn,
+                        kato_ms = ctrl.kato_ms(),
+                        "NVMe controller created"
+                    );
+                } else {
+                    tracing::debug!(cntlid = ctrl.cntlid, qid = req.qid, "I/O queue connected");
+                }
+                let cntlid = ctrl.cntlid;
+                self.ctrl = Some(ctrl);
+                Completion::dw0(u32::from(cntlid))
+            }
+            Err(r) => {
+                tracing::warn!(
+                    hostnqn = %req.hostnqn,
+                    subnqn = %req.subnqn,
+                    qid = req.qid,
+                    status = ?r.status,
+                    "NVMe connect refused"
+                );
+                Completion {
+                    dw0: r.dw0,
+                    ..Completion::status(r.status)
+                }
+            }
+        }
+    }
+
+    /// Completes held AERs with pending events (admin queue).
+    pub fn deliver_events(&mut self, out: &mut OutQueue) {
+        if !self.is_admin() {
+            return;
+        }
+        let Some(ctrl) = self.ctrl.clone() else {
+            return;
+        };
+        for (cid, dw0) in ctrl.take_event_completions() {
+            self.complete(cid, Completion::dw0(dw0), out);
+        }
+    }
+
+    /// Sends a command's answer: its data (C2HData) and its completion (CapsuleResp, or the
+    /// SUCCESS flag on the last C2HData when the host disabled SQ flow control).
+    pub fn on_complete(&mut self, cid: u16, c: Completion, out: &mut OutQueue) {
+        self.complete(cid, c, out);
+    }
+
+    fn complete(&mut self, cid: u16, c: Completion, out: &mut OutQueue) {
+        let Some(cmd) = self.inflight.remove(&cid) else {
+            return;
+        };
+        let xfer = match cmd.sqe.data_pointer() {
+            DataPointer::Transport { len }
+                if cmd.sqe.direction() != Direction::HostToController =>
+            {
+                len as usize
+            }
+            _ => 0,
+        };
+        if let Some(data) = c
+            .data
+            .as_ref()
+            .filter(|_| c.status.is_success() && xfer > 0)
+        {
+            let len = xfer.min(data.len());
+            let success_flag = !self.sq_flow_control;
+            self.framer
+                .encode_c2h(cid, data, len, self.cfg.max_c2h_data, success_flag, out);
+            if success_flag {
+                return;
+            }
+        }
+        let cqe = Cqe {
+            dw0: c.dw0,
+            dw1: c.dw1,
+            sqhd: if self.sq_flow_control {
+                self.sqhd
+            } else {
+                0xffff
+            },
+            sqid: self.qid,
+            cid,
+            status: c.status,
+        };
+        self.framer.encode(&Pdu::CapsuleResp(cqe), out.tail());
+    }
+
+    /// The connection is gone: an admin queue takes its controller with it.
+    pub fn on_close(&mut self, why: &str) {
+        if let Some(ctrl) = self.ctrl.take() {
+            if self.qid == 0 {
+                self.registry.remove_controller(ctrl.cntlid, why);
+            } else {
+                ctrl.detach_io_queue(self.qid);
+            }
+        }
+    }
+}
+
+fn pdu_name(p: &Pdu) -> &'static str {
+    match p {
+        Pdu::IcReq(_) => "ICReq",
+        Pdu::IcResp(_) => "ICResp",
+        Pdu::H2CTermReq(_) => "H2CTermReq",
+        Pdu::C2HTermReq(_) => "C2HTermReq",
+        Pdu::CapsuleCmd { .. } => "CapsuleCmd",
+        Pdu::CapsuleResp(_) => "CapsuleResp",
+        Pdu::H2CData(_) => "H2CData",
+        Pdu::C2HData(_) => "C2HData",
+        Pdu::R2t(_) => "R2T",
+    }
+}
