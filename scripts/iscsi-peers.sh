@@ -4,6 +4,7 @@
 # ${MAAS_CACHE:-$HOME/.cache/maas}/peers:
 #
 #   apt (installed only if missing): libiscsi-bin (iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-perf),
+#       iperf3 (loopback TCP's limit, printed by nvme-bench),
 #       tgt (reference target; its system service is kept stopped and disabled: we run tgtd
 #       ourselves on other ports, see scripts/tgt-target.sh), libiscsi-dev + fio build deps, and
 #       the runtime libraries of the extracted QEMU below (incl. seabios and ipxe-qemu).
@@ -49,7 +50,7 @@ if [ -n "$(missing_pkgs tgt)" ] && [ ! -e /usr/sbin/policy-rc.d ]; then
     $SUDO chmod 755 /usr/sbin/policy-rc.d
     CLEANUP+=("$SUDO rm -f /usr/sbin/policy-rc.d")
 fi
-apt_install libiscsi-bin tgt libiscsi-dev \
+apt_install libiscsi-bin tgt libiscsi-dev iperf3 \
     build-essential pkg-config dpkg-dev libaio-dev zlib1g-dev
 
 # Keep the packaged tgt service off: we start tgtd ourselves on other ports.

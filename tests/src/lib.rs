@@ -2,6 +2,7 @@
 //! real `maasd` ([`maasd`]), Linux guests with real initiators ([`guest`]) and the third-party
 //! tools of `scripts/iscsi-peers.sh` ([`peers`]).
 
+pub mod bench;
 pub mod guest;
 pub mod maasd;
 pub mod peers;

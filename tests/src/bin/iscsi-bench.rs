@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use maas_engine::iscsi::{IscsiServer, Registry, TargetConfig};
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
-use serde_json::{Value, json};
+use maas_tests::bench::{FioJob, bench_pool, fio_bin, fio_iscsi, free_port, median, repo_root};
+use serde_json::json;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -89,85 +90,6 @@ const WORKLOADS: [Workload; 4] = [
     },
 ];
 
-fn cache_dir() -> PathBuf {
-    std::env::var("MAAS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/maas")
-        })
-}
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fio_bin() -> Result<PathBuf> {
-    let p = std::env::var("MAAS_FIO_LIBISCSI")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| cache_dir().join("peers/bin/fio-libiscsi"));
-    if !p.exists() {
-        bail!("{} missing: run scripts/iscsi-peers.sh first", p.display());
-    }
-    Ok(p)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Runs one fio job against an iSCSI URL; returns MiB/s or IOPS.
-fn fio(fio: &Path, url: &str, w: &Workload, depth: u32, seconds: u64, size: u64) -> Result<f64> {
-    // fio splits filenames at ':'; libiscsi URLs need them escaped.
-    let filename = url.replace(':', "\\:");
-    let out = Command::new(fio)
-        .args([
-            "--name=bench",
-            "--ioengine=libiscsi",
-            &format!("--filename={filename}"),
-            &format!("--initiator={INITIATOR}"),
-            &format!("--rw={}", w.rw),
-            &format!("--bs={}", w.bs),
-            &format!("--iodepth={depth}"),
-            &format!("--size={size}"),
-            &format!("--runtime={seconds}"),
-            "--time_based",
-            "--numjobs=1",
-            "--randrepeat=0",
-            "--output-format=json",
-        ])
-        .output()
-        .context("running fio")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    // fio may print notices before the JSON document.
-    let start = text.find('{').context("no JSON from fio")?;
-    let v: Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
-    let job = &v["jobs"][0];
-    let side = if w.rw.contains("write") {
-        &job["write"]
-    } else {
-        &job["read"]
-    };
-    if job["error"].as_i64().unwrap_or(0) != 0 {
-        bail!("fio job error {}", job["error"]);
-    }
-    Ok(if w.bandwidth {
-        side["bw_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
-    } else {
-        side["iops"].as_f64().unwrap_or(0.0)
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// tgt through scripts/tgt-target.sh; stopped on drop.
 struct Tgt {
     port: u16,
@@ -213,31 +135,7 @@ fn main() -> Result<()> {
     let size = args.size_gib << 30;
 
     // MaaS: a pool on a file device, one volume, served by the engine's iSCSI target.
-    let pool = maas_pool::Pool::create(
-        &dir.join("pool"),
-        maas_pool::CreateOptions {
-            devices: vec![maas_pool::DeviceSpec {
-                path: "data-0.dev".into(),
-                tier: maas_pool::Tier::Ssd,
-                // A sparse file: the log-structured pool needs room for the log between folds,
-                // as any pool does for a volume that is overwritten again and again.
-                size: size * 16,
-            }],
-            ..Default::default()
-        },
-        maas_pool::OpenOptions {
-            background: true,
-            // tgt reads through the kernel's page cache, which holds the whole volume here; the
-            // RAM tier gets the same room, for recently written blocks and for sealed chunks
-            // (what the background fold turns them into once the log grows).
-            log_cache_bytes: (size + (256 << 20)) as usize,
-            cache_bytes: (size + (256 << 20)) as usize,
-            // Fold (hash + compress into sealed chunks, at low CPU priority) when space asks for
-            // it, not at a fixed log size: seals are not part of this benchmark.
-            wal_fold_threshold: u64::MAX,
-            ..Default::default()
-        },
-    )?;
+    let pool = bench_pool(&dir.join("pool"), size)?;
     let info = pool.create_volume("bench", size, 512)?;
     let vol = pool.open_volume(info.id)?;
     let lu = Arc::new(LogicalUnit::new(
@@ -280,8 +178,16 @@ fn main() -> Result<()> {
                 if args.side.as_deref().is_some_and(|s| s != name) {
                     continue;
                 }
-                let v = fio(&fio_path, url, w, depth, args.seconds, size)
+                let job = FioJob {
+                    rw: w.rw,
+                    bs: w.bs,
+                    depth,
+                    seconds: args.seconds,
+                    size,
+                };
+                let r = fio_iscsi(&fio_path, url, INITIATOR, job)
                     .with_context(|| format!("{name} {}", w.key))?;
+                let v = if w.bandwidth { r.mib_s } else { r.iops };
                 if !args.json {
                     eprintln!("{name:>4} {:<16} {v:>10.1}", w.key);
                 }

@@ -1,0 +1,141 @@
+//! What the benchmarks share: the pool they measure, fio with its libiscsi engine (from
+//! `scripts/iscsi-peers.sh`) as the iSCSI load generator, and medians.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var("MAAS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/maas")
+        })
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// fio rebuilt with the libiscsi engine.
+pub fn fio_bin() -> Result<PathBuf> {
+    let p = std::env::var("MAAS_FIO_LIBISCSI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("peers/bin/fio-libiscsi"));
+    if !p.exists() {
+        bail!("{} missing: run scripts/iscsi-peers.sh first", p.display());
+    }
+    Ok(p)
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One fio job.
+#[derive(Clone, Copy, Debug)]
+pub struct FioJob<'a> {
+    /// fio's `--rw`.
+    pub rw: &'a str,
+    /// fio's `--bs`.
+    pub bs: &'a str,
+    pub depth: u32,
+    pub seconds: u64,
+    pub size: u64,
+}
+
+/// What a fio job measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FioResult {
+    pub mib_s: f64,
+    pub iops: f64,
+    /// Completion latency, microseconds.
+    pub lat_avg_us: f64,
+    pub lat_p99_us: f64,
+}
+
+/// Runs one fio job with the libiscsi engine against `url` as `initiator`.
+pub fn fio_iscsi(fio: &Path, url: &str, initiator: &str, job: FioJob<'_>) -> Result<FioResult> {
+    // fio splits filenames at ':'; libiscsi URLs need them escaped.
+    let filename = url.replace(':', "\\:");
+    let out = Command::new(fio)
+        .args([
+            "--name=bench",
+            "--ioengine=libiscsi",
+            &format!("--filename={filename}"),
+            &format!("--initiator={initiator}"),
+            &format!("--rw={}", job.rw),
+            &format!("--bs={}", job.bs),
+            &format!("--iodepth={}", job.depth),
+            &format!("--size={}", job.size),
+            &format!("--runtime={}", job.seconds),
+            "--time_based",
+            "--numjobs=1",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notices before the JSON document.
+    let start = text.find('{').context("no JSON from fio")?;
+    let v: Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
+    let j = &v["jobs"][0];
+    if j["error"].as_i64().unwrap_or(0) != 0 {
+        bail!("fio job error {}", j["error"]);
+    }
+    let side = if job.rw.contains("write") {
+        &j["write"]
+    } else {
+        &j["read"]
+    };
+    let clat = &side["clat_ns"];
+    Ok(FioResult {
+        mib_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        lat_avg_us: clat["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+        lat_p99_us: clat["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+    })
+}
+
+/// The pool a benchmark measures: one sparse file device 16 times the volume (the log-structured
+/// pool needs room for the log between folds, as any pool does for a volume overwritten again
+/// and again), and a RAM tier as large as the volume.
+pub fn bench_pool(dir: &Path, size: u64) -> Result<maas_pool::Pool> {
+    Ok(maas_pool::Pool::create(
+        dir,
+        maas_pool::CreateOptions {
+            devices: vec![maas_pool::DeviceSpec {
+                path: "data-0.dev".into(),
+                tier: maas_pool::Tier::Ssd,
+                size: size * 16,
+            }],
+            ..Default::default()
+        },
+        maas_pool::OpenOptions {
+            background: true,
+            // The peers read through the kernel's page cache, which holds the whole volume
+            // here; the RAM tier gets the same room, for recently written blocks and for sealed
+            // chunks (what the background fold turns them into once the log grows).
+            log_cache_bytes: (size + (256 << 20)) as usize,
+            cache_bytes: (size + (256 << 20)) as usize,
+            // Fold (hash + compress into sealed chunks, at low CPU priority) when space asks for
+            // it, not at a fixed log size: seals are not part of these benchmarks.
+            wal_fold_threshold: u64::MAX,
+            ..Default::default()
+        },
+    )?)
+}

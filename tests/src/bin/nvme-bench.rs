@@ -1,0 +1,505 @@
+//! nvme-bench: MaaS's NVMe/TCP target against its own iSCSI target, on the same volume, side by
+//! side in one run.
+//!
+//! One pool volume (1 GiB by default) is exported over both protocols by the engine's targets on
+//! 127.0.0.1. NVMe/TCP is driven by a load generator on our host-side NVMe/TCP codec (this
+//! binary's `load` subcommand, in its own process as fio is), iSCSI by fio's libiscsi engine,
+//! with the same jobs: 1 MiB sequential write and read and 4 KiB random read and write at queue
+//! depth 32, and 4 KiB reads at queue depth 1 for latency (average and p99). Workloads
+//! alternate between the protocols so drift on a noisy machine hits both alike; with
+//! `--rounds N` each figure is the median of N runs. Loopback TCP's own limit (iperf3) is
+//! printed beside them.
+//!
+//! `--json` prints `{"nvme_tcp": {...}, "iscsi": {...}, "ratio": {...}, "loopback_tcp_gbit_s": x}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use maas_engine::iscsi::{IscsiServer, TargetConfig};
+use maas_engine::nvme::spec::{Sqe, io, le32};
+use maas_engine::nvme::tcp::client::{Client, ClientOptions};
+use maas_engine::nvme::{
+    Namespace, NamespaceIdentity, NvmeTcpServer, QueueConfig, SubsystemConfig,
+};
+use maas_engine::scsi::{LogicalUnit, LuIdentity};
+use maas_tests::bench::{FioJob, FioResult, bench_pool, fio_bin, fio_iscsi, free_port, median};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nvme-bench",
+    about = "MaaS NVMe/TCP vs MaaS iSCSI, same volume, side by side"
+)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds per workload and protocol.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Runs of each workload per protocol; figures are medians.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Volume size in GiB.
+    #[arg(long, default_value_t = 1)]
+    size_gib: u64,
+    /// Run only these workloads (e.g. `--only qd1_read`).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// NVMe/TCP header and data digests on (CRC32C).
+    #[arg(long)]
+    digests: bool,
+    /// Working directory (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The NVMe/TCP load generator (run by the benchmark in its own process).
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct LoadArgs {
+    #[arg(long)]
+    addr: String,
+    #[arg(long)]
+    nqn: String,
+    #[arg(long)]
+    hostnqn: String,
+    /// read, write, randread or randwrite.
+    #[arg(long)]
+    rw: String,
+    /// Block size in bytes.
+    #[arg(long)]
+    bs: usize,
+    #[arg(long)]
+    depth: usize,
+    #[arg(long)]
+    seconds: u64,
+    /// Bytes of the namespace to cover.
+    #[arg(long)]
+    size: u64,
+    #[arg(long)]
+    digests: bool,
+}
+
+const SUBNQN: &str = "nqn.2026-11.io.maas:bench";
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:6d616173-0000-4000-8000-62656e636821";
+const IQN: &str = "iqn.2026-11.io.maas:bench";
+const INITIATOR: &str = "iqn.2026-11.io.maas:bench-initiator";
+
+struct Workload {
+    key: &'static str,
+    rw: &'static str,
+    bs: usize,
+    depth: u32,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        key: "seq_write",
+        rw: "write",
+        bs: 1 << 20,
+        depth: 32,
+    },
+    Workload {
+        key: "seq_read",
+        rw: "read",
+        bs: 1 << 20,
+        depth: 32,
+    },
+    Workload {
+        key: "rand_read",
+        rw: "randread",
+        bs: 4096,
+        depth: 32,
+    },
+    Workload {
+        key: "rand_write",
+        rw: "randwrite",
+        bs: 4096,
+        depth: 32,
+    },
+    Workload {
+        key: "qd1_read",
+        rw: "randread",
+        bs: 4096,
+        depth: 1,
+    },
+];
+
+/// The figures a workload contributes: (JSON key, value).
+fn figures(w: &Workload, r: &FioResult) -> Vec<(&'static str, f64)> {
+    match w.key {
+        "seq_write" => vec![("seq_write_mib_s", r.mib_s)],
+        "seq_read" => vec![("seq_read_mib_s", r.mib_s)],
+        "rand_read" => vec![("rand_read_iops", r.iops)],
+        "rand_write" => vec![("rand_write_iops", r.iops)],
+        _ => vec![
+            ("qd1_read_us_avg", r.lat_avg_us),
+            ("qd1_read_us_p99", r.lat_p99_us),
+        ],
+    }
+}
+
+const KEYS: [&str; 6] = [
+    "seq_write_mib_s",
+    "seq_read_mib_s",
+    "rand_read_iops",
+    "rand_write_iops",
+    "qd1_read_us_avg",
+    "qd1_read_us_p99",
+];
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    match &args.cmd {
+        Some(Cmd::Load(l)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(load(l.clone()))?;
+            println!(
+                "{}",
+                json!({"mib_s": r.mib_s, "iops": r.iops, "lat_avg_us": r.lat_avg_us, "lat_p99_us": r.lat_p99_us})
+            );
+            Ok(())
+        }
+        None => bench(&args),
+    }
+}
+
+fn bench(args: &Args) -> Result<()> {
+    let fio_path = fio_bin()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let size = args.size_gib << 30;
+    let pool = bench_pool(&dir.join("pool"), size)?;
+    let info = pool.create_volume("bench", size, 512)?;
+    let vol = Arc::new(pool.open_volume(info.id)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+
+    // The same volume behind both targets.
+    let iscsi_reg = Arc::new(maas_engine::iscsi::Registry::new(None));
+    iscsi_reg.add(TargetConfig {
+        name: IQN.into(),
+        alias: None,
+        initiators: vec![INITIATOR.into()],
+        chap: None,
+        luns: BTreeMap::from([(
+            0,
+            Arc::new(LogicalUnit::new(
+                vol.clone(),
+                LuIdentity::from_volume_id("bench"),
+            )),
+        )]),
+    });
+    let iscsi_port = free_port()?;
+    let iscsi = rt.block_on(IscsiServer::bind(
+        &format!("127.0.0.1:{iscsi_port}"),
+        iscsi_reg,
+    ))?;
+    let iscsi_url = format!("iscsi://127.0.0.1:{iscsi_port}/{IQN}/0");
+
+    let nvme_reg = Arc::new(maas_engine::nvme::Registry::new(None));
+    nvme_reg.add(SubsystemConfig {
+        nqn: SUBNQN.into(),
+        hosts: vec![HOSTNQN.into()],
+        namespaces: BTreeMap::from([(
+            1,
+            Arc::new(Namespace::new(
+                vol.clone(),
+                false,
+                NamespaceIdentity::from_volume_id("bench"),
+            )),
+        )]),
+        serial: "bench".into(),
+        model: "MaaS bench".into(),
+    });
+    let nvme_port = free_port()?;
+    let nvme = rt.block_on(NvmeTcpServer::bind(
+        &format!("127.0.0.1:{nvme_port}"),
+        nvme_reg,
+        QueueConfig::default(),
+    ))?;
+    let nvme_addr = format!("127.0.0.1:{nvme_port}");
+
+    let loopback = iperf3_gbit_s().unwrap_or_else(|e| {
+        eprintln!("loopback TCP not measured: {e:#}");
+        0.0
+    });
+    let me = std::env::current_exe()?;
+    let mut results: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for _ in 0..args.rounds {
+        for w in &WORKLOADS {
+            if !args.only.is_empty() && !args.only.iter().any(|o| o == w.key) {
+                continue;
+            }
+            for side in ["nvme_tcp", "iscsi"] {
+                let r = if side == "nvme_tcp" {
+                    run_load(&me, &nvme_addr, w, args, size)
+                } else {
+                    let job = FioJob {
+                        rw: w.rw,
+                        bs: if w.bs == 4096 { "4k" } else { "1M" },
+                        depth: w.depth,
+                        seconds: args.seconds,
+                        size,
+                    };
+                    fio_iscsi(&fio_path, &iscsi_url, INITIATOR, job)
+                }
+                .with_context(|| format!("{side} {}", w.key))?;
+                for (k, v) in figures(w, &r) {
+                    if !args.json {
+                        eprintln!("{side:>8} {k:<18} {v:>10.1}");
+                    }
+                    results
+                        .entry(side)
+                        .or_default()
+                        .entry(k)
+                        .or_default()
+                        .push(v);
+                }
+            }
+        }
+    }
+    rt.block_on(nvme.shutdown());
+    rt.block_on(iscsi.shutdown());
+    drop(rt);
+    drop(vol);
+    pool.close()?;
+
+    let fig = |side: &str, key: &str| {
+        median(
+            results
+                .get(side)
+                .and_then(|r| r.get(key))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    };
+    let round1 = |v: f64| (v * 10.0).round() / 10.0;
+    let mut out = json!({"nvme_tcp": {}, "iscsi": {}, "ratio": {}});
+    for k in KEYS {
+        let (n, i) = (fig("nvme_tcp", k), fig("iscsi", k));
+        out["nvme_tcp"][k] = json!(round1(n));
+        out["iscsi"][k] = json!(round1(i));
+        // Ratios read "NVMe/TCP is x times better": for latencies, iSCSI's over ours.
+        let ratio = if k.starts_with("qd1") {
+            if n > 0.0 { i / n } else { 0.0 }
+        } else if i > 0.0 {
+            n / i
+        } else {
+            0.0
+        };
+        out["ratio"][k] = json!((ratio * 100.0).round() / 100.0);
+    }
+    out["loopback_tcp_gbit_s"] = json!(round1(loopback));
+    out["config"] = json!({
+        "seconds": args.seconds, "rounds": args.rounds, "size_gib": args.size_gib,
+        "digests": args.digests, "queues": 1,
+        "nvme_host": "nvme-bench load (our NVMe/TCP host codec)",
+        "iscsi_initiator": "fio libiscsi engine",
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{:<18} {:>12} {:>12} {:>8}",
+            "figure", "nvme_tcp", "iscsi", "ratio"
+        );
+        for k in KEYS {
+            println!(
+                "{k:<18} {:>12.1} {:>12.1} {:>7.2}x",
+                fig("nvme_tcp", k),
+                fig("iscsi", k),
+                out["ratio"][k].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!("loopback TCP (iperf3): {loopback:.1} Gbit/s");
+    }
+    Ok(())
+}
+
+/// Runs the NVMe/TCP load generator in its own process.
+fn run_load(
+    me: &std::path::Path,
+    addr: &str,
+    w: &Workload,
+    args: &Args,
+    size: u64,
+) -> Result<FioResult> {
+    let mut cmd = Command::new(me);
+    cmd.args([
+        "load",
+        "--addr",
+        addr,
+        "--nqn",
+        SUBNQN,
+        "--hostnqn",
+        HOSTNQN,
+        "--rw",
+        w.rw,
+        "--bs",
+        &w.bs.to_string(),
+        "--depth",
+        &w.depth.to_string(),
+        "--seconds",
+        &args.seconds.to_string(),
+        "--size",
+        &size.to_string(),
+    ]);
+    if args.digests {
+        cmd.arg("--digests");
+    }
+    let out = cmd.output().context("running the load generator")?;
+    if !out.status.success() {
+        bail!(
+            "load generator failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("load generator output")?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    Ok(FioResult {
+        mib_s: f("mib_s"),
+        iops: f("iops"),
+        lat_avg_us: f("lat_avg_us"),
+        lat_p99_us: f("lat_p99_us"),
+    })
+}
+
+/// Keeps `depth` commands in flight on one I/O queue for `seconds`.
+async fn load(a: LoadArgs) -> Result<FioResult> {
+    let opts = ClientOptions {
+        hostnqn: a.hostnqn.clone(),
+        header_digest: a.digests,
+        data_digest: a.digests,
+        kato_ms: 30_000,
+        ..ClientOptions::default()
+    };
+    let mut admin = Client::connect(&a.addr, &a.nqn, 0, 0xffff, &opts).await?;
+    admin.enable().await?;
+    let id = admin.identify(1, 0).await?;
+    let in_capsule = (le32(&id, 1792) as usize * 16).saturating_sub(64);
+    let ns = admin.identify(0, 1).await?;
+    let block = 1usize << ns[130];
+    let mut q = Client::connect(&a.addr, &a.nqn, 1, admin.cntlid, &opts).await?;
+    q.set_in_capsule(in_capsule);
+    let write = a.rw.contains("write");
+    let random = a.rw.starts_with("rand");
+    let blocks_per_io = (a.bs / block) as u64;
+    let slots = (a.size / a.bs as u64).max(1);
+    let data = Arc::new(
+        (0..a.bs)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut seq = 0u64;
+    let mut next_slot = || {
+        if random {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % slots
+        } else {
+            let s = seq % slots;
+            seq += 1;
+            s
+        }
+    };
+    let mut started: HashMap<u16, Instant> = HashMap::new();
+    let mut lats: Vec<u32> = Vec::with_capacity(1 << 20);
+    let (mut ops, mut bytes) = (0u64, 0u64);
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs(a.seconds);
+    loop {
+        while q.outstanding() < a.depth && Instant::now() < end {
+            let slba = next_slot() * blocks_per_io;
+            let mut sqe = Sqe::new(if write { io::WRITE } else { io::READ }, 0, 1);
+            sqe.set_cdw(10, slba as u32);
+            sqe.set_cdw(11, (slba >> 32) as u32);
+            sqe.set_cdw(12, (blocks_per_io - 1) as u32);
+            let cid = if write {
+                q.submit(sqe, Some(data.clone()), 0).await?
+            } else {
+                q.submit(sqe, None, a.bs).await?
+            };
+            started.insert(cid, Instant::now());
+        }
+        if q.outstanding() == 0 {
+            break;
+        }
+        let done = q.next().await?;
+        if !done.cqe.status.is_success() {
+            bail!("I/O failed: {:?}", done.cqe.status);
+        }
+        if let Some(t) = started.remove(&done.cqe.cid) {
+            lats.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+        ops += 1;
+        bytes += a.bs as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    lats.sort_unstable();
+    let avg = lats.iter().map(|&l| f64::from(l)).sum::<f64>() / lats.len().max(1) as f64;
+    let p99 = lats
+        .get((lats.len() * 99 / 100).min(lats.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0);
+    Ok(FioResult {
+        mib_s: bytes as f64 / secs / (1024.0 * 1024.0),
+        iops: ops as f64 / secs,
+        lat_avg_us: avg,
+        lat_p99_us: f64::from(p99),
+    })
+}
+
+/// Loopback TCP throughput with iperf3 (from `scripts/iscsi-peers.sh`), Gbit/s.
+fn iperf3_gbit_s() -> Result<f64> {
+    let port = free_port()?;
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting iperf3 (scripts/iscsi-peers.sh installs it)")?;
+    let mut out = None;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let o = Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "3", "-J"])
+            .output()?;
+        if o.status.success() {
+            out = Some(o);
+            break;
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out.context("iperf3 client never connected")?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9)
+}
