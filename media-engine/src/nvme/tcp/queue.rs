@@ -612,3 +612,297 @@ fn pdu_name(p: &Pdu) -> &'static str {
         Pdu::R2t(_) => "R2T",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::spec::{Cqe, put_str};
+    use crate::nvme::subsystem::{Namespace, NamespaceIdentity, SubsystemConfig};
+    use crate::nvme::tcp::pdu::{Decoded, IcReq};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    struct Zero;
+    impl crate::BlockDevice for Zero {
+        fn capacity(&self) -> u64 {
+            1 << 20
+        }
+        fn block_size(&self) -> u32 {
+            512
+        }
+        fn read(&self, _: u64, b: &mut [u8]) -> maas_pool::Result<()> {
+            b.fill(0);
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8], _: bool) -> maas_pool::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> maas_pool::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> maas_pool::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> maas_pool::Result<()> {
+            Ok(())
+        }
+    }
+
+    const SUB: &str = "nqn.test:sub";
+    const HOST: &str = "nqn.test:host";
+
+    fn queue() -> (Arc<Registry>, Queue) {
+        let reg = Arc::new(Registry::new(None));
+        reg.add(SubsystemConfig {
+            nqn: SUB.into(),
+            hosts: vec![HOST.into()],
+            namespaces: BTreeMap::from([(
+                1,
+                Arc::new(Namespace::new(
+                    Arc::new(Zero),
+                    false,
+                    NamespaceIdentity::from_volume_id("z"),
+                )),
+            )]),
+            serial: "s".into(),
+            model: "m".into(),
+        });
+        let q = Queue::new(
+            reg.clone(),
+            Portal::parse("127.0.0.1:4420"),
+            QueueConfig::default(),
+        );
+        (reg, q)
+    }
+
+    fn connect_capsule(cid: u16, qid: u16, cntlid: u16) -> Pdu {
+        let mut sqe = Sqe::new(admin::FABRICS, cid, 0);
+        sqe.0[4] = fctype::CONNECT;
+        sqe.set_cdw(10, u32::from(qid) << 16);
+        sqe.set_cdw(11, 31);
+        sqe.set_data_pointer(DataPointer::InCapsule {
+            offset: 0,
+            len: 1024,
+        });
+        let mut data = vec![0u8; 1024];
+        crate::nvme::spec::put16(&mut data, 16, cntlid);
+        put_str(&mut data, 256, 256, SUB, 0);
+        put_str(&mut data, 512, 256, HOST, 0);
+        Pdu::CapsuleCmd {
+            sqe,
+            data,
+            digest_ok: true,
+        }
+    }
+
+    fn ic() -> Pdu {
+        Pdu::IcReq(IcReq {
+            pfv: 0,
+            hpda: 0,
+            header_digest: false,
+            data_digest: false,
+            maxr2t: 0,
+        })
+    }
+
+    /// Everything the queue wrote, decoded.
+    fn sent(q: &Queue, out: &mut OutQueue) -> Vec<Pdu> {
+        let bytes = out.take_all();
+        let mut at = 0;
+        let mut v = Vec::new();
+        let f = Framer {
+            max_data: 1 << 21,
+            ..*q.framer()
+        };
+        while at < bytes.len() {
+            match f.decode(&bytes[at..]) {
+                Ok(Decoded::Pdu(p, n)) => {
+                    v.push(p);
+                    at += n;
+                }
+                other => panic!("undecodable output at {at}: {other:?}"),
+            }
+        }
+        v
+    }
+
+    fn resp(p: &Pdu) -> Cqe {
+        match p {
+            Pdu::CapsuleResp(c) => *c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_write_without_in_capsule_data_gets_an_r2t_and_completes_after_the_data() {
+        let (_reg, mut q) = queue();
+        let mut out = OutQueue::new();
+        q.on_pdu(ic(), &mut out).unwrap();
+        q.on_pdu(connect_capsule(1, 0, 0xffff), &mut out).unwrap();
+        let cntlid = {
+            let v = sent(&q, &mut out);
+            assert!(matches!(v[0], Pdu::IcResp(_)));
+            let c = resp(&v[1]);
+            assert!(c.status.is_success(), "{c:?}");
+            c.dw0 as u16
+        };
+        q.controller().unwrap().set_property_for_test_enable();
+        let mut ioq = Queue::new(
+            q.registry.clone(),
+            Portal::parse("127.0.0.1:4420"),
+            QueueConfig::default(),
+        );
+        ioq.on_pdu(ic(), &mut out).unwrap();
+        ioq.on_pdu(connect_capsule(1, 1, cntlid), &mut out).unwrap();
+        assert!(resp(&sent(&ioq, &mut out)[1]).status.is_success());
+        let mut w = Sqe::new(io::WRITE, 7, 1);
+        w.set_cdw(12, 7);
+        w.set_data_pointer(DataPointer::Transport { len: 4096 });
+        ioq.on_pdu(
+            Pdu::CapsuleCmd {
+                sqe: w,
+                data: vec![],
+                digest_ok: true,
+            },
+            &mut out,
+        )
+        .unwrap();
+        let r2t = match &sent(&ioq, &mut out)[..] {
+            [Pdu::R2t(r)] => *r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((r2t.cccid, r2t.offset, r2t.len), (7, 0, 4096));
+        for (off, last) in [(0u32, false), (2048, true)] {
+            ioq.on_pdu(
+                Pdu::H2CData(DataPdu {
+                    cccid: 7,
+                    ttag: r2t.ttag,
+                    offset: off,
+                    last,
+                    success: false,
+                    data: vec![1; 2048],
+                    digest_ok: true,
+                }),
+                &mut out,
+            )
+            .unwrap();
+        }
+        let work = ioq.take_work();
+        assert_eq!(work.len(), 1);
+        assert_eq!(work[0].1.data.len(), 4096);
+        let (cid, job) = work.into_iter().next().unwrap();
+        ioq.on_complete(cid, job.run(), &mut out);
+        let c = resp(&sent(&ioq, &mut out)[0]);
+        assert_eq!((c.cid, c.sqid), (7, 1));
+        assert!(c.status.is_success());
+        // Closing the admin queue ends the controller.
+        q.on_close("test");
+        assert!(ioq.controller().unwrap().killed().is_some());
+    }
+
+    fn arb_sqe() -> impl Strategy<Value = Sqe> {
+        (
+            prop::sample::select(vec![
+                0x00u8, 0x01, 0x02, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x18, 0x7f, 0x55,
+            ]),
+            0u16..8,
+            prop::sample::select(vec![0u32, 1, 2, 0xffff_ffff]),
+            prop::collection::vec(any::<u32>(), 6),
+            prop::sample::select(vec![0u8, 1, 4, 5, 6, 8]),
+            prop::sample::select(vec![
+                DataPointer::None,
+                DataPointer::InCapsule {
+                    offset: 0,
+                    len: 512,
+                },
+                DataPointer::InCapsule {
+                    offset: 7,
+                    len: 1 << 30,
+                },
+                DataPointer::Transport { len: 4096 },
+                DataPointer::Transport { len: u32::MAX },
+                DataPointer::Unsupported,
+            ]),
+        )
+            .prop_map(|(op, cid, nsid, cdws, fct, dp)| {
+                let mut s = Sqe::new(op, cid, nsid);
+                if op == admin::FABRICS {
+                    s.0[4] = fct;
+                }
+                for (i, v) in cdws.into_iter().enumerate() {
+                    s.set_cdw(10 + i, v);
+                }
+                s.set_data_pointer(dp);
+                s
+            })
+    }
+
+    fn arb_pdu() -> impl Strategy<Value = Pdu> {
+        prop_oneof![
+            Just(ic()),
+            Just(connect_capsule(1, 0, 0xffff)),
+            Just(connect_capsule(2, 1, 1)),
+            (
+                arb_sqe(),
+                prop::collection::vec(any::<u8>(), 0..2048),
+                any::<bool>()
+            )
+                .prop_map(|(sqe, data, digest_ok)| Pdu::CapsuleCmd {
+                    sqe,
+                    data,
+                    digest_ok
+                }),
+            (
+                0u16..8,
+                0u16..8,
+                0u32..8192,
+                prop::collection::vec(any::<u8>(), 1..4096),
+                any::<bool>()
+            )
+                .prop_map(|(cccid, ttag, offset, data, last)| Pdu::H2CData(DataPdu {
+                    cccid,
+                    ttag,
+                    offset,
+                    last,
+                    success: false,
+                    data,
+                    digest_ok: true,
+                })),
+            Just(Pdu::R2t(R2t {
+                cccid: 1,
+                ttag: 1,
+                offset: 0,
+                len: 1
+            })),
+            Just(Pdu::H2CTermReq(TermReq {
+                fes: 1,
+                fei: 0,
+                header: vec![]
+            })),
+        ]
+    }
+
+    proptest! {
+        /// Whatever a host sends, in whatever order: no panic, output stays decodable and
+        /// bounded, and a fatal error ends the connection cleanly.
+        #[test]
+        fn hostile_pdu_sequences_never_panic(pdus in prop::collection::vec(arb_pdu(), 1..40)) {
+            let (reg, mut q) = queue();
+            let mut out = OutQueue::new();
+            for p in pdus {
+                let r = q.on_pdu(p, &mut out);
+                for (cid, job) in q.take_work() {
+                    let c = job.run_nowait().unwrap_or_else(|| job.run());
+                    q.on_complete(cid, c, &mut out);
+                }
+                prop_assert!(out.len() < 16 << 20);
+                if r.is_err() {
+                    break;
+                }
+            }
+            let _ = sent(&q, &mut out);
+            q.on_close("end");
+            prop_assert_eq!(reg.controller_count(), 0);
+        }
+    }
+}
