@@ -56,6 +56,8 @@ pub struct Client {
     stream: TcpStream,
     q: HostQueue,
     inbuf: Vec<u8>,
+    /// Bytes of `inbuf` already decoded (compacted once per read, not once per PDU).
+    consumed: usize,
     outbuf: Vec<u8>,
     pub cntlid: u16,
     pub qid: u16,
@@ -86,6 +88,7 @@ impl Client {
             stream,
             q: HostQueue::new(admin_icd, 4 << 20),
             inbuf: Vec::with_capacity(1 << 20),
+            consumed: 0,
             outbuf: Vec::new(),
             cntlid,
             qid,
@@ -145,15 +148,19 @@ impl Client {
     async fn read_pdu(&mut self) -> Result<Pdu, ClientError> {
         let mut sent = 0;
         loop {
-            match self.q.framer().decode(&self.inbuf)? {
+            match self.q.framer().decode(&self.inbuf[self.consumed..])? {
                 Decoded::Pdu(p, n) => {
-                    self.inbuf.drain(..n);
+                    self.consumed += n;
                     if sent > 0 {
                         self.outbuf.drain(..sent);
                     }
                     return Ok(p);
                 }
-                Decoded::NeedMore(n) => self.inbuf.reserve(n.saturating_sub(self.inbuf.len())),
+                Decoded::NeedMore(n) => {
+                    self.inbuf.drain(..self.consumed);
+                    self.consumed = 0;
+                    self.inbuf.reserve(n.saturating_sub(self.inbuf.len()));
+                }
             }
             let interest = if sent < self.outbuf.len() {
                 Interest::READABLE | Interest::WRITABLE
@@ -169,22 +176,14 @@ impl Client {
                 }
             }
             if ready.is_readable() {
-                let len = self.inbuf.len();
-                let cap = self.inbuf.capacity().max(len + 65536);
-                self.inbuf.resize(cap, 0);
-                match self.stream.try_read(&mut self.inbuf[len..]) {
-                    Ok(0) => {
-                        self.inbuf.truncate(len);
-                        return Err(ClientError::Closed);
-                    }
-                    Ok(n) => self.inbuf.truncate(len + n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        self.inbuf.truncate(len)
-                    }
-                    Err(e) => {
-                        self.inbuf.truncate(len);
-                        return Err(e.into());
-                    }
+                if self.inbuf.capacity() - self.inbuf.len() < 64 * 1024 {
+                    self.inbuf.reserve(256 * 1024);
+                }
+                match self.stream.try_read_buf(&mut self.inbuf) {
+                    Ok(0) => return Err(ClientError::Closed),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::pdu::{DataPdu, Framer, IcReq, IcResp, Pdu};
+use super::pdu::{Framer, IcReq, IcResp, Pdu};
 use crate::nvme::spec::{Cqe, DataPointer, Sqe, Status};
 
 /// A finished command.
@@ -128,14 +128,7 @@ impl HostQueue {
             }),
             None => sqe.set_data_pointer(DataPointer::None),
         }
-        self.framer.encode(
-            &Pdu::CapsuleCmd {
-                sqe,
-                data: capsule_data.to_vec(),
-                digest_ok: true,
-            },
-            out,
-        );
+        self.framer.encode_capsule(&sqe, capsule_data, out);
         let in_capsule = capsule_data.len() == data_out.as_ref().map_or(0, |d| d.len());
         self.pending.insert(
             cid,
@@ -170,16 +163,12 @@ impl HostQueue {
                 let mut off = start;
                 while off < start + len {
                     let n = (start + len - off).min(self.max_h2c_data);
-                    self.framer.encode(
-                        &Pdu::H2CData(DataPdu {
-                            cccid: r.cccid,
-                            ttag: r.ttag,
-                            offset: off as u32,
-                            last: off + n == start + len,
-                            success: false,
-                            data: data[off..off + n].to_vec(),
-                            digest_ok: true,
-                        }),
+                    self.framer.encode_h2c(
+                        r.cccid,
+                        r.ttag,
+                        off as u32,
+                        &data[off..off + n],
+                        off + n == start + len,
                         out,
                     );
                     off += n;

@@ -496,6 +496,25 @@ impl Framer {
         }
     }
 
+    /// Appends a CapsuleCmd carrying `data` in the capsule (without an intermediate copy).
+    pub fn encode_capsule(&self, sqe: &Sqe, data: &[u8], out: &mut Vec<u8>) {
+        self.encode_with_data(kind::CAPSULE_CMD, 0, &sqe.0, data, out);
+    }
+
+    /// Appends an H2CData PDU carrying `data` at transfer offset `offset`.
+    pub fn encode_h2c(
+        &self,
+        cccid: u16,
+        ttag: u16,
+        offset: u32,
+        data: &[u8],
+        last: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let head = data_header(cccid, ttag, offset, data.len());
+        self.encode_with_data(kind::H2C_DATA, data_flags(last, false), &head, data, out);
+    }
+
     /// Appends C2HData PDUs carrying `data[range]` at transfer offset `range.start`, at most
     /// `max_pdu` bytes each; the last one carries LAST_PDU (and SUCCESS if `success`). Large
     /// payloads are queued by reference to `data`, not copied.

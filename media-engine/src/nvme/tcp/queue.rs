@@ -30,8 +30,9 @@ pub struct QueueConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
-            max_h2c_data: 256 << 10,
-            max_c2h_data: 256 << 10,
+            // A whole MDTS-sized transfer in one PDU: its buffer is handed on, not copied.
+            max_h2c_data: 1 << 20,
+            max_c2h_data: 1 << 20,
             r2t_budget: 8 << 20,
             kato: KatoPolicy::default(),
         }
