@@ -157,6 +157,8 @@ impl PoolInner {
                     ov.frozen = None;
                 }
                 v.folded_lsn.store(cut, Ordering::SeqCst);
+                // The frozen blocks are in chunks now: the log cleaner may drop their segments.
+                self.wal.release_folded(frozen.data_locs());
                 self.shared.dead.lock().extend(zeroed);
                 drop(pin);
                 self.gc_log()?;

@@ -57,39 +57,59 @@ impl Overlay {
         }
     }
 
-    pub fn set_data(&mut self, block: u64, n: u64, first: Loc) {
+    /// Points blocks [block, block+n) at consecutive log blocks from `first`; the log
+    /// locations they pointed at before go to `released` (the log cleaner's accounting).
+    pub fn set_data(&mut self, block: u64, n: u64, first: Loc, released: &mut Vec<Loc>) {
         for i in 0..n {
             let loc = Loc {
                 offset: first.offset + i * 4096,
                 ..first
             };
-            self.blocks.insert(block + i, Slot::Data(loc));
+            if let Some(Slot::Data(old)) = self.blocks.insert(block + i, Slot::Data(loc)) {
+                released.push(old);
+            }
         }
     }
 
     /// Zeroes blocks [block, block+n): whole chunks go to the range set, the rest block by block.
-    pub fn set_zero(&mut self, block: u64, n: u64, chunk_blocks: u64) {
+    /// Log locations no longer pointed at go to `released`.
+    pub fn set_zero(&mut self, block: u64, n: u64, chunk_blocks: u64, released: &mut Vec<Loc>) {
         let end = block + n;
         let first_full = block.div_ceil(chunk_blocks);
         let last_full = end / chunk_blocks; // exclusive
+        let zero = |blocks: &mut BTreeMap<u64, Slot>, b: u64, released: &mut Vec<Loc>| {
+            if let Some(Slot::Data(old)) = blocks.insert(b, Slot::Zero) {
+                released.push(old);
+            }
+        };
         if first_full < last_full {
             let (fb, lb) = (first_full * chunk_blocks, last_full * chunk_blocks);
             let doomed: Vec<u64> = self.blocks.range(fb..lb).map(|(k, _)| *k).collect();
             for k in doomed {
-                self.blocks.remove(&k);
+                if let Some(Slot::Data(old)) = self.blocks.remove(&k) {
+                    released.push(old);
+                }
             }
             self.insert_zero_range(first_full, last_full);
             for b in block..fb.min(end) {
-                self.blocks.insert(b, Slot::Zero);
+                zero(&mut self.blocks, b, released);
             }
             for b in lb.max(block)..end {
-                self.blocks.insert(b, Slot::Zero);
+                zero(&mut self.blocks, b, released);
             }
         } else {
             for b in block..end {
-                self.blocks.insert(b, Slot::Zero);
+                zero(&mut self.blocks, b, released);
             }
         }
+    }
+
+    /// Log locations this overlay points at.
+    pub fn data_locs(&self) -> impl Iterator<Item = Loc> + '_ {
+        self.blocks.values().filter_map(|s| match s {
+            Slot::Data(l) => Some(*l),
+            Slot::Zero => None,
+        })
     }
 
     fn insert_zero_range(&mut self, mut s: u64, mut e: u64) {
@@ -124,8 +144,16 @@ impl Overlay {
     /// Applies a newer overlay on top of this one (used when a failed seal returns its frozen
     /// overlay under the writes that arrived meanwhile).
     pub fn merge_newer(&mut self, newer: &Overlay, chunk_blocks: u64) {
+        // What the newer overlay replaces stays counted as live by the log cleaner: it only
+        // keeps those segments a little longer (until the next fold frees them).
+        let mut ignored = Vec::new();
         for (&s, &e) in &newer.zeroed {
-            self.set_zero(s * chunk_blocks, (e - s) * chunk_blocks, chunk_blocks);
+            self.set_zero(
+                s * chunk_blocks,
+                (e - s) * chunk_blocks,
+                chunk_blocks,
+                &mut ignored,
+            );
         }
         for (&b, &slot) in &newer.blocks {
             self.blocks.insert(b, slot);
@@ -152,8 +180,10 @@ mod tests {
             device: 0,
             offset: 1 << 20,
         };
-        o.set_data(10, 3, loc);
-        o.set_data(300, 1, loc);
+        let mut rel = Vec::new();
+        o.set_data(10, 3, loc, &mut rel);
+        o.set_data(300, 1, loc, &mut rel);
+        assert!(rel.is_empty());
         assert_eq!(
             o.lookup(11, cb),
             Lookup::Data(Loc {
@@ -162,7 +192,9 @@ mod tests {
             })
         );
         // Zero blocks 5..(3*256+7): chunk 0 partial, chunks 1..3 whole, chunk 3 partial.
-        o.set_zero(5, 3 * 256 + 2, cb);
+        o.set_zero(5, 3 * 256 + 2, cb, &mut rel);
+        // The four data blocks it covered (10..13 and 300) are no longer pointed at.
+        assert_eq!(rel.len(), 4);
         assert_eq!(o.lookup(4, cb), Lookup::Below);
         assert_eq!(o.lookup(11, cb), Lookup::Zero);
         assert_eq!(o.lookup(300, cb), Lookup::Zero);
@@ -170,10 +202,16 @@ mod tests {
         assert_eq!(o.lookup(3 * 256 + 6, cb), Lookup::Zero);
         assert_eq!(o.lookup(3 * 256 + 7, cb), Lookup::Below);
         // Writing after zeroing wins.
-        o.set_data(300, 1, loc);
+        rel.clear();
+        o.set_data(300, 1, loc, &mut rel);
+        assert!(rel.is_empty());
         assert_eq!(o.lookup(300, cb), Lookup::Data(loc));
+        // Overwriting data releases the old location.
+        let newer = Loc { lsn: 2, ..loc };
+        o.set_data(300, 1, newer, &mut rel);
+        assert_eq!(rel, vec![loc]);
         // Adjacent zero ranges merge.
-        o.set_zero(3 * 256, 256, cb);
+        o.set_zero(3 * 256, 256, cb, &mut rel);
         assert_eq!(o.zeroed.len(), 1);
         assert_eq!(o.zeroed.get(&1), Some(&4));
     }

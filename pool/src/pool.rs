@@ -295,17 +295,28 @@ impl Pool {
         for r in shared.meta.volumes()? {
             volumes.insert(r.id, Arc::new(VolumeState::from_rec(&r)));
         }
-        let replayed = Wal::replay(&shared, &segs, |e, lsn, loc| {
+        // What replay overwrites needs no accounting: the live counts are taken afterwards.
+        let mut released = Vec::new();
+        let mut replayed = Wal::replay(&shared, &segs, |e, lsn, loc| {
             let Some(v) = volumes.get(&e.vol) else { return };
             if lsn <= v.folded_lsn.load(Ordering::Relaxed) {
                 return;
             }
             let mut ov = v.ov.write();
             match (e.kind, loc) {
-                (EntryKind::Data, Some(l)) => ov.active.set_data(e.block, e.nblocks as u64, l),
-                _ => ov.active.set_zero(e.block, e.nblocks as u64, chunk_blocks),
+                (EntryKind::Data, Some(l)) => {
+                    ov.active
+                        .set_data(e.block, e.nblocks as u64, l, &mut released)
+                }
+                _ => ov
+                    .active
+                    .set_zero(e.block, e.nblocks as u64, chunk_blocks, &mut released),
             }
+            released.clear();
         })?;
+        for v in volumes.values() {
+            replayed.count_live(v.ov.read().active.data_locs());
+        }
         let dirty: usize = volumes
             .values()
             .map(|v| v.ov.read().active.blocks.len())

@@ -343,8 +343,8 @@ impl Volume {
             return Err(PoolError::VolumeDeleted(self.id()));
         }
         let vid = self.vol.id;
-        self.pool.wal.append(vid, first, n, None, |p| {
-            ov.active.set_zero(p.block, p.nblocks, cb)
+        self.pool.wal.append(vid, first, n, None, |p, released| {
+            ov.active.set_zero(p.block, p.nblocks, cb, released)
         })
     }
 
@@ -410,18 +410,18 @@ impl Volume {
         let vid = self.vol.id;
         let wal = &self.pool.wal;
         if atomic {
-            return wal.append_atomic(vid, first, &parts, |p| {
+            return wal.append_atomic(vid, first, &parts, |p, released| {
                 if let Some(loc) = p.loc {
-                    ov.active.set_data(p.block, p.nblocks, loc);
+                    ov.active.set_data(p.block, p.nblocks, loc, released);
                 }
             });
         }
         let mut block = first;
         for part in parts {
             let n = part.len() as u64 / BLOCK;
-            wal.append(vid, block, n, Some(part), |p| {
+            wal.append(vid, block, n, Some(part), |p, released| {
                 if let Some(loc) = p.loc {
-                    ov.active.set_data(p.block, p.nblocks, loc);
+                    ov.active.set_data(p.block, p.nblocks, loc, released);
                 }
             })?;
             block += n;
@@ -558,9 +558,9 @@ impl BlockDevice for Volume {
         self.check_in(&ov, offset, len)?;
         self.pool
             .wal
-            .append_nowait(self.vol.id, offset / BLOCK, data, |p| {
+            .append_nowait(self.vol.id, offset / BLOCK, data, |p, released| {
                 if let Some(loc) = p.loc {
-                    ov.active.set_data(p.block, p.nblocks, loc);
+                    ov.active.set_data(p.block, p.nblocks, loc, released);
                 }
             })
     }

@@ -92,6 +92,28 @@ pub struct Segment {
     pub rec: SegRec,
     /// Highest batch LSN per volume with entries in this segment.
     pub vols: HashMap<u64, u64>,
+    /// The log cleaner's count: data blocks of this segment an overlay still points at, plus
+    /// one per zeroing entry (those stay until a fold: replay needs them). At 0 every block
+    /// was overwritten by a later append, and the segment can go without a fold once those
+    /// appends are durable.
+    pub live: u64,
+    /// LSN of the latest append that overwrote a block of this segment.
+    pub clean_after: u64,
+    /// The count went wrong (released more than it held): never cleaned, only folded away.
+    pub suspect: bool,
+}
+
+impl Segment {
+    pub fn new(seq: u64, rec: SegRec) -> Segment {
+        Segment {
+            seq,
+            rec,
+            vols: HashMap::new(),
+            live: 0,
+            clean_after: 0,
+            suspect: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -104,6 +126,10 @@ struct CurSeg {
 #[derive(Debug, Default)]
 struct LogState {
     segments: BTreeMap<u64, Segment>,
+    /// First LSN -> segment seq, to find the segment of a log location.
+    by_lsn: BTreeMap<u64, u64>,
+    /// Scratch for the locations an append's overlay update released.
+    released: Vec<Loc>,
     cur: Option<CurSeg>,
     open: Option<OpenBatch>,
     inflight: BTreeMap<u64, Arc<Batch>>,
@@ -233,6 +259,84 @@ pub struct Replayed {
     pub batches: u64,
 }
 
+impl Replayed {
+    /// Counts, for the log cleaner, the log locations the replayed overlays point at.
+    pub fn count_live(&mut self, locs: impl Iterator<Item = Loc>) {
+        let by_lsn: BTreeMap<u64, usize> = self
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.rec.first_lsn, i))
+            .collect();
+        for l in locs {
+            if let Some((_, &i)) = by_lsn.range(..=l.lsn).next_back() {
+                self.segments[i].live += 1;
+            }
+        }
+    }
+}
+
+impl LogState {
+    /// The segment holding log location `loc`.
+    fn segment_of(&mut self, loc: &Loc) -> Option<&mut Segment> {
+        let (_, &seq) = self.by_lsn.range(..=loc.lsn).next_back()?;
+        self.segments.get_mut(&seq)
+    }
+
+    /// The log cleaner's accounting for one appended piece: its blocks (or a zeroing entry's
+    /// pin) count in the current segment; the locations its overlay update released no longer
+    /// count in theirs, which may be cleaned once `lsn` is durable.
+    fn account(&mut self, piece: &Piece, lsn: u64) {
+        let add = if piece.loc.is_some() {
+            piece.nblocks
+        } else {
+            1
+        };
+        if let Some(seq) = self.cur.as_ref().map(|c| c.seq)
+            && let Some(seg) = self.segments.get_mut(&seq)
+        {
+            seg.live += add;
+        }
+        let released = std::mem::take(&mut self.released);
+        self.release(&released, lsn);
+        self.released = released;
+        self.released.clear();
+    }
+
+    fn release(&mut self, locs: &[Loc], lsn: u64) {
+        for l in locs {
+            if let Some(seg) = self.segment_of(l) {
+                match seg.live.checked_sub(1) {
+                    Some(n) => seg.live = n,
+                    None => {
+                        if !seg.suspect {
+                            tracing::warn!(
+                                segment = seg.seq,
+                                "WAL cleaner: count below zero; this segment waits for a fold"
+                            );
+                        }
+                        seg.suspect = true;
+                    }
+                }
+                seg.clean_after = seg.clean_after.max(lsn);
+            }
+        }
+    }
+
+    fn insert_segment(&mut self, seg: Segment) {
+        self.by_lsn.insert(seg.rec.first_lsn, seg.seq);
+        self.segments.insert(seg.seq, seg);
+    }
+
+    fn remove_segment(&mut self, seq: u64) -> Option<Segment> {
+        let seg = self.segments.remove(&seq)?;
+        if self.by_lsn.get(&seg.rec.first_lsn) == Some(&seq) {
+            self.by_lsn.remove(&seg.rec.first_lsn);
+        }
+        Some(seg)
+    }
+}
+
 impl Wal {
     pub fn new(
         shared: Arc<Shared>,
@@ -242,12 +346,14 @@ impl Wal {
     ) -> Wal {
         let last = replayed.next_lsn.saturating_sub(1);
         let segment_bytes = replayed.segments.iter().map(|s| s.rec.extent.len).sum();
-        let st = LogState {
-            segments: replayed.segments.into_iter().map(|s| (s.seq, s)).collect(),
+        let mut st = LogState {
             next_lsn: replayed.next_lsn,
             sync_target: last,
             ..Default::default()
         };
+        for s in replayed.segments {
+            st.insert_segment(s);
+        }
         Wal {
             shared,
             st: Mutex::new(st),
@@ -283,11 +389,7 @@ impl Wal {
                 buf: &mut buf,
             }])
             .map_err(|e| dev.io_err(e))?;
-            let mut seg = Segment {
-                seq,
-                rec,
-                vols: HashMap::new(),
-            };
+            let mut seg = Segment::new(seq, rec);
             let mut pos = 0usize;
             let mut lsn = rec.first_lsn;
             while pos + 4096 <= buf.len() {
@@ -331,6 +433,9 @@ impl Wal {
                     }
                     let m = seg.vols.entry(e.vol).or_insert(0);
                     *m = (*m).max(lsn);
+                    if e.kind == EntryKind::Zero {
+                        seg.live += 1;
+                    }
                     apply(e, lsn, loc);
                 }
                 batches += 1;
@@ -451,14 +556,7 @@ impl Wal {
             "WAL: new segment"
         );
         self.segment_bytes.fetch_add(extent.len, Ordering::SeqCst);
-        st.segments.insert(
-            seq,
-            Segment {
-                seq,
-                rec,
-                vols: HashMap::new(),
-            },
-        );
+        st.insert_segment(Segment::new(seq, rec));
         st.cur = Some(CurSeg {
             seq,
             extent,
@@ -591,7 +689,7 @@ impl Wal {
         block: u64,
         nblocks: u64,
         data: Option<&[u8]>,
-        on_piece: impl FnMut(Piece),
+        on_piece: impl FnMut(Piece, &mut Vec<Loc>),
     ) -> Result<()> {
         let mut st = self.lock_for_append()?;
         self.append_locked(&mut st, vol, block, nblocks, data, on_piece)
@@ -605,7 +703,7 @@ impl Wal {
         vol: u64,
         block: u64,
         data: &[u8],
-        on_piece: impl FnMut(Piece),
+        on_piece: impl FnMut(Piece, &mut Vec<Loc>),
     ) -> Result<bool> {
         let Some(mut st) = self.st.try_lock_for(NOWAIT_LOCK_WAIT) else {
             return Ok(false);
@@ -640,7 +738,7 @@ impl Wal {
         block: u64,
         nblocks: u64,
         data: Option<&[u8]>,
-        mut on_piece: impl FnMut(Piece),
+        mut on_piece: impl FnMut(Piece, &mut Vec<Loc>),
     ) -> Result<()> {
         let mut done = 0u64;
         while done < nblocks {
@@ -693,11 +791,13 @@ impl Wal {
                     *m = (*m).max(lsn);
                 }
             }
-            on_piece(Piece {
+            let piece = Piece {
                 block: b,
                 nblocks: n,
                 loc,
-            });
+            };
+            on_piece(piece, &mut st.released);
+            st.account(&piece, lsn);
             done += n;
         }
         self.work.notify_one();
@@ -728,7 +828,7 @@ impl Wal {
         vol: u64,
         block: u64,
         parts: &[&[u8]],
-        on_piece: impl FnOnce(Piece),
+        on_piece: impl FnOnce(Piece, &mut Vec<Loc>),
     ) -> Result<()> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total == 0 || total as u64 % BLOCK != 0 {
@@ -784,11 +884,13 @@ impl Wal {
             let m = seg.vols.entry(vol).or_insert(0);
             *m = (*m).max(lsn);
         }
-        on_piece(Piece {
+        let piece = Piece {
             block,
             nblocks: n,
             loc: Some(loc),
-        });
+        };
+        on_piece(piece, &mut st.released);
+        st.account(&piece, lsn);
         self.work.notify_one();
         Ok(())
     }
@@ -1018,28 +1120,44 @@ impl Wal {
         self.work.notify_all();
     }
 
-    /// Segments that no volume needs any more, given each live volume's folded LSN. The current
-    /// segment is never returned. Removed from the in-memory list; the caller deletes the records.
+    /// Segments that no volume needs any more: every volume with entries in it has folded them
+    /// (given each live volume's folded LSN), or the log cleaner found every block of it
+    /// overwritten by durable later appends. The current segment is never returned. Removed
+    /// from the in-memory list; the caller deletes the records.
     pub fn take_dead_segments(&self, folded: &HashMap<u64, u64>) -> Vec<(u64, SegRec)> {
         let mut st = self.st.lock();
         let cur = st.cur.as_ref().map(|c| c.seq);
         let written = self.written.load(Ordering::SeqCst);
+        let synced = self.synced.load(Ordering::SeqCst);
+        let (mut by_fold, mut by_cleaner) = (0usize, 0usize);
         let dead: Vec<u64> = st
             .segments
             .values()
             .filter(|s| Some(s.seq) != cur)
-            .filter(|s| {
-                s.vols
-                    .iter()
-                    .all(|(v, max)| folded.get(v).is_none_or(|f| f >= max))
-            })
             // Never while a batch of it may still be in memory or being written.
             .filter(|s| s.vols.values().all(|&max| max <= written))
+            .filter(|s| {
+                if s.vols
+                    .iter()
+                    .all(|(v, max)| folded.get(v).is_none_or(|f| f >= max))
+                {
+                    by_fold += 1;
+                    true
+                } else if s.live == 0 && !s.suspect && s.clean_after <= synced {
+                    by_cleaner += 1;
+                    true
+                } else {
+                    false
+                }
+            })
             .map(|s| s.seq)
             .collect();
+        if by_cleaner > 0 {
+            tracing::debug!(by_fold, by_cleaner, "WAL segments no longer needed");
+        }
         let taken: Vec<(u64, SegRec)> = dead
             .into_iter()
-            .filter_map(|seq| st.segments.remove(&seq).map(|s| (seq, s.rec)))
+            .filter_map(|seq| st.remove_segment(seq).map(|s| (seq, s.rec)))
             .collect();
         let freed: u64 = taken.iter().map(|(_, r)| r.extent.len).sum();
         self.segment_bytes.fetch_sub(freed, Ordering::SeqCst);
@@ -1076,6 +1194,13 @@ impl Wal {
             }
         }
         out
+    }
+
+    /// Log locations a fold moved into chunks: no longer needed for replay once the fold is
+    /// committed (for the log cleaner).
+    pub fn release_folded(&self, locs: impl Iterator<Item = Loc>) {
+        let locs: Vec<Loc> = locs.collect();
+        self.st.lock().release(&locs, 0);
     }
 
     pub fn synced_lsn(&self) -> u64 {
