@@ -189,6 +189,14 @@ pub enum Decoded {
     Pdu(Pdu, usize),
 }
 
+/// As [`Decoded`], with the data segment left in the input: the PDU (its `data` empty), where
+/// its data is in the input, and the number of input bytes it used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodedRef {
+    NeedMore(usize),
+    Pdu(Pdu, std::ops::Range<usize>, usize),
+}
+
 /// Maximum TotalAHSLength we accept (an extended CDB and a bidi length fit easily).
 pub const MAX_AHS: usize = 512;
 
@@ -242,12 +250,25 @@ impl Framer {
 
     /// Decodes one PDU from the front of `input`.
     pub fn decode(&self, input: &[u8]) -> Result<Decoded, PduError> {
+        Ok(match self.decode_ref(input)? {
+            DecodedRef::Pdu(mut pdu, data, total) => {
+                pdu.data = input[data].to_vec();
+                Decoded::Pdu(pdu, total)
+            }
+            DecodedRef::NeedMore(n) => Decoded::NeedMore(n),
+        })
+    }
+
+    /// As [`Framer::decode`], but leaves the data segment in `input` (checked, digest and all)
+    /// and returns where it is, so a Data-Out can be copied once, straight to its command's
+    /// buffer.
+    pub fn decode_ref(&self, input: &[u8]) -> Result<DecodedRef, PduError> {
         if input.len() < BHS_LEN {
-            return Ok(Decoded::NeedMore(BHS_LEN));
+            return Ok(DecodedRef::NeedMore(BHS_LEN));
         }
         let (total, ahs_len, data_len) = self.wire_len(&input[..BHS_LEN])?;
         if input.len() < total {
-            return Ok(Decoded::NeedMore(total));
+            return Ok(DecodedRef::NeedMore(total));
         }
         let opcode = input[0] & 0x3f;
         if !matches!(
@@ -288,9 +309,13 @@ impl Framer {
         let pdu = Pdu {
             bhs,
             ahs: input[BHS_LEN..BHS_LEN + ahs_len].to_vec(),
-            data: input[data_start..data_start + data_len].to_vec(),
+            data: Vec::new(),
         };
-        Ok(Decoded::Pdu(pdu, total))
+        Ok(DecodedRef::Pdu(
+            pdu,
+            data_start..data_start + data_len,
+            total,
+        ))
     }
 
     /// Appends the wire form of `pdu` to `out`, filling in the two length fields.

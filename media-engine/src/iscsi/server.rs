@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::login::{Login, Step};
 use super::params::{OUR_MAX_RECV_DATA, SessionType};
-use super::pdu::{Decoded, Framer, Pdu, PduError};
+use super::pdu::{Decoded, DecodedRef, Framer, Pdu, PduError, op};
 use super::session::{Output, Session};
 use super::target::{Registry, SessionKey};
 use crate::outq::OutQueue;
@@ -251,12 +251,19 @@ async fn connection(
                     match r {
                         Ok(0) => { closing = Some("initiator closed the connection".into()); }
                         Ok(_) => loop {
-                            match framer.decode(&inbuf[consumed..]) {
-                                Ok(Decoded::Pdu(p, n)) => {
+                            match framer.decode_ref(&inbuf[consumed..]) {
+                                Ok(DecodedRef::Pdu(mut p, data, n)) => {
+                                    let data = consumed + data.start..consumed + data.end;
                                     consumed += n;
-                                    session.on_pdu(p);
+                                    if p.opcode() == op::DATA_OUT {
+                                        // Write data goes once, from here to its command.
+                                        session.on_data_out_ref(&p, &inbuf[data]);
+                                    } else {
+                                        p.data = inbuf[data].to_vec();
+                                        session.on_pdu(p);
+                                    }
                                 }
-                                Ok(Decoded::NeedMore(n)) => {
+                                Ok(DecodedRef::NeedMore(n)) => {
                                     // Move the partial PDU to the front once per read, not
                                     // the rest of the buffer once per PDU.
                                     inbuf.drain(..consumed);

@@ -626,12 +626,26 @@ impl Session {
         self.on_complete(itt, resp);
     }
 
+    /// A Data-Out PDU whose data segment is `data` (left in the receive buffer by
+    /// [`super::pdu::Framer::decode_ref`]): copied once, into its command's buffer.
+    pub fn on_data_out_ref(&mut self, pdu: &Pdu, data: &[u8]) {
+        if self.closing {
+            return;
+        }
+        self.heard = true;
+        self.on_data_out_with(pdu, data);
+    }
+
     fn on_data_out(&mut self, pdu: Pdu) {
+        self.on_data_out_with(&pdu, &pdu.data);
+    }
+
+    fn on_data_out_with(&mut self, pdu: &Pdu, data: &[u8]) {
         let itt = pdu.itt();
         let ttt = pdu.u32_at(20);
         let data_sn = pdu.u32_at(36);
         let offset = pdu.u32_at(40);
-        let len = pdu.data.len() as u32;
+        let len = data.len() as u32;
         let fin = pdu.final_bit();
         let Some(task) = self.tasks.get_mut(&itt) else {
             // Data for a task we aborted (or never had): dropped, as RFC 7143 allows.
@@ -696,7 +710,7 @@ impl Session {
             return;
         }
         if !x.discard {
-            x.buf.extend_from_slice(&pdu.data);
+            x.buf.extend_from_slice(data);
         }
         x.received += len;
         self.advance_write(itt);
@@ -1331,16 +1345,12 @@ mod tests {
             (op::R2T, 8192, 12288)
         );
         let ttt = r2t.u32_at(20);
+        // The solicited Data-Outs the way the driver hands them over: the header decoded, the
+        // data still in the receive buffer.
         for (sn, off) in [(0u32, 8192usize), (1, 16384)] {
             let end = (off + 8192).min(total as usize);
-            s.on_pdu(data_out(
-                1,
-                ttt,
-                sn,
-                off as u32,
-                payload[off..end].to_vec(),
-                end == total as usize,
-            ));
+            let header = data_out(1, ttt, sn, off as u32, Vec::new(), end == total as usize);
+            s.on_data_out_ref(&header, &payload[off..end]);
         }
         let resp = pump(&mut s);
         assert_eq!(resp.len(), 1);
