@@ -25,7 +25,9 @@ const CC_SHN_SHIFT: u32 = 14;
 /// CSTS fields.
 const CSTS_RDY: u32 = 1;
 const CSTS_CFS: u32 = 2;
+const CSTS_SHST_PROCESSING: u32 = 1 << 2;
 const CSTS_SHST_COMPLETE: u32 = 2 << 2;
+const CSTS_SHST_MASK: u32 = 3 << 2;
 /// Async event config bits we can raise.
 pub const AEC_NS_ATTRIBUTE: u32 = 1 << 8;
 pub const AEC_DISCOVERY_LOG: u32 = 1 << 31;
@@ -81,6 +83,8 @@ struct State {
     changed_ns: BTreeSet<u32>,
     /// Stored values of features we only record.
     plain_features: [u32; 16],
+    /// The host asked for a shutdown (CC.SHN) and the flush it needs has not started.
+    shutdown_requested: bool,
 }
 
 /// What an admin command came to.
@@ -168,6 +172,7 @@ impl Controller {
                 masked: 0,
                 changed_ns: BTreeSet::new(),
                 plain_features: [0; 16],
+                shutdown_requested: false,
             }),
             epoch: Instant::now(),
             last_alive_ms: AtomicU64::new(0),
@@ -395,10 +400,31 @@ impl Controller {
         } else if cc & CC_EN == 0 && was_enabled {
             st.csts &= !CSTS_RDY;
         }
-        if (cc >> CC_SHN_SHIFT) & 3 != 0 {
-            // Every write already acknowledged to a flush is durable; nothing else to do.
-            st.csts |= CSTS_SHST_COMPLETE;
+        if (cc >> CC_SHN_SHIFT) & 3 != 0 && st.csts & CSTS_SHST_MASK == 0 {
+            // A shutdown makes the volatile write cache durable first: "processing" until the
+            // driver has run [`Controller::finish_shutdown`] (the host polls CSTS).
+            st.csts |= CSTS_SHST_PROCESSING;
+            st.shutdown_requested = true;
         }
+    }
+
+    /// Whether a shutdown flush is to be started (true once per CC.SHN).
+    pub fn take_shutdown_request(&self) -> bool {
+        std::mem::take(&mut self.state.lock().shutdown_requested)
+    }
+
+    /// Flushes every namespace, then reports the shutdown complete. Blocking: the driver runs
+    /// it off its network task.
+    pub fn finish_shutdown(&self) {
+        if let Some(sub) = &self.subsystem {
+            for (nsid, ns) in &sub.config.namespaces {
+                if let Err(e) = ns.dev.flush() {
+                    tracing::warn!(cntlid = self.cntlid, nsid, "flush at shutdown failed: {e}");
+                }
+            }
+        }
+        let mut st = self.state.lock();
+        st.csts = (st.csts & !CSTS_SHST_MASK) | CSTS_SHST_COMPLETE;
     }
 
     #[cfg(test)]
@@ -691,7 +717,7 @@ mod tests {
             run(&c, &fabrics(fctype::PROPERTY_GET, 0, prop::CSTS, 0)).dw0,
             CSTS_RDY
         );
-        // Shutdown notification completes at once.
+        // Shutdown: processing until the flush ran, then complete.
         run(
             &c,
             &fabrics(
@@ -701,6 +727,11 @@ mod tests {
                 1 | (6 << 16) | (4 << 20) | (1 << 14),
             ),
         );
+        let csts = run(&c, &fabrics(fctype::PROPERTY_GET, 0, prop::CSTS, 0)).dw0;
+        assert_eq!(csts & 0xc, CSTS_SHST_PROCESSING);
+        assert!(c.take_shutdown_request());
+        assert!(!c.take_shutdown_request(), "once per request");
+        c.finish_shutdown();
         let csts = run(&c, &fabrics(fctype::PROPERTY_GET, 0, prop::CSTS, 0)).dw0;
         assert_eq!(csts & 0xc, CSTS_SHST_COMPLETE);
         let (_r, c) = setup();

@@ -256,6 +256,13 @@ async fn connection(
                 closing.get_or_insert_with(|| "controller ended".into());
             }
         }
+        // A shutdown the host asked for (CC.SHN) flushes every namespace off this task.
+        if let Some(c) = queue.controller()
+            && c.take_shutdown_request()
+        {
+            let c = c.clone();
+            tokio::task::spawn_blocking(move || c.finish_shutdown());
+        }
         // I/O commands: those that need no waiting run here; their answers may let more
         // output out.
         while queue.has_work() {
