@@ -259,6 +259,23 @@ async fn linux_style_bring_up_and_io_with_and_without_digests() {
         a.exec(Sqe::new(admin::KEEP_ALIVE, 0, 0), None, 0)
             .await
             .unwrap();
+        // Shutdown as `nvme disconnect` does it: CC.SHN, then CSTS.SHST polled to complete
+        // (after the flush of every namespace).
+        a.property_set(prop::CC, 1 | (6 << 16) | (4 << 20) | (1 << 14))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            let csts = a.property_get(prop::CSTS, false).await.unwrap();
+            if csts & 0xc == 0x8 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "shutdown never completed: {csts:#x}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     drop(t.pool);
     t.server.shutdown().await;
