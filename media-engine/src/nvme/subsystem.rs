@@ -155,6 +155,35 @@ pub struct ConnectRefusal {
 }
 
 impl ConnectRefusal {
+    /// Why, in words an operator can act on.
+    pub fn why(&self) -> &'static str {
+        let in_data = self.dw0 & (1 << 16) != 0;
+        let offset = self.dw0 & 0xffff;
+        match (self.status, in_data, offset) {
+            (s, _, _) if s == Status::CONNECT_INVALID_HOST => {
+                "the host NQN is not on the export's allow-list"
+            }
+            (s, true, CD_SUBNQN) if s == Status::CONNECT_INVALID_PARAMETERS => {
+                "no subsystem with this NQN is exported here"
+            }
+            (s, true, CD_CNTLID) if s == Status::CONNECT_INVALID_PARAMETERS => {
+                "no such controller for this host and subsystem"
+            }
+            (s, false, SQE_SQSIZE) if s == Status::CONNECT_INVALID_PARAMETERS => {
+                "queue size out of range"
+            }
+            (s, false, SQE_QID) if s == Status::CONNECT_INVALID_PARAMETERS => {
+                "queue id not granted, already connected, or not allowed here"
+            }
+            (s, _, _) if s == Status::COMMAND_SEQUENCE_ERROR => "the controller is not enabled yet",
+            (s, _, _) if s == Status::CONNECT_CONTROLLER_BUSY => "too many controllers",
+            (s, _, _) if s == Status::CONNECT_INCOMPATIBLE_FORMAT => {
+                "unknown Connect record format"
+            }
+            _ => "malformed Connect",
+        }
+    }
+
     fn in_data(status: Status, offset: u32) -> ConnectRefusal {
         ConnectRefusal {
             status,
@@ -451,9 +480,11 @@ mod tests {
         };
         let e = reg.connect(&req("nqn.sub", "nqn.bad"), k).unwrap_err();
         assert_eq!(e.status, Status::CONNECT_INVALID_HOST);
+        assert!(e.why().contains("allow-list"));
         assert_eq!(e.dw0, (1 << 16) | 512);
         let e = reg.connect(&req("nqn.nope", "nqn.good"), k).unwrap_err();
         assert_eq!(e.status, Status::CONNECT_INVALID_PARAMETERS);
+        assert!(e.why().contains("no subsystem"));
         let c = reg.connect(&req("nqn.sub", "nqn.good"), k).unwrap();
         assert_eq!(reg.controller_count(), 1);
         // I/O queues join the controller by cntlid, only for the same host and subsystem.

@@ -484,6 +484,7 @@ impl Queue {
         let req = match ConnectRequest::parse(sqe, data) {
             Ok(r) => r,
             Err(r) => {
+                tracing::warn!("NVMe connect refused: {}", r.why());
                 return Completion {
                     dw0: r.dw0,
                     ..Completion::status(r.status)
@@ -519,7 +520,8 @@ impl Queue {
                     subnqn = %req.subnqn,
                     qid = req.qid,
                     status = ?r.status,
-                    "NVMe connect refused"
+                    "NVMe connect refused: {}",
+                    r.why()
                 );
                 Completion {
                     dw0: r.dw0,
