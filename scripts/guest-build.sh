@@ -4,7 +4,7 @@
 # read-only over 9p. See tests/src/guest.rs for the test API and the README's test tour.
 #
 #   apt (installed only if missing): what the guest borrows from the host's root — open-iscsi,
-#       nvme-cli, fio, e2fsprogs — and what builds the initramfs: busybox-static, cpio, kmod.
+#       nvme-cli, fio, e2fsprogs, jq — and what builds the initramfs: busybox-static, cpio, kmod.
 #       open-iscsi's services are kept off on the host (installed with service starts blocked,
 #       then disabled): the host kernel has no iSCSI initiator; only the guest runs iscsid.
 #   QEMU 7.2: from scripts/iscsi-peers.sh (extracted, not installed).
@@ -57,7 +57,7 @@ if [ -n "$INSTALLING_ISCSI" ] && [ ! -e /usr/sbin/policy-rc.d ]; then
     $SUDO chmod 755 /usr/sbin/policy-rc.d
     CLEANUP+=("$SUDO rm -f /usr/sbin/policy-rc.d")
 fi
-apt_install open-iscsi nvme-cli fio e2fsprogs busybox-static cpio kmod
+apt_install open-iscsi nvme-cli fio e2fsprogs jq busybox-static cpio kmod
 if [ -n "$INSTALLING_ISCSI" ]; then
     log "disabling open-iscsi's services on the host (iscsid.socket, iscsid, open-iscsi)"
     if command -v systemctl >/dev/null 2>&1; then
@@ -71,7 +71,7 @@ fi
 if pid="$(pgrep -x iscsid 2>/dev/null)"; then
     log "warning: an iscsid runs on the host (pid ${pid//$'\n'/ }; not started by this script)"
 fi
-for t in /usr/sbin/iscsiadm /usr/sbin/iscsid /usr/sbin/nvme /usr/bin/fio /sbin/mkfs.ext4 \
+for t in /usr/sbin/iscsiadm /usr/sbin/iscsid /usr/sbin/nvme /usr/bin/fio /usr/bin/jq /sbin/mkfs.ext4 \
          /sbin/fsck.ext4 /bin/busybox /usr/bin/cpio /sbin/depmod /sbin/modprobe; do
     [ -x "$t" ] || die "$t is missing after the apt installs"
 done

@@ -1,11 +1,13 @@
 //! Shared helpers for the end-to-end tests under `tests/tests/` (and the manager's tests): the
-//! real `maasd` ([`maasd`]), Linux guests with real initiators ([`guest`]) and the third-party
-//! tools of `scripts/iscsi-peers.sh` ([`peers`]).
+//! real `maasd` ([`maasd`]), Linux guests with real initiators ([`guest`]), the third-party
+//! tools of `scripts/iscsi-peers.sh` ([`peers`]) and a TCP relay that can cut a connection
+//! without closing it ([`relay`]).
 
 pub mod bench;
 pub mod guest;
 pub mod maasd;
 pub mod peers;
+pub mod relay;
 
 use std::path::Path;
 

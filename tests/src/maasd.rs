@@ -25,6 +25,11 @@ pub struct Maasd {
     pub iscsi_port: u16,
     /// What SendTargets and exports advertise (empty: the address the initiator reached).
     pub iscsi_advertise: String,
+    /// The NVMe/TCP target's port on 127.0.0.1 (discovery and I/O subsystems), if enabled
+    /// ([`MaasdBuilder::nvme_tcp`]).
+    pub nvme_port: Option<u16>,
+    /// What the NVMe/TCP discovery log page and exports advertise.
+    pub nvme_advertise: String,
     pub catalog_url: Option<String>,
     /// The admin token (read from `data/admin.token` at start).
     pub token: String,
@@ -41,13 +46,14 @@ pub struct MaasdBuilder {
     device_size: u64,
     catalog_url: Option<String>,
     advertise: Advertise,
+    nvme: Option<Advertise>,
     env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
 enum Advertise {
     Fixed(String),
-    /// `10.0.2.2:<iscsi port>`: the host as a QEMU user-networking guest reaches it.
+    /// `10.0.2.2:<port>`: the host as a QEMU user-networking guest reaches it.
     Guest,
 }
 
@@ -172,6 +178,20 @@ impl MaasdBuilder {
         self
     }
 
+    /// Enables the NVMe/TCP target on a free port of 127.0.0.1 ([`Maasd::nvme_port`]),
+    /// advertising the address a QEMU guest reaches: `10.0.2.2:<nvme port>`.
+    pub fn nvme_tcp(mut self) -> Self {
+        self.nvme = Some(Advertise::Guest);
+        self
+    }
+
+    /// Enables the NVMe/TCP target on a free port of 127.0.0.1, advertising `traddr:trsvcid`
+    /// instead (e.g. a [`crate::relay::Relay`] in front of it).
+    pub fn nvme_tcp_advertise(mut self, addr: &str) -> Self {
+        self.nvme = Some(Advertise::Fixed(addr.to_string()));
+        self
+    }
+
     /// An extra environment variable for the server.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -185,12 +205,20 @@ impl MaasdBuilder {
             Advertise::Fixed(s) => s,
             Advertise::Guest => format!("{GUEST_HOST}:{iscsi_port}"),
         };
+        let nvme_port = self.nvme.as_ref().map(|_| free_port());
+        let nvme_advertise = match (self.nvme, nvme_port) {
+            (Some(Advertise::Fixed(s)), _) => s,
+            (Some(Advertise::Guest), Some(p)) => format!("{GUEST_HOST}:{p}"),
+            _ => String::new(),
+        };
         let mut m = Maasd {
             dir: self.dir,
             port: free_port(),
             device_size: self.device_size,
             iscsi_port,
             iscsi_advertise,
+            nvme_port,
+            nvme_advertise,
             catalog_url: self.catalog_url,
             token: String::new(),
             bin: self.bin,
@@ -204,7 +232,7 @@ impl MaasdBuilder {
 
 impl Maasd {
     /// A server from `bin` on `dir` (created if missing), REST and iSCSI on free ports of
-    /// 127.0.0.1, NVMe/TCP off, 256 KiB chunks.
+    /// 127.0.0.1, NVMe/TCP off (see [`MaasdBuilder::nvme_tcp`]), 256 KiB chunks.
     pub fn builder(bin: impl Into<PathBuf>, dir: &Path) -> MaasdBuilder {
         MaasdBuilder {
             bin: bin.into(),
@@ -212,6 +240,7 @@ impl Maasd {
             device_size: 2 << 30,
             catalog_url: None,
             advertise: Advertise::Fixed(String::new()),
+            nvme: None,
             env: Vec::new(),
         }
     }
@@ -235,7 +264,13 @@ impl Maasd {
                 format!("127.0.0.1:{}", self.iscsi_port),
             )
             .env("MAAS_ISCSI_ADVERTISE", &self.iscsi_advertise)
-            .env("MAAS_NVME_TCP_LISTEN", "")
+            .env(
+                "MAAS_NVME_TCP_LISTEN",
+                self.nvme_port
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .unwrap_or_default(),
+            )
+            .env("MAAS_NVME_TCP_ADVERTISE", &self.nvme_advertise)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -442,8 +477,23 @@ pub fn export(m: &Maasd, vol: &str, initiators: &[&str], chap: Option<Value>) ->
     if let Some(c) = chap {
         body["chap"] = c;
     }
-    let (st, e) = m.call("POST", &format!("/volumes/{vol}/exports"), Some(body));
-    assert_eq!(st, 201, "{e}");
+    create_export(m, vol, body)
+}
+
+/// Exports a volume over NVMe/TCP to these host NQNs; returns the export object (`portal`,
+/// `target`: the subsystem NQN, `nsid`...).
+pub fn nvme_export(m: &Maasd, vol: &str, hosts: &[&str]) -> Value {
+    create_export(m, vol, json!({"protocol": "nvme-tcp", "initiators": hosts}))
+}
+
+/// `POST /volumes/{vol}/exports` with `body`, which must answer 201; returns the export.
+pub fn create_export(m: &Maasd, vol: &str, body: Value) -> Value {
+    let (st, e) = m.call(
+        "POST",
+        &format!("/volumes/{vol}/exports"),
+        Some(body.clone()),
+    );
+    assert_eq!(st, 201, "{body} -> {e}");
     e
 }
 

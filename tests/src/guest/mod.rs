@@ -22,11 +22,14 @@
 //!   (9p caches negative lookups): hand files over before boot, or through the network.
 //! - environment: `MAAS_GUEST_NAME`, `MAAS_INITIATOR_NAME` (also in
 //!   `/etc/iscsi/initiatorname.iscsi`), `MAAS_HOST_NQN` (also in `/etc/nvme/hostnqn`),
-//!   `MAAS_HOST=10.0.2.2`, `MAAS_XCHG=/xchg`, `MAAS_RUN` (this run's directory under `/xchg`:
+//!   `MAAS_HOST_ID` (also in `/etc/nvme/hostid`), `MAAS_HOST=10.0.2.2`, `MAAS_XCHG=/xchg`,
+//!   `MAAS_RUN` (this run's directory under `/xchg`:
 //!   daemons can log there, see [`GuestRun::file`]) and those of [`Guest::env`].
 //! - shell functions: `mark NAME` (prints `@@MAAS-MARK NAME`, which the host waits for with
 //!   [`RunningGuest::wait_for_mark`]), `fail MESSAGE` (prints it, exits 1), and those of the
-//!   libraries added with [`Guest::lib`] (e.g. [`ISCSI_SH`]).
+//!   libraries added with [`Guest::lib`] ([`ISCSI_SH`], [`NVME_SH`], [`TREE_SH`]).
+//!
+//! [`workflow`] is the backup-and-restore scenario the guest tests run over each protocol.
 //!
 //! The script's stdout and stderr are captured (and mirrored onto the serial console); the
 //! serial console (kernel messages included) goes to a log file whose tail failure messages
@@ -46,9 +49,21 @@ use std::time::{Duration, Instant};
 use crate::TestDir;
 use crate::maasd::die_with_parent;
 
+pub mod workflow;
+
 /// Shell helpers for the host's open-iscsi in a guest (`iscsi_start`, `iscsi_discover`,
 /// `iscsi_login`, `iscsi_disk`, `iscsi_chap`, `iscsi_logout`...); see the file for details.
 pub const ISCSI_SH: &str = include_str!("iscsi.sh");
+
+/// Shell helpers for the host's nvme-cli in a guest (`nvme_start`, `nvme_discovered`,
+/// `nvme_connect`, `nvme_ns`, `nvme_disconnect`, `nvme_refused`...), the checks every NVMe/TCP
+/// target must pass (`nvme_target_checks`, which also needs [`TREE_SH`]) and Linux nvmet as a
+/// reference target in the guest (`nvmet_reference`); see the file for details.
+pub const NVME_SH: &str = include_str!("nvme.sh");
+
+/// File-tree shell helpers for guests and the host: `manifest DIR` (MD5 of every file),
+/// `listing DIR` (every entry), `apply_step3 ROOT DELTA` (the [`workflow`]'s incremental).
+pub const TREE_SH: &str = include_str!("tree.sh");
 
 /// The host's loopback as a guest sees it (QEMU user networking).
 pub const HOST: &str = crate::maasd::GUEST_HOST;
@@ -113,6 +128,7 @@ pub struct Guest {
     name: String,
     initiator_name: String,
     host_nqn: String,
+    host_id: String,
     memory_mib: u32,
     cpus: u32,
     cpu_model: String,
@@ -131,7 +147,8 @@ fn next_seq() -> u32 {
 impl Guest {
     /// A guest named `name` (its host name; letters, digits and dashes), with an initiator
     /// name and host NQN unique to this guest in this test process:
-    /// `iqn.2026-11.io.maas.test:<name>.<pid>.<n>` and `nqn.2026-11.io.maas.test:<name>.<pid>.<n>`.
+    /// `iqn.2026-11.io.maas.test:<name>.<pid>.<n>` and `nqn.2026-11.io.maas.test:<name>.<pid>.<n>`,
+    /// and an NVMe host identifier (a UUID) of its own.
     /// 2 vCPUs (`qemu64`), 2 GiB, a 5-minute timeout.
     pub fn new(name: &str) -> Guest {
         assert!(
@@ -140,11 +157,24 @@ impl Guest {
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
             "guest name {name:?}: 1-40 letters, digits or dashes"
         );
-        let id = format!("{name}.{}.{}", std::process::id(), next_seq());
+        let (pid, seq) = (std::process::id(), next_seq());
+        let id = format!("{name}.{pid}.{seq}");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
         Guest {
             name: name.to_string(),
             initiator_name: format!("iqn.2026-11.io.maas.test:{id}"),
             host_nqn: format!("nqn.2026-11.io.maas.test:{id}"),
+            // A version-4 UUID from the process, the sequence number and the clock.
+            host_id: format!(
+                "{pid:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+                seq & 0xffff,
+                (nanos >> 48) & 0xfff,
+                (nanos >> 36) & 0xfff,
+                nanos & 0xffff_ffff_ffff
+            ),
             memory_mib: 2048,
             cpus: 2,
             cpu_model: "qemu64".into(),
@@ -167,6 +197,11 @@ impl Guest {
     /// The NVMe host NQN the guest's nvme-cli uses.
     pub fn host_nqn(&self) -> &str {
         &self.host_nqn
+    }
+
+    /// The NVMe host identifier (a UUID) the guest's nvme-cli uses.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
     }
 
     /// Overrides the iSCSI initiator name.
@@ -319,6 +354,7 @@ impl Guest {
             ("MAAS_GUEST_NAME", self.name.as_str()),
             ("MAAS_INITIATOR_NAME", &self.initiator_name),
             ("MAAS_HOST_NQN", &self.host_nqn),
+            ("MAAS_HOST_ID", &self.host_id),
             ("MAAS_HOST", HOST),
             ("MAAS_XCHG", "/xchg"),
             ("MAAS_RUN", &format!("/xchg/{run_rel}")),
@@ -331,9 +367,11 @@ impl Guest {
             s.push_str(&format!("export {k}={}\n", shell_quote(v)));
         }
         s.push_str(
-            "mkdir -p /etc/iscsi /etc/nvme\n\
+            "[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd\n\
+             mkdir -p /etc/iscsi /etc/nvme\n\
              printf 'InitiatorName=%s\\n' \"$MAAS_INITIATOR_NAME\" >/etc/iscsi/initiatorname.iscsi\n\
              printf '%s\\n' \"$MAAS_HOST_NQN\" >/etc/nvme/hostnqn\n\
+             printf '%s\\n' \"$MAAS_HOST_ID\" >/etc/nvme/hostid\n\
              mark() { echo \"@@MAAS-MARK $*\"; }\n\
              fail() { echo \"FAIL: $*\" >&2; exit 1; }\n\
              cd /xchg\n\
