@@ -272,3 +272,105 @@ fn pump(
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server on 127.0.0.1 that closes a connection 300 ms after receiving "close".
+    fn echo_server() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        if &buf[..n] == b"close" {
+                            std::thread::sleep(Duration::from_millis(300));
+                            return;
+                        }
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn client(relay: &Relay) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", relay.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        s
+    }
+
+    /// Reads what arrives within the read timeout: Some(bytes) (empty: end of stream), None if
+    /// nothing came.
+    fn receive(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(_) => Some(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn relays_then_holds_everything_while_frozen_and_drops_old_connections_on_thaw() {
+        let mut relay = Relay::listen();
+        relay.forward_to(echo_server());
+        let mut a = client(&relay);
+        a.write_all(b"ping").unwrap();
+        assert_eq!(receive(&mut a).as_deref(), Some(&b"ping"[..]));
+        let mut c = client(&relay);
+        c.write_all(b"close").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+
+        relay.freeze();
+        // Nothing passes either way, and the server's close is held back too.
+        a.write_all(b"held").unwrap();
+        assert_eq!(receive(&mut a), None, "data passed a frozen relay");
+        assert_eq!(receive(&mut c), None, "a close passed a frozen relay");
+        let conns = relay.connections();
+        assert!(conns[1].server_closed.is_some(), "{conns:?}");
+        assert!(conns[0].server_closed.is_none(), "{conns:?}");
+        // A new connection waits.
+        let mut b = client(&relay);
+        b.write_all(b"new").unwrap();
+        assert_eq!(
+            receive(&mut b),
+            None,
+            "a new connection was relayed while frozen"
+        );
+
+        relay.thaw();
+        assert_eq!(relay.generation(), 1);
+        assert_eq!(
+            receive(&mut a).as_deref(),
+            Some(&b""[..]),
+            "the old connection lives"
+        );
+        assert_eq!(receive(&mut c).as_deref(), Some(&b""[..]));
+        assert_eq!(receive(&mut b).as_deref(), Some(&b"new"[..]));
+        let conns = relay.connections();
+        assert_eq!(conns.len(), 3, "{conns:?}");
+        assert_eq!(
+            conns.iter().map(|c| c.generation).collect::<Vec<_>>(),
+            [0, 0, 1]
+        );
+    }
+}

@@ -42,8 +42,10 @@ const OTHER_HOST: &str = "nqn.2026-11.io.maas.test:other-host";
 /// The host's keep-alive timeout in the keep-alive test, seconds.
 const KATO: u64 = 5;
 
-/// How much later than its KATO maasd may notice that keep-alives stopped.
-const KATO_MARGIN: Duration = Duration::from_secs(5);
+/// How much later than its KATO after the last command maasd may notice that keep-alives
+/// stopped: one more KATO period (Linux nvmet checks for traffic once per KATO, so it expires a
+/// silent controller between one and two KATOs after its last command) and 2 s of slack.
+const KATO_MARGIN: Duration = Duration::from_secs(KATO + 2);
 
 /// The guest script of the checks: `$ADDR:$PORT` serves subsystem `$NQN` to this guest and
 /// `$HIDDEN` to [`OTHER_HOST`].
