@@ -102,37 +102,40 @@ nvme_identify() {
     ic=$(nvme id-ctrl "/dev/$ctrl" -o json) || fail "nvme id-ctrl /dev/$ctrl"
     ns=$(nvme id-ns "$dev" -o json) || fail "nvme id-ns $dev"
     descs=$(nvme ns-descs "$dev" -o json) || fail "nvme ns-descs $dev"
-    # idc KEY: a field of Identify Controller, trimmed.
-    idc() { jq -r ".$1 | tostring | sub(\" +\$\"; \"\")" <<<"$ic"; }
-    ids() { jq -r ".$1" <<<"$ns"; }
-    local sn mn fr nn sgls oncs vwc kas nsze ncap nuse ds uuid nguid
-    sn=$(idc sn) mn=$(idc mn) fr=$(idc fr) nn=$(idc nn) sgls=$(idc sgls) oncs=$(idc oncs)
-    vwc=$(idc vwc) kas=$(idc kas)
-    echo "id-ctrl: sn='$sn' mn='$mn' fr='$fr' cntlid=$(idc cntlid) nn=$nn sgls=$sgls oncs=$oncs vwc=$vwc kas=$kas sqes=$(idc sqes) cqes=$(idc cqes) ioccsz=$(idc ioccsz) iorcsz=$(idc iorcsz) maxcmd=$(idc maxcmd) subnqn=$(idc subnqn)"
+    # One jq run per document (jq starts slowly under TCG): shell assignments, quoted.
+    local sn mn fr cntlid nn sgls oncs vwc kas sqes cqes ioccsz iorcsz maxcmd subnqn
+    local nsze ncap nuse ds nlbaf dlfeat uuid nguid
+    eval "$(jq -r 'def t: tostring | sub(" +$"; "");
+        @sh "sn=\(.sn | t) mn=\(.mn | t) fr=\(.fr | t) cntlid=\(.cntlid) nn=\(.nn) sgls=\(.sgls)
+             oncs=\(.oncs) vwc=\(.vwc) kas=\(.kas) sqes=\(.sqes) cqes=\(.cqes)
+             ioccsz=\(.ioccsz) iorcsz=\(.iorcsz) maxcmd=\(.maxcmd) subnqn=\(.subnqn)"' <<<"$ic")" \
+        || fail "id-ctrl: $ic"
+    eval "$(jq -r '@sh "nsze=\(.nsze) ncap=\(.ncap) nuse=\(.nuse) ds=\(.lbafs[.flbas % 16].ds)
+             nlbaf=\(.nlbaf) dlfeat=\(.dlfeat)"' <<<"$ns")" || fail "id-ns: $ns"
+    eval "$(jq -r '."ns-descs" | @sh "uuid=\(map(select(.type == "uuid") | .uuid) | first // "")
+             nguid=\(map(select(.type == "nguid") | .nguid) | first // "")"' <<<"$descs")" \
+        || fail "ns-descs: $descs"
+    echo "id-ctrl: sn='$sn' mn='$mn' fr='$fr' cntlid=$cntlid nn=$nn sgls=$sgls oncs=$oncs vwc=$vwc kas=$kas sqes=$sqes cqes=$cqes ioccsz=$ioccsz iorcsz=$iorcsz maxcmd=$maxcmd subnqn=$subnqn"
     [ -n "$sn" ] && [ "$sn" = "$(sed 's/ *$//' "$c/serial")" ] || fail "id-ctrl sn '$sn'"
     [ -n "$mn" ] && [ "$mn" = "$(sed 's/ *$//' "$c/model")" ] || fail "id-ctrl mn '$mn'"
     [ -n "$fr" ] || fail "id-ctrl: no firmware revision"
-    [ "$(idc subnqn)" = "$nqn" ] || fail "id-ctrl subnqn $(idc subnqn), connected to $nqn"
-    [ "$(idc cntlid)" = "$(cat "$c/cntlid")" ] || fail "id-ctrl cntlid $(idc cntlid)"
+    [ "$subnqn" = "$nqn" ] || fail "id-ctrl subnqn $subnqn, connected to $nqn"
+    [ "$cntlid" = "$(cat "$c/cntlid")" ] || fail "id-ctrl cntlid $cntlid"
     [ "$nn" -ge 1 ] || fail "id-ctrl nn $nn"
     [ $((sgls & 3)) != 0 ] || fail "id-ctrl sgls $sgls: no SGL support"
     [ $((oncs & 4)) != 0 ] || fail "id-ctrl oncs $oncs: no Dataset Management"
     [ $((oncs & 8)) != 0 ] || fail "id-ctrl oncs $oncs: no Write Zeroes"
     [ $((vwc & 1)) = 1 ] || fail "id-ctrl vwc $vwc: no volatile write cache"
     [ "$kas" -ge 1 ] || fail "id-ctrl kas $kas: no keep-alive support"
-    [ "$(idc sqes)" = 102 ] && [ "$(idc cqes)" = 68 ] || fail "id-ctrl sqes/cqes"
-    [ "$(idc ioccsz)" -ge 4 ] && [ "$(idc iorcsz)" -ge 1 ] || fail "id-ctrl ioccsz/iorcsz"
+    [ "$sqes" = 102 ] && [ "$cqes" = 68 ] || fail "id-ctrl sqes $sqes cqes $cqes"
+    [ "$ioccsz" -ge 4 ] && [ "$iorcsz" -ge 1 ] || fail "id-ctrl ioccsz $ioccsz iorcsz $iorcsz"
     [ "$(cat "$c/transport")" = tcp ] && [ "$(cat "$c/state")" = live ] || fail "$ctrl not live over tcp"
-    nsze=$(ids nsze) ncap=$(ids ncap) nuse=$(ids nuse)
-    ds=$(jq -r '.lbafs[.flbas % 16].ds' <<<"$ns")
-    echo "id-ns: nsze=$nsze ncap=$ncap nuse=$nuse lba=$((1 << ds)) nlbaf=$(ids nlbaf) dlfeat=$(ids dlfeat)"
+    echo "id-ns: nsze=$nsze ncap=$ncap nuse=$nuse lba=$((1 << ds)) nlbaf=$nlbaf dlfeat=$dlfeat"
     [ "$ds" -ge 9 ] && [ "$ds" -le 12 ] || fail "id-ns: LBA data size 2^$ds"
     [ $((nsze << ds)) = "$size" ] || fail "id-ns nsze $nsze x $((1 << ds)) B is not $size B"
     [ "$ncap" -le "$nsze" ] && [ "$ncap" -ge 1 ] && [ "$nuse" -le "$ncap" ] || fail "id-ns ncap/nuse"
     [ "$(blockdev --getsize64 "$dev")" = "$size" ] || fail "$dev: $(blockdev --getsize64 "$dev") bytes"
     [ "$(blockdev --getss "$dev")" = $((1 << ds)) ] || fail "$dev: $(blockdev --getss "$dev")-byte sectors"
-    uuid=$(jq -r '."ns-descs"[] | select(.type == "uuid") | .uuid' <<<"$descs")
-    nguid=$(jq -r '."ns-descs"[] | select(.type == "nguid") | .nguid' <<<"$descs")
     echo "ns-descs: uuid=$uuid nguid=$nguid; kernel: wwid=$(cat "$b/wwid")"
     [ -n "$uuid" ] && [ "${uuid//[0-]/}" != "" ] || fail "ns-descs: no UUID ($descs)"
     [ -n "$nguid" ] && [ "${nguid//0/}" != "" ] || fail "ns-descs: no NGUID ($descs)"
@@ -152,13 +155,13 @@ nvme_flushes() {
     awk '{print $16}' "/sys/block/$(nvme_path "$1")/stat"
 }
 
-# nvme_discard DEV CTRL: deallocation (blkdiscard) and Write Zeroes (blkdiscard -z) on an
-# 8 MiB pattern leave every other byte alone; zeroed bytes read back as zeroes; an fsync sends
+# nvme_discard DEV CTRL DLFEAT: deallocation (blkdiscard) and Write Zeroes (blkdiscard -z) on
+# an 8 MiB pattern leave every other byte alone; zeroed bytes read back as zeroes, and so do
+# deallocated ones if the namespace says so (DLFEAT, from Identify Namespace); an fsync sends
 # Flush commands (the volatile write cache) that succeed.
 nvme_discard() {
     local dev="$1" flushes
     head -c 8M /dev/urandom >/run/pattern
-    head -c 1M /dev/zero >/run/zeroes-1m
     flushes=$(nvme_flushes "$2")
     dd if=/run/pattern of="$dev" bs=1M oflag=direct conv=fsync status=none || fail "writing $dev"
     [ "$(nvme_flushes "$2")" -gt "$flushes" ] || fail "fsync on $dev sent no Flush"
@@ -176,7 +179,12 @@ nvme_discard() {
     same 0 $((1 << 20))
     same $((3 << 20)) $((1 << 20))
     same $((5 << 20)) $((3 << 20))
-    region "$dev" $((4 << 20)) $((1 << 20)) | cmp - /run/zeroes-1m || fail "$dev: Write Zeroes left data"
+    region "$dev" $((4 << 20)) $((1 << 20)) | cmp -n $((1 << 20)) - /dev/zero || fail "$dev: Write Zeroes left data"
+    if [ $(($3 & 7)) = 1 ]; then
+        region "$dev" $((1 << 20)) $((2 << 20)) | cmp -n $((2 << 20)) - /dev/zero \
+            || fail "$dev: deallocated blocks do not read as zeroes (DLFEAT $3)"
+        echo "deallocated blocks read as zeroes (DLFEAT $3)"
+    fi
     echo "discard and write zeroes: the rest of the pattern intact, zeroes read back"
 }
 
@@ -222,6 +230,7 @@ nvme_target_checks() {
     ! grep -qF " $nqn " /tmp/discovered-other || fail "discovery shows $nqn to $other"
     nvme_refused "$addr" "$port" "$hidden" "$MAAS_HOST_NQN"
     nvme_refused "$addr" "$port" "$nqn" "$other"
+    echo "checks: refusals after $SECONDS s"
     mark refusals-checked
 
     ctrl=$(nvme_connect "$addr" "$port" "$nqn") || fail "nvme connect $nqn"
@@ -229,7 +238,7 @@ nvme_target_checks() {
     echo "connected: $ctrl ($(cat "/sys/class/nvme/$ctrl/address")), namespace $dev"
     [ "$(nvme_ctrl "$nqn")" = "$ctrl" ] || fail "nvme connect reported $ctrl"
     nvme_identify "$ctrl" "$dev" "$nqn" "$size"
-    nvme_discard "$dev" "$ctrl"
+    nvme_discard "$dev" "$ctrl" "$(nvme id-ns "$dev" -o json | jq .dlfeat)"
     nvme_fio "$dev" 24M
     mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 $dev"
     rm -rf /run/tree && nvme_tree /run/tree
@@ -240,6 +249,7 @@ nvme_target_checks() {
     manifest /mnt/nvme | diff -u /run/tree.md5 - || fail "the files read back differ"
     umount /mnt/nvme
     nvme_disconnect "$nqn"
+    echo "checks: plain after $SECONDS s"
     mark plain-checked
 
     ctrl=$(nvme_connect "$addr" "$port" "$nqn" --hdr-digest --data-digest) \
@@ -253,6 +263,7 @@ nvme_target_checks() {
     umount /mnt/nvme
     fsck.ext4 -n -f "$dev" || fail "fsck.ext4 -n found problems on $dev"
     nvme_disconnect "$nqn"
+    echo "checks: digests after $SECONDS s"
     mark digests-checked
 }
 
