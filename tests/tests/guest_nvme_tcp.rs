@@ -195,18 +195,18 @@ mark read-only-checked
     assert_checks_done(&run);
     assert_eq!(run.marks().last(), Some(&"read-only-checked"), "{run}");
     // maasd logged the controllers it made: two on the read-write subsystem (without and with
-    // digests), one on the read-only one, none for a refused host.
+    // digests), one on the read-only one, none for the refused hosts.
     let log = m.log();
-    let created = |what: &str| {
+    let created = |subsystem: &str, host: &str| {
         lines_with(&log, 0, "NVMe controller created")
             .iter()
-            .filter(|l| l.contains(what))
+            .filter(|l| l.contains(subsystem) && l.contains(host))
             .count()
     };
-    assert!(created(&target(&e)) >= 2, "{log}");
-    assert!(created(&target(&ro)) >= 1, "{log}");
-    assert_eq!(created(&target(&hidden)), 0, "{log}");
-    assert_eq!(created(OTHER_HOST), 0, "{log}");
+    assert!(created(&target(&e), g.host_nqn()) >= 2, "{log}");
+    assert!(created(&target(&ro), g.host_nqn()) >= 1, "{log}");
+    assert_eq!(created(&target(&hidden), g.host_nqn()), 0, "{log}");
+    assert_eq!(created(&target(&e), OTHER_HOST), 0, "{log}");
     clock.lap("maasd passed the checks in a guest");
     drop(m);
 }

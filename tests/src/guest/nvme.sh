@@ -263,8 +263,18 @@ nvme_target_checks() {
     umount /mnt/nvme
     fsck.ext4 -n -f "$dev" || fail "fsck.ext4 -n found problems on $dev"
     nvme_disconnect "$nqn"
+    nvme_no_complaints
     echo "checks: digests after $SECONDS s"
     mark digests-checked
+}
+
+# nvme_no_complaints: the kernel logged no error about an NVMe controller but the refusals
+# (Connect Invalid Host: status 0x4184).
+nvme_no_complaints() {
+    dmesg | grep -E '\bnvme[0-9]*\b|nvme_' | tee /tmp/nvme-dmesg \
+        | grep -iE 'error|fail|timeout|invalid|unexpected|reset|recover|abort|digest|warn' \
+        | grep -vE 'is not allowed, hostnqn|failed to connect queue: 0 ret=16772' >/tmp/complaints
+    [ ! -s /tmp/complaints ] || fail "the kernel complained: $(cat /tmp/complaints)"
 }
 
 # nvmet_subsystem NQN HOSTNQN DEV: a Linux nvmet subsystem that allows only HOSTNQN, with DEV as
