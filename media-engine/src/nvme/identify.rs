@@ -77,12 +77,9 @@ pub fn controller(c: &Controller, _aec: u32) -> Box<[u8; 4096]> {
         b[512] = 0x66; // SQES
         b[513] = 0x44; // CQES
     }
-    let maxcmd = if discovery {
-        ADMIN_QUEUE_ENTRIES
-    } else {
-        IO_QUEUE_ENTRIES
-    };
-    put16(&mut b[..], 514, maxcmd as u16);
+    // MAXCMD: Linux clamps its queue size to it (and says so for a discovery controller that
+    // reports less than the 128 it asks for; its admin queue is 32 deep whatever this says).
+    put16(&mut b[..], 514, IO_QUEUE_ENTRIES as u16);
     put32(&mut b[..], 516, nn);
     if !discovery {
         put16(&mut b[..], 520, 0x04 | 0x08); // ONCS: Dataset Management, Write Zeroes
