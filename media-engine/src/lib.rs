@@ -7,6 +7,7 @@
 pub use maas_pool::BlockDevice;
 
 pub mod iscsi;
+pub mod listener;
 pub mod nvme;
 pub mod outq;
 pub mod scsi;

@@ -139,3 +139,45 @@ pub fn bench_pool(dir: &Path, size: u64) -> Result<maas_pool::Pool> {
         },
     )?)
 }
+
+/// The logs of the code under test on stderr, when `RUST_LOG` asks for them.
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+}
+
+/// Measurements per side (e.g. "maas", "tgt") and figure, over rounds.
+#[derive(Debug, Default)]
+pub struct Results(
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<f64>>>,
+);
+
+impl Results {
+    /// Records one measurement (and shows it on stderr unless `quiet`).
+    pub fn push(&mut self, side: &str, key: &str, v: f64, quiet: bool) {
+        if !quiet {
+            eprintln!("{side:>8} {key:<18} {v:>10.1}");
+        }
+        self.0
+            .entry(side.to_string())
+            .or_default()
+            .entry(key.to_string())
+            .or_default()
+            .push(v);
+    }
+
+    /// The median of a figure's rounds (0 if it was not measured).
+    pub fn median(&self, side: &str, key: &str) -> f64 {
+        median(
+            self.0
+                .get(side)
+                .and_then(|r| r.get(key))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+}

@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -21,6 +20,7 @@ use super::params::{OUR_MAX_RECV_DATA, SessionType};
 use super::pdu::{Decoded, DecodedRef, Framer, Pdu, PduError, op};
 use super::session::{Output, Session};
 use super::target::{Registry, SessionKey};
+use crate::listener::Listener;
 use crate::outq::OutQueue;
 use crate::scsi;
 
@@ -37,30 +37,29 @@ const LOGOUT_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct IscsiServer {
     registry: Arc<Registry>,
-    local_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    listener: Listener,
 }
 
 impl IscsiServer {
     /// Binds `listen` and starts accepting connections on the current tokio runtime.
     pub async fn bind(listen: &str, registry: Arc<Registry>) -> std::io::Result<IscsiServer> {
-        let listener = TcpListener::bind(listen).await?;
-        let local_addr = listener.local_addr()?;
-        let (shutdown, rx) = watch::channel(false);
         let reg = registry.clone();
-        let task = tokio::spawn(accept_loop(listener, reg, rx));
-        tracing::info!(%local_addr, "iSCSI target listening");
-        Ok(IscsiServer {
-            registry,
-            local_addr,
-            shutdown,
-            task,
+        let listener = Listener::bind(listen, move |stream, peer, shutdown| {
+            let reg = reg.clone();
+            async move {
+                if let Err(e) = connection(stream, reg, shutdown).await {
+                    tracing::info!("connection ended: {e}");
+                }
+            }
+            .instrument(tracing::info_span!("iscsi_conn", %peer))
         })
+        .await?;
+        tracing::info!(local_addr = %listener.local_addr(), "iSCSI target listening");
+        Ok(IscsiServer { registry, listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.listener.local_addr()
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -69,37 +68,7 @@ impl IscsiServer {
 
     /// Stops accepting, asks every session to log out, and returns once the listener is gone.
     pub async fn shutdown(self) {
-        self.shutdown.send_replace(true);
-        let _ = self.task.await;
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    reg: Arc<Registry>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    let span = tracing::info_span!("iscsi_conn", %peer);
-                    let reg = reg.clone();
-                    let sd = shutdown.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = connection(stream, reg, sd).await {
-                            tracing::info!("connection ended: {e}");
-                        }
-                    }.instrument(span));
-                }
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = shutdown.changed() => return,
-        }
+        self.listener.shutdown().await;
     }
 }
 

@@ -620,33 +620,8 @@ mod tests {
     use super::*;
     use crate::nvme::spec::le32;
     use crate::nvme::subsystem::{ConnectRequest, NamespaceIdentity, SubsystemConfig};
+    use crate::nvme::testdisk::RamDisk;
     use std::collections::BTreeMap;
-
-    struct Disk(u64);
-    impl crate::BlockDevice for Disk {
-        fn capacity(&self) -> u64 {
-            self.0
-        }
-        fn block_size(&self) -> u32 {
-            512
-        }
-        fn read(&self, _: u64, b: &mut [u8]) -> maas_pool::Result<()> {
-            b.fill(0);
-            Ok(())
-        }
-        fn write(&self, _: u64, _: &[u8], _: bool) -> maas_pool::Result<()> {
-            Ok(())
-        }
-        fn flush(&self) -> maas_pool::Result<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> maas_pool::Result<()> {
-            Ok(())
-        }
-        fn discard(&self, _: u64, _: u64) -> maas_pool::Result<()> {
-            Ok(())
-        }
-    }
 
     fn setup() -> (Arc<Registry>, Arc<Controller>) {
         let reg = Arc::new(Registry::new(Some("10.0.2.2:4420".into())));
@@ -654,7 +629,7 @@ mod tests {
         namespaces.insert(
             1,
             Arc::new(Namespace::new(
-                Arc::new(Disk(1 << 30)),
+                Arc::new(RamDisk::new(1 << 30)),
                 false,
                 NamespaceIdentity::from_volume_id("v"),
             )),

@@ -249,47 +249,10 @@ mod tests {
     use super::*;
     use crate::nvme::spec::put32;
     use crate::nvme::subsystem::NamespaceIdentity;
-    use parking_lot::Mutex;
+    use crate::nvme::testdisk::RamDisk;
 
-    /// A RAM disk that records flushes.
-    struct Ram {
-        data: Mutex<Vec<u8>>,
-        flushes: Mutex<u32>,
-    }
-    impl crate::BlockDevice for Ram {
-        fn capacity(&self) -> u64 {
-            self.data.lock().len() as u64
-        }
-        fn block_size(&self) -> u32 {
-            512
-        }
-        fn read(&self, off: u64, b: &mut [u8]) -> maas_pool::Result<()> {
-            let d = self.data.lock();
-            b.copy_from_slice(&d[off as usize..off as usize + b.len()]);
-            Ok(())
-        }
-        fn write(&self, off: u64, b: &[u8], _: bool) -> maas_pool::Result<()> {
-            self.data.lock()[off as usize..off as usize + b.len()].copy_from_slice(b);
-            Ok(())
-        }
-        fn flush(&self) -> maas_pool::Result<()> {
-            *self.flushes.lock() += 1;
-            Ok(())
-        }
-        fn write_zeroes(&self, off: u64, len: u64, _: bool) -> maas_pool::Result<()> {
-            self.data.lock()[off as usize..(off + len) as usize].fill(0);
-            Ok(())
-        }
-        fn discard(&self, off: u64, len: u64) -> maas_pool::Result<()> {
-            self.write_zeroes(off, len, false)
-        }
-    }
-
-    fn ns(read_only: bool) -> (Arc<Ram>, Arc<Namespace>) {
-        let ram = Arc::new(Ram {
-            data: Mutex::new(vec![0; 1 << 20]),
-            flushes: Mutex::new(0),
-        });
+    fn ns(read_only: bool) -> (Arc<RamDisk>, Arc<Namespace>) {
+        let ram = Arc::new(RamDisk::new(1 << 20));
         let ns = Arc::new(Namespace::new(
             ram.clone(),
             read_only,

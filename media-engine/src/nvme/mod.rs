@@ -12,6 +12,8 @@ pub mod io;
 pub mod spec;
 pub mod subsystem;
 pub mod tcp;
+#[cfg(test)]
+mod testdisk;
 
 pub use subsystem::{Namespace, NamespaceIdentity, Registry, SubsystemConfig};
 pub use tcp::{NvmeTcpServer, QueueConfig};

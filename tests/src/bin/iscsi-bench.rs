@@ -17,7 +17,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use maas_engine::iscsi::{IscsiServer, Registry, TargetConfig};
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
-use maas_tests::bench::{FioJob, bench_pool, fio_bin, fio_iscsi, free_port, median, repo_root};
+use maas_tests::bench::{
+    FioJob, Results, bench_pool, fio_bin, fio_iscsi, free_port, init_logging, repo_root,
+};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -121,13 +123,7 @@ impl Drop for Tgt {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    // The pool's and the target's logs, on stderr, when RUST_LOG asks for them.
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
+    init_logging();
     let fio_path = fio_bin()?;
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
@@ -167,7 +163,7 @@ fn main() -> Result<()> {
     let _tgt = Tgt::start(tgt_port, &dir.join("tgt.img"), size)?;
     let tgt_url = format!("iscsi://127.0.0.1:{tgt_port}/{TGT_IQN}/1");
 
-    let mut results: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut results = Results::default();
     for _ in 0..args.rounds {
         for w in &WORKLOADS {
             if !args.only.is_empty() && !args.only.iter().any(|o| o == w.key) {
@@ -188,15 +184,7 @@ fn main() -> Result<()> {
                 let r = fio_iscsi(&fio_path, url, INITIATOR, job)
                     .with_context(|| format!("{name} {}", w.key))?;
                 let v = if w.bandwidth { r.mib_s } else { r.iops };
-                if !args.json {
-                    eprintln!("{name:>4} {:<16} {v:>10.1}", w.key);
-                }
-                results
-                    .entry(name)
-                    .or_default()
-                    .entry(w.key)
-                    .or_default()
-                    .push(v);
+                results.push(name, w.key, v, args.json);
             }
         }
     }
@@ -204,15 +192,7 @@ fn main() -> Result<()> {
     drop(rt);
     pool.close()?;
 
-    let fig = |name: &str, key: &str| {
-        median(
-            results
-                .get(name)
-                .and_then(|r| r.get(key))
-                .cloned()
-                .unwrap_or_default(),
-        )
-    };
+    let fig = |name: &str, key: &str| results.median(name, key);
     let mut out = json!({"maas": {}, "tgt": {}, "ratio": {}});
     for w in &WORKLOADS {
         let (m, t) = (fig("maas", w.key), fig("tgt", w.key));

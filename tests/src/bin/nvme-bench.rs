@@ -27,7 +27,9 @@ use maas_engine::nvme::{
     Namespace, NamespaceIdentity, NvmeTcpServer, QueueConfig, SubsystemConfig,
 };
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
-use maas_tests::bench::{FioJob, FioResult, bench_pool, fio_bin, fio_iscsi, free_port, median};
+use maas_tests::bench::{
+    FioJob, FioResult, Results, bench_pool, fio_bin, fio_iscsi, free_port, init_logging,
+};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -162,12 +164,7 @@ const KEYS: [&str; 6] = [
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
+    init_logging();
     match &args.cmd {
         Some(Cmd::Load(l)) => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -247,7 +244,7 @@ fn bench(args: &Args) -> Result<()> {
         0.0
     });
     let me = std::env::current_exe()?;
-    let mut results: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut results = Results::default();
     for _ in 0..args.rounds {
         for w in &WORKLOADS {
             if !args.only.is_empty() && !args.only.iter().any(|o| o == w.key) {
@@ -268,15 +265,7 @@ fn bench(args: &Args) -> Result<()> {
                 }
                 .with_context(|| format!("{side} {}", w.key))?;
                 for (k, v) in figures(w, &r) {
-                    if !args.json {
-                        eprintln!("{side:>8} {k:<18} {v:>10.1}");
-                    }
-                    results
-                        .entry(side)
-                        .or_default()
-                        .entry(k)
-                        .or_default()
-                        .push(v);
+                    results.push(side, k, v, args.json);
                 }
             }
         }
@@ -287,15 +276,7 @@ fn bench(args: &Args) -> Result<()> {
     drop(vol);
     pool.close()?;
 
-    let fig = |side: &str, key: &str| {
-        median(
-            results
-                .get(side)
-                .and_then(|r| r.get(key))
-                .cloned()
-                .unwrap_or_default(),
-        )
-    };
+    let fig = |side: &str, key: &str| results.median(side, key);
     let round1 = |v: f64| (v * 10.0).round() / 10.0;
     let mut out = json!({"nvme_tcp": {}, "iscsi": {}, "ratio": {}});
     for k in KEYS {

@@ -622,34 +622,9 @@ mod tests {
     use crate::nvme::spec::{Cqe, put_str};
     use crate::nvme::subsystem::{Namespace, NamespaceIdentity, SubsystemConfig};
     use crate::nvme::tcp::pdu::{Decoded, IcReq};
+    use crate::nvme::testdisk::RamDisk;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
-
-    struct Zero;
-    impl crate::BlockDevice for Zero {
-        fn capacity(&self) -> u64 {
-            1 << 20
-        }
-        fn block_size(&self) -> u32 {
-            512
-        }
-        fn read(&self, _: u64, b: &mut [u8]) -> maas_pool::Result<()> {
-            b.fill(0);
-            Ok(())
-        }
-        fn write(&self, _: u64, _: &[u8], _: bool) -> maas_pool::Result<()> {
-            Ok(())
-        }
-        fn flush(&self) -> maas_pool::Result<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> maas_pool::Result<()> {
-            Ok(())
-        }
-        fn discard(&self, _: u64, _: u64) -> maas_pool::Result<()> {
-            Ok(())
-        }
-    }
 
     const SUB: &str = "nqn.test:sub";
     const HOST: &str = "nqn.test:host";
@@ -662,7 +637,7 @@ mod tests {
             namespaces: BTreeMap::from([(
                 1,
                 Arc::new(Namespace::new(
-                    Arc::new(Zero),
+                    Arc::new(RamDisk::new(1 << 20)),
                     false,
                     NamespaceIdentity::from_volume_id("z"),
                 )),

@@ -8,14 +8,14 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::pdu::{Decoded, Pdu};
 use super::queue::{Queue, QueueConfig};
+use crate::listener::Listener;
 use crate::nvme::controller::Portal;
 use crate::nvme::spec::{Completion, Status};
 use crate::nvme::subsystem::Registry;
@@ -32,9 +32,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct NvmeTcpServer {
     registry: Arc<Registry>,
-    local_addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    listener: Listener,
 }
 
 impl NvmeTcpServer {
@@ -44,21 +42,23 @@ impl NvmeTcpServer {
         registry: Arc<Registry>,
         cfg: QueueConfig,
     ) -> std::io::Result<NvmeTcpServer> {
-        let listener = TcpListener::bind(listen).await?;
-        let local_addr = listener.local_addr()?;
-        let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, registry.clone(), cfg, rx));
-        tracing::info!(%local_addr, "NVMe/TCP target listening");
-        Ok(NvmeTcpServer {
-            registry,
-            local_addr,
-            shutdown,
-            task,
+        let reg = registry.clone();
+        let listener = Listener::bind(listen, move |stream, peer, shutdown| {
+            let span = tracing::info_span!(
+                "nvme_conn",
+                %peer,
+                cntlid = tracing::field::Empty,
+                qid = tracing::field::Empty,
+            );
+            connection(stream, reg.clone(), cfg, shutdown).instrument(span)
         })
+        .await?;
+        tracing::info!(local_addr = %listener.local_addr(), "NVMe/TCP target listening");
+        Ok(NvmeTcpServer { registry, listener })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.listener.local_addr()
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -67,38 +67,7 @@ impl NvmeTcpServer {
 
     /// Stops accepting and closes every connection.
     pub async fn shutdown(self) {
-        self.shutdown.send_replace(true);
-        let _ = self.task.await;
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    reg: Arc<Registry>,
-    cfg: QueueConfig,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    let span = tracing::info_span!(
-                        "nvme_conn",
-                        %peer,
-                        cntlid = tracing::field::Empty,
-                        qid = tracing::field::Empty,
-                    );
-                    let reg = reg.clone();
-                    let sd = shutdown.clone();
-                    tokio::spawn(connection(stream, reg, cfg, sd).instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = shutdown.changed() => return,
-        }
+        self.listener.shutdown().await;
     }
 }
 
