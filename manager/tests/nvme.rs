@@ -50,11 +50,7 @@ async fn io_queue(portal: &str, nqn: &str) -> (Client, Client) {
 }
 
 fn rw(op: u8, slba: u64, blocks: u32) -> Sqe {
-    let mut s = Sqe::new(op, 0, 1);
-    s.set_cdw(10, slba as u32);
-    s.set_cdw(11, (slba >> 32) as u32);
-    s.set_cdw(12, blocks - 1);
-    s
+    Sqe::block_io(op, 0, 1, slba, blocks)
 }
 
 #[test]

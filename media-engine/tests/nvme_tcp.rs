@@ -136,11 +136,7 @@ async fn bring_up(t: &Target, o: &ClientOptions, io_queues: u16) -> (Client, Vec
 }
 
 fn rw(op: u8, slba: u64, blocks: u32) -> Sqe {
-    let mut s = Sqe::new(op, 0, 1);
-    s.set_cdw(10, slba as u32);
-    s.set_cdw(11, (slba >> 32) as u32);
-    s.set_cdw(12, blocks - 1);
-    s
+    Sqe::block_io(op, 0, 1, slba, blocks)
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {

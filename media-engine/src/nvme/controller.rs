@@ -32,6 +32,15 @@ const CSTS_SHST_MASK: u32 = 3 << 2;
 pub const AEC_NS_ATTRIBUTE: u32 = 1 << 8;
 pub const AEC_DISCOVERY_LOG: u32 = 1 << 31;
 
+/// Features an I/O controller only records and reports back (nothing here acts on them).
+const PLAIN_FEATURES: [u8; 5] = [
+    feature::ARBITRATION,
+    feature::TEMPERATURE_THRESHOLD,
+    feature::ERROR_RECOVERY,
+    feature::INTERRUPT_COALESCING,
+    feature::WRITE_ATOMICITY,
+];
+
 /// How Keep Alive is enforced.
 #[derive(Clone, Copy, Debug)]
 pub struct KatoPolicy {
@@ -558,13 +567,7 @@ impl Controller {
                 }
                 Completion::ok()
             }
-            feature::ARBITRATION
-            | feature::TEMPERATURE_THRESHOLD
-            | feature::ERROR_RECOVERY
-            | feature::INTERRUPT_COALESCING
-            | feature::WRITE_ATOMICITY
-                if !discovery =>
-            {
+            f if PLAIN_FEATURES.contains(&f) && !discovery => {
                 st.plain_features[usize::from(fid & 0x0f)] = v;
                 Completion::ok()
             }
@@ -588,13 +591,7 @@ impl Controller {
             }
             feature::VOLATILE_WRITE_CACHE if !discovery => (u32::from(st.write_cache), 1, true),
             feature::POWER_MANAGEMENT if !discovery => (0, 0, true),
-            feature::ARBITRATION
-            | feature::TEMPERATURE_THRESHOLD
-            | feature::ERROR_RECOVERY
-            | feature::INTERRUPT_COALESCING
-            | feature::WRITE_ATOMICITY
-                if !discovery =>
-            {
+            f if PLAIN_FEATURES.contains(&f) && !discovery => {
                 (st.plain_features[usize::from(fid & 0x0f)], 0, true)
             }
             feature::HOST_IDENTIFIER => {

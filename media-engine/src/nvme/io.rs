@@ -68,9 +68,7 @@ struct Range {
 
 /// SLBA (CDW10-11) and NLB (CDW12, 0-based) of a Read/Write/Write Zeroes, range-checked.
 fn lba_range(ns: &Namespace, sqe: &Sqe) -> Result<Range, Status> {
-    let slba = u64::from(sqe.cdw(10)) | (u64::from(sqe.cdw(11)) << 32);
-    let nlb = u64::from(sqe.cdw(12) & 0xffff) + 1;
-    block_range(ns, slba, nlb)
+    block_range(ns, sqe.slba(), sqe.blocks())
 }
 
 fn block_range(ns: &Namespace, slba: u64, nlb: u64) -> Result<Range, Status> {
@@ -262,11 +260,7 @@ mod tests {
     }
 
     fn rw(op: u8, slba: u64, nlb: u32) -> Sqe {
-        let mut s = Sqe::new(op, 1, 1);
-        s.set_cdw(10, slba as u32);
-        s.set_cdw(11, (slba >> 32) as u32);
-        s.set_cdw(12, nlb - 1);
-        s
+        Sqe::block_io(op, 1, 1, slba, nlb)
     }
 
     fn job(ns: &Arc<Namespace>, sqe: Sqe, data: Vec<u8>) -> IoJob {

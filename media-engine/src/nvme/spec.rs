@@ -72,6 +72,22 @@ impl Sqe {
         put32(&mut b, 4, nsid);
         Sqe(b)
     }
+    /// A Read, Write or Write Zeroes of `blocks` (1 to 65536) blocks from `slba` (host side).
+    pub fn block_io(opcode: u8, cid: u16, nsid: u32, slba: u64, blocks: u32) -> Sqe {
+        let mut s = Sqe::new(opcode, cid, nsid);
+        s.set_cdw(10, slba as u32);
+        s.set_cdw(11, (slba >> 32) as u32);
+        s.set_cdw(12, blocks.saturating_sub(1) & 0xffff);
+        s
+    }
+    /// Starting LBA of a Read, Write or Write Zeroes (CDW10-11).
+    pub fn slba(&self) -> u64 {
+        u64::from(self.cdw(10)) | (u64::from(self.cdw(11)) << 32)
+    }
+    /// Number of blocks of a Read, Write or Write Zeroes (CDW12 bits 15:0 are 0-based).
+    pub fn blocks(&self) -> u64 {
+        u64::from(self.cdw(12) & 0xffff) + 1
+    }
     pub fn opcode(&self) -> u8 {
         self.0[0]
     }

@@ -416,10 +416,8 @@ async fn load(a: LoadArgs) -> Result<FioResult> {
     loop {
         while q.outstanding() < a.depth && Instant::now() < end {
             let slba = next_slot() * blocks_per_io;
-            let mut sqe = Sqe::new(if write { io::WRITE } else { io::READ }, 0, 1);
-            sqe.set_cdw(10, slba as u32);
-            sqe.set_cdw(11, (slba >> 32) as u32);
-            sqe.set_cdw(12, (blocks_per_io - 1) as u32);
+            let op = if write { io::WRITE } else { io::READ };
+            let sqe = Sqe::block_io(op, 0, 1, slba, blocks_per_io as u32);
             let cid = if write {
                 q.submit(sqe, Some(data.clone()), 0).await?
             } else {

@@ -458,7 +458,7 @@ impl Queue {
         if let Target::One(ns) = &target
             && matches!(sqe.opcode(), io::READ | io::WRITE)
         {
-            let want = (u64::from(sqe.cdw(12) & 0xffff) + 1) * u64::from(ns.dev.block_size());
+            let want = sqe.blocks() * u64::from(ns.dev.block_size());
             let have = match sqe.data_pointer() {
                 DataPointer::InCapsule { len, .. } | DataPointer::Transport { len } => {
                     u64::from(len)
