@@ -43,6 +43,8 @@ pub struct PoolConfig {
     pub device_size: u64,
     pub cache_bytes: u64,
     pub log_cache_bytes: u64,
+    pub write_buffer_bytes: u64,
+    pub write_back_delay_ms: u64,
     pub wal_segment_bytes: u64,
     pub wal_fold_threshold: u64,
 }
@@ -112,6 +114,8 @@ impl Default for PoolConfig {
             device_size: 0,
             cache_bytes: 256 << 20,
             log_cache_bytes: 256 << 20,
+            write_buffer_bytes: 256 << 20,
+            write_back_delay_ms: 5000,
             wal_segment_bytes: 64 << 20,
             wal_fold_threshold: 2 << 30,
         }
@@ -167,6 +171,18 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "pool",
         "log_cache_bytes",
         "RAM tier: recently written blocks kept in memory for reads (0 = off).",
+    ),
+    (
+        "pool",
+        "write_buffer_bytes",
+        "RAM tier: written blocks held in memory before they go to the write-ahead log's \
+         device; rewrites replace them in place. A flush (SYNCHRONIZE CACHE, NVMe Flush, FUA) \
+         writes them at once. 0 = write every batch as it closes.",
+    ),
+    (
+        "pool",
+        "write_back_delay_ms",
+        "Longest a written block waits in the write buffer before it goes to the device.",
     ),
     (
         "pool",

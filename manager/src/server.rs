@@ -181,6 +181,8 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
     let opts = maas_pool::OpenOptions {
         cache_bytes: cfg.pool.cache_bytes as usize,
         log_cache_bytes: cfg.pool.log_cache_bytes as usize,
+        write_buffer_bytes: cfg.pool.write_buffer_bytes as usize,
+        write_back_delay: std::time::Duration::from_millis(cfg.pool.write_back_delay_ms),
         wal_segment_bytes: cfg.pool.wal_segment_bytes,
         wal_fold_threshold: cfg.pool.wal_fold_threshold,
         background: true,

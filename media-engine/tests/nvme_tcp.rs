@@ -46,6 +46,7 @@ fn pool(dir: &std::path::Path) -> Pool {
             wal_segment_bytes: 4 * MIB,
             wal_fold_threshold: 64 * MIB,
             background: true,
+            ..Default::default()
         },
     )
     .unwrap()

@@ -138,6 +138,12 @@ pub struct OpenOptions {
     /// RAM tier: recently written blocks, kept after they reach the write-ahead log so reading
     /// them back needs no device I/O (0 disables it).
     pub log_cache_bytes: usize,
+    /// RAM tier: written blocks held in memory before the write-ahead log writes them to its
+    /// device (a flush writes them at once). Rewrites of a block still held replace it in
+    /// place. 0 writes every batch as soon as it closes.
+    pub write_buffer_bytes: usize,
+    /// Longest a written block waits in the write buffer.
+    pub write_back_delay: std::time::Duration,
     /// Size of one WAL segment.
     pub wal_segment_bytes: u64,
     /// Fold live data into sealed chunks once the WAL holds this much.
@@ -151,6 +157,8 @@ impl Default for OpenOptions {
         OpenOptions {
             cache_bytes: 256 << 20,
             log_cache_bytes: 256 << 20,
+            write_buffer_bytes: 256 << 20,
+            write_back_delay: std::time::Duration::from_secs(5),
             wal_segment_bytes: 64 << 20,
             wal_fold_threshold: 2 << 30,
             background: true,

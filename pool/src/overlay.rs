@@ -104,6 +104,62 @@ impl Overlay {
         }
     }
 
+    /// Calls `f(block, what)` for every block of [first, first+n) this overlay decides (data
+    /// or zero; never `Lookup::Below`), walking its maps once over the range. Blocks of a
+    /// zeroed chunk come first and may be reported again with what the block map says, which
+    /// takes precedence (as in [`Overlay::lookup`]).
+    pub fn for_each_in(
+        &self,
+        first: u64,
+        n: u64,
+        chunk_blocks: u64,
+        mut f: impl FnMut(u64, Lookup),
+    ) {
+        if n == 0 {
+            return;
+        }
+        let end = first + n;
+        let (c0, c1) = (first / chunk_blocks, (end - 1) / chunk_blocks);
+        let zeroed = self.zeroed.range(..=c1).rev().take_while(|(_, e)| **e > c0);
+        for (&s, &e) in zeroed {
+            let from = (s * chunk_blocks).max(first);
+            let to = (e * chunk_blocks).min(end);
+            for b in from..to {
+                f(b, Lookup::Zero);
+            }
+        }
+        for (&b, slot) in self.blocks.range(first..end) {
+            f(
+                b,
+                match slot {
+                    Slot::Data(l) => Lookup::Data(*l),
+                    Slot::Zero => Lookup::Zero,
+                },
+            );
+        }
+    }
+
+    /// The log locations of blocks [block, block+n) that hold data here, as runs of blocks
+    /// stored consecutively in one batch: (first block, blocks, location of the first).
+    pub fn data_runs(&self, block: u64, n: u64) -> Vec<(u64, u64, Loc)> {
+        let mut runs: Vec<(u64, u64, Loc)> = Vec::new();
+        for (&b, slot) in self.blocks.range(block..block + n) {
+            let Slot::Data(loc) = slot else { continue };
+            match runs.last_mut() {
+                Some((first, count, at))
+                    if *first + *count == b
+                        && at.lsn == loc.lsn
+                        && at.device == loc.device
+                        && at.offset + *count * 4096 == loc.offset =>
+                {
+                    *count += 1
+                }
+                _ => runs.push((b, 1, *loc)),
+            }
+        }
+        runs
+    }
+
     /// Log locations this overlay points at.
     pub fn data_locs(&self) -> impl Iterator<Item = Loc> + '_ {
         self.blocks.values().filter_map(|s| match s {
@@ -170,6 +226,47 @@ impl Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `for_each_in` reports, applied in order, is what `lookup` says block by block.
+    #[test]
+    fn range_walk_matches_lookup() {
+        let cb = 16;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        let mut rel = Vec::new();
+        for _ in 0..200 {
+            let mut o = Overlay::default();
+            for _ in 0..next(12) {
+                let (b, n) = (next(200), 1 + next(40));
+                if next(3) == 0 {
+                    o.set_zero(b, n, cb, &mut rel);
+                } else {
+                    let loc = Loc {
+                        lsn: next(5),
+                        device: 0,
+                        offset: next(1000) * 4096,
+                    };
+                    o.set_data(b, n, loc, &mut rel);
+                }
+            }
+            let (first, n) = (next(220), next(60));
+            let mut seen = vec![Lookup::Below; n as usize];
+            o.for_each_in(first, n, cb, |b, l| seen[(b - first) as usize] = l);
+            for (i, l) in seen.iter().enumerate() {
+                assert_eq!(
+                    *l,
+                    o.lookup(first + i as u64, cb),
+                    "block {}",
+                    first + i as u64
+                );
+            }
+        }
+    }
 
     #[test]
     fn zero_ranges_and_blocks() {

@@ -25,7 +25,7 @@ use crate::overlay::Overlay;
 use crate::refs::{self, RefDelta};
 use crate::shared::{ByteLru, Shared};
 use crate::types::{BLOCK, Digest, SnapshotId, Tier, VolumeId};
-use crate::wal::{EntryKind, Wal};
+use crate::wal::{EntryKind, Wal, WalOptions};
 
 /// Public description of a volume.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -336,8 +336,12 @@ impl Pool {
             .unwrap_or(0);
         let wal = Arc::new(Wal::new(
             shared.clone(),
-            opts.wal_segment_bytes,
-            opts.log_cache_bytes,
+            WalOptions {
+                segment_bytes: opts.wal_segment_bytes,
+                cache_bytes: opts.log_cache_bytes,
+                write_buffer_bytes: opts.write_buffer_bytes,
+                write_back_delay: opts.write_back_delay,
+            },
             replayed,
         ));
         wal.raise_next_lsn(max_folded + 1);
@@ -978,6 +982,11 @@ impl PoolInner {
     /// One round of background work: fold volumes pinning old WAL segments when the WAL is
     /// large, free dead segments, sweep unreferenced objects.
     fn maintain(&self) -> Result<()> {
+        if self.wal.sync_would_clean() {
+            // An fdatasync frees log space that a fold would otherwise have to work for.
+            self.wal.sync_written()?;
+            self.gc_log()?;
+        }
         let (bytes, _) = self.wal.usage();
         // Fold at the configured size, and early enough that the fold always has room for the
         // chunks it writes: the log never takes more than half of what is free.

@@ -200,21 +200,21 @@ impl Volume {
         self.fetch(&srcs, base_root, first, out)
     }
 
-    /// Where each of blocks [first, first+n) currently lives.
+    /// Where each of blocks [first, first+n) currently lives: the base index's chunk, unless
+    /// the frozen overlay (being sealed) says otherwise, unless the active one does. Each
+    /// overlay is walked once over the range, not looked up block by block.
     fn resolve(&self, ov: &VolOverlay, first: u64, n: u64) -> Vec<Src> {
         let cb = self.chunk_blocks();
-        let mut srcs = Vec::with_capacity(n as usize);
-        for b in first..first + n {
-            let mut l = ov.active.lookup(b, cb);
-            if l == Lookup::Below
-                && let Some(f) = &ov.frozen
-            {
-                l = f.lookup(b, cb);
-            }
-            srcs.push(match l {
-                Lookup::Data(loc) => Src::Wal(loc),
-                Lookup::Zero => Src::Zero,
-                Lookup::Below => Src::Chunk(b / cb),
+        let mut srcs: Vec<Src> = (first..first + n).map(|b| Src::Chunk(b / cb)).collect();
+        for layer in [ov.frozen.as_deref(), Some(&ov.active)]
+            .into_iter()
+            .flatten()
+        {
+            layer.for_each_in(first, n, cb, |b, l| {
+                srcs[(b - first) as usize] = match l {
+                    Lookup::Data(loc) => Src::Wal(loc),
+                    _ => Src::Zero,
+                }
             });
         }
         srcs
@@ -248,30 +248,44 @@ impl Volume {
         let shared = &self.pool.shared;
         // WAL blocks: from memory if there, else batched device reads (coalesced).
         let mut dev_reads: Vec<(u16, u64, usize, usize)> = Vec::new(); // device, offset, out index, blocks
-        for (i, s) in srcs.iter().enumerate() {
-            let dst = &mut out[i * 4096..(i + 1) * 4096];
-            match s {
-                Src::Zero => dst.fill(0),
+        let mut i = 0usize;
+        while i < srcs.len() {
+            let mut j = i + 1;
+            match srcs[i] {
+                Src::Zero => out[i * 4096..j * 4096].fill(0),
+                Src::Chunk(_) => {}
                 Src::Wal(loc) => {
-                    if self.pool.wal.read_from_memory(loc, dst) {
-                        continue;
+                    // Blocks stored one after another in one batch are copied (or read) at once.
+                    while let Some(Src::Wal(next)) = srcs.get(j)
+                        && next.lsn == loc.lsn
+                        && next.device == loc.device
+                        && next.offset == loc.offset + (j - i) as u64 * BLOCK
+                    {
+                        j += 1;
                     }
-                    if wait == Wait::No {
+                    if self
+                        .pool
+                        .wal
+                        .read_from_memory(&loc, &mut out[i * 4096..j * 4096])
+                    {
+                    } else if wait == Wait::No {
                         return Ok(false);
-                    }
-                    match dev_reads.last_mut() {
-                        Some((d, off, idx, cnt))
-                            if *d == loc.device
-                                && *off + (*cnt as u64) * 4096 == loc.offset
-                                && *idx + *cnt == i =>
-                        {
-                            *cnt += 1
+                    } else {
+                        let cnt = j - i;
+                        match dev_reads.last_mut() {
+                            Some((d, off, idx, n))
+                                if *d == loc.device
+                                    && *off + (*n as u64) * 4096 == loc.offset
+                                    && *idx + *n == i =>
+                            {
+                                *n += cnt
+                            }
+                            _ => dev_reads.push((loc.device, loc.offset, i, cnt)),
                         }
-                        _ => dev_reads.push((loc.device, loc.offset, i, 1)),
                     }
                 }
-                Src::Chunk(_) => {}
             }
+            i = j;
         }
         if !dev_reads.is_empty() {
             if (out.as_ptr() as usize) % io::ALIGN == 0 {
@@ -419,7 +433,8 @@ impl Volume {
         let mut block = first;
         for part in parts {
             let n = part.len() as u64 / BLOCK;
-            wal.append(vid, block, n, Some(part), |p, released| {
+            let current = ov.active.data_runs(block, n);
+            wal.write_data(vid, block, part, &current, |p, released| {
                 if let Some(loc) = p.loc {
                     ov.active.set_data(p.block, p.nblocks, loc, released);
                 }
@@ -556,13 +571,18 @@ impl BlockDevice for Volume {
             return Ok(false);
         };
         self.check_in(&ov, offset, len)?;
-        self.pool
-            .wal
-            .append_nowait(self.vol.id, offset / BLOCK, data, |p, released| {
+        let current = ov.active.data_runs(offset / BLOCK, len / BLOCK);
+        self.pool.wal.write_data_nowait(
+            self.vol.id,
+            offset / BLOCK,
+            data,
+            &current,
+            |p, released| {
                 if let Some(loc) = p.loc {
                     ov.active.set_data(p.block, p.nblocks, loc, released);
                 }
-            })
+            },
+        )
     }
 
     #[tracing::instrument(level = "trace", skip(self, data), fields(volume = self.vol.id, len = data.len()))]

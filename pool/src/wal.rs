@@ -21,11 +21,19 @@
 //! replay makes an atomic write all-or-nothing across a crash.
 //! After an open, appends always go to a fresh segment, so the bytes replay reads in older
 //! segments never change again and replay is deterministic.
+//!
+//! **Write buffer.** Closed batches wait in the RAM tier (up to `write_buffer_bytes`, at most
+//! `write_back_delay`) before the flusher hands them to their device, unless a flush asks for
+//! them first. While a batch waits, a new write of a block it holds replaces the block in place
+//! ([`Wal::write_data`]): a volume rewritten while its data is still buffered costs no device
+//! bandwidth, as with a page cache or a controller's write cache. Only unflushed writes can be
+//! lost in a crash, as with any volatile write cache; a batch's header and CRCs are computed when
+//! it is handed to its device, so replay sees exactly what was written last.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -48,7 +56,7 @@ pub const NOWAIT_LOCK_WAIT: Duration = Duration::from_micros(50);
 const BATCH_BUF_LEN: usize = 4096 + MAX_BATCH_DATA;
 /// Spare batch buffers kept for reuse.
 const MAX_SPARE_BUFFERS: usize = 8;
-/// Appenders wait when this much data is in memory but not yet written.
+/// Appenders wait when this much more than the write buffer is in memory but not yet written.
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +74,8 @@ pub struct Entry {
     pub data_crc: u32,
 }
 
+/// A batch in the write buffer: the open one, or a closed one not yet handed to its device.
+/// Its blocks may still be overwritten in place.
 #[derive(Debug)]
 struct OpenBatch {
     lsn: u64,
@@ -76,14 +86,64 @@ struct OpenBatch {
     entries: Vec<Entry>,
     buf: AlignedBuf,
     data_len: usize,
+    /// When it was opened: the write buffer hands it to its device `write_back_delay` later.
+    born: Instant,
 }
 
+impl OpenBatch {
+    /// The data blocks at `loc` (`len` bytes), if this batch holds them.
+    fn data_range(&self, loc: &Loc, len: usize) -> Option<std::ops::Range<usize>> {
+        if loc.lsn != self.lsn {
+            return None;
+        }
+        let at = usize::try_from(loc.offset.checked_sub(self.offset)?).ok()?;
+        (at >= 4096 && at + len <= 4096 + self.data_len).then_some(at..at + len)
+    }
+}
+
+/// A batch handed to its device (being written, then kept in the log cache). Immutable.
 #[derive(Debug)]
 struct Batch {
     lsn: u64,
+    seg_seq: u64,
     device: u16,
     offset: u64,
+    entries: Vec<Entry>,
+    /// The header block's room (bytes 0..4096, unused: the header is written from its own
+    /// buffer) followed by the data blocks.
     buf: AlignedBuf,
+}
+
+impl Batch {
+    fn from_buffered(ob: OpenBatch) -> Batch {
+        let mut buf = ob.buf;
+        buf.set_len(4096 + ob.data_len);
+        Batch {
+            lsn: ob.lsn,
+            seg_seq: ob.seg_seq,
+            device: ob.device,
+            offset: ob.offset,
+            entries: ob.entries,
+            buf,
+        }
+    }
+
+    /// The header block, with the CRC of every data entry as the data is now.
+    fn header(&self) -> AlignedBuf {
+        let mut entries = self.entries.clone();
+        let mut off = 4096;
+        for e in entries.iter_mut() {
+            if e.kind == EntryKind::Data {
+                let len = e.nblocks as usize * 4096;
+                e.data_crc = crc32c::crc32c(&self.buf[off..off + len]);
+                off += len;
+            }
+        }
+        let data_blocks = ((self.buf.len() - 4096) / 4096) as u32;
+        let mut h = AlignedBuf::zeroed(4096);
+        encode_header(&mut h, self.seg_seq, self.lsn, &entries, data_blocks);
+        h
+    }
 }
 
 #[derive(Debug)]
@@ -132,6 +192,11 @@ struct LogState {
     released: Vec<Loc>,
     cur: Option<CurSeg>,
     open: Option<OpenBatch>,
+    /// Closed batches in the write buffer, by LSN (all below the open batch's).
+    buffered: BTreeMap<u64, OpenBatch>,
+    /// Buffer capacity held by `buffered` and the open batch.
+    buffered_bytes: usize,
+    /// Batches handed to the flusher and not yet written, by LSN.
     inflight: BTreeMap<u64, Arc<Batch>>,
     inflight_bytes: usize,
     next_lsn: u64,
@@ -158,6 +223,11 @@ pub struct Wal {
     cache: RwLock<LogCache>,
     /// Byte budget of `cache` (0: no log cache).
     cache_limit: usize,
+    /// The write buffer's byte budget (0: batches go to their device as soon as they close,
+    /// and the open one closes whenever the flusher is idle).
+    buffer_limit: usize,
+    /// Longest a batch waits in the write buffer.
+    buffer_delay: Duration,
     /// Device bytes held by log segments (what [`Wal::usage`] sums, without its lock).
     segment_bytes: AtomicU64,
     /// Batch buffers to reuse: a fresh one costs page faults and zeroing for each of its pages.
@@ -169,6 +239,16 @@ pub struct Wal {
     /// Every batch with LSN <= synced is durable.
     synced: AtomicU64,
     segment_size: u64,
+}
+
+/// The log's runtime knobs (see [`crate::OpenOptions`]).
+#[derive(Clone, Copy, Debug)]
+pub struct WalOptions {
+    pub segment_bytes: u64,
+    /// The log cache's byte budget.
+    pub cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+    pub write_back_delay: Duration,
 }
 
 /// One contiguous piece of an append, reported to the caller to update its overlay.
@@ -338,12 +418,7 @@ impl LogState {
 }
 
 impl Wal {
-    pub fn new(
-        shared: Arc<Shared>,
-        segment_size: u64,
-        cache_limit: usize,
-        replayed: Replayed,
-    ) -> Wal {
+    pub fn new(shared: Arc<Shared>, opts: WalOptions, replayed: Replayed) -> Wal {
         let last = replayed.next_lsn.saturating_sub(1);
         let segment_bytes = replayed.segments.iter().map(|s| s.rec.extent.len).sum();
         let mut st = LogState {
@@ -358,14 +433,16 @@ impl Wal {
             shared,
             st: Mutex::new(st),
             cache: RwLock::new(LogCache::default()),
-            cache_limit,
+            cache_limit: opts.cache_bytes,
+            buffer_limit: opts.write_buffer_bytes,
+            buffer_delay: opts.write_back_delay,
             spare: Mutex::new(Vec::new()),
             segment_bytes: AtomicU64::new(segment_bytes),
             work: Condvar::new(),
             done: Condvar::new(),
             written: AtomicU64::new(last),
             synced: AtomicU64::new(last),
-            segment_size,
+            segment_size: opts.segment_bytes,
         }
     }
 
@@ -477,39 +554,60 @@ impl Wal {
         }
     }
 
+    /// Closes the open batch into the write buffer.
     fn close_open(&self, st: &mut LogState) {
-        let Some(mut ob) = st.open.take() else { return };
+        let Some(ob) = st.open.take() else { return };
         if ob.entries.is_empty() {
-            // Nothing was added: give the LSN and the space back.
+            // Nothing was added: give the LSN, the space and the buffer back.
             st.next_lsn = ob.lsn;
+            st.buffered_bytes -= ob.buf.capacity();
+            self.give_back(ob.buf);
             return;
         }
-        let mut off = 4096;
-        for e in ob.entries.iter_mut() {
-            if e.kind == EntryKind::Data {
-                let len = e.nblocks as usize * 4096;
-                e.data_crc = crc32c::crc32c(&ob.buf[off..off + len]);
-                off += len;
-            }
-        }
-        let data_blocks = (ob.data_len / 4096) as u32;
-        encode_header(&mut ob.buf, ob.seg_seq, ob.lsn, &ob.entries, data_blocks);
-        let total = 4096 + ob.data_len;
-        ob.buf.set_len(total);
         if let Some(cur) = st.cur.as_mut() {
-            cur.pos = ob.offset - cur.extent.offset + total as u64;
+            cur.pos = ob.offset - cur.extent.offset + 4096 + ob.data_len as u64;
         }
-        st.inflight_bytes += total;
-        st.inflight.insert(
-            ob.lsn,
-            Arc::new(Batch {
-                lsn: ob.lsn,
-                device: ob.device,
-                offset: ob.offset,
-                buf: ob.buf,
-            }),
-        );
-        self.work.notify_one();
+        st.buffered.insert(ob.lsn, ob);
+        self.wake_flusher_if_due(st);
+    }
+
+    /// Hands buffered batches to the flusher, oldest first, while one is due: a flush waits for
+    /// it, the buffer is over its budget, it has waited its delay, or the log is shutting down.
+    fn submit_due(&self, st: &mut LogState) {
+        let now = Instant::now();
+        while let Some(first) = st.buffered.first_entry() {
+            let b = first.get();
+            let due = st.shutdown
+                || st.sync_target >= b.lsn
+                || st.buffered_bytes > self.buffer_limit
+                || now.duration_since(b.born) >= self.buffer_delay;
+            if !due {
+                break;
+            }
+            let ob = first.remove();
+            st.buffered_bytes -= ob.buf.capacity();
+            let batch = Batch::from_buffered(ob);
+            st.inflight_bytes += batch.buf.len();
+            st.inflight.insert(batch.lsn, Arc::new(batch));
+        }
+    }
+
+    /// Overwrites, in place, blocks of a batch still in the write buffer: `data` replaces the
+    /// blocks at `loc` (consecutive in one batch). False, having changed nothing, when that
+    /// batch was already handed to its device.
+    fn overwrite_buffered(st: &mut LogState, loc: &Loc, data: &[u8]) -> bool {
+        let ob = match st.open.as_mut().filter(|o| o.lsn == loc.lsn) {
+            Some(ob) => ob,
+            None => match st.buffered.get_mut(&loc.lsn) {
+                Some(ob) => ob,
+                None => return false,
+            },
+        };
+        let Some(range) = ob.data_range(loc, data.len()) else {
+            return false;
+        };
+        ob.buf[range].copy_from_slice(data);
+        true
     }
 
     fn roll_segment(&self, st: &mut LogState) -> Result<()> {
@@ -593,7 +691,8 @@ impl Wal {
     /// A buffer for a new batch, reused if one is spare. Its bytes are whatever they were: the
     /// header block is encoded whole and only the data appended is ever read or written.
     fn batch_buffer(&self) -> AlignedBuf {
-        match self.spare.lock().pop() {
+        let spare = self.spare.lock().pop();
+        match spare {
             Some(mut b) => {
                 b.set_len(BATCH_BUF_LEN);
                 b
@@ -604,12 +703,16 @@ impl Wal {
 
     /// Keeps the buffer of a batch nobody else holds for reuse (up to [`MAX_SPARE_BUFFERS`]).
     fn recycle(&self, b: Arc<Batch>) {
-        if let Ok(batch) = Arc::try_unwrap(b)
-            && batch.buf.capacity() == BATCH_BUF_LEN
-        {
+        if let Ok(batch) = Arc::try_unwrap(b) {
+            self.give_back(batch.buf);
+        }
+    }
+
+    fn give_back(&self, buf: AlignedBuf) {
+        if buf.capacity() == BATCH_BUF_LEN {
             let mut spare = self.spare.lock();
             if spare.len() < MAX_SPARE_BUFFERS {
-                spare.push(batch.buf);
+                spare.push(buf);
             }
         }
     }
@@ -617,16 +720,20 @@ impl Wal {
     /// Opens a new, empty batch at the current position of the current segment (none open).
     fn open_batch(&self, st: &mut LogState) {
         let Some(cur) = st.cur.as_ref() else { return };
+        let (seg_seq, device, offset) = (cur.seq, cur.extent.device, cur.extent.offset + cur.pos);
         let lsn = st.next_lsn;
         st.next_lsn += 1;
+        let buf = self.batch_buffer();
+        st.buffered_bytes += buf.capacity();
         st.open = Some(OpenBatch {
             lsn,
-            seg_seq: cur.seq,
-            device: cur.extent.device,
-            offset: cur.extent.offset + cur.pos,
+            seg_seq,
+            device,
+            offset,
             entries: Vec::new(),
-            buf: self.batch_buffer(),
+            buf,
             data_len: 0,
+            born: Instant::now(),
         });
     }
 
@@ -695,21 +802,92 @@ impl Wal {
         self.append_locked(&mut st, vol, block, nblocks, data, on_piece)
     }
 
-    /// As [`Wal::append`] for data, but only if that needs no waiting: no backpressure, and room
-    /// for the whole write in the current segment (a new segment means a metadata commit).
-    /// Returns false, having appended nothing, otherwise.
-    pub fn append_nowait(
+    /// Writes data blocks [block, block + data.len() / 4096) of volume `vol`. `current` holds
+    /// the blocks' current log locations as the caller's overlay has them (runs of blocks
+    /// consecutive in one batch, sorted, within the write): blocks whose batch is still in the
+    /// write buffer are replaced there, in place; the rest is appended as by [`Wal::append`],
+    /// and only those pieces go to `on_piece` (the others keep their location).
+    pub fn write_data(
         &self,
         vol: u64,
         block: u64,
         data: &[u8],
+        current: &[(u64, u64, Loc)],
+        on_piece: impl FnMut(Piece, &mut Vec<Loc>),
+    ) -> Result<()> {
+        let mut st = self.lock_for_append()?;
+        self.write_data_locked(&mut st, vol, block, data, current, on_piece)
+    }
+
+    fn write_data_locked(
+        &self,
+        st: &mut LogState,
+        vol: u64,
+        block: u64,
+        data: &[u8],
+        current: &[(u64, u64, Loc)],
+        mut on_piece: impl FnMut(Piece, &mut Vec<Loc>),
+    ) -> Result<()> {
+        let end = block + data.len() as u64 / BLOCK;
+        let bytes = |from: u64, to: u64| {
+            &data[((from - block) * BLOCK) as usize..((to - block) * BLOCK) as usize]
+        };
+        // Blocks before `next` are done; a run that cannot be replaced in place joins the gap
+        // appended before the next run that can.
+        let mut next = block;
+        for &(b, n, loc) in current {
+            let (from, to) = (b.max(next), (b + n).min(end));
+            if from >= to {
+                continue;
+            }
+            let at = Loc {
+                offset: loc.offset + (from - b) * BLOCK,
+                ..loc
+            };
+            if !Self::overwrite_buffered(st, &at, bytes(from, to)) {
+                continue;
+            }
+            if from > next {
+                self.append_locked(
+                    st,
+                    vol,
+                    next,
+                    from - next,
+                    Some(bytes(next, from)),
+                    &mut on_piece,
+                )?;
+            }
+            next = to;
+        }
+        if next < end {
+            self.append_locked(
+                st,
+                vol,
+                next,
+                end - next,
+                Some(bytes(next, end)),
+                &mut on_piece,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// As [`Wal::write_data`], but only if that needs no waiting: no backpressure, and room
+    /// for the whole write in the current segment (a new segment means a metadata commit).
+    /// Returns false, having written nothing, otherwise.
+    pub fn write_data_nowait(
+        &self,
+        vol: u64,
+        block: u64,
+        data: &[u8],
+        current: &[(u64, u64, Loc)],
         on_piece: impl FnMut(Piece, &mut Vec<Loc>),
     ) -> Result<bool> {
         let Some(mut st) = self.st.try_lock_for(NOWAIT_LOCK_WAIT) else {
             return Ok(false);
         };
         Self::check_failed(&st)?;
-        if st.inflight_bytes > MAX_INFLIGHT_BYTES {
+        if self.over_budget(&st) {
             return Ok(false);
         }
         let Some(cur) = st.cur.as_ref() else {
@@ -726,8 +904,7 @@ impl Wal {
         if used + len + headers > cur.extent.len {
             return Ok(false);
         }
-        let nblocks = len / BLOCK;
-        self.append_locked(&mut st, vol, block, nblocks, Some(data), on_piece)?;
+        self.write_data_locked(&mut st, vol, block, data, current, on_piece)?;
         Ok(true)
     }
 
@@ -800,8 +977,23 @@ impl Wal {
             st.account(&piece, lsn);
             done += n;
         }
-        self.work.notify_one();
+        self.wake_flusher_if_due(st);
         Ok(())
+    }
+
+    /// Wakes the flusher when a closed batch is due now: without a write buffer every batch
+    /// is; with one, only when the buffer is over its budget (it wakes by itself for the delay,
+    /// and flushes wake it). Waking it on every append would cost a futex wake per write.
+    fn wake_flusher_if_due(&self, st: &LogState) {
+        if self.buffer_limit == 0 || st.buffered_bytes > self.buffer_limit {
+            self.work.notify_one();
+        }
+    }
+
+    /// Whether appenders must wait: more is in memory, buffered or being written, than the
+    /// write buffer and the writes in flight may hold.
+    fn over_budget(&self, st: &LogState) -> bool {
+        st.buffered_bytes + st.inflight_bytes > self.buffer_limit + MAX_INFLIGHT_BYTES
     }
 
     /// Takes the log lock for an append: fails if the log has failed or is shut down, and waits
@@ -809,7 +1001,7 @@ impl Wal {
     fn lock_for_append(&self) -> Result<parking_lot::MutexGuard<'_, LogState>> {
         let mut st = self.st.lock();
         Self::check_failed(&st)?;
-        while st.inflight_bytes > MAX_INFLIGHT_BYTES {
+        while self.over_budget(&st) {
             self.work.notify_one();
             self.done.wait_for(&mut st, Duration::from_millis(100));
             Self::check_failed(&st)?;
@@ -891,7 +1083,7 @@ impl Wal {
         };
         on_piece(piece, &mut st.released);
         st.account(&piece, lsn);
-        self.work.notify_one();
+        self.wake_flusher_if_due(&st);
         Ok(())
     }
 
@@ -905,19 +1097,29 @@ impl Wal {
 
     /// Makes everything appended so far durable (group commit).
     pub fn flush(&self) -> Result<()> {
-        let target = {
-            let mut st = self.st.lock();
-            Self::check_failed(&st)?;
-            self.close_open(&mut st);
-            let target = st.next_lsn - 1;
-            if self.synced.load(Ordering::SeqCst) >= target {
-                return Ok(());
-            }
-            st.sync_target = st.sync_target.max(target);
-            self.work.notify_one();
-            target
-        };
         let mut st = self.st.lock();
+        Self::check_failed(&st)?;
+        self.close_open(&mut st);
+        let target = st.next_lsn - 1;
+        self.sync_to(st, target)
+    }
+
+    /// Makes what is already written durable, without handing buffered batches to their
+    /// devices (for the log cleaner: it frees segments whose blocks written batches replaced).
+    pub fn sync_written(&self) -> Result<()> {
+        let st = self.st.lock();
+        Self::check_failed(&st)?;
+        let target = self.written.load(Ordering::SeqCst);
+        self.sync_to(st, target)
+    }
+
+    /// Waits until every batch with LSN <= `target` is durable.
+    fn sync_to(&self, mut st: parking_lot::MutexGuard<'_, LogState>, target: u64) -> Result<()> {
+        if self.synced.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        st.sync_target = st.sync_target.max(target);
+        self.work.notify_one();
         while self.synced.load(Ordering::SeqCst) < target {
             Self::check_failed(&st)?;
             self.done.wait_for(&mut st, Duration::from_millis(50));
@@ -944,6 +1146,8 @@ impl Wal {
         let (base, buf): (u64, &[u8]) =
             if let Some(ob) = st.open.as_ref().filter(|o| o.lsn == loc.lsn) {
                 (ob.offset, &ob.buf)
+            } else if let Some(ob) = st.buffered.get(&loc.lsn) {
+                (ob.offset, &ob.buf)
             } else if let Some(b) = st.inflight.get(&loc.lsn) {
                 (b.offset, &b.buf)
             } else {
@@ -960,24 +1164,35 @@ impl Wal {
         true
     }
 
-    /// The flusher thread's loop: writes closed batches in LSN order and syncs on demand.
+    /// The flusher thread's loop: hands due batches of the write buffer to their devices in LSN
+    /// order, and syncs on demand.
     pub fn run_flusher(&self) {
         loop {
             let (batches, want_sync) = {
                 let mut st = self.st.lock();
                 loop {
-                    if st.shutdown && st.inflight.is_empty() && st.open.is_none() {
+                    if st.shutdown
+                        && st.inflight.is_empty()
+                        && st.buffered.is_empty()
+                        && st.open.is_none()
+                    {
                         return;
                     }
                     let written = self.written.load(Ordering::SeqCst);
-                    let pending = st.inflight.range(written + 1..).next().is_some();
                     let want_sync = st.sync_target > self.synced.load(Ordering::SeqCst);
-                    if !pending && st.open.as_ref().is_some_and(|o| !o.entries.is_empty()) {
-                        // Idle flusher: write what has accumulated (group commit under load
-                        // happens naturally while the previous batch is being written).
+                    let open_due = st.open.as_ref().is_some_and(|o| {
+                        !o.entries.is_empty()
+                            && (self.buffer_limit == 0 && st.inflight.is_empty()
+                                || o.born.elapsed() >= self.buffer_delay)
+                    });
+                    if open_due {
+                        // Without a write buffer an idle flusher writes what has accumulated
+                        // (group commit under load happens naturally while the previous batch
+                        // is being written); with one, the open batch waits its delay.
                         self.close_open(&mut st);
-                        continue;
                     }
+                    self.submit_due(&mut st);
+                    let pending = st.inflight.range(written + 1..).next().is_some();
                     if st.failed.is_some() {
                         self.done.notify_all();
                         if st.shutdown {
@@ -998,13 +1213,15 @@ impl Wal {
                         break (batches, want_sync);
                     }
                     if st.shutdown {
+                        // submit_due handed every closed batch over; close the open one too.
                         if st.open.is_some() {
                             self.close_open(&mut st);
                             continue;
                         }
                         return;
                     }
-                    self.work.wait_for(&mut st, Duration::from_millis(50));
+                    let nap = self.flusher_nap(&st);
+                    self.work.wait_for(&mut st, nap);
                 }
             };
             let res = self.write_batches(&batches);
@@ -1051,6 +1268,19 @@ impl Wal {
         }
     }
 
+    /// How long the idle flusher sleeps: until the oldest buffered batch is due, at most 50 ms.
+    fn flusher_nap(&self, st: &LogState) -> Duration {
+        let nap = Duration::from_millis(50);
+        let oldest = st.buffered.values().next().or(st.open.as_ref());
+        match oldest {
+            Some(b) if self.buffer_limit > 0 => self
+                .buffer_delay
+                .saturating_sub(b.born.elapsed())
+                .clamp(Duration::from_millis(1), nap),
+            _ => nap,
+        }
+    }
+
     /// Offers written batches to the log cache, evicting the oldest beyond its budget. A batch
     /// that fills little of its buffer (small random writes) is copied into a tight one first,
     /// so the budget counts data rather than empty buffer space.
@@ -1068,8 +1298,10 @@ impl Wal {
                 buf.copy_from_slice(&b.buf);
                 Arc::new(Batch {
                     lsn: b.lsn,
+                    seg_seq: b.seg_seq,
                     device: b.device,
                     offset: b.offset,
+                    entries: Vec::new(),
                     buf,
                 })
             })
@@ -1097,20 +1329,26 @@ impl Wal {
         }
     }
 
+    /// Writes each batch's header block (encoded now, from the data as it is) and data blocks.
     fn write_batches(&self, batches: &[Arc<Batch>]) -> Result<()> {
         let mut devs = Vec::with_capacity(batches.len());
         for b in batches {
             devs.push(self.shared.device(b.device)?);
         }
-        let mut ops: Vec<Op<'_>> = batches
-            .iter()
-            .zip(&devs)
-            .map(|(b, d)| Op::Write {
+        let headers: Vec<AlignedBuf> = batches.iter().map(|b| b.header()).collect();
+        let mut ops: Vec<Op<'_>> = Vec::with_capacity(2 * batches.len());
+        for ((b, d), h) in batches.iter().zip(&devs).zip(&headers) {
+            ops.push(Op::Write {
                 file: d.file(),
                 offset: b.offset,
-                buf: &b.buf,
-            })
-            .collect();
+                buf: h,
+            });
+            ops.push(Op::Write {
+                file: d.file(),
+                offset: b.offset + 4096,
+                buf: &b.buf[4096..],
+            });
+        }
         io::run_batch(&mut ops).map_err(|e| PoolError::io("write-ahead log", e))
     }
 
@@ -1162,6 +1400,25 @@ impl Wal {
         let freed: u64 = taken.iter().map(|(_, r)| r.extent.len).sum();
         self.segment_bytes.fetch_sub(freed, Ordering::SeqCst);
         taken
+    }
+
+    /// Whether a log sync would let the cleaner free a segment: every block of it was
+    /// overwritten, by appends that are written but not yet durable. Nothing else syncs while an
+    /// initiator never flushes, and without a sync those segments would wait for a fold (hashing
+    /// and compressing data that is dead anyway).
+    pub fn sync_would_clean(&self) -> bool {
+        let st = self.st.lock();
+        let cur = st.cur.as_ref().map(|c| c.seq);
+        let written = self.written.load(Ordering::SeqCst);
+        let synced = self.synced.load(Ordering::SeqCst);
+        st.segments.values().any(|s| {
+            Some(s.seq) != cur
+                && s.live == 0
+                && !s.suspect
+                && s.clean_after > synced
+                && s.clean_after <= written
+                && s.vols.values().all(|&max| max <= written)
+        })
     }
 
     /// Bytes of device space held by log segments (no lock taken).

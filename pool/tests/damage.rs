@@ -107,6 +107,7 @@ fn full_pool_fails_writes_cleanly_and_keeps_acknowledged_data() {
         wal_segment_bytes: MIB,
         wal_fold_threshold: u64::MAX,
         background: false,
+        ..Default::default()
     };
     let pool = Pool::create(
         dir.path(),
@@ -200,6 +201,7 @@ fn host_filesystem_full_under_a_thin_device() {
         wal_segment_bytes: 4 * MIB,
         wal_fold_threshold: u64::MAX,
         background: false,
+        ..Default::default()
     };
     let pool_dir = mnt.join("pool");
     let pool = Pool::create(

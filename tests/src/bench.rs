@@ -132,6 +132,9 @@ pub fn bench_pool(dir: &Path, size: u64) -> Result<maas_pool::Pool> {
             // chunks (what the background fold turns them into once the log grows).
             log_cache_bytes: (size + (256 << 20)) as usize,
             cache_bytes: (size + (256 << 20)) as usize,
+            // The peers' page cache also holds the volume's dirty pages until the kernel's
+            // writeback (up to 30 s); the write buffer holds as much, for at most 5 s.
+            write_buffer_bytes: (size + (256 << 20)) as usize,
             // Fold (hash + compress into sealed chunks, at low CPU priority) when space asks for
             // it, not at a fixed log size: seals are not part of these benchmarks.
             wal_fold_threshold: u64::MAX,

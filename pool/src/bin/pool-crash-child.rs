@@ -81,6 +81,10 @@ fn main() -> anyhow::Result<()> {
     let opts = OpenOptions {
         cache_bytes: 8 << 20,
         log_cache_bytes: 8 << 20,
+        // A small write buffer that hands batches over often: crashes land while blocks are
+        // being replaced in place, handed over, written and synced.
+        write_buffer_bytes: 8 << 20,
+        write_back_delay: std::time::Duration::from_millis(30),
         wal_segment_bytes: 1 << 20,
         wal_fold_threshold: 6 << 20,
         background: true,

@@ -26,6 +26,7 @@ pub fn test_open_opts() -> OpenOptions {
         wal_segment_bytes: 4 * MIB,
         wal_fold_threshold: 64 * MIB,
         background: false,
+        ..Default::default()
     }
 }
 
