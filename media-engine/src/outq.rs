@@ -131,7 +131,12 @@ impl OutQueue {
                     n -= left;
                     self.queued -= flen;
                     self.head_sent = 0;
-                    self.segments.pop_front();
+                    if let Some(Segment::Shared(data, _)) = self.segments.pop_front()
+                        && let Ok(buf) = Arc::try_unwrap(data)
+                    {
+                        // The last PDU of a read's data is out: its buffer serves another read.
+                        crate::bufpool::give(buf);
+                    }
                 }
                 None => {
                     if n >= self.tail.len() {

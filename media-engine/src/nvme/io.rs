@@ -106,13 +106,17 @@ impl IoJob {
                     Ok(r) if r.len <= MAX_TRANSFER as u64 => r,
                     _ => return None,
                 };
-                let mut buf = vec![0u8; r.len as usize];
+                // Filled whole by the read before it is sent (see bufpool).
+                let mut buf = crate::bufpool::take(r.len as usize);
                 match ns.dev.read_nowait(r.offset, &mut buf) {
                     Ok(true) => {
                         ns.stats.read(buf.len());
                         Some(Completion::data(buf))
                     }
-                    _ => None,
+                    _ => {
+                        crate::bufpool::give(buf);
+                        None
+                    }
                 }
             }
             io::WRITE if self.write_cache && !fua(&self.sqe) && !ns.read_only => {
@@ -164,7 +168,8 @@ impl IoJob {
                 if r.len > MAX_TRANSFER as u64 {
                     return Err(Status::INVALID_FIELD);
                 }
-                let mut buf = vec![0u8; r.len as usize];
+                // Filled whole by the read before it is sent (see bufpool).
+                let mut buf = crate::bufpool::take(r.len as usize);
                 match ns.dev.read(r.offset, &mut buf) {
                     Ok(()) => {
                         ns.stats.read(buf.len());

@@ -84,7 +84,8 @@ impl LogicalUnit {
 
     fn read_blocks(&self, lba: u64, blocks: u64) -> Result<Vec<u8>, Sense> {
         let (offset, len) = self.offset_and_len(lba, blocks)?;
-        let mut buf = vec![0u8; len];
+        // Filled whole by the read before it is sent (see bufpool).
+        let mut buf = crate::bufpool::take(len);
         self.dev
             .read(offset, &mut buf)
             .map_err(|e| self.io_sense(&e, IoKind::Read))?;
@@ -127,10 +128,14 @@ impl LogicalUnit {
             Ok(x) => x,
             Err(s) => return Some(Err(s)),
         };
-        let mut buf = vec![0u8; len];
+        // Filled whole by the read before it is sent (see bufpool).
+        let mut buf = crate::bufpool::take(len);
         match self.dev.read_nowait(offset, &mut buf) {
             Ok(true) => Some(Ok(Response::data(buf))),
-            Ok(false) => None,
+            Ok(false) => {
+                crate::bufpool::give(buf);
+                None
+            }
             Err(e) => Some(Err(self.io_sense(&e, IoKind::Read))),
         }
     }

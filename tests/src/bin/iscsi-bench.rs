@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     size_gib: u64,
     /// Queue depth of the sequential jobs (the random ones run at 32).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     seq_depth: u32,
     /// Run only these workloads (e.g. `--only rand_read_iops`); for profiling one of them.
     #[arg(long, value_delimiter = ',')]
