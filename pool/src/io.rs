@@ -51,6 +51,26 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, cap }
     }
 
+    /// A copy of `src` (capacity rounded up to 4 KiB, the rest zeroed), without zeroing what
+    /// is copied over.
+    pub fn copy_of(src: &[u8]) -> Self {
+        let len = src.len();
+        let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
+        let layout = Self::layout(cap);
+        // SAFETY: layout has non-zero size and a valid power-of-two alignment.
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: the allocation holds cap >= len bytes and cannot overlap `src`; every byte of
+        // it is written (copied or zeroed) before the buffer exists, as Deref assumes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), ptr.as_ptr(), len);
+            std::ptr::write_bytes(ptr.as_ptr().add(len), 0, cap - len);
+        }
+        AlignedBuf { ptr, len, cap }
+    }
+
     fn layout(cap: usize) -> Layout {
         // ALIGN is a power of two and cap is a multiple of it and far below isize::MAX.
         match Layout::from_size_align(cap, ALIGN) {
@@ -94,9 +114,7 @@ impl DerefMut for AlignedBuf {
 
 impl Clone for AlignedBuf {
     fn clone(&self) -> Self {
-        let mut b = AlignedBuf::zeroed(self.len);
-        b.copy_from_slice(self);
-        b
+        AlignedBuf::copy_of(self)
     }
 }
 

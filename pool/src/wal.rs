@@ -567,6 +567,17 @@ impl Wal {
         if let Some(cur) = st.cur.as_mut() {
             cur.pos = ob.offset - cur.extent.offset + 4096 + ob.data_len as u64;
         }
+        let mut ob = ob;
+        let used = 4096 + ob.data_len;
+        if used * 2 <= ob.buf.capacity() {
+            // Mostly empty (small random writes fill a batch's entries long before its data):
+            // a tight copy holds it from now on, in the write buffer and then the log cache,
+            // so their budgets count data rather than empty space, and the large buffer serves
+            // the next batch at once.
+            let tight = AlignedBuf::copy_of(&ob.buf[..used]);
+            st.buffered_bytes = st.buffered_bytes - ob.buf.capacity() + tight.capacity();
+            self.give_back(std::mem::replace(&mut ob.buf, tight));
+        }
         st.buffered.insert(ob.lsn, ob);
         self.wake_flusher_if_due(st);
     }
@@ -575,11 +586,18 @@ impl Wal {
     /// it, the buffer is over its budget, it has waited its delay, or the log is shutting down.
     fn submit_due(&self, st: &mut LogState) {
         let now = Instant::now();
+        // Over budget, it goes down by an eighth at once: the device gets batches in groups,
+        // and appenders wake the flusher once per group rather than once per write.
+        let low_water = if st.buffered_bytes > self.buffer_limit {
+            self.buffer_limit - self.buffer_limit / 8
+        } else {
+            usize::MAX
+        };
         while let Some(first) = st.buffered.first_entry() {
             let b = first.get();
             let due = st.shutdown
                 || st.sync_target >= b.lsn
-                || st.buffered_bytes > self.buffer_limit
+                || st.buffered_bytes > low_water
                 || now.duration_since(b.born) >= self.buffer_delay;
             if !due {
                 break;
@@ -1281,35 +1299,16 @@ impl Wal {
         }
     }
 
-    /// Offers written batches to the log cache, evicting the oldest beyond its budget. A batch
-    /// that fills little of its buffer (small random writes) is copied into a tight one first,
-    /// so the budget counts data rather than empty buffer space.
+    /// Offers written batches to the log cache, evicting the oldest beyond its budget (a batch
+    /// that filled little of its buffer was given a tight one when it closed).
     fn keep_in_cache(&self, batches: &[Arc<Batch>]) {
         if self.cache_limit == 0 {
             return;
         }
-        let kept: Vec<Arc<Batch>> = batches
-            .iter()
-            .map(|b| {
-                if b.buf.len() * 2 >= b.buf.capacity() {
-                    return b.clone();
-                }
-                let mut buf = AlignedBuf::zeroed(b.buf.len());
-                buf.copy_from_slice(&b.buf);
-                Arc::new(Batch {
-                    lsn: b.lsn,
-                    seg_seq: b.seg_seq,
-                    device: b.device,
-                    offset: b.offset,
-                    entries: Vec::new(),
-                    buf,
-                })
-            })
-            .collect();
         let mut evicted = Vec::new();
         {
             let mut c = self.cache.write();
-            for b in kept {
+            for b in batches.iter().cloned() {
                 c.bytes += b.buf.capacity();
                 if let Some(old) = c.batches.insert(b.lsn, b) {
                     c.bytes -= old.buf.capacity();
