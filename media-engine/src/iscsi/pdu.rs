@@ -197,6 +197,17 @@ pub enum DecodedRef {
     Pdu(Pdu, std::ops::Range<usize>, usize),
 }
 
+/// A Data-Out header whose data is still arriving (see [`Framer::data_out_head`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct DataOutHead {
+    pub pdu: Pdu,
+    /// Where the data starts in the input (every byte from there on is data).
+    pub data_start: usize,
+    pub data_len: usize,
+    /// Padding bytes after the data, to be skipped.
+    pub pad: usize,
+}
+
 /// Maximum TotalAHSLength we accept (an extended CDB and a bidi length fit easily).
 pub const MAX_AHS: usize = 512;
 
@@ -318,6 +329,42 @@ impl Framer {
         ))
     }
 
+    /// The header of a Data-Out PDU at the front of `input` whose data segment has not fully
+    /// arrived: the PDU without data, where its data starts in `input`, the data's length and
+    /// its padding. With it a driver can read the rest of a large payload straight into its
+    /// command's buffer. `None` for anything else (another opcode, a complete PDU, not yet a
+    /// whole header, or data digests, which need the data in one place), which then goes
+    /// through [`Framer::decode_ref`] as usual; errors are that function's.
+    pub fn data_out_head(&self, input: &[u8]) -> Result<Option<DataOutHead>, PduError> {
+        if self.data_digest || input.len() < BHS_LEN || input[0] & 0x3f != op::DATA_OUT {
+            return Ok(None);
+        }
+        let (total, ahs_len, data_len) = self.wire_len(&input[..BHS_LEN])?;
+        let head_len = BHS_LEN + ahs_len + if self.header_digest { 4 } else { 0 };
+        if input.len() < head_len || input.len() >= head_len + data_len || input.len() >= total {
+            return Ok(None);
+        }
+        if self.header_digest {
+            let pos = BHS_LEN + ahs_len;
+            let want = crc32c::crc32c(&input[..pos]);
+            if want != read_le32(&input[pos..pos + 4]) {
+                return Err(PduError::HeaderDigest);
+            }
+        }
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(&input[..BHS_LEN]);
+        Ok(Some(DataOutHead {
+            pdu: Pdu {
+                bhs,
+                ahs: input[BHS_LEN..BHS_LEN + ahs_len].to_vec(),
+                data: Vec::new(),
+            },
+            data_start: head_len,
+            data_len,
+            pad: pad4(data_len),
+        }))
+    }
+
     /// Appends the wire form of `pdu` to `out`, filling in the two length fields.
     pub fn encode(&self, pdu: &Pdu, out: &mut Vec<u8>) {
         self.encode_parts(&pdu.bhs, &pdu.ahs, &pdu.data, out);
@@ -424,6 +471,47 @@ mod tests {
             assert_eq!(q.itt(), 7);
             assert_eq!(q.declared_data_len(), 5);
         }
+    }
+
+    /// A Data-Out's header is offered for direct reading exactly while its data is still
+    /// arriving, and what it reports is what `decode_ref` finds once the PDU is whole.
+    #[test]
+    fn data_out_head_while_its_data_arrives() {
+        for (hd, dd) in [(false, false), (true, false), (false, true)] {
+            let f = framer(hd, dd);
+            let mut p = Pdu::new(op::DATA_OUT);
+            p.set_itt(9);
+            p.data = (0..40_001u32).map(|i| i as u8).collect();
+            let mut wire = Vec::new();
+            f.encode(&p, &mut wire);
+            let Ok(DecodedRef::Pdu(_, data, _)) = f.decode_ref(&wire) else {
+                panic!("decode_ref")
+            };
+            for cut in 0..wire.len() {
+                let head = f.data_out_head(&wire[..cut]).unwrap();
+                let expect = !dd && cut >= data.start && cut < data.end;
+                assert_eq!(head.is_some(), expect, "cut {cut} digests {hd}/{dd}");
+                if let Some(h) = head {
+                    assert_eq!((h.data_start, h.data_len, h.pad), (data.start, 40_001, 3));
+                    assert_eq!(h.pdu.itt(), 9);
+                    assert!(h.pdu.data.is_empty());
+                }
+            }
+            // Other opcodes are not offered.
+            let mut cmd = Pdu::new(op::SCSI_CMD);
+            cmd.data = vec![0; 4096];
+            let mut wire = Vec::new();
+            f.encode(&cmd, &mut wire);
+            assert_eq!(f.data_out_head(&wire[..BHS_LEN + 8 + 100]), Ok(None));
+        }
+        // A damaged header is an error, as decode_ref says.
+        let f = framer(true, false);
+        let mut p = Pdu::new(op::DATA_OUT);
+        p.data = vec![1; 8192];
+        let mut wire = Vec::new();
+        f.encode(&p, &mut wire);
+        wire[20] ^= 1;
+        assert_eq!(f.data_out_head(&wire[..100]), Err(PduError::HeaderDigest));
     }
 
     #[test]

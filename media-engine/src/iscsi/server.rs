@@ -8,6 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -17,7 +18,7 @@ use tracing::Instrument;
 
 use super::login::{Login, Step};
 use super::params::{OUR_MAX_RECV_DATA, SessionType};
-use super::pdu::{Decoded, DecodedRef, Framer, Pdu, PduError, op};
+use super::pdu::{DataOutHead, Decoded, DecodedRef, Framer, Pdu, PduError, op};
 use super::session::{Output, Session};
 use super::target::{Registry, SessionKey};
 use crate::listener::Listener;
@@ -90,6 +91,47 @@ fn panicked(itt: u32) -> scsi::Response {
         scsi::SenseKey::HardwareError,
         scsi::sense::Asc::INTERNAL_TARGET_FAILURE,
     ))
+}
+
+/// Data-Out segments at least this long are read straight into their command's buffer.
+const DIRECT_DATA_OUT: usize = 32 << 10;
+
+/// A Data-Out being read straight into its command's buffer.
+struct DirectDataOut {
+    head: DataOutHead,
+    /// The command's buffer (taken from the session), with the data read so far at its end.
+    buf: Vec<u8>,
+    /// Data bytes still to read.
+    remaining: usize,
+}
+
+/// When `inbuf` holds the header and the first part of a large Data-Out's data (and nothing
+/// else: the caller has decoded everything before it), moves that part into its command's
+/// buffer and returns the direct read of the rest: the kernel then copies the data once,
+/// into the buffer the pool writes from, instead of into `inbuf` and once more from there.
+fn start_direct(
+    framer: &Framer,
+    inbuf: &mut Vec<u8>,
+    session: &mut Session,
+) -> Result<Option<DirectDataOut>, PduError> {
+    let Some(head) = framer.data_out_head(inbuf)? else {
+        return Ok(None);
+    };
+    if head.data_len < DIRECT_DATA_OUT {
+        return Ok(None);
+    }
+    let Some(mut buf) = session.take_data_out_buffer(&head.pdu, head.data_len) else {
+        return Ok(None);
+    };
+    let have = &inbuf[head.data_start..];
+    buf.extend_from_slice(have);
+    let remaining = head.data_len - have.len();
+    inbuf.clear();
+    Ok(Some(DirectDataOut {
+        head,
+        buf,
+        remaining,
+    }))
 }
 
 /// Reads until one PDU can be decoded; `None` at a clean end of stream.
@@ -214,12 +256,40 @@ async fn connection(
         let mut done_inline: Vec<(u32, scsi::Response)> = Vec::new();
         // Bytes of `inbuf` already decoded.
         let mut consumed = 0usize;
+        // A large Data-Out whose data is being read straight into its command's buffer.
+        let mut direct: Option<DirectDataOut> = None;
+        // Padding after a directly read data segment, still to be dropped from the stream.
+        let mut skip = 0usize;
         loop {
             tokio::select! {
-                r = rd.read_buf(&mut inbuf), if pending.len() < MAX_PENDING_OUT => {
+                r = async {
+                    match direct.as_mut() {
+                        Some(d) => {
+                            let mut room = (&mut d.buf).limit(d.remaining);
+                            rd.read_buf(&mut room).await.map(|n| (n, true))
+                        }
+                        None => rd.read_buf(&mut inbuf).await.map(|n| (n, false)),
+                    }
+                }, if pending.len() < MAX_PENDING_OUT => {
                     match r {
-                        Ok(0) => { closing = Some("initiator closed the connection".into()); }
-                        Ok(_) => loop {
+                        Ok((0, _)) => { closing = Some("initiator closed the connection".into()); }
+                        Ok((n, true)) => {
+                            if let Some(mut d) = direct.take() {
+                                d.remaining -= n;
+                                if d.remaining == 0 {
+                                    skip = d.head.pad;
+                                    session.on_data_out_direct(&d.head.pdu, d.buf, d.head.data_len);
+                                } else {
+                                    direct = Some(d);
+                                }
+                            }
+                        }
+                        Ok((_, false)) => loop {
+                            if skip > 0 {
+                                let k = skip.min(inbuf.len() - consumed);
+                                consumed += k;
+                                skip -= k;
+                            }
                             match framer.decode_ref(&inbuf[consumed..]) {
                                 Ok(DecodedRef::Pdu(mut p, data, n)) => {
                                     let data = consumed + data.start..consumed + data.end;
@@ -237,7 +307,14 @@ async fn connection(
                                     // the rest of the buffer once per PDU.
                                     inbuf.drain(..consumed);
                                     consumed = 0;
-                                    inbuf.reserve(n.saturating_sub(inbuf.len()));
+                                    match start_direct(&framer, &mut inbuf, &mut session) {
+                                        Ok(Some(d)) => direct = Some(d),
+                                        Ok(None) => inbuf.reserve(n.saturating_sub(inbuf.len())),
+                                        Err(e) => {
+                                            tracing::warn!("dropping the connection: {e}");
+                                            closing = Some(e.to_string());
+                                        }
+                                    }
                                     break;
                                 }
                                 Err(e) => {

@@ -636,16 +636,62 @@ impl Session {
         self.on_data_out_with(pdu, data);
     }
 
+    /// The buffer the data of a Data-Out may be read into directly, while its header is in and
+    /// its data still arriving ([`super::pdu::Framer::data_out_head`]): its command's buffer,
+    /// taken out until [`Session::on_data_out_direct`] gives it back with the data appended.
+    /// `None` (the data then goes the usual way, through the usual checks) unless the PDU
+    /// continues, in order, a command collecting data that fits within its EDTL, so the
+    /// buffer never grows past what the command declared.
+    pub fn take_data_out_buffer(&mut self, pdu: &Pdu, len: usize) -> Option<Vec<u8>> {
+        if self.closing {
+            return None;
+        }
+        let task = self.tasks.get_mut(&pdu.itt())?;
+        let edtl = task.edtl as usize;
+        let Phase::Collecting(x) = &mut task.phase else {
+            return None;
+        };
+        let offset = pdu.u32_at(40);
+        let in_order = !x.discard && offset == x.received && x.buf.len() == offset as usize;
+        if !in_order || offset as usize + len > edtl {
+            return None;
+        }
+        Some(std::mem::take(&mut x.buf))
+    }
+
+    /// The Data-Out whose data was read straight into `buf` (from
+    /// [`Session::take_data_out_buffer`]; its last `len` bytes are the PDU's data): checked
+    /// as any Data-Out, and the buffer goes back to its command.
+    pub fn on_data_out_direct(&mut self, pdu: &Pdu, buf: Vec<u8>, len: usize) {
+        self.heard = true;
+        let Some(task) = self.tasks.get_mut(&pdu.itt()) else {
+            return;
+        };
+        let Phase::Collecting(x) = &mut task.phase else {
+            return;
+        };
+        x.buf = buf;
+        if self.closing {
+            return;
+        }
+        self.on_data_out_checked(pdu, len as u32, None);
+    }
+
     fn on_data_out(&mut self, pdu: Pdu) {
         self.on_data_out_with(&pdu, &pdu.data);
     }
 
     fn on_data_out_with(&mut self, pdu: &Pdu, data: &[u8]) {
+        self.on_data_out_checked(pdu, data.len() as u32, Some(data));
+    }
+
+    /// Checks a Data-Out of `len` bytes and adds them to its command: `data`, or `None` when
+    /// they are already at the end of the command's buffer (read there directly).
+    fn on_data_out_checked(&mut self, pdu: &Pdu, len: u32, data: Option<&[u8]>) {
         let itt = pdu.itt();
         let ttt = pdu.u32_at(20);
         let data_sn = pdu.u32_at(36);
         let offset = pdu.u32_at(40);
-        let len = data.len() as u32;
         let fin = pdu.final_bit();
         let Some(task) = self.tasks.get_mut(&itt) else {
             // Data for a task we aborted (or never had): dropped, as RFC 7143 allows.
@@ -709,7 +755,9 @@ impl Session {
             self.pump_r2t_waiting();
             return;
         }
-        if !x.discard {
+        if !x.discard
+            && let Some(data) = data
+        {
             x.buf.extend_from_slice(data);
         }
         x.received += len;
@@ -1375,6 +1423,62 @@ mod tests {
         // The burst boundary at 16 KiB ends a sequence (F bit) on the second PDU.
         assert_eq!(din[1].flags() & 0x80, 0x80);
         assert_eq!(din[0].flags() & 0x80, 0);
+    }
+
+    /// A solicited Data-Out read straight into its command's buffer (the driver's path for
+    /// large data segments) lands like one handed over from the receive buffer; a Data-Out
+    /// out of order or past the EDTL is not offered the buffer and fails the usual way.
+    #[test]
+    fn data_out_read_into_the_command_buffer() {
+        let mut s = session(true);
+        let total = 40 * 512u32;
+        let payload: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+        s.on_pdu(scsi_cmd(1, 10, &write10(8, 40), total, true, Vec::new()));
+        let r2ts = pump(&mut s);
+        assert_eq!(r2ts.len(), 2, "16 KiB MaxBurstLength: two R2Ts");
+        let ttt = r2ts[0].u32_at(20);
+        // Out of order: not offered.
+        let late = data_out(1, ttt, 0, 8192, Vec::new(), false);
+        assert!(s.take_data_out_buffer(&late, 8192).is_none());
+        // Past the EDTL: not offered.
+        let long = data_out(1, ttt, 0, 0, Vec::new(), false);
+        assert!(
+            s.take_data_out_buffer(&long, total as usize + 512)
+                .is_none()
+        );
+        // In order: the first 16 KiB directly, in two pieces as reads would bring them.
+        let first = data_out(1, ttt, 0, 0, Vec::new(), true);
+        let mut buf = s.take_data_out_buffer(&first, 16384).unwrap();
+        assert!(buf.is_empty());
+        buf.extend_from_slice(&payload[..5000]);
+        buf.extend_from_slice(&payload[5000..16384]);
+        s.on_data_out_direct(&first, buf, 16384);
+        assert!(
+            pump(&mut s).is_empty(),
+            "the second R2T's data is still due"
+        );
+        let ttt2 = r2ts[1].u32_at(20);
+        let second = data_out(1, ttt2, 0, 16384, Vec::new(), true);
+        s.on_data_out_ref(&second, &payload[16384..]);
+        let resp = pump(&mut s);
+        assert_eq!((resp[0].opcode(), resp[0].u8_at(3)), (op::SCSI_RESP, 0));
+        s.on_pdu(scsi_cmd(2, 11, &read10(8, 40), total, false, Vec::new()));
+        let got: Vec<u8> = pump(&mut s).iter().flat_map(|p| p.data.clone()).collect();
+        assert_eq!(got, payload);
+
+        // A direct Data-Out with a wrong DataSN fails its command like any other.
+        s.on_pdu(scsi_cmd(3, 12, &write10(8, 8), 4096, true, Vec::new()));
+        let r2t = pump(&mut s);
+        let bad = data_out(3, r2t[0].u32_at(20), 5, 0, Vec::new(), true);
+        let mut buf = s.take_data_out_buffer(&bad, 4096).unwrap();
+        buf.extend_from_slice(&[0xee; 4096]);
+        s.on_data_out_direct(&bad, buf, 4096);
+        let resp = pump(&mut s);
+        assert_eq!(
+            (resp[0].opcode(), resp[0].u8_at(3)),
+            (op::SCSI_RESP, 2),
+            "CHECK CONDITION"
+        );
     }
 
     #[test]
