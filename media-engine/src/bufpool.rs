@@ -1,4 +1,4 @@
-//! Reused buffers for the data of reads. A 1 MiB `vec![0; n]` per READ costs the allocator's
+//! Reused buffers for the data of reads and writes. A 1 MiB `vec![0; n]` per READ costs the allocator's
 //! zeroing, and page faults whenever the allocator has handed the memory back to the kernel:
 //! about a tenth of the CPU of a sequential read. A read fills its buffer whole before anyone
 //! sees it (on error the buffer is dropped unsent), so a buffer taken from here is not zeroed:
@@ -36,21 +36,20 @@ fn class_of(capacity: usize) -> Option<usize> {
     Some((capacity / MIN_CLASS).trailing_zeros() as usize)
 }
 
+fn pop(class: usize) -> Option<Vec<u8>> {
+    let mut p = POOL.lock();
+    let b = p.free[class].pop()?;
+    p.bytes -= b.capacity();
+    Some(b)
+}
+
 /// A buffer of `len` bytes whose contents are unspecified (an earlier read's data, or
 /// zeroes): the caller must overwrite all of it before it is sent anywhere.
 pub fn take(len: usize) -> Vec<u8> {
     let Some(class) = class_of(len.max(MIN_CLASS).next_power_of_two()) else {
         return vec![0; len];
     };
-    let reused = {
-        let mut p = POOL.lock();
-        let b = p.free[class].pop();
-        if let Some(b) = &b {
-            p.bytes -= b.capacity();
-        }
-        b
-    };
-    match reused {
+    match pop(class) {
         Some(mut b) => {
             // Only bytes never written before are zeroed (a buffer last used for less).
             b.resize(len, 0);
@@ -61,6 +60,22 @@ pub fn take(len: usize) -> Vec<u8> {
             b.resize(len, 0);
             b
         }
+    }
+}
+
+/// An empty buffer with room for at least `capacity` bytes without reallocating, for data
+/// that is appended (a write's Data-Out): what it held before is beyond its length, never
+/// visible.
+pub fn take_empty(capacity: usize) -> Vec<u8> {
+    let Some(class) = class_of(capacity.max(MIN_CLASS).next_power_of_two()) else {
+        return Vec::with_capacity(capacity);
+    };
+    match pop(class) {
+        Some(mut b) => {
+            b.clear();
+            b
+        }
+        None => Vec::with_capacity(MIN_CLASS << class),
     }
 }
 
@@ -102,6 +117,19 @@ mod tests {
         give(small);
         give(vec![0; 3 << 20]);
         assert!(POOL.lock().bytes <= MAX_POOLED_BYTES);
+    }
+
+    #[test]
+    fn empty_buffers_have_the_room_asked_for() {
+        let mut a = take(256 << 10);
+        a.fill(0xab);
+        give(a);
+        let b = take_empty((256 << 10) - 512);
+        assert!(b.is_empty(), "what it held is not visible");
+        assert!(b.capacity() >= (256 << 10) - 512);
+        give(b);
+        let c = take_empty(100);
+        assert!(c.is_empty() && c.capacity() >= 100);
     }
 
     #[test]

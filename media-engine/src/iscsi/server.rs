@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::login::{Login, Step};
 use super::params::{OUR_MAX_RECV_DATA, SessionType};
 use super::pdu::{DataOutHead, Decoded, DecodedRef, Framer, Pdu, PduError, op};
-use super::session::{Output, Session};
+use super::session::{self, Output, Session};
 use super::target::{Registry, SessionKey};
 use crate::listener::Listener;
 use crate::outq::OutQueue;
@@ -91,6 +91,23 @@ fn panicked(itt: u32) -> scsi::Response {
         scsi::SenseKey::HardwareError,
         scsi::sense::Asc::INTERNAL_TARGET_FAILURE,
     ))
+}
+
+/// Most bytes one read takes beyond the PDU being completed.
+const READ_AHEAD: usize = 32 << 10;
+
+/// A PDU's data segment as the session gets it. A write command's immediate data goes into a
+/// buffer with room for all its data (EDTL), which the command then keeps: the rest arrives
+/// without reallocating, and the immediate part is not copied again.
+fn pdu_data(p: &Pdu, data: &[u8]) -> Vec<u8> {
+    let write = p.opcode() == op::SCSI_CMD && p.flags() & 0x20 != 0;
+    let edtl = p.u32_at(20) as usize;
+    if !write || edtl <= data.len() || edtl > session::MAX_WRITE as usize {
+        return data.to_vec();
+    }
+    let mut buf = crate::bufpool::take_empty(edtl);
+    buf.extend_from_slice(data);
+    buf
 }
 
 /// Data-Out segments at least this long are read straight into their command's buffer.
@@ -260,6 +277,8 @@ async fn connection(
         let mut direct: Option<DirectDataOut> = None;
         // Padding after a directly read data segment, still to be dropped from the stream.
         let mut skip = 0usize;
+        // Bytes still missing of the PDU at the front of `inbuf`.
+        let mut need = 0usize;
         loop {
             tokio::select! {
                 r = async {
@@ -268,7 +287,12 @@ async fn connection(
                             let mut room = (&mut d.buf).limit(d.remaining);
                             rd.read_buf(&mut room).await.map(|n| (n, true))
                         }
-                        None => rd.read_buf(&mut inbuf).await.map(|n| (n, false)),
+                        None => {
+                            // A bounded read: a large Data-Out's header comes in with only the
+                            // first part of its data, and the rest goes straight to its command.
+                            let mut room = (&mut inbuf).limit(need.max(READ_AHEAD));
+                            rd.read_buf(&mut room).await.map(|n| (n, false))
+                        }
                     }
                 }, if pending.len() < MAX_PENDING_OUT => {
                     match r {
@@ -298,7 +322,7 @@ async fn connection(
                                         // Write data goes once, from here to its command.
                                         session.on_data_out_ref(&p, &inbuf[data]);
                                     } else {
-                                        p.data = inbuf[data].to_vec();
+                                        p.data = pdu_data(&p, &inbuf[data]);
                                         session.on_pdu(p);
                                     }
                                 }
@@ -307,9 +331,10 @@ async fn connection(
                                     // the rest of the buffer once per PDU.
                                     inbuf.drain(..consumed);
                                     consumed = 0;
+                                    need = n.saturating_sub(inbuf.len());
                                     match start_direct(&framer, &mut inbuf, &mut session) {
                                         Ok(Some(d)) => direct = Some(d),
-                                        Ok(None) => inbuf.reserve(n.saturating_sub(inbuf.len())),
+                                        Ok(None) => inbuf.reserve(need),
                                         Err(e) => {
                                             tracing::warn!("dropping the connection: {e}");
                                             closing = Some(e.to_string());

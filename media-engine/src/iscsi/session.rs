@@ -85,6 +85,13 @@ impl Exec {
     }
 }
 
+impl Drop for Exec {
+    /// A write's buffer serves the next write (see [`crate::bufpool`]).
+    fn drop(&mut self) {
+        crate::bufpool::give(std::mem::take(&mut self.data_out));
+    }
+}
+
 /// A read's Data-In PDUs, encoded straight from the response buffer.
 #[derive(Debug)]
 pub struct DataIn {
@@ -513,11 +520,12 @@ impl Session {
             !self.p.initial_r2t && !pdu.final_bit() && imm < edtl.min(self.p.first_burst);
         let mut buf = Vec::new();
         if !discard {
-            if imm == edtl {
-                // All of the data came with the command (the common small write): no copy.
+            if imm == edtl || pdu.data.capacity() >= edtl as usize {
+                // All of the data came with the command (the common small write), or the
+                // driver gave its immediate data room for the rest: no copy.
                 buf = std::mem::take(&mut pdu.data);
             } else {
-                buf = Vec::with_capacity(edtl as usize);
+                buf = crate::bufpool::take_empty(edtl as usize);
                 buf.extend_from_slice(&pdu.data);
             }
         }
