@@ -229,6 +229,9 @@ fn main() -> anyhow::Result<()> {
         // Above what the live-path tests write: they measure the WAL path (the live path), not
         // reads of folded, sealed chunks.
         wal_fold_threshold: 32 * GIB,
+        // Against the raw device with O_DIRECT: every write goes to the device, none waits
+        // in the RAM tier's write buffer.
+        write_buffer_bytes: 0,
         ..OpenOptions::default()
     };
     let pool = Pool::create(&pool_dir, create, opts)?;
