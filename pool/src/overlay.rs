@@ -14,6 +14,16 @@ pub struct Loc {
     pub offset: u64,
 }
 
+impl Loc {
+    /// Whether this is the block `blocks` blocks after `first` in the same batch (so both
+    /// are copied or read as one run).
+    pub fn follows(&self, first: &Loc, blocks: u64) -> bool {
+        self.lsn == first.lsn
+            && self.device == first.device
+            && self.offset == first.offset + blocks * 4096
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
     Data(Loc),
@@ -146,12 +156,7 @@ impl Overlay {
         for (&b, slot) in self.blocks.range(block..block + n) {
             let Slot::Data(loc) = slot else { continue };
             match runs.last_mut() {
-                Some((first, count, at))
-                    if *first + *count == b
-                        && at.lsn == loc.lsn
-                        && at.device == loc.device
-                        && at.offset + *count * 4096 == loc.offset =>
-                {
+                Some((first, count, at)) if *first + *count == b && loc.follows(at, *count) => {
                     *count += 1
                 }
                 _ => runs.push((b, 1, *loc)),

@@ -257,20 +257,18 @@ impl Volume {
                 Src::Wal(loc) => {
                     // Blocks stored one after another in one batch are copied (or read) at once.
                     while let Some(Src::Wal(next)) = srcs.get(j)
-                        && next.lsn == loc.lsn
-                        && next.device == loc.device
-                        && next.offset == loc.offset + (j - i) as u64 * BLOCK
+                        && next.follows(&loc, (j - i) as u64)
                     {
                         j += 1;
                     }
-                    if self
+                    let in_memory = self
                         .pool
                         .wal
-                        .read_from_memory(&loc, &mut out[i * 4096..j * 4096])
-                    {
-                    } else if wait == Wait::No {
-                        return Ok(false);
-                    } else {
+                        .read_from_memory(&loc, &mut out[i * 4096..j * 4096]);
+                    if !in_memory {
+                        if wait == Wait::No {
+                            return Ok(false);
+                        }
                         let cnt = j - i;
                         match dev_reads.last_mut() {
                             Some((d, off, idx, n))

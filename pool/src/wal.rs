@@ -164,6 +164,18 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// Nothing of it is in memory or being written any more: not the segment appends go to
+    /// (`cur`), and every batch of it is on its device (`written`).
+    fn settled(&self, cur: Option<u64>, written: u64) -> bool {
+        Some(self.seq) != cur && self.vols.values().all(|&max| max <= written)
+    }
+
+    /// The cleaner's count says every block of it was overwritten: it may go once the
+    /// appends that overwrote it (up to `clean_after`) are durable.
+    fn overwritten(&self) -> bool {
+        self.live == 0 && !self.suspect
+    }
+
     pub fn new(seq: u64, rec: SegRec) -> Segment {
         Segment {
             seq,
@@ -357,6 +369,22 @@ impl Replayed {
 }
 
 impl LogState {
+    /// The batch `lsn` if it is still in the write buffer (open, or closed and not yet handed
+    /// to its device).
+    fn buffered_batch(&self, lsn: u64) -> Option<&OpenBatch> {
+        match self.open.as_ref().filter(|o| o.lsn == lsn) {
+            Some(ob) => Some(ob),
+            None => self.buffered.get(&lsn),
+        }
+    }
+
+    fn buffered_batch_mut(&mut self, lsn: u64) -> Option<&mut OpenBatch> {
+        match self.open.as_mut().filter(|o| o.lsn == lsn) {
+            Some(ob) => Some(ob),
+            None => self.buffered.get_mut(&lsn),
+        }
+    }
+
     /// The segment holding log location `loc`.
     fn segment_of(&mut self, loc: &Loc) -> Option<&mut Segment> {
         let (_, &seq) = self.by_lsn.range(..=loc.lsn).next_back()?;
@@ -614,12 +642,8 @@ impl Wal {
     /// blocks at `loc` (consecutive in one batch). False, having changed nothing, when that
     /// batch was already handed to its device.
     fn overwrite_buffered(st: &mut LogState, loc: &Loc, data: &[u8]) -> bool {
-        let ob = match st.open.as_mut().filter(|o| o.lsn == loc.lsn) {
-            Some(ob) => ob,
-            None => match st.buffered.get_mut(&loc.lsn) {
-                Some(ob) => ob,
-                None => return false,
-            },
+        let Some(ob) = st.buffered_batch_mut(loc.lsn) else {
+            return false;
         };
         let Some(range) = ob.data_range(loc, data.len()) else {
             return false;
@@ -1161,16 +1185,13 @@ impl Wal {
             return false;
         }
         let st = self.st.lock();
-        let (base, buf): (u64, &[u8]) =
-            if let Some(ob) = st.open.as_ref().filter(|o| o.lsn == loc.lsn) {
-                (ob.offset, &ob.buf)
-            } else if let Some(ob) = st.buffered.get(&loc.lsn) {
-                (ob.offset, &ob.buf)
-            } else if let Some(b) = st.inflight.get(&loc.lsn) {
-                (b.offset, &b.buf)
-            } else {
-                return false;
-            };
+        let (base, buf): (u64, &[u8]) = if let Some(ob) = st.buffered_batch(loc.lsn) {
+            (ob.offset, &ob.buf)
+        } else if let Some(b) = st.inflight.get(&loc.lsn) {
+            (b.offset, &b.buf)
+        } else {
+            return false;
+        };
         let Some(src) = loc
             .offset
             .checked_sub(base)
@@ -1370,9 +1391,8 @@ impl Wal {
         let dead: Vec<u64> = st
             .segments
             .values()
-            .filter(|s| Some(s.seq) != cur)
             // Never while a batch of it may still be in memory or being written.
-            .filter(|s| s.vols.values().all(|&max| max <= written))
+            .filter(|s| s.settled(cur, written))
             .filter(|s| {
                 if s.vols
                     .iter()
@@ -1380,7 +1400,7 @@ impl Wal {
                 {
                     by_fold += 1;
                     true
-                } else if s.live == 0 && !s.suspect && s.clean_after <= synced {
+                } else if s.overwritten() && s.clean_after <= synced {
                     by_cleaner += 1;
                     true
                 } else {
@@ -1411,12 +1431,9 @@ impl Wal {
         let written = self.written.load(Ordering::SeqCst);
         let synced = self.synced.load(Ordering::SeqCst);
         st.segments.values().any(|s| {
-            Some(s.seq) != cur
-                && s.live == 0
-                && !s.suspect
-                && s.clean_after > synced
-                && s.clean_after <= written
-                && s.vols.values().all(|&max| max <= written)
+            s.settled(cur, written)
+                && s.overwritten()
+                && (synced + 1..=written).contains(&s.clean_after)
         })
     }
 
