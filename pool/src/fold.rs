@@ -20,7 +20,7 @@ use crate::index::{LEAF_FANOUT, Level, Node};
 use crate::io::{self, AlignedBuf, Op};
 use crate::meta::{self, OBJECTS, ObjRec, SNAPSHOTS, SnapshotRec};
 use crate::object::ObjectKind;
-use crate::overlay::{Overlay, Slot};
+use crate::overlay::{Loc, Overlay, Slot};
 use crate::pool::{PoolInner, SnapshotInfo, VolumeState, now_unix};
 use crate::refs::{self, RefDelta};
 use crate::types::{BLOCK, Digest, VolumeId};
@@ -71,12 +71,17 @@ impl PoolInner {
         }
     }
 
-    /// Rebuilds chunk `c` from the base and the frozen overlay; None if it is all zero.
+    /// Rebuilds chunk `c` from the base and the frozen overlay; None if it is all zero. Blocks
+    /// known lost (damaged in the frozen overlay or the base), and log blocks that fail their
+    /// CRC now, are sealed as zeroes and reported in `damage` as (block, LSN): a fold never
+    /// seals data that failed its check, and the damage stays recorded over the placeholder.
     fn build_chunk(
         &self,
         c: u64,
         frozen: &Overlay,
         base_root: Option<Digest>,
+        base_damaged: &BTreeMap<u64, u64>,
+        damage: &Mutex<Vec<(u64, u64)>>,
     ) -> Result<Option<AlignedBuf>> {
         let cs = self.geo.chunk_size;
         let cb = cs / BLOCK;
@@ -88,15 +93,25 @@ impl PoolInner {
             && let Some(d) = self.chunk_digest(base_root, c)?
         {
             raw.copy_from_slice(&self.shared.chunk(&d)?);
+            for (&b, _) in base_damaged.range(range.clone()) {
+                if !frozen.blocks.contains_key(&b) {
+                    let at = ((b - c * cb) * BLOCK) as usize;
+                    raw[at..at + 4096].fill(0);
+                }
+            }
         }
-        let mut pending: Vec<(u16, u64, usize)> = Vec::new();
+        let mut pending: Vec<(Loc, usize)> = Vec::new();
         for (b, slot) in frozen.blocks.range(range) {
             let at = ((b - c * cb) * BLOCK) as usize;
             match slot {
                 Slot::Zero => raw[at..at + 4096].fill(0),
+                Slot::Damaged(lsn) => {
+                    raw[at..at + 4096].fill(0);
+                    damage.lock().push((*b, *lsn));
+                }
                 Slot::Data(loc) => {
                     if !self.wal.read_from_memory(loc, &mut raw[at..at + 4096]) {
-                        pending.push((loc.device, loc.offset, at));
+                        pending.push((*loc, at));
                     }
                 }
             }
@@ -104,17 +119,27 @@ impl PoolInner {
         if !pending.is_empty() {
             let mut ops = Vec::with_capacity(pending.len());
             let mut taken: Vec<Option<&mut [u8]>> = raw.chunks_mut(4096).map(Some).collect();
-            for (dev, off, at) in &pending {
-                let d = self.shared.device(*dev)?;
+            for (loc, at) in &pending {
+                let d = self.shared.device(loc.device)?;
                 if let Some(buf) = taken[at / 4096].take() {
                     ops.push(Op::Read {
                         file: d.file(),
-                        offset: *off,
+                        offset: loc.offset,
                         buf,
                     });
                 }
             }
             io::run_batch(&mut ops).map_err(|e| PoolError::io("read of write-ahead log", e))?;
+            drop(ops);
+            for (loc, at) in &pending {
+                let block = &mut raw[*at..*at + 4096];
+                if let Err(e) = self.wal.check_read(loc, block) {
+                    let b = c * cb + (*at / 4096) as u64;
+                    tracing::error!(block = b, error = %e, "fold: a log block failed its check; it stays recorded as damaged");
+                    block.fill(0);
+                    damage.lock().push((b, loc.lsn));
+                }
+            }
         }
         if raw.iter().all(|&x| x == 0) {
             Ok(None)
@@ -134,7 +159,7 @@ impl PoolInner {
         let _e = span.enter();
         let started = std::time::Instant::now();
         let pin = self.shared.pin.read();
-        let (frozen, base_root, size, cut) = {
+        let (frozen, base_root, base_damaged, size, cut) = {
             let mut ov = v.ov.write();
             if ov.deleted {
                 return Err(PoolError::VolumeDeleted(VolumeId(v.id)));
@@ -145,15 +170,20 @@ impl PoolInner {
             let cut = self.wal.cut();
             let frozen = Arc::new(std::mem::take(&mut ov.active));
             ov.frozen = Some(frozen.clone());
-            (frozen, ov.base_root, ov.size, cut)
+            (frozen, ov.base_root, ov.base_damaged.clone(), ov.size, cut)
         };
         let new = NewObjects::default();
-        let res = self.fold_frozen(v, &frozen, base_root, size, cut, snapshot, &new, progress);
+        let base = Base {
+            root: base_root,
+            damaged: &base_damaged,
+        };
+        let res = self.fold_frozen(v, &frozen, base, size, cut, snapshot, &new, progress);
         match res {
-            Ok((new_root, snap, zeroed)) => {
+            Ok((new_root, new_damaged, snap, zeroed)) => {
                 {
                     let mut ov = v.ov.write();
                     ov.base_root = new_root;
+                    ov.base_damaged = new_damaged;
                     ov.frozen = None;
                 }
                 v.folded_lsn.store(cut, Ordering::SeqCst);
@@ -197,13 +227,20 @@ impl PoolInner {
         &self,
         v: &VolumeState,
         frozen: &Overlay,
-        base_root: Option<Digest>,
+        base: Base<'_>,
         size: u64,
         cut: u64,
         snapshot: bool,
         new: &NewObjects,
         progress: Option<&(dyn Fn(f64) + Sync)>,
-    ) -> Result<(Option<Digest>, Option<SnapshotInfo>, Vec<Digest>)> {
+    ) -> Result<(
+        Option<Digest>,
+        BTreeMap<u64, u64>,
+        Option<SnapshotInfo>,
+        Vec<Digest>,
+    )> {
+        let base_root = base.root;
+        let damage = Mutex::new(Vec::new());
         let cb = self.geo.chunk_size / BLOCK;
         let nchunks = self.geo.chunks_for(size);
         let nleaves = self.geo.leaves_for(size);
@@ -241,10 +278,11 @@ impl PoolInner {
                 group
                     .par_iter()
                     .map(|&c| {
-                        let d = match self.build_chunk(c, frozen, base_root)? {
-                            None => None,
-                            Some(raw) => Some(self.store(ObjectKind::Chunk, &raw, new)?),
-                        };
+                        let d =
+                            match self.build_chunk(c, frozen, base_root, base.damaged, &damage)? {
+                                None => None,
+                                Some(raw) => Some(self.store(ObjectKind::Chunk, &raw, new)?),
+                            };
                         Ok((c, d))
                     })
                     .collect()
@@ -324,7 +362,21 @@ impl PoolInner {
             self.shared.sync_all()?;
         }
 
+        let new_damaged = damaged_after(base.damaged, frozen, cb, damage.into_inner());
         let tx = self.shared.meta.db.begin_write()?;
+        {
+            let mut t = tx.open_table(meta::DAMAGED)?;
+            for b in base.damaged.keys() {
+                if !new_damaged.contains_key(b) {
+                    t.remove((v.id, *b))?;
+                }
+            }
+            for (b, lsn) in &new_damaged {
+                if base.damaged.get(b) != Some(lsn) {
+                    t.insert((v.id, *b), *lsn)?;
+                }
+            }
+        }
         {
             let mut t = tx.open_table(OBJECTS)?;
             let mut dup = Vec::new();
@@ -362,6 +414,7 @@ impl PoolInner {
                 root: new_root,
                 created_unix: now_unix(),
                 locked_until_unix: None,
+                damaged: new_damaged.iter().map(|(b, l)| (*b, *l)).collect(),
             };
             tx.open_table(SNAPSHOTS)?
                 .insert(id, meta::to_json(&rec)?.as_slice())?;
@@ -370,6 +423,38 @@ impl PoolInner {
             None
         };
         tx.commit()?;
-        Ok((new_root, snap, zeroed))
+        if !new_damaged.is_empty() {
+            tracing::warn!(
+                damaged_blocks = new_damaged.len(),
+                "folded with damaged blocks: they stay recorded and read as medium errors"
+            );
+        }
+        Ok((new_root, new_damaged, snap, zeroed))
     }
+}
+
+/// What a fold builds on: the base index and the base's damaged blocks.
+#[derive(Clone, Copy)]
+struct Base<'a> {
+    root: Option<Digest>,
+    damaged: &'a BTreeMap<u64, u64>,
+}
+
+/// The base's damaged blocks after a fold of `frozen`: what the frozen overlay wrote over
+/// (blocks and zeroed chunks) is no longer damaged; what it marks damaged, and what the fold
+/// found damaged, is.
+fn damaged_after(
+    before: &BTreeMap<u64, u64>,
+    frozen: &Overlay,
+    chunk_blocks: u64,
+    found: Vec<(u64, u64)>,
+) -> BTreeMap<u64, u64> {
+    let mut out: BTreeMap<u64, u64> = before
+        .iter()
+        .filter(|(b, _)| !frozen.blocks.contains_key(b) && !frozen.chunk_zeroed(**b / chunk_blocks))
+        .map(|(b, l)| (*b, *l))
+        .collect();
+    out.extend(frozen.damaged());
+    out.extend(found);
+    out
 }

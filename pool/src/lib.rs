@@ -21,15 +21,17 @@ pub mod object;
 pub mod overlay;
 mod pool;
 mod refs;
+pub mod replay;
 mod shared;
 mod stats;
 pub mod types;
 mod volio;
 pub mod wal;
+pub mod walfmt;
 
 pub use config::{CreateOptions, DeviceSpec, OpenOptions};
 pub use error::{PoolError, Result};
 pub use pool::{Pool, SnapshotInfo, VolumeInfo};
-pub use stats::{DamagedObject, ImageStats, PoolStats, VerifyReport};
+pub use stats::{DamagedBlock, DamagedObject, ImageStats, PoolStats, VerifyReport};
 pub use types::{SnapshotId, Tier, VolumeId};
 pub use volio::{BlockDevice, ProvisioningRun, Volume};

@@ -109,32 +109,45 @@ pub struct SnapshotRec {
     pub root: Option<Digest>,
     pub created_unix: i64,
     pub locked_until_unix: Option<i64>,
+    /// Blocks whose data was already lost when the snapshot was sealed (block, LSN of the
+    /// damaged log batch): they read as medium errors in every clone of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegRec {
     pub extent: Extent,
     pub first_lsn: u64,
+    /// One past the last LSN of the segment, once it is closed: recorded when the log rolls to
+    /// the next segment, or at open for the segments of the previous run (then it is where
+    /// replay's chain ended). Replay reads no batch at or past it, and expects every LSN below
+    /// it: one missing at or below the durable LSN is damage, not a torn write.
+    pub end_lsn: Option<u64>,
 }
 
 impl SegRec {
-    pub fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        b[0] = 1;
+    pub fn encode(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[0] = 2;
         b[2..4].copy_from_slice(&self.extent.device.to_le_bytes());
         b[8..16].copy_from_slice(&self.extent.offset.to_le_bytes());
         b[16..24].copy_from_slice(&self.extent.len.to_le_bytes());
         b[24..32].copy_from_slice(&self.first_lsn.to_le_bytes());
+        b[32..40].copy_from_slice(&self.end_lsn.unwrap_or(0).to_le_bytes());
         b
     }
+    /// Decodes a record of version 2, or of version 1 (no end recorded).
     pub fn decode(b: &[u8]) -> Result<SegRec> {
-        if b.len() != 32 || b[0] != 1 {
+        let ok = matches!((b.len(), b.first()), (32, Some(1)) | (40, Some(2)));
+        if !ok {
             return Err(PoolError::corrupt(
                 "wal segment record",
                 "bad length or version",
             ));
         }
         let u64at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        let end = if b.len() == 40 { u64at(32) } else { 0 };
         Ok(SegRec {
             extent: Extent {
                 device: u16::from_le_bytes([b[2], b[3]]),
@@ -142,8 +155,37 @@ impl SegRec {
                 len: u64at(16),
             },
             first_lsn: u64at(24),
+            end_lsn: (end != 0).then_some(end),
         })
     }
+}
+
+/// Blocks whose data is known lost, per volume: (volume, block) -> LSN of the damaged batch.
+/// Kept for the volume's base (what folds sealed); damage still in the log is re-found by
+/// replay until a fold moves it here.
+pub const DAMAGED: TableDefinition<'_, (u64, u64), u64> = TableDefinition::new("damaged_blocks");
+/// Damage found in the write-ahead log, one JSON record per damaged batch (or run of batches
+/// whose headers were unreadable), by (segment, LSN): the pool's damage report.
+pub const LOG_DAMAGE: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("log_damage");
+
+/// A damaged WAL batch, as recorded in [`LOG_DAMAGE`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogDamageRec {
+    pub segment: u64,
+    /// First LSN of the damaged range, and one past its last.
+    pub lsn: u64,
+    pub end_lsn: u64,
+    pub device: u16,
+    pub offset: u64,
+    pub len: u64,
+    /// Blocks lost, as (volume, block); empty when the batch's header and footer were both
+    /// unreadable (`unattributed`).
+    pub blocks: Vec<(u64, u64)>,
+    pub unattributed: bool,
+    pub detected_unix: i64,
+    /// File under the pool directory holding a copy of the damaged bytes.
+    pub evidence: Option<String>,
+    pub detail: String,
 }
 
 pub fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -169,6 +211,8 @@ impl Meta {
             tx.open_table(SNAPSHOTS)?;
             tx.open_table(NAMES)?;
             tx.open_table(SEGMENTS)?;
+            tx.open_table(DAMAGED)?;
+            tx.open_table(LOG_DAMAGE)?;
             let mut c = tx.open_table(COUNTERS)?;
             c.insert("format_version", META_FORMAT_VERSION)?;
             c.insert("next_volume_id", 1)?;
@@ -245,6 +289,39 @@ impl Meta {
         for r in t.iter()? {
             let (k, v) = r?;
             out.push((k.value(), SegRec::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Damaged blocks of every volume's base, by volume.
+    pub fn damaged_blocks(&self) -> Result<std::collections::HashMap<u64, Vec<(u64, u64)>>> {
+        let tx = self.db.begin_read()?;
+        let mut out: std::collections::HashMap<u64, Vec<(u64, u64)>> = Default::default();
+        let t = match tx.open_table(DAMAGED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        for r in t.iter()? {
+            let (k, v) = r?;
+            let (vol, block) = k.value();
+            out.entry(vol).or_default().push((block, v.value()));
+        }
+        Ok(out)
+    }
+
+    /// The log damage recorded so far.
+    pub fn log_damage(&self) -> Result<Vec<LogDamageRec>> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(LOG_DAMAGE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for r in t.iter()? {
+            let (_, v) = r?;
+            out.push(from_json(v.value(), "log damage record")?);
         }
         Ok(out)
     }

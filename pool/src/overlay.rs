@@ -28,6 +28,10 @@ impl Loc {
 pub enum Slot {
     Data(Loc),
     Zero,
+    /// The block's latest write is known to be lost: a durable log batch holding it failed its
+    /// checksum (replay) or a fold found its log copy damaged. Reads fail with a medium error
+    /// until the block is written again. The LSN is that of the damaged batch.
+    Damaged(u64),
 }
 
 /// Result of looking a block up in an overlay.
@@ -35,6 +39,8 @@ pub enum Slot {
 pub enum Lookup {
     Data(Loc),
     Zero,
+    /// Damaged in the batch with this LSN (see [`Slot::Damaged`]).
+    Damaged(u64),
     /// Not in this overlay: look below.
     Below,
 }
@@ -62,6 +68,7 @@ impl Overlay {
         match self.blocks.get(&block) {
             Some(Slot::Data(l)) => Lookup::Data(*l),
             Some(Slot::Zero) => Lookup::Zero,
+            Some(Slot::Damaged(lsn)) => Lookup::Damaged(*lsn),
             None if self.chunk_zeroed(block / chunk_blocks) => Lookup::Zero,
             None => Lookup::Below,
         }
@@ -144,6 +151,7 @@ impl Overlay {
                 match slot {
                     Slot::Data(l) => Lookup::Data(*l),
                     Slot::Zero => Lookup::Zero,
+                    Slot::Damaged(lsn) => Lookup::Damaged(*lsn),
                 },
             );
         }
@@ -169,7 +177,25 @@ impl Overlay {
     pub fn data_locs(&self) -> impl Iterator<Item = Loc> + '_ {
         self.blocks.values().filter_map(|s| match s {
             Slot::Data(l) => Some(*l),
-            Slot::Zero => None,
+            Slot::Zero | Slot::Damaged(_) => None,
+        })
+    }
+
+    /// Marks blocks [block, block+n) damaged in the batch `lsn` (their log copy failed its
+    /// checksum). Log locations no longer pointed at go to `released`.
+    pub fn set_damaged(&mut self, block: u64, n: u64, lsn: u64, released: &mut Vec<Loc>) {
+        for b in block..block + n {
+            if let Some(Slot::Data(old)) = self.blocks.insert(b, Slot::Damaged(lsn)) {
+                released.push(old);
+            }
+        }
+    }
+
+    /// Blocks marked damaged here, with the LSN of the batch that lost them.
+    pub fn damaged(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.blocks.iter().filter_map(|(b, s)| match s {
+            Slot::Damaged(lsn) => Some((*b, *lsn)),
+            _ => None,
         })
     }
 

@@ -1,7 +1,7 @@
 //! The pool: lifecycle (create, open, close), volumes and snapshots, and the background
 //! maintenance thread. Block I/O lives in `volio`, sealing in `fold`, accounting in `stats`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +19,10 @@ use crate::config::{
 use crate::device::Device;
 use crate::error::{PoolError, Result};
 use crate::index::Geometry;
-use crate::meta::{self, Meta, NAMES, SEGMENTS, SNAPSHOTS, SnapshotRec, VOLUMES, VolumeRec};
+use crate::meta::{
+    self, COUNTERS, LOG_DAMAGE, LogDamageRec, Meta, NAMES, SEGMENTS, SNAPSHOTS, SegRec,
+    SnapshotRec, VOLUMES, VolumeRec,
+};
 use crate::object::Keys;
 use crate::overlay::Overlay;
 use crate::refs::{self, RefDelta};
@@ -70,6 +73,9 @@ pub(crate) struct VolOverlay {
     pub active: Overlay,
     pub frozen: Option<Arc<Overlay>>,
     pub base_root: Option<Digest>,
+    /// Blocks of the base whose data is known lost (block -> LSN of the batch that lost it):
+    /// a fold sealed a placeholder for them. Below the overlays, above the base index.
+    pub base_damaged: BTreeMap<u64, u64>,
     pub size: u64,
     pub deleted: bool,
 }
@@ -98,6 +104,7 @@ impl VolumeState {
                 active: Overlay::default(),
                 frozen: None,
                 base_root: r.base_root,
+                base_damaged: BTreeMap::new(),
                 size: r.size,
                 deleted: false,
             }),
@@ -286,6 +293,8 @@ impl Pool {
             pending_free: Mutex::new(Vec::new()),
             dead: Mutex::new(dead),
             chunk_cache_disabled: opts.cache_bytes == 0,
+            log_sums: RwLock::new(BTreeMap::new()),
+            retired_log_sums: Mutex::new(Vec::new()),
         });
         let geo = Geometry {
             chunk_size: sb.chunk_size,
@@ -295,28 +304,48 @@ impl Pool {
         for r in shared.meta.volumes()? {
             volumes.insert(r.id, Arc::new(VolumeState::from_rec(&r)));
         }
+        for (vol, blocks) in shared.meta.damaged_blocks()? {
+            if let Some(v) = volumes.get(&vol) {
+                v.ov.write().base_damaged.extend(blocks);
+            }
+        }
         // What replay overwrites needs no accounting: the live counts are taken afterwards.
         let mut released = Vec::new();
-        let mut replayed = Wal::replay(&shared, &segs, |e, lsn, loc| {
-            let Some(v) = volumes.get(&e.vol) else { return };
-            if lsn <= v.folded_lsn.load(Ordering::Relaxed) {
-                return;
-            }
-            let mut ov = v.ov.write();
-            match (e.kind, loc) {
-                (EntryKind::Data, Some(l)) => {
-                    ov.active
-                        .set_data(e.block, e.nblocks as u64, l, &mut released)
+        let recorded_durable = shared.meta.counter(DURABLE_LSN_COUNTER)?;
+        let mut applied_damage: HashSet<(u64, u64)> = HashSet::new();
+        let mut replayed =
+            crate::replay::replay(&shared, &segs, recorded_durable, |e, lsn, loc, bad| {
+                let Some(v) = volumes.get(&e.vol) else { return };
+                if lsn <= v.folded_lsn.load(Ordering::Relaxed) {
+                    return;
                 }
-                _ => ov
-                    .active
-                    .set_zero(e.block, e.nblocks as u64, chunk_blocks, &mut released),
-            }
-            released.clear();
-        })?;
+                let mut ov = v.ov.write();
+                match (e.kind, loc) {
+                    (EntryKind::Data, Some(l)) => {
+                        ov.active
+                            .set_data(e.block, e.nblocks as u64, l, &mut released);
+                        for &i in bad {
+                            ov.active.set_damaged(e.block + i, 1, lsn, &mut released);
+                            applied_damage.insert((e.vol, e.block + i));
+                        }
+                    }
+                    _ => ov
+                        .active
+                        .set_zero(e.block, e.nblocks as u64, chunk_blocks, &mut released),
+                }
+                released.clear();
+            })?;
         for v in volumes.values() {
             replayed.count_live(v.ov.read().active.data_locs());
         }
+        // Everything replay read is made durable before the log claims it is (the next batch
+        // headers say so).
+        shared.sync_all()?;
+        replayed.durable_lsn = replayed
+            .durable_lsn
+            .max(replayed.next_lsn.saturating_sub(1));
+        record_replay(dir, &shared, &mut replayed, &applied_damage)?;
+        let recorded_durable = replayed.durable_lsn;
         let dirty: usize = volumes
             .values()
             .map(|v| v.ov.read().active.blocks.len())
@@ -370,6 +399,12 @@ impl Pool {
             .spawn(move || w.run_flusher())
             .map_err(|e| PoolError::io("spawn WAL flusher", e))?;
         inner.threads.lock().push(flusher);
+        let (w, sh) = (inner.wal.clone(), inner.shared.clone());
+        let recorder = std::thread::Builder::new()
+            .name("maas-wal-durable".into())
+            .spawn(move || record_durable_loop(&w, &sh, recorded_durable))
+            .map_err(|e| PoolError::io("spawn WAL durable-LSN recorder", e))?;
+        inner.threads.lock().push(recorder);
         inner.gc_log()?;
         if inner.opts.background {
             let weak = Arc::downgrade(&inner);
@@ -480,6 +515,27 @@ impl Pool {
         self.inner.close()
     }
 
+    /// Stops the pool as a SIGKILL would, for crash tests: writes still in the write buffer are
+    /// lost, nothing is flushed, synced or recorded; what was already written stays where the
+    /// kernel has it. The pool can then be opened again (its replay is what is tested).
+    #[doc(hidden)]
+    pub fn kill(self) {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        inner.wal.abandon();
+        {
+            let (m, c) = &inner.bg_wake;
+            *m.lock() = true;
+            c.notify_all();
+        }
+        let threads: Vec<JoinHandle<()>> = inner.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
     // ---- volumes ----
 
     pub fn create_volume(&self, name: &str, size: u64, block_size: u32) -> Result<VolumeInfo> {
@@ -491,7 +547,8 @@ impl Pool {
             )));
         }
         self.inner.validate_size(size)?;
-        self.inner.new_volume(name, size, block_size, None, None)
+        self.inner
+            .new_volume(name, size, block_size, None, None, &[])
     }
 
     pub fn volumes(&self) -> Vec<VolumeInfo> {
@@ -593,6 +650,13 @@ impl Pool {
             let tx = self.inner.shared.meta.db.begin_write()?;
             tx.open_table(VOLUMES)?.remove(id.0)?;
             tx.open_table(NAMES)?.remove(v.name.read().as_str())?;
+            {
+                let mut t = tx.open_table(meta::DAMAGED)?;
+                let blocks: Vec<u64> = v.ov.read().base_damaged.keys().copied().collect();
+                for b in blocks {
+                    t.remove((id.0, b))?;
+                }
+            }
             let mut delta = RefDelta::default();
             if let Some(r) = base {
                 delta.add(r, -1);
@@ -740,8 +804,14 @@ impl Pool {
         self.inner.check_open()?;
         validate_name(name)?;
         let rec = self.inner.snapshot_rec(id)?;
-        self.inner
-            .new_volume(name, rec.size, rec.block_size, rec.root, Some(id.0))
+        self.inner.new_volume(
+            name,
+            rec.size,
+            rec.block_size,
+            rec.root,
+            Some(id.0),
+            &rec.damaged,
+        )
     }
 
     /// Reclaims space now (normally done in the background).
@@ -867,6 +937,7 @@ impl PoolInner {
         block_size: u32,
         base_root: Option<Digest>,
         origin: Option<u64>,
+        damaged: &[(u64, u64)],
     ) -> Result<VolumeInfo> {
         let _a = self.admin.lock();
         // Pin so the base root cannot be swept between reading the snapshot and referencing it.
@@ -895,8 +966,16 @@ impl PoolInner {
             delta.add(r, 1);
         }
         refs::apply(&self.shared, &tx, delta)?;
+        {
+            // A clone inherits the blocks its snapshot had already lost.
+            let mut t = tx.open_table(meta::DAMAGED)?;
+            for (b, lsn) in damaged {
+                t.insert((id, *b), *lsn)?;
+            }
+        }
         tx.commit()?;
         let st = Arc::new(VolumeState::from_rec(&rec));
+        st.ov.write().base_damaged.extend(damaged.iter().copied());
         let info = st.info();
         self.volumes.write().insert(id, st);
         tracing::info!(volume = %info.id, name, size, origin = ?origin, "volume created");
@@ -946,6 +1025,11 @@ impl PoolInner {
             for (seq, _) in &dead {
                 t.remove(*seq)?;
             }
+            // Durable-LSN claims of the freed segments' headers go with them: keep the proof.
+            let mut c = tx.open_table(COUNTERS)?;
+            let synced = self.wal.synced_lsn();
+            let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
+            c.insert(DURABLE_LSN_COUNTER, cur.max(synced))?;
         }
         tx.commit()?;
         tracing::debug!(segments = dead.len(), "freed WAL segments");
@@ -961,6 +1045,12 @@ impl PoolInner {
             return Ok(());
         }
         let res = self.wal.flush();
+        if res.is_ok() {
+            // A clean stop: everything appended is durable; say so for the next replay.
+            if let Err(e) = record_durable(&self.shared, self.wal.synced_lsn()) {
+                tracing::warn!(error = %e, "could not record the WAL's durable LSN at close");
+            }
+        }
         self.wal.shutdown();
         {
             let (m, c) = &self.bg_wake;
@@ -1013,6 +1103,146 @@ impl PoolInner {
 /// Hashing and compressing (folds, seals) is background work: its threads run at the lowest
 /// scheduling priority, so front-end I/O never waits behind them for a CPU. They still get
 /// every idle cycle, and all of them when writers wait for the space a fold frees.
+/// The metadata store's record of the WAL's durable LSN (see [`crate::walfmt`]).
+pub(crate) const DURABLE_LSN_COUNTER: &str = "wal_durable_lsn";
+
+/// Records the durable LSN in the metadata store once the log is idle after a sync, so that
+/// replay knows the last flushed batches were durable even when no later batch header says so.
+fn record_durable_loop(wal: &Wal, shared: &Shared, mut recorded: u64) {
+    while let Some(durable) = wal.wait_durable_to_record(recorded) {
+        match record_durable(shared, durable) {
+            Ok(()) => recorded = durable,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the WAL's durable LSN; retrying");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Raises the metadata store's record of the WAL's durable LSN to `durable`.
+fn record_durable(shared: &Shared, durable: u64) -> Result<()> {
+    let tx = shared.meta.db.begin_write()?;
+    {
+        let mut c = tx.open_table(COUNTERS)?;
+        let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
+        if durable <= cur {
+            return Ok(());
+        }
+        c.insert(DURABLE_LSN_COUNTER, durable)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Persists what replay found: where each old segment's chain ends, the durable LSN, and the
+/// damage (a record per damaged batch, with a copy of its bytes under `evidence/`), then logs
+/// a summary an operator can act on. Damaged blocks of batches already folded are not lost
+/// (the fold read them before they rotted) and are dropped from the report.
+fn record_replay(
+    dir: &Path,
+    shared: &Shared,
+    replayed: &mut crate::wal::Replayed,
+    applied: &HashSet<(u64, u64)>,
+) -> Result<()> {
+    let now = now_unix();
+    let mut recs = Vec::new();
+    for d in &replayed.damage {
+        let blocks: Vec<(u64, u64)> = d
+            .blocks
+            .iter()
+            .copied()
+            .filter(|b| applied.contains(b))
+            .collect();
+        if !d.unattributed && blocks.is_empty() {
+            tracing::warn!(
+                segment = d.segment,
+                lsn = d.lsn,
+                "WAL replay: a damaged batch was already folded into chunks; nothing is lost"
+            );
+            continue;
+        }
+        let name = format!(
+            "evidence/wal-seg{}-lsn{}-{}.bin",
+            d.segment, d.lsn, d.end_lsn
+        );
+        let evidence = match write_evidence(&dir.join(&name), &d.evidence) {
+            Ok(()) => Some(name),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not keep a copy of damaged log bytes");
+                None
+            }
+        };
+        recs.push(LogDamageRec {
+            segment: d.segment,
+            lsn: d.lsn,
+            end_lsn: d.end_lsn,
+            device: d.device,
+            offset: d.offset,
+            len: d.len,
+            blocks,
+            unattributed: d.unattributed,
+            detected_unix: now,
+            evidence,
+            detail: d.detail.clone(),
+        });
+    }
+    let tx = shared.meta.db.begin_write()?;
+    {
+        let mut t = tx.open_table(SEGMENTS)?;
+        for (seq, end) in &replayed.ends {
+            if let Some(seg) = replayed.segments.iter().find(|s| s.seq == *seq) {
+                let rec = SegRec {
+                    end_lsn: Some(*end),
+                    ..seg.rec
+                };
+                t.insert(*seq, rec.encode().as_slice())?;
+            }
+        }
+        let mut c = tx.open_table(COUNTERS)?;
+        let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
+        c.insert(DURABLE_LSN_COUNTER, cur.max(replayed.durable_lsn))?;
+        let mut t = tx.open_table(LOG_DAMAGE)?;
+        for r in &recs {
+            t.insert((r.segment, r.lsn), meta::to_json(r)?.as_slice())?;
+        }
+    }
+    tx.commit()?;
+    for r in &recs {
+        tracing::error!(
+            segment = r.segment,
+            lsn = r.lsn,
+            blocks = r.blocks.len(),
+            unattributed = r.unattributed,
+            evidence = ?r.evidence,
+            detail = %r.detail,
+            "pool damage: acknowledged writes in the write-ahead log are lost; their blocks read \
+             as medium errors until rewritten, and `verify` lists them"
+        );
+    }
+    Ok(())
+}
+
+/// Writes a copy of damaged bytes, readable by the pool's owner only.
+fn write_evidence(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 fn lower_thread_priority() {
     // SAFETY: plain syscalls on the calling thread; setpriority with PRIO_PROCESS and a thread
     // id affects only that thread on Linux.

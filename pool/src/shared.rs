@@ -78,6 +78,12 @@ pub struct Shared {
     /// Objects whose reference count reached zero, to be swept when the pin is free.
     pub dead: Mutex<std::collections::HashSet<Digest>>,
     pub chunk_cache_disabled: bool,
+    /// Data-block CRCs of the WAL batches on their devices, by LSN: every read of a log block
+    /// from a device is checked against them.
+    pub log_sums: RwLock<std::collections::BTreeMap<u64, Arc<crate::wal::BatchSums>>>,
+    /// LSN ranges of freed log segments whose CRCs go once the pin is free (a reader that
+    /// resolved a block there before it was overwritten may still be reading it).
+    pub retired_log_sums: Mutex<Vec<std::ops::RangeInclusive<u64>>>,
 }
 
 impl Shared {
@@ -224,6 +230,16 @@ impl Shared {
             tx.commit()?;
             tracing::debug!(objects = freed.len(), "swept unreferenced objects");
             self.pending_free.lock().extend(freed);
+        }
+        let retired: Vec<_> = self.retired_log_sums.lock().drain(..).collect();
+        if !retired.is_empty() {
+            let mut sums = self.log_sums.write();
+            for r in retired {
+                let doomed: Vec<u64> = sums.range(r).map(|(l, _)| *l).collect();
+                for l in doomed {
+                    sums.remove(&l);
+                }
+            }
         }
         let mut pend = self.pending_free.lock();
         let mut a = self.alloc.lock();

@@ -137,6 +137,8 @@ enum Src {
     Zero,
     Wal(Loc),
     Chunk(u64),
+    /// Known lost in the batch with this LSN: reads fail.
+    Damaged(u64),
 }
 
 /// Provisioning of a run of blocks while the overlay lock is held: the base index is looked up
@@ -206,6 +208,9 @@ impl Volume {
     fn resolve(&self, ov: &VolOverlay, first: u64, n: u64) -> Vec<Src> {
         let cb = self.chunk_blocks();
         let mut srcs: Vec<Src> = (first..first + n).map(|b| Src::Chunk(b / cb)).collect();
+        for (&b, &lsn) in ov.base_damaged.range(first..first + n) {
+            srcs[(b - first) as usize] = Src::Damaged(lsn);
+        }
         for layer in [ov.frozen.as_deref(), Some(&ov.active)]
             .into_iter()
             .flatten()
@@ -213,7 +218,8 @@ impl Volume {
             layer.for_each_in(first, n, cb, |b, l| {
                 srcs[(b - first) as usize] = match l {
                     Lookup::Data(loc) => Src::Wal(loc),
-                    _ => Src::Zero,
+                    Lookup::Damaged(lsn) => Src::Damaged(lsn),
+                    Lookup::Zero | Lookup::Below => Src::Zero,
                 }
             });
         }
@@ -254,6 +260,16 @@ impl Volume {
             match srcs[i] {
                 Src::Zero => out[i * 4096..j * 4096].fill(0),
                 Src::Chunk(_) => {}
+                Src::Damaged(lsn) => {
+                    return Err(PoolError::Checksum {
+                        what: format!(
+                            "{} block {} (its data was lost in damaged log batch {lsn}; \
+                             rewrite it or restore it from a snapshot)",
+                            self.id(),
+                            first + i as u64
+                        ),
+                    });
+                }
                 Src::Wal(loc) => {
                     // Blocks stored one after another in one batch are copied (or read) at once.
                     while let Some(Src::Wal(next)) = srcs.get(j)
@@ -286,26 +302,15 @@ impl Volume {
             i = j;
         }
         if !dev_reads.is_empty() {
-            if (out.as_ptr() as usize) % io::ALIGN == 0 {
-                read_device_runs(shared, &dev_reads, out)?;
-            } else {
-                // O_DIRECT needs aligned memory: read into bounce buffers, then copy.
-                let mut bounce: Vec<AlignedBuf> = dev_reads
-                    .iter()
-                    .map(|&(_, _, _, cnt)| AlignedBuf::zeroed(cnt * 4096))
-                    .collect();
-                let mut ops = Vec::with_capacity(dev_reads.len());
-                for (&(d, off, _, _), buf) in dev_reads.iter().zip(bounce.iter_mut()) {
-                    ops.push(Op::Read {
-                        file: shared.device(d)?.file(),
-                        offset: off,
-                        buf: &mut buf[..],
-                    });
-                }
-                io::run_batch(&mut ops).map_err(|e| PoolError::io("read of write-ahead log", e))?;
-                drop(ops);
-                for (&(_, _, idx, cnt), buf) in dev_reads.iter().zip(&bounce) {
-                    out[idx * 4096..(idx + cnt) * 4096].copy_from_slice(buf);
+            self.read_log_runs(&dev_reads, out)?;
+            // Every block read from the log's device is checked against its batch's CRC.
+            for &(_, _, idx, cnt) in &dev_reads {
+                for k in idx..idx + cnt {
+                    if let Src::Wal(loc) = srcs[k] {
+                        self.pool
+                            .wal
+                            .check_read(&loc, &out[k * 4096..(k + 1) * 4096])?;
+                    }
                 }
             }
         }
@@ -345,6 +350,35 @@ impl Volume {
             i = j;
         }
         Ok(true)
+    }
+
+    /// Reads coalesced log runs (device, offset, first block in `out`, blocks) into `out`,
+    /// through aligned bounce buffers when `out` is not aligned (O_DIRECT needs it).
+    fn read_log_runs(&self, dev_reads: &[(u16, u64, usize, usize)], out: &mut [u8]) -> Result<()> {
+        let shared = &self.pool.shared;
+        if (out.as_ptr() as usize) % io::ALIGN == 0 {
+            read_device_runs(shared, dev_reads, out)?;
+        } else {
+            // O_DIRECT needs aligned memory: read into bounce buffers, then copy.
+            let mut bounce: Vec<AlignedBuf> = dev_reads
+                .iter()
+                .map(|&(_, _, _, cnt)| AlignedBuf::zeroed(cnt * 4096))
+                .collect();
+            let mut ops = Vec::with_capacity(dev_reads.len());
+            for (&(d, off, _, _), buf) in dev_reads.iter().zip(bounce.iter_mut()) {
+                ops.push(Op::Read {
+                    file: shared.device(d)?.file(),
+                    offset: off,
+                    buf: &mut buf[..],
+                });
+            }
+            io::run_batch(&mut ops).map_err(|e| PoolError::io("read of write-ahead log", e))?;
+            drop(ops);
+            for (&(_, _, idx, cnt), buf) in dev_reads.iter().zip(&bounce) {
+                out[idx * 4096..(idx + cnt) * 4096].copy_from_slice(buf);
+            }
+        }
+        Ok(())
     }
 
     /// Zeroes whole 4 KiB blocks [first, first+n) (stored as nothing).
@@ -492,7 +526,7 @@ impl Volume {
                         l = f.lookup(x, cb);
                     }
                     let p = match l {
-                        Lookup::Data(_) => Prov::Mapped,
+                        Lookup::Data(_) | Lookup::Damaged(_) => Prov::Mapped,
                         Lookup::Zero => Prov::Unmapped,
                         Lookup::Below => Prov::Base(c),
                     };

@@ -3,22 +3,14 @@
 //! every flush waiting at that moment).
 //!
 //! The log is a chain of segments (extents allocated on the fastest durable tier, listed in the
-//! metadata store). A segment holds batches:
-//! ```text
-//! header block (4 KiB):
-//!   0 magic "MAASWAL\0" | 8 version u16 | 10 0 u16 | 12 entry count u32 | 16 segment seq u64
-//!   24 batch LSN u64 | 32 data blocks u32 | 36..60 0 | 60 CRC32C of the header block (field = 0)
-//!   64 + 32*i: entry { volume u64 | first block u64 | block count u32 | kind u8 (1 data, 2 zero)
-//!                      | 0 [3] | CRC32C of the entry's data u32 | 0 u32 }
-//! data blocks, entry after entry
-//! ```
-//! Replay walks each segment from its start while batches carry the segment's sequence number
-//! and consecutive LSNs starting at the segment's recorded first LSN, and every data CRC
-//! matches. A batch is applied whole or not at all: its header CRC and every entry's data CRC
-//! are checked before any of its entries is applied. A torn batch ends its segment's chain (it
-//! was never covered by a completed flush). An append is normally split across batches when the
-//! open one fills up; [`Wal::append_atomic`] never splits, which together with the whole-batch
-//! replay makes an atomic write all-or-nothing across a crash.
+//! metadata store). A segment holds batches: a header block, data blocks and a footer block
+//! (format in [`crate::walfmt`]: every data block has its own CRC, and every header the durable
+//! LSN when it was written). Replay ([`crate::replay`]) applies a batch whole or not at all; an
+//! append is normally split across batches when the open one fills up, but
+//! [`Wal::append_atomic`] never splits, which makes an atomic write all-or-nothing across a
+//! crash. A batch that fails its checks is discarded as torn only if it can have been in flight
+//! at the crash (above the durable LSN); a durable one is damage: its blocks read as medium
+//! errors and the damage is recorded, never silently rolled back.
 //! After an open, appends always go to a fresh segment, so the bytes replay reads in older
 //! segments never change again and replay is deterministic.
 //!
@@ -45,10 +37,11 @@ use crate::overlay::Loc;
 use crate::shared::Shared;
 use crate::types::{BLOCK, Extent};
 
-pub const WAL_MAGIC: &[u8; 8] = b"MAASWAL\0";
-pub const WAL_FORMAT_VERSION: u16 = 1;
-pub const MAX_ENTRIES: usize = (4096 - 64) / 32;
-pub const MAX_BATCH_DATA: usize = 2 << 20;
+use crate::walfmt::{self, BatchHeader};
+pub use crate::walfmt::{
+    Entry, EntryKind, MAX_BATCH_DATA, WAL_FORMAT_VERSION, WAL_MAGIC, batch_len, fits,
+};
+
 /// How long a non-blocking call waits for a lock another thread holds for a moment (the
 /// flusher taking batches, another append) before it declines.
 pub const NOWAIT_LOCK_WAIT: Duration = Duration::from_micros(50);
@@ -58,20 +51,31 @@ const BATCH_BUF_LEN: usize = 4096 + MAX_BATCH_DATA;
 const MAX_SPARE_BUFFERS: usize = 8;
 /// Appenders wait when this much more than the write buffer is in memory but not yet written.
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+/// How long the log stays idle after a sync before the flusher writes an anchor batch that
+/// records the new durable LSN (so the last flushed batches are known durable at replay).
+const ANCHOR_IDLE: Duration = Duration::from_millis(20);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryKind {
-    Data = 1,
-    Zero = 2,
+/// The CRCs of a written batch's data blocks, to check every read of them from the device.
+#[derive(Debug)]
+pub struct BatchSums {
+    pub device: u16,
+    /// Device offset of the first data block.
+    pub data_offset: u64,
+    pub crcs: Box<[u32]>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Entry {
-    pub vol: u64,
-    pub block: u64,
-    pub nblocks: u32,
-    pub kind: EntryKind,
-    pub data_crc: u32,
+impl BatchSums {
+    /// The stored CRC of the data block at device offset `offset`, if this batch holds it.
+    fn crc_at(&self, device: u16, offset: u64) -> Option<u32> {
+        if device != self.device {
+            return None;
+        }
+        let at = offset.checked_sub(self.data_offset)?;
+        if at % 4096 != 0 {
+            return None;
+        }
+        self.crcs.get(usize::try_from(at / 4096).ok()?).copied()
+    }
 }
 
 /// A batch in the write buffer: the open one, or a closed one not yet handed to its device.
@@ -128,21 +132,28 @@ impl Batch {
         }
     }
 
-    /// The header block, with the CRC of every data entry as the data is now.
-    fn header(&self) -> AlignedBuf {
-        let mut entries = self.entries.clone();
-        let mut off = 4096;
-        for e in entries.iter_mut() {
-            if e.kind == EntryKind::Data {
-                let len = e.nblocks as usize * 4096;
-                e.data_crc = crc32c::crc32c(&self.buf[off..off + len]);
-                off += len;
-            }
-        }
-        let data_blocks = ((self.buf.len() - 4096) / 4096) as u32;
-        let mut h = AlignedBuf::zeroed(4096);
-        encode_header(&mut h, self.seg_seq, self.lsn, &entries, data_blocks);
-        h
+    /// The header and footer blocks, from the data as it is now, claiming `durable_lsn`.
+    fn encode(&self, durable_lsn: u64) -> (AlignedBuf, AlignedBuf, Vec<u32>) {
+        let crcs: Vec<u32> = self.buf[4096..]
+            .chunks_exact(4096)
+            .map(crc32c::crc32c)
+            .collect();
+        let h = BatchHeader {
+            seg_seq: self.seg_seq,
+            lsn: self.lsn,
+            durable_lsn,
+            entries: self.entries.clone(),
+            crcs,
+        };
+        let mut head = AlignedBuf::zeroed(4096);
+        walfmt::encode(&mut head, &h, false);
+        let mut foot = AlignedBuf::zeroed(4096);
+        walfmt::encode(&mut foot, &h, true);
+        (head, foot, h.crcs)
+    }
+
+    fn data_len(&self) -> usize {
+        self.buf.len() - 4096
     }
 }
 
@@ -159,8 +170,11 @@ pub struct Segment {
     pub live: u64,
     /// LSN of the latest append that overwrote a block of this segment.
     pub clean_after: u64,
-    /// The count went wrong (released more than it held): never cleaned, only folded away.
+    /// The count went wrong (released more than it held), or the segment holds damage: never
+    /// cleaned, only folded away (a fold records the damage in the volume's base first).
     pub suspect: bool,
+    /// Highest LSN of a batch placed in it (0: none yet).
+    pub last_lsn: u64,
 }
 
 impl Segment {
@@ -184,6 +198,7 @@ impl Segment {
             live: 0,
             clean_after: 0,
             suspect: false,
+            last_lsn: 0,
         }
     }
 }
@@ -216,6 +231,12 @@ struct LogState {
     dirty_devices: HashSet<u16>,
     failed: Option<String>,
     shutdown: bool,
+    /// Stopped as by a crash: the flusher writes nothing more (see [`Wal::abandon`]).
+    abandoned: bool,
+    /// Highest LSN of a written batch with entries (anchors have none).
+    last_data: u64,
+    /// When the last sync completed.
+    last_sync: Option<Instant>,
 }
 
 /// Written batches kept in memory: the RAM tier's log cache. Reads of recently written blocks
@@ -271,84 +292,21 @@ pub struct Piece {
     pub loc: Option<Loc>,
 }
 
-fn encode_header(b: &mut [u8], seg_seq: u64, lsn: u64, entries: &[Entry], data_blocks: u32) {
-    b[..4096].fill(0);
-    b[0..8].copy_from_slice(WAL_MAGIC);
-    b[8..10].copy_from_slice(&WAL_FORMAT_VERSION.to_le_bytes());
-    b[12..16].copy_from_slice(&(entries.len() as u32).to_le_bytes());
-    b[16..24].copy_from_slice(&seg_seq.to_le_bytes());
-    b[24..32].copy_from_slice(&lsn.to_le_bytes());
-    b[32..36].copy_from_slice(&data_blocks.to_le_bytes());
-    for (i, e) in entries.iter().enumerate() {
-        let o = 64 + 32 * i;
-        b[o..o + 8].copy_from_slice(&e.vol.to_le_bytes());
-        b[o + 8..o + 16].copy_from_slice(&e.block.to_le_bytes());
-        b[o + 16..o + 20].copy_from_slice(&e.nblocks.to_le_bytes());
-        b[o + 20] = e.kind as u8;
-        b[o + 24..o + 28].copy_from_slice(&e.data_crc.to_le_bytes());
-    }
-    let crc = crc32c::crc32c(&b[..4096]);
-    b[60..64].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// A parsed batch header; `None` when the block is not a valid header for (seg_seq, lsn).
-pub fn parse_header(b: &[u8], seg_seq: u64, lsn: u64) -> Option<(Vec<Entry>, u32)> {
-    if b.len() < 4096 || &b[0..8] != WAL_MAGIC {
-        return None;
-    }
-    let mut copy = [0u8; 4096];
-    copy.copy_from_slice(&b[..4096]);
-    let stored = u32::from_le_bytes([b[60], b[61], b[62], b[63]]);
-    copy[60..64].fill(0);
-    if crc32c::crc32c(&copy) != stored {
-        return None;
-    }
-    let u64at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
-    let u32at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
-    if u16::from_le_bytes([b[8], b[9]]) != WAL_FORMAT_VERSION
-        || u64at(16) != seg_seq
-        || u64at(24) != lsn
-    {
-        return None;
-    }
-    let count = u32at(12) as usize;
-    if count > MAX_ENTRIES {
-        return None;
-    }
-    let data_blocks = u32at(32);
-    let mut entries = Vec::with_capacity(count);
-    let mut sum = 0u64;
-    for i in 0..count {
-        let o = 64 + 32 * i;
-        let kind = match b[o + 20] {
-            1 => EntryKind::Data,
-            2 => EntryKind::Zero,
-            _ => return None,
-        };
-        let e = Entry {
-            vol: u64at(o),
-            block: u64at(o + 8),
-            nblocks: u32at(o + 16),
-            kind,
-            data_crc: u32at(o + 24),
-        };
-        if kind == EntryKind::Data {
-            sum += e.nblocks as u64;
-        }
-        entries.push(e);
-    }
-    if sum != data_blocks as u64 || (data_blocks as usize) * 4096 > MAX_BATCH_DATA {
-        return None;
-    }
-    Some((entries, data_blocks))
-}
-
 /// What replay found.
 #[derive(Debug)]
 pub struct Replayed {
     pub next_lsn: u64,
     pub segments: Vec<Segment>,
     pub batches: u64,
+    /// Data-block CRCs of every replayed batch, by LSN.
+    pub sums: BTreeMap<u64, Arc<BatchSums>>,
+    /// Highest LSN known durable.
+    pub durable_lsn: u64,
+    /// Damage found (durable batches that failed their checks).
+    pub damage: Vec<crate::replay::FoundDamage>,
+    /// Segments of earlier runs whose end was not recorded or where replay's chain ended
+    /// early: (seq, end LSN) to record, so later replays read exactly the same batches.
+    pub ends: Vec<(u64, u64)>,
 }
 
 impl Replayed {
@@ -366,6 +324,11 @@ impl Replayed {
             }
         }
     }
+}
+
+/// Whether a piece of `kind` for blocks from `block` of volume `vol` continues entry `last`.
+fn extends(last: &Entry, vol: u64, kind: EntryKind, block: u64) -> bool {
+    last.vol == vol && last.kind == kind && last.block + last.nblocks as u64 == block
 }
 
 impl LogState {
@@ -446,12 +409,18 @@ impl LogState {
 }
 
 impl Wal {
-    pub fn new(shared: Arc<Shared>, opts: WalOptions, replayed: Replayed) -> Wal {
+    pub fn new(shared: Arc<Shared>, opts: WalOptions, mut replayed: Replayed) -> Wal {
+        shared
+            .log_sums
+            .write()
+            .extend(std::mem::take(&mut replayed.sums));
         let last = replayed.next_lsn.saturating_sub(1);
         let segment_bytes = replayed.segments.iter().map(|s| s.rec.extent.len).sum();
+        // Pool::open syncs every device after replay: what replay read is durable.
         let mut st = LogState {
             next_lsn: replayed.next_lsn,
             sync_target: last,
+            last_data: last,
             ..Default::default()
         };
         for s in replayed.segments {
@@ -474,87 +443,31 @@ impl Wal {
         }
     }
 
-    /// Walks the log and calls `apply(entry, batch_lsn, first_block_location)` for every entry of
-    /// every valid batch, in LSN order.
-    pub fn replay(
-        shared: &Shared,
-        segs: &[(u64, SegRec)],
-        mut apply: impl FnMut(&Entry, u64, Option<Loc>),
-    ) -> Result<Replayed> {
-        let mut next_lsn = 1;
-        let mut out = Vec::new();
-        let mut batches = 0;
-        for &(seq, rec) in segs {
-            next_lsn = next_lsn.max(rec.first_lsn);
-            let dev = shared.device(rec.extent.device)?;
-            let mut buf = AlignedBuf::zeroed(rec.extent.len as usize);
-            io::run_batch(&mut [Op::Read {
-                file: dev.file(),
-                offset: rec.extent.offset,
-                buf: &mut buf,
-            }])
-            .map_err(|e| dev.io_err(e))?;
-            let mut seg = Segment::new(seq, rec);
-            let mut pos = 0usize;
-            let mut lsn = rec.first_lsn;
-            while pos + 4096 <= buf.len() {
-                let Some((entries, data_blocks)) = parse_header(&buf[pos..], seq, lsn) else {
-                    break;
-                };
-                let data_start = pos + 4096;
-                let data_end = data_start + data_blocks as usize * 4096;
-                if data_end > buf.len() {
-                    break;
-                }
-                let mut off = data_start;
-                let mut ok = true;
-                for e in &entries {
-                    if e.kind == EntryKind::Data {
-                        let len = e.nblocks as usize * 4096;
-                        if crc32c::crc32c(&buf[off..off + len]) != e.data_crc {
-                            ok = false;
-                            break;
+    /// Checks blocks read from the device at `loc` (a run of consecutive blocks of one batch)
+    /// against their CRCs; names the first block that fails. A block whose CRC is unknown
+    /// fails too: nothing from the log is returned unchecked.
+    pub fn check_read(&self, loc: &Loc, data: &[u8]) -> Result<()> {
+        let sums = self.shared.log_sums.read();
+        let batch = sums.get(&loc.lsn);
+        for (i, block) in data.chunks(4096).enumerate() {
+            let offset = loc.offset + i as u64 * 4096;
+            let want = batch.and_then(|b| b.crc_at(loc.device, offset));
+            if want != Some(crc32c::crc32c(block)) {
+                return Err(PoolError::Checksum {
+                    what: format!(
+                        "write-ahead log block (batch LSN {}, device {}, offset {offset}){}",
+                        loc.lsn,
+                        loc.device,
+                        if want.is_none() {
+                            ": no checksum known"
+                        } else {
+                            ""
                         }
-                        off += len;
-                    }
-                }
-                if !ok {
-                    tracing::info!(
-                        segment = seq,
-                        lsn,
-                        "WAL replay: torn batch ends this segment (never flushed)"
-                    );
-                    break;
-                }
-                let mut off = data_start as u64;
-                for e in &entries {
-                    let loc = (e.kind == EntryKind::Data).then(|| Loc {
-                        lsn,
-                        device: rec.extent.device,
-                        offset: rec.extent.offset + off,
-                    });
-                    if e.kind == EntryKind::Data {
-                        off += e.nblocks as u64 * 4096;
-                    }
-                    let m = seg.vols.entry(e.vol).or_insert(0);
-                    *m = (*m).max(lsn);
-                    if e.kind == EntryKind::Zero {
-                        seg.live += 1;
-                    }
-                    apply(e, lsn, loc);
-                }
-                batches += 1;
-                pos = data_end;
-                lsn += 1;
-                next_lsn = next_lsn.max(lsn);
+                    ),
+                });
             }
-            out.push(seg);
         }
-        Ok(Replayed {
-            next_lsn,
-            segments: out,
-            batches,
-        })
+        Ok(())
     }
 
     fn check_failed(st: &LogState) -> Result<()> {
@@ -593,7 +506,10 @@ impl Wal {
             return;
         }
         if let Some(cur) = st.cur.as_mut() {
-            cur.pos = ob.offset - cur.extent.offset + 4096 + ob.data_len as u64;
+            cur.pos = ob.offset - cur.extent.offset + walfmt::batch_len(ob.data_len / 4096) as u64;
+        }
+        if let Some(seg) = st.segments.get_mut(&ob.seg_seq) {
+            seg.last_lsn = seg.last_lsn.max(ob.lsn);
         }
         let mut ob = ob;
         let used = 4096 + ob.data_len;
@@ -673,12 +589,32 @@ impl Wal {
         let rec = SegRec {
             extent,
             first_lsn: st.next_lsn,
+            end_lsn: None,
         };
+        // The segment being left ends here: replay then expects every LSN below this in it.
+        let closing = st
+            .cur
+            .as_ref()
+            .and_then(|c| st.segments.get(&c.seq))
+            .map(|seg| {
+                (
+                    seg.seq,
+                    SegRec {
+                        end_lsn: Some(st.next_lsn),
+                        ..seg.rec
+                    },
+                )
+            });
         let res = (|| -> Result<u64> {
             let tx = self.shared.meta.db.begin_write()?;
             let seq = meta::bump(&tx, "next_segment_seq")?;
-            tx.open_table(SEGMENTS)?
-                .insert(seq, rec.encode().as_slice())?;
+            {
+                let mut t = tx.open_table(SEGMENTS)?;
+                t.insert(seq, rec.encode().as_slice())?;
+                if let Some((old, old_rec)) = &closing {
+                    t.insert(*old, old_rec.encode().as_slice())?;
+                }
+            }
             tx.commit()?;
             Ok(seq)
         })();
@@ -696,6 +632,11 @@ impl Wal {
             "WAL: new segment"
         );
         self.segment_bytes.fetch_add(extent.len, Ordering::SeqCst);
+        if let Some((old, old_rec)) = closing
+            && let Some(seg) = st.segments.get_mut(&old)
+        {
+            seg.rec = old_rec;
+        }
         st.insert_segment(Segment::new(seq, rec));
         st.cur = Some(CurSeg {
             seq,
@@ -709,9 +650,12 @@ impl Wal {
     fn ensure_open(&self, st: &mut LogState, need_data: bool) -> Result<()> {
         loop {
             if let Some(ob) = &st.open {
-                let full_entries = ob.entries.len() >= MAX_ENTRIES;
-                let no_data_room = need_data && self.data_room(st) == 0;
-                if !full_entries && !no_data_room {
+                let full = if need_data {
+                    self.data_room(st, true) == 0
+                } else {
+                    !walfmt::room_for_entry(ob.entries.len(), ob.data_len / 4096)
+                };
+                if !full {
                     return Ok(());
                 }
                 self.close_open(st);
@@ -720,7 +664,7 @@ impl Wal {
             let fits = st
                 .cur
                 .as_ref()
-                .is_some_and(|c| c.pos + 2 * BLOCK <= c.extent.len);
+                .is_some_and(|c| c.pos + 3 * BLOCK <= c.extent.len);
             if !fits {
                 self.roll_segment(st)?;
             }
@@ -783,24 +727,19 @@ impl Wal {
     /// cannot, it is closed as it is and a new one is opened (in a new segment if the current
     /// one cannot hold a batch of `n` blocks): what is appended next lands in one batch.
     fn ensure_room(&self, st: &mut LogState, n: u64) -> Result<()> {
-        let has_room = st
-            .open
-            .as_ref()
-            .is_some_and(|ob| ob.entries.len() < MAX_ENTRIES)
-            && self.data_room(st) >= n;
-        if has_room {
+        if st.open.is_some() && self.data_room(st, true) >= n {
             return Ok(());
         }
         self.close_open(st);
         let fits = st
             .cur
             .as_ref()
-            .is_some_and(|c| c.pos + BLOCK + n * BLOCK <= c.extent.len);
+            .is_some_and(|c| c.pos + (n + 2) * BLOCK <= c.extent.len);
         if !fits {
             self.roll_segment(st)?;
         }
         self.open_batch(st);
-        if st.open.is_some() && self.data_room(st) >= n {
+        if st.open.is_some() && self.data_room(st, true) >= n {
             Ok(())
         } else {
             // Only reachable if the caller skipped the `max_atomic_bytes` check.
@@ -812,19 +751,22 @@ impl Wal {
     }
 
     /// The largest append [`Wal::append_atomic`] takes: one batch's data, and no more than an
-    /// empty segment holds after the batch header.
+    /// empty segment holds beside the batch's header and footer.
     pub fn max_atomic_bytes(&self) -> u64 {
-        let segment_data = self.segment_size.saturating_sub(BLOCK) / BLOCK * BLOCK;
+        let segment_data = self.segment_size.saturating_sub(2 * BLOCK) / BLOCK * BLOCK;
         (MAX_BATCH_DATA as u64).min(segment_data)
     }
 
-    /// Data blocks that still fit in the open batch (batch limit and segment end).
-    fn data_room(&self, st: &LogState) -> u64 {
+    /// Data blocks that still fit in the open batch, in its last entry or (`new_entry`) in a
+    /// new one: the batch's data limit, its header's room for entries and block CRCs, and the
+    /// segment's end (less the footer).
+    fn data_room(&self, st: &LogState, new_entry: bool) -> u64 {
         let (Some(ob), Some(cur)) = (&st.open, &st.cur) else {
             return 0;
         };
-        let batch_room = (MAX_BATCH_DATA - ob.data_len) as u64 / BLOCK;
-        let used = ob.offset - cur.extent.offset + 4096 + ob.data_len as u64;
+        let new_entry = new_entry || ob.entries.is_empty();
+        let batch_room = walfmt::room(ob.entries.len(), ob.data_len / 4096, new_entry) as u64;
+        let used = ob.offset - cur.extent.offset + 4096 + ob.data_len as u64 + BLOCK;
         let seg_room = cur.extent.len.saturating_sub(used) / BLOCK;
         batch_room.min(seg_room)
     }
@@ -935,14 +877,19 @@ impl Wal {
         let Some(cur) = st.cur.as_ref() else {
             return Ok(false);
         };
-        // End of what is used in the segment, counting the open batch as it is.
+        // End of what is used in the segment, counting the open batch as it is (with its footer).
         let used = match &st.open {
-            Some(ob) => ob.offset - cur.extent.offset + 4096 + ob.data_len as u64,
+            Some(ob) => {
+                ob.offset - cur.extent.offset + walfmt::batch_len(ob.data_len / 4096) as u64
+            }
             None => cur.pos,
         };
         let len = data.len() as u64;
-        // Every batch the write may open needs a header block; one more for slack.
-        let headers = (len / MAX_BATCH_DATA as u64 + 2) * BLOCK;
+        // Every batch the write may open needs a header and a footer block: a batch holds
+        // `MAX_BATCH_DATA`, or fewer pieces when their entries fill its header first (each run
+        // replaced in place can split the write); two more for slack.
+        let batches = len / MAX_BATCH_DATA as u64 + current.len() as u64 / 64 + 2;
+        let headers = batches * 2 * BLOCK;
         if used + len + headers > cur.extent.len {
             return Ok(false);
         }
@@ -962,19 +909,25 @@ impl Wal {
         let mut done = 0u64;
         while done < nblocks {
             self.ensure_open(st, data.is_some())?;
+            let kind = if data.is_some() {
+                EntryKind::Data
+            } else {
+                EntryKind::Zero
+            };
+            let b = block + done;
             let room = if data.is_some() {
-                self.data_room(st)
+                let extends = st
+                    .open
+                    .as_ref()
+                    .and_then(|ob| ob.entries.last())
+                    .is_some_and(|last| extends(last, vol, kind, b));
+                self.data_room(st, !extends)
             } else {
                 u32::MAX as u64
             };
             let n = (nblocks - done).min(room).min(u32::MAX as u64);
             let Some(ob) = st.open.as_mut() else { continue };
             let lsn = ob.lsn;
-            let kind = if data.is_some() {
-                EntryKind::Data
-            } else {
-                EntryKind::Zero
-            };
             let loc = data.map(|_| Loc {
                 lsn,
                 device: ob.device,
@@ -985,13 +938,10 @@ impl Wal {
                 ob.buf[4096 + ob.data_len..4096 + ob.data_len + src.len()].copy_from_slice(src);
                 ob.data_len += src.len();
             }
-            let b = block + done;
             match ob.entries.last_mut() {
                 Some(last)
-                    if last.vol == vol
-                        && last.kind == kind
-                        && last.block + last.nblocks as u64 == b
-                        && (last.nblocks as u64 + n) <= u32::MAX as u64 =>
+                    if extends(last, vol, kind, b)
+                        && last.nblocks as u64 + n <= u32::MAX as u64 =>
                 {
                     last.nblocks += n as u32
                 }
@@ -1000,7 +950,6 @@ impl Wal {
                     block: b,
                     nblocks: n as u32,
                     kind,
-                    data_crc: 0,
                 }),
             }
             if let Some(cur) = st.cur.as_ref() {
@@ -1099,9 +1048,7 @@ impl Wal {
         match ob.entries.last_mut() {
             // Extending the previous entry keeps the write inside this batch all the same.
             Some(last)
-                if last.vol == vol
-                    && last.kind == EntryKind::Data
-                    && last.block + last.nblocks as u64 == block
+                if extends(last, vol, EntryKind::Data, block)
                     && last.nblocks as u64 + n <= u32::MAX as u64 =>
             {
                 last.nblocks += n as u32
@@ -1111,7 +1058,6 @@ impl Wal {
                 block,
                 nblocks: n as u32,
                 kind: EntryKind::Data,
-                data_crc: 0,
             }),
         }
         if let Some(seg) = seq.and_then(|seq| st.segments.get_mut(&seq)) {
@@ -1210,6 +1156,9 @@ impl Wal {
             let (batches, want_sync) = {
                 let mut st = self.st.lock();
                 loop {
+                    if st.abandoned {
+                        return;
+                    }
                     if st.shutdown
                         && st.inflight.is_empty()
                         && st.buffered.is_empty()
@@ -1264,7 +1213,9 @@ impl Wal {
                 }
             };
             let res = self.write_batches(&batches);
-            if res.is_ok() {
+            if let Ok(sums) = &res {
+                // Checks for reads of these blocks from the device, before any such read.
+                self.shared.log_sums.write().extend(sums.iter().cloned());
                 self.keep_in_cache(&batches);
             }
             let mut st = self.st.lock();
@@ -1276,6 +1227,7 @@ impl Wal {
             }
             if let Some(last) = batches.last() {
                 self.written.store(last.lsn, Ordering::SeqCst);
+                st.last_data = st.last_data.max(last.lsn);
                 for b in &batches {
                     st.inflight.remove(&b.lsn);
                     st.inflight_bytes -= b.buf.len();
@@ -1301,6 +1253,7 @@ impl Wal {
                     st.failed = Some(e.to_string());
                 } else {
                     self.synced.fetch_max(written, Ordering::SeqCst);
+                    st.last_sync = Some(Instant::now());
                 }
             }
             self.done.notify_all();
@@ -1349,27 +1302,80 @@ impl Wal {
         }
     }
 
-    /// Writes each batch's header block (encoded now, from the data as it is) and data blocks.
-    fn write_batches(&self, batches: &[Arc<Batch>]) -> Result<()> {
+    /// Writes each batch: its header block and footer (encoded now, from the data as it is,
+    /// claiming the current durable LSN) and its data blocks. Returns the batches' block CRCs.
+    fn write_batches(&self, batches: &[Arc<Batch>]) -> Result<Vec<(u64, Arc<BatchSums>)>> {
         let mut devs = Vec::with_capacity(batches.len());
         for b in batches {
             devs.push(self.shared.device(b.device)?);
         }
-        let headers: Vec<AlignedBuf> = batches.iter().map(|b| b.header()).collect();
-        let mut ops: Vec<Op<'_>> = Vec::with_capacity(2 * batches.len());
-        for ((b, d), h) in batches.iter().zip(&devs).zip(&headers) {
+        let durable = self.synced.load(Ordering::SeqCst);
+        let encoded: Vec<(AlignedBuf, AlignedBuf, Vec<u32>)> =
+            batches.iter().map(|b| b.encode(durable)).collect();
+        let mut ops: Vec<Op<'_>> = Vec::with_capacity(3 * batches.len());
+        for ((b, d), (head, foot, _)) in batches.iter().zip(&devs).zip(&encoded) {
             ops.push(Op::Write {
                 file: d.file(),
                 offset: b.offset,
-                buf: h,
+                buf: head,
             });
+            if b.data_len() > 0 {
+                ops.push(Op::Write {
+                    file: d.file(),
+                    offset: b.offset + 4096,
+                    buf: &b.buf[4096..],
+                });
+            }
             ops.push(Op::Write {
                 file: d.file(),
-                offset: b.offset + 4096,
-                buf: &b.buf[4096..],
+                offset: b.offset + 4096 + b.data_len() as u64,
+                buf: foot,
             });
         }
-        io::run_batch(&mut ops).map_err(|e| PoolError::io("write-ahead log", e))
+        io::run_batch(&mut ops).map_err(|e| PoolError::io("write-ahead log", e))?;
+        drop(ops);
+        Ok(batches
+            .iter()
+            .zip(encoded)
+            .map(|(b, (_, _, crcs))| {
+                let sums = BatchSums {
+                    device: b.device,
+                    data_offset: b.offset + 4096,
+                    crcs: crcs.into_boxed_slice(),
+                };
+                (b.lsn, Arc::new(sums))
+            })
+            .collect())
+    }
+
+    /// Waits until a sync has made LSNs durable that the metadata store does not yet record as
+    /// durable, and the log has been idle [`ANCHOR_IDLE`] since; returns the durable LSN to
+    /// record, or None once the log shuts down. Later batch headers carry the durable LSN too;
+    /// this record covers the last flushed batches, which no later header may follow.
+    pub fn wait_durable_to_record(&self, recorded: u64) -> Option<u64> {
+        let mut st = self.st.lock();
+        loop {
+            if st.shutdown {
+                return None;
+            }
+            let synced = self.synced.load(Ordering::SeqCst);
+            let due = synced > recorded
+                && st.last_data > recorded
+                && st.last_sync.is_some_and(|t| t.elapsed() >= ANCHOR_IDLE);
+            if due {
+                return Some(synced);
+            }
+            self.done.wait_for(&mut st, ANCHOR_IDLE);
+        }
+    }
+
+    /// Stops the log as a crash would: nothing buffered is written, nothing more is synced.
+    pub fn abandon(&self) {
+        let mut st = self.st.lock();
+        st.abandoned = true;
+        st.shutdown = true;
+        self.work.notify_all();
+        self.done.notify_all();
     }
 
     pub fn shutdown(&self) {
@@ -1412,10 +1418,16 @@ impl Wal {
         if by_cleaner > 0 {
             tracing::debug!(by_fold, by_cleaner, "WAL segments no longer needed");
         }
-        let taken: Vec<(u64, SegRec)> = dead
+        let removed: Vec<Segment> = dead
             .into_iter()
-            .filter_map(|seq| st.remove_segment(seq).map(|s| (seq, s.rec)))
+            .filter_map(|seq| st.remove_segment(seq))
             .collect();
+        self.shared.retired_log_sums.lock().extend(
+            removed
+                .iter()
+                .map(|seg| seg.rec.first_lsn..=seg.last_lsn.max(seg.rec.first_lsn)),
+        );
+        let taken: Vec<(u64, SegRec)> = removed.into_iter().map(|s| (s.seq, s.rec)).collect();
         let freed: u64 = taken.iter().map(|(_, r)| r.extent.len).sum();
         self.segment_bytes.fetch_sub(freed, Ordering::SeqCst);
         taken

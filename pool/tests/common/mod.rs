@@ -75,3 +75,24 @@ pub fn flip(path: &Path, at: u64) {
     f.write_all(&b).unwrap();
     f.sync_all().unwrap();
 }
+
+/// Byte offset of the first 4 KiB-aligned block of `path` equal to `block`.
+pub fn find_block(path: &Path, block: &[u8]) -> Option<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut base = 0u64;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return None;
+        }
+        // Reads of a regular file return whole 4 KiB multiples until the end.
+        for (i, b) in buf[..n].chunks_exact(4096).enumerate() {
+            if b == block {
+                return Some(base + (i * 4096) as u64);
+            }
+        }
+        base += n as u64;
+    }
+}
