@@ -696,7 +696,7 @@ impl BlockDevice for Volume {
 
     fn flush(&self) -> Result<()> {
         self.pool.check_open()?;
-        self.pool.wal.flush()
+        self.pool.wal.flush_volume(self.vol.id)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {

@@ -233,6 +233,9 @@ struct LogState {
     shutdown: bool,
     /// Stopped as by a crash: the flusher writes nothing more (see [`Wal::abandon`]).
     abandoned: bool,
+    /// Highest LSN of a batch with entries of each volume: what a flush of that volume must
+    /// make durable (the log is one chain, so batches before it go too, but none after it).
+    vol_last: HashMap<u64, u64>,
     /// Highest LSN of a written batch with entries (anchors have none).
     last_data: u64,
     /// When the last sync completed.
@@ -966,6 +969,7 @@ impl Wal {
             };
             on_piece(piece, &mut st.released);
             st.account(&piece, lsn);
+            st.vol_last.insert(vol, lsn);
             done += n;
         }
         self.wake_flusher_if_due(st);
@@ -1071,6 +1075,7 @@ impl Wal {
         };
         on_piece(piece, &mut st.released);
         st.account(&piece, lsn);
+        st.vol_last.insert(vol, lsn);
         self.wake_flusher_if_due(&st);
         Ok(())
     }
@@ -1089,6 +1094,21 @@ impl Wal {
         Self::check_failed(&st)?;
         self.close_open(&mut st);
         let target = st.next_lsn - 1;
+        self.sync_to(st, target)
+    }
+
+    /// Makes everything appended so far for volume `vol` durable: the batches up to its latest
+    /// one. Other volumes' later writes stay in the write buffer (one tenant's flushes do not
+    /// drain every volume's buffer).
+    pub fn flush_volume(&self, vol: u64) -> Result<()> {
+        let mut st = self.st.lock();
+        Self::check_failed(&st)?;
+        let Some(&target) = st.vol_last.get(&vol) else {
+            return Ok(()); // nothing appended since the log was opened
+        };
+        if st.open.as_ref().is_some_and(|o| o.lsn <= target) {
+            self.close_open(&mut st);
+        }
         self.sync_to(st, target)
     }
 

@@ -101,7 +101,10 @@ fn sigkill_never_loses_flushed_writes() {
         v.read(0, &mut got).unwrap();
         // A crash tears only what was in flight: nothing durable may look damaged.
         let rep = pool.verify().unwrap();
-        assert!(rep.is_clean(), "cycle {cycle}: a crash reported as damage: {rep:?}");
+        assert!(
+            rep.is_clean(),
+            "cycle {cycle}: a crash reported as damage: {rep:?}"
+        );
 
         // Expected: base + writes [0, flushed); any sector may instead hold a later write's data.
         let mut expect = base.clone();

@@ -116,3 +116,45 @@ fn buffered_writes_reach_the_device_on_flush_or_after_the_delay() {
     }
     pool.close().unwrap();
 }
+
+/// One tenant's flush does not drain another's write buffer: a flush of a volume makes its own
+/// writes durable (and, the log being one chain, what came before them), never the other
+/// volumes' writes that came after.
+#[test]
+fn a_volume_flush_leaves_other_volumes_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create(
+        dir.path(),
+        small_pool_opts(dir.path(), 128 * MIB, 64 << 10),
+        buffered_opts(Duration::from_secs(600)),
+    )
+    .unwrap();
+    let a = pool
+        .open_volume(pool.create_volume("a", 16 * MIB, 4096).unwrap().id)
+        .unwrap();
+    let b = pool
+        .open_volume(pool.create_volume("b", 16 * MIB, 4096).unwrap().id)
+        .unwrap();
+    let mine = pattern(61, 64 << 10);
+    let theirs = pattern(62, 4 * MIB as usize);
+    b.write(0, &mine, false).unwrap();
+    // Volume a writes more than a batch holds after b's write, without flushing.
+    a.write(0, &theirs, false).unwrap();
+    b.flush().unwrap();
+    assert!(
+        device_holds(dir.path(), &mine),
+        "b's flush made b's write durable"
+    );
+    assert!(
+        !device_holds(dir.path(), &theirs[3 * MIB as usize..]),
+        "b's flush wrote a's later writes too"
+    );
+    a.flush().unwrap();
+    assert!(device_holds(dir.path(), &theirs[3 * MIB as usize..]));
+    // A volume with nothing appended flushes without any I/O.
+    let c = pool
+        .open_volume(pool.create_volume("c", MIB, 4096).unwrap().id)
+        .unwrap();
+    c.flush().unwrap();
+    pool.close().unwrap();
+}
