@@ -201,52 +201,30 @@ pub fn run_batch(ops: &mut [Op<'_>]) -> io::Result<()> {
         let Some(ring) = slot.as_mut() else {
             return Err(io::Error::other("no ring"));
         };
+        let generation = next_generation();
         let mut results = Vec::with_capacity(ops.len());
         for (base, window) in ops.chunks_mut(RING_DEPTH as usize).enumerate() {
             let base = base * RING_DEPTH as usize;
-            for (i, op) in window.iter_mut().enumerate() {
-                let entry = match op {
-                    Op::Read { file, offset, buf } => opcode::Read::new(
-                        types::Fd(file.as_raw_fd()),
-                        buf.as_mut_ptr(),
-                        buf.len() as u32,
-                    )
-                    .offset(*offset)
-                    .build(),
-                    Op::Write { file, offset, buf } => opcode::Write::new(
-                        types::Fd(file.as_raw_fd()),
-                        buf.as_ptr(),
-                        buf.len() as u32,
-                    )
-                    .offset(*offset)
-                    .build(),
-                }
-                .user_data((base + i) as u64);
-                // SAFETY: every buffer stays borrowed (through `ops`) until all completions of
-                // this window are reaped below, before the next window is pushed.
-                unsafe {
-                    ring.submission()
-                        .push(&entry)
-                        .map_err(|_| io::Error::other("sq full"))?;
-                }
-            }
-            let mut pending = window.len();
-            while pending > 0 {
-                match ring.submit_and_wait(pending.min(1)) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
-                for cqe in ring.completion() {
-                    results.push((cqe.user_data() as usize, cqe.result()));
-                    pending -= 1;
-                }
+            let res = run_window(ring, generation, base, window, &mut results);
+            if let Err(e) = res {
+                // Everything this window submitted has completed (run_window waits for it),
+                // but entries it could not submit may still sit in the submission queue: the
+                // ring goes, so that nothing of this batch ever runs later.
+                *slot = None;
+                return Err(e);
             }
         }
         Ok(results)
     });
     let results = match res {
-        Ok(r) => r,
+        Ok(r) if r.len() == ops.len() => r,
+        Ok(r) => {
+            return Err(io::Error::other(format!(
+                "io_uring: {} of {} completions",
+                r.len(),
+                ops.len()
+            )));
+        }
         Err(e)
             if e.raw_os_error() == Some(libc::ENOSYS) || e.raw_os_error() == Some(libc::EPERM) =>
         {
@@ -283,6 +261,150 @@ pub fn run_batch(ops: &mut [Op<'_>]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Tags a completion with the batch it belongs to, so a completion of another batch is never
+/// counted as one of this batch's.
+fn tag(generation: u32, index: usize) -> u64 {
+    (u64::from(generation) << 32) | index as u64
+}
+
+thread_local! {
+    static GENERATION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+fn next_generation() -> u32 {
+    GENERATION.with(|g| {
+        let n = g.get().wrapping_add(1);
+        g.set(n);
+        n
+    })
+}
+
+/// How many times a wait for in-flight requests may fail in a row before the process aborts:
+/// returning would hand the caller back buffers the kernel may still write into.
+const MAX_WAIT_FAILURES: u32 = 10_000;
+
+/// Pushes one window of operations (at most the ring's depth), submits them and reaps every
+/// completion of them. It never returns while a request it submitted is still in flight: a
+/// failed submit or wait is retried (the request's buffers are borrowed by the caller, and the
+/// kernel may still be reading or writing them) and reported once all are done.
+fn run_window(
+    ring: &mut IoUring,
+    generation: u32,
+    base: usize,
+    window: &mut [Op<'_>],
+    results: &mut Vec<(usize, i32)>,
+) -> io::Result<()> {
+    let mut pushed = 0usize;
+    let mut first_err: Option<io::Error> = None;
+    for (i, op) in window.iter_mut().enumerate() {
+        let entry = match op {
+            Op::Read { file, offset, buf } => opcode::Read::new(
+                types::Fd(file.as_raw_fd()),
+                buf.as_mut_ptr(),
+                buf.len() as u32,
+            )
+            .offset(*offset)
+            .build(),
+            Op::Write { file, offset, buf } => {
+                opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), buf.len() as u32)
+                    .offset(*offset)
+                    .build()
+            }
+        }
+        .user_data(tag(generation, base + i));
+        // SAFETY: every buffer stays borrowed (through `window`) until all completions of the
+        // entries submitted from this window are reaped below; entries never submitted are
+        // dropped with the ring by the caller on error.
+        if unsafe { ring.submission().push(&entry) }.is_err() {
+            first_err = Some(io::Error::other("io_uring submission queue full"));
+            break;
+        }
+        pushed += 1;
+    }
+    let mut reaped = 0usize;
+    let mut failures = 0u32;
+    loop {
+        // What the kernel took and has not completed yet.
+        let unsubmitted = ring.submission().len();
+        let in_flight = pushed - unsubmitted - reaped;
+        if in_flight == 0 && (unsubmitted == 0 || first_err.is_some()) {
+            break;
+        }
+        match submit_and_wait(ring, 1) {
+            Ok(_) => failures = 0,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                failures += 1;
+                if failures >= MAX_WAIT_FAILURES {
+                    tracing::error!(error = %e, in_flight, "io_uring cannot reap requests still in flight; aborting rather than freeing their buffers");
+                    std::process::abort();
+                }
+                let taken = pushed - ring.submission().len() - reaped;
+                if taken == 0 {
+                    // Nothing is in flight: report the failure (the caller drops the ring,
+                    // and with it what was never submitted).
+                    first_err.get_or_insert(e);
+                    break;
+                }
+                // Requests are in flight: wait for them all the same, then report.
+                let busy = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ENOMEM)
+                );
+                if !busy {
+                    first_err.get_or_insert(e);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        for cqe in ring.completion() {
+            let ud = cqe.user_data();
+            if (ud >> 32) as u32 != generation {
+                tracing::warn!(
+                    user_data = ud,
+                    "io_uring: completion of an earlier batch ignored"
+                );
+                continue;
+            }
+            results.push(((ud & 0xffff_ffff) as usize, cqe.result()));
+            reaped += 1;
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `IoUring::submit_and_wait`, with test-injected failures (after a real submit, so requests
+/// are in flight when the failure is reported).
+fn submit_and_wait(ring: &mut IoUring, want: usize) -> io::Result<usize> {
+    #[cfg(test)]
+    if fault::take() {
+        ring.submit()?;
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    ring.submit_and_wait(want)
+}
+
+#[cfg(test)]
+mod fault {
+    use std::cell::Cell;
+    thread_local! {
+        pub static WAIT_FAILURES: Cell<u32> = const { Cell::new(0) };
+    }
+    /// Whether this wait should fail (as many times as a test asked).
+    pub fn take() -> bool {
+        WAIT_FAILURES.with(|c| {
+            let n = c.get();
+            if n > 0 {
+                c.set(n - 1);
+            }
+            n > 0
+        })
+    }
 }
 
 fn run_sync(op: &mut Op<'_>) -> io::Result<()> {
@@ -374,5 +496,114 @@ mod tests {
         assert!(r2[..4096].iter().all(|&x| x == 9));
         // Past EOF reads as zeros.
         assert!(r2[4096..].iter().all(|&x| x == 0));
+    }
+
+    /// A wait that fails while requests are in flight: run_batch returns only once the kernel
+    /// is done with every buffer (a read from a pipe stays in flight until a writer feeds it),
+    /// reports the failure, and the next batch on the same thread gets its own completions,
+    /// never the stale ones of the failed batch.
+    #[test]
+    fn a_failed_wait_never_returns_with_requests_in_flight() {
+        if engine() != IoEngine::Uring {
+            eprintln!("io_uring unavailable here; the sync engine has no requests in flight");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all_at(&[5u8; 8192], 0).unwrap();
+        let (rx, mut tx) = std::io::pipe().unwrap();
+        let rx: File = std::os::fd::OwnedFd::from(rx).into();
+        let feeder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::io::Write::write_all(&mut tx, &[9u8; 4096]).unwrap();
+        });
+        let mut from_pipe = vec![0u8; 4096];
+        let mut from_file = vec![0u8; 4096];
+        fault::WAIT_FAILURES.with(|c| c.set(1));
+        let started = std::time::Instant::now();
+        let res = run_batch(&mut [
+            Op::Read {
+                file: &rx,
+                offset: 0,
+                buf: &mut from_pipe,
+            },
+            Op::Read {
+                file: &f,
+                offset: 0,
+                buf: &mut from_file,
+            },
+        ]);
+        if engine() == IoEngine::Uring {
+            assert!(res.is_err(), "the injected failure is reported");
+            assert!(
+                started.elapsed() >= std::time::Duration::from_millis(250),
+                "returned after {:?}, while the pipe read was still in flight",
+                started.elapsed()
+            );
+            assert!(
+                from_pipe.iter().all(|&b| b == 9),
+                "the in-flight read completed first"
+            );
+        }
+        fault::WAIT_FAILURES.with(|c| c.set(0));
+        feeder.join().unwrap();
+        // The next batch on this thread: its own results, in order.
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 4096];
+        f.write_all_at(&[6u8; 4096], 4096).unwrap();
+        run_batch(&mut [
+            Op::Read {
+                file: &f,
+                offset: 0,
+                buf: &mut a,
+            },
+            Op::Read {
+                file: &f,
+                offset: 4096,
+                buf: &mut b,
+            },
+        ])
+        .unwrap();
+        assert!(a.iter().all(|&x| x == 5) && b.iter().all(|&x| x == 6));
+    }
+
+    /// A per-request error (a write through a read-only descriptor) fails the batch after every
+    /// request completed; the ring stays usable.
+    #[test]
+    fn a_failed_request_fails_the_batch_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [1u8; 8192]).unwrap();
+        let ro = File::open(&path).unwrap();
+        let data = vec![2u8; 4096];
+        let mut back = vec![0u8; 4096];
+        let err = run_batch(&mut [
+            Op::Write {
+                file: &ro,
+                offset: 0,
+                buf: &data,
+            },
+            Op::Read {
+                file: &ro,
+                offset: 4096,
+                buf: &mut back,
+            },
+        ])
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
+        let mut again = vec![0u8; 8192];
+        run_batch(&mut [Op::Read {
+            file: &ro,
+            offset: 0,
+            buf: &mut again[..4096],
+        }])
+        .unwrap();
+        assert!(again[..4096].iter().all(|&x| x == 1), "nothing was written");
     }
 }
