@@ -187,6 +187,24 @@ pub fn run_batch(ops: &mut [Op<'_>]) -> io::Result<()> {
     if ops.is_empty() {
         return Ok(());
     }
+    if crate::powerloss::active() {
+        let mut tickets = Vec::new();
+        for op in ops.iter() {
+            match op {
+                Op::Write { file, offset, buf } => {
+                    tickets.extend(crate::powerloss::before_write(file, *offset, buf.len())?)
+                }
+                Op::Read { file, .. } => crate::powerloss::before_read(file)?,
+            }
+        }
+        let res = run_batch_inner(ops);
+        crate::powerloss::landed(&tickets);
+        return res;
+    }
+    run_batch_inner(ops)
+}
+
+fn run_batch_inner(ops: &mut [Op<'_>]) -> io::Result<()> {
     if ops.len() == 1 || engine() == IoEngine::Sync {
         for op in ops.iter_mut() {
             run_sync(op)?;
@@ -433,6 +451,13 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 
 /// fdatasync, retried on EINTR.
 pub fn datasync(file: &File) -> io::Result<()> {
+    if crate::powerloss::active() {
+        return crate::powerloss::sync(file, || datasync_raw(file));
+    }
+    datasync_raw(file)
+}
+
+fn datasync_raw(file: &File) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on a valid fd.
         let r = unsafe { libc::fdatasync(file.as_raw_fd()) };

@@ -20,6 +20,7 @@ pub mod meta;
 pub mod object;
 pub mod overlay;
 mod pool;
+pub mod powerloss;
 mod refs;
 pub mod replay;
 mod shared;

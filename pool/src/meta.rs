@@ -203,7 +203,13 @@ pub struct Meta {
 
 impl Meta {
     pub fn create(path: &Path) -> Result<Meta> {
-        let db = Database::create(path)?;
+        let db = if crate::powerloss::covers(path) {
+            let backend = crate::powerloss::SimBackend::open(path, true)
+                .map_err(|e| PoolError::io(path.display().to_string(), e))?;
+            Database::builder().create_with_backend(backend)?
+        } else {
+            Database::create(path)?
+        };
         let tx = db.begin_write()?;
         {
             tx.open_table(OBJECTS)?;
@@ -224,7 +230,13 @@ impl Meta {
     }
 
     pub fn open(path: &Path) -> Result<Meta> {
-        let db = Database::open(path)?;
+        let db = if crate::powerloss::covers(path) && path.exists() {
+            let backend = crate::powerloss::SimBackend::open(path, false)
+                .map_err(|e| PoolError::io(path.display().to_string(), e))?;
+            Database::builder().create_with_backend(backend)?
+        } else {
+            Database::open(path)?
+        };
         let m = Meta { db };
         let v = m.counter("format_version")?;
         if v != META_FORMAT_VERSION {

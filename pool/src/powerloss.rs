@@ -1,0 +1,479 @@
+//! Power-loss simulation for crash tests, in the pool's own I/O layer.
+//!
+//! A SIGKILL keeps the page cache, so a crash test built on it passes even if nothing is ever
+//! synced. This layer models a power cut instead: while a [`Sim`] is active for a directory,
+//! every write to a file under it (device files through [`crate::io`], the metadata store through
+//! [`SimBackend`]) first records the previous contents of the 512-byte sectors it covers, and a
+//! completed sync of the file forgets what was recorded before the sync began (those writes are
+//! durable). [`Sim::power_cut`] then rolls every sector written since its file's last completed
+//! sync back to any one of its versions since that sync, chosen at random and independently per
+//! sector: unsynced writes survive as an arbitrary subset, reordered and torn at sector
+//! granularity, exactly what a volatile device cache may do. What a completed sync covered is
+//! never touched. [`Sim::fail_after`] makes every I/O fail after a number of further operations,
+//! so a cut lands in the middle of a write, a replay or a fold.
+//!
+//! Inactive (no `Sim` alive) the cost is one relaxed atomic load per batch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+const SECTOR: u64 = 512;
+const IN_FLIGHT: u64 = u64::MAX;
+
+/// A write recorded before it was issued; [`landed`] marks it complete.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    sim: Arc<Sim>,
+    key: (u64, u64),
+    first: u64,
+    end: u64,
+}
+
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+static SIMS: RwLock<Vec<Arc<Sim>>> = RwLock::new(Vec::new());
+
+/// Unsynced history of one file.
+#[derive(Default)]
+struct FileHist {
+    /// A second, buffered handle: pre-images are read and rollbacks written through it.
+    handle: Option<File>,
+    /// Sector -> its earlier versions since the last completed sync, oldest first, each with
+    /// the sequence number at which the write that replaced it completed (`IN_FLIGHT` until
+    /// then: a sync never makes a write durable that had not completed when it began).
+    sectors: BTreeMap<u64, Vec<(u64, [u8; SECTOR as usize])>>,
+}
+
+/// A power-loss simulation over the files under one directory.
+pub struct Sim {
+    root: PathBuf,
+    files: Mutex<HashMap<(u64, u64), FileHist>>,
+    seq: AtomicU64,
+    /// Operations left before every I/O fails (negative: no limit).
+    budget: AtomicI64,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim").field("root", &self.root).finish()
+    }
+}
+
+/// What a power cut did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CutReport {
+    /// Sectors written since their file's last sync.
+    pub unsynced_sectors: u64,
+    /// Of those, sectors rolled back to an earlier version.
+    pub rolled_back: u64,
+}
+
+impl Sim {
+    /// Starts simulating power loss for every file under `root`.
+    pub fn start(root: &Path) -> io::Result<Arc<Sim>> {
+        let sim = Arc::new(Sim {
+            root: root.canonicalize()?,
+            files: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            budget: AtomicI64::new(-1),
+            writes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+        });
+        SIMS.write().push(sim.clone());
+        ACTIVE.store(true, Ordering::SeqCst);
+        Ok(sim)
+    }
+
+    /// Stops the simulation (nothing is rolled back).
+    pub fn stop(self: &Arc<Sim>) {
+        let mut sims = SIMS.write();
+        sims.retain(|s| !Arc::ptr_eq(s, self));
+        ACTIVE.store(!sims.is_empty(), Ordering::SeqCst);
+    }
+
+    /// After `ops` more writes, syncs or reads, every I/O under the root fails with EIO (the
+    /// power is gone); `None` lifts the limit.
+    pub fn fail_after(&self, ops: Option<u64>) {
+        self.budget.store(
+            ops.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Writes and syncs seen so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.writes.load(Ordering::Relaxed),
+            self.syncs.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Cuts the power: every sector written since its file's last completed sync takes one of
+    /// its versions since then (the newest included), chosen by `seed`. Call it once nothing
+    /// uses the files any more (after `Pool::kill`); the I/O limit is lifted.
+    pub fn power_cut(&self, seed: u64) -> io::Result<CutReport> {
+        let mut rng = seed | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut rep = CutReport::default();
+        let mut files = self.files.lock();
+        for hist in files.values_mut() {
+            let Some(handle) = hist.handle.as_ref() else {
+                continue;
+            };
+            for (&sector, versions) in &hist.sectors {
+                rep.unsynced_sectors += 1;
+                // 0..versions.len() picks an earlier version; versions.len() keeps the newest.
+                let pick = (next() % (versions.len() as u64 + 1)) as usize;
+                if let Some((_, old)) = versions.get(pick) {
+                    handle.write_all_at(old, sector * SECTOR)?;
+                    rep.rolled_back += 1;
+                }
+            }
+            hist.sectors.clear();
+            handle.sync_all()?;
+        }
+        self.budget.store(-1, Ordering::SeqCst);
+        Ok(rep)
+    }
+
+    fn charge(&self) -> io::Result<()> {
+        let left = self.budget.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if left > 0 {
+            // Racing threads may overdraw by a few: the cut is then a few operations later.
+            self.budget.fetch_sub(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn key_of(file: &File) -> io::Result<(u64, u64)> {
+        let m = file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// The history of `file` if it lies under the root (opening the second handle at first use).
+    fn with_hist<T>(
+        &self,
+        file: &File,
+        path: Option<&Path>,
+        f: impl FnOnce(&mut FileHist, u64) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
+        let key = Self::key_of(file)?;
+        let mut files = self.files.lock();
+        if let std::collections::hash_map::Entry::Vacant(slot) = files.entry(key) {
+            let path = match path {
+                Some(p) => p.to_path_buf(),
+                None => std::fs::read_link(format!(
+                    "/proc/self/fd/{}",
+                    std::os::unix::io::AsRawFd::as_raw_fd(file)
+                ))?,
+            };
+            let tracked = path
+                .canonicalize()
+                .map(|p| p.starts_with(&self.root))
+                .unwrap_or(false);
+            let handle = if tracked {
+                Some(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)?,
+                )
+            } else {
+                None
+            };
+            slot.insert(FileHist {
+                handle,
+                sectors: BTreeMap::new(),
+            });
+        }
+        let Some(hist) = files.get_mut(&key) else {
+            return Ok(None);
+        };
+        if hist.handle.is_none() {
+            return Ok(None);
+        }
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        f(hist, seq).map(Some)
+    }
+
+    fn before_write(
+        self: &Arc<Self>,
+        file: &File,
+        path: Option<&Path>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<Ticket>> {
+        let first = offset / SECTOR;
+        let end = (offset + len as u64).div_ceil(SECTOR);
+        let res = self.with_hist(file, path, |hist, _| {
+            let Some(handle) = hist.handle.as_ref() else {
+                return Ok(());
+            };
+            let mut buf = vec![0u8; ((end - first) * SECTOR) as usize];
+            read_zero_padded(handle, &mut buf, first * SECTOR)?;
+            for (i, s) in (first..end).enumerate() {
+                let mut old = [0u8; SECTOR as usize];
+                old.copy_from_slice(&buf[i * SECTOR as usize..(i + 1) * SECTOR as usize]);
+                hist.sectors.entry(s).or_default().push((IN_FLIGHT, old));
+            }
+            Ok(())
+        })?;
+        if res.is_none() {
+            return Ok(None);
+        }
+        let ticket = Ticket {
+            sim: self.clone(),
+            key: Self::key_of(file)?,
+            first,
+            end,
+        };
+        // Charged after recording: a write refused by the cut is recorded but never lands,
+        // which only adds a version equal to the current contents.
+        self.charge()?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(ticket))
+    }
+
+    fn landed(&self, t: &Ticket) {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(hist) = self.files.lock().get_mut(&t.key) {
+            for s in t.first..t.end {
+                // The oldest version still in flight for this sector is this write's.
+                if let Some(v) = hist
+                    .sectors
+                    .get_mut(&s)
+                    .and_then(|vs| vs.iter_mut().find(|(q, _)| *q == IN_FLIGHT))
+                {
+                    v.0 = seq;
+                }
+            }
+        }
+    }
+
+    /// Runs `sync`; once it completed, what was written before it started is durable.
+    fn sync(
+        &self,
+        file: &File,
+        path: Option<&Path>,
+        sync: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let started = self.with_hist(file, path, |_, seq| Ok(seq))?;
+        let Some(started) = started else {
+            return sync();
+        };
+        self.charge()?;
+        sync()?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        let key = Self::key_of(file)?;
+        if let Some(hist) = self.files.lock().get_mut(&key) {
+            hist.sectors.retain(|_, versions| {
+                versions.retain(|(seq, _)| *seq > started);
+                !versions.is_empty()
+            });
+        }
+        Ok(())
+    }
+
+    fn before_read(&self, file: &File, path: Option<&Path>) -> io::Result<()> {
+        if self.with_hist(file, path, |_, _| Ok(()))?.is_some() {
+            self.charge()?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`; past the end of the file reads zeros.
+fn read_zero_padded(f: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn sims() -> Vec<Arc<Sim>> {
+    if !ACTIVE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    SIMS.read().clone()
+}
+
+/// Called by the I/O layer before a write of `len` bytes at `offset` of `file`; the tickets go
+/// to [`landed`] once the write completed.
+pub(crate) fn before_write(file: &File, offset: u64, len: usize) -> io::Result<Vec<Ticket>> {
+    let mut out = Vec::new();
+    for s in sims() {
+        out.extend(s.before_write(file, None, offset, len)?);
+    }
+    Ok(out)
+}
+
+/// Marks recorded writes complete.
+pub(crate) fn landed(tickets: &[Ticket]) {
+    for t in tickets {
+        t.sim.landed(t);
+    }
+}
+
+/// Whether any simulation is running (the I/O layer's fast check).
+pub(crate) fn active() -> bool {
+    ACTIVE.load(Ordering::Relaxed)
+}
+
+/// Called by the I/O layer before a read of `file`.
+pub(crate) fn before_read(file: &File) -> io::Result<()> {
+    for s in sims() {
+        s.before_read(file, None)?;
+    }
+    Ok(())
+}
+
+/// Runs the sync of `file` through the simulation.
+pub(crate) fn sync(file: &File, run: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    let sims = sims();
+    match sims.as_slice() {
+        [] => run(),
+        [s, ..] => s.sync(file, None, run),
+    }
+}
+
+/// Whether a simulation covers `path` (the metadata store then opens through [`SimBackend`]).
+pub(crate) fn covers(path: &Path) -> bool {
+    let Ok(p) = path
+        .parent()
+        .map(|d| d.canonicalize())
+        .unwrap_or_else(|| Ok(PathBuf::new()))
+    else {
+        return false;
+    };
+    sims().iter().any(|s| p.starts_with(&s.root))
+}
+
+/// A redb storage backend over a file under a simulation: writes record their pre-images and
+/// syncs make them durable, as for the devices.
+#[derive(Debug)]
+pub(crate) struct SimBackend {
+    inner: redb::backends::FileBackend,
+    file: File,
+    path: PathBuf,
+}
+
+impl SimBackend {
+    pub(crate) fn open(path: &Path, create: bool) -> io::Result<SimBackend> {
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(path)
+        };
+        let inner = redb::backends::FileBackend::new(open()?).map_err(io::Error::other)?;
+        Ok(SimBackend {
+            inner,
+            file: open()?,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl redb::StorageBackend for SimBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        for s in sims() {
+            s.before_read(&self.file, Some(&self.path))?;
+        }
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        // Length changes are taken as durable: the model rolls back contents, not sizes.
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let sims = sims();
+        match sims.as_slice() {
+            [] => self.inner.sync_data(),
+            [s, ..] => s.sync(&self.file, Some(&self.path), || self.inner.sync_data()),
+        }
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut tickets = Vec::new();
+        for s in sims() {
+            tickets.extend(s.before_write(&self.file, Some(&self.path), offset, data.len())?);
+        }
+        let res = self.inner.write(offset, data);
+        landed(&tickets);
+        res
+    }
+    fn close(&self) -> io::Result<()> {
+        self.inner.close()
+    }
+    fn try_lock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_shared_range(start, end)
+    }
+    fn lock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<(), redb::BackendError> {
+        self.inner.lock_range(start, end)
+    }
+    fn lock_shared_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<(), redb::BackendError> {
+        self.inner.lock_shared_range(start, end)
+    }
+    fn unlock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<(), redb::BackendError> {
+        self.inner.unlock_range(start, end)
+    }
+    fn query_lock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.query_lock_range(start, end)
+    }
+}
