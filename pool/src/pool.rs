@@ -180,6 +180,7 @@ impl Pool {
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| PoolError::io(dir.display().to_string(), e))?;
+        crate::powerloss::start_from_env(dir);
         if dir.join(crate::config::SUPERBLOCK_FILE).exists() {
             return Err(PoolError::PoolExists {
                 path: dir.display().to_string(),
@@ -230,6 +231,7 @@ impl Pool {
 
     /// Opens an existing pool, replays its WAL and starts its background threads.
     pub fn open(dir: &Path, opts: OpenOptions) -> Result<Pool> {
+        crate::powerloss::start_from_env(dir);
         let sb = Superblock::load(dir)?;
         let secret = sb.secret_bytes()?;
         let mut devices = Vec::new();

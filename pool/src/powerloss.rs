@@ -59,6 +59,8 @@ pub struct Sim {
     budget: AtomicI64,
     writes: AtomicU64,
     syncs: AtomicU64,
+    /// Where every change of `files` is also appended (see [`Sim::start_journaled`]).
+    journal: Option<Mutex<File>>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -79,6 +81,21 @@ pub struct CutReport {
 impl Sim {
     /// Starts simulating power loss for every file under `root`.
     pub fn start(root: &Path) -> io::Result<Arc<Sim>> {
+        Self::start_with(root, None)
+    }
+
+    /// As [`Sim::start`], also appending every recorded change to the file at `journal`, so
+    /// that after the process is killed, [`power_cut_journal`] cuts the power as
+    /// [`Sim::power_cut`] would have (for crash tests of a whole server process).
+    pub fn start_journaled(root: &Path, journal: &Path) -> io::Result<Arc<Sim>> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(journal)?;
+        Self::start_with(root, Some(f))
+    }
+
+    fn start_with(root: &Path, journal: Option<File>) -> io::Result<Arc<Sim>> {
         let sim = Arc::new(Sim {
             root: root.canonicalize()?,
             files: Mutex::new(HashMap::new()),
@@ -86,6 +103,7 @@ impl Sim {
             budget: AtomicI64::new(-1),
             writes: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            journal: journal.map(Mutex::new),
         });
         SIMS.write().push(sim.clone());
         ACTIVE.store(true, Ordering::SeqCst);
@@ -120,33 +138,19 @@ impl Sim {
     /// its versions since then (the newest included), chosen by `seed`. Call it once nothing
     /// uses the files any more (after `Pool::kill`); the I/O limit is lifted.
     pub fn power_cut(&self, seed: u64) -> io::Result<CutReport> {
-        let mut rng = seed | 1;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
-        let mut rep = CutReport::default();
         let mut files = self.files.lock();
-        for hist in files.values_mut() {
-            let Some(handle) = hist.handle.as_ref() else {
-                continue;
-            };
-            for (&sector, versions) in &hist.sectors {
-                rep.unsynced_sectors += 1;
-                // 0..versions.len() picks an earlier version; versions.len() keeps the newest.
-                let pick = (next() % (versions.len() as u64 + 1)) as usize;
-                if let Some((_, old)) = versions.get(pick) {
-                    handle.write_all_at(old, sector * SECTOR)?;
-                    rep.rolled_back += 1;
-                }
-            }
-            hist.sectors.clear();
-            handle.sync_all()?;
-        }
+        let rep = roll_back(files.values_mut(), seed)?;
         self.budget.store(-1, Ordering::SeqCst);
         Ok(rep)
+    }
+
+    /// Appends one event to the journal (called with `files` locked, so events are in order).
+    fn log(&self, event: &[u8]) -> io::Result<()> {
+        if let Some(j) = &self.journal {
+            use std::io::Write;
+            j.lock().write_all(event)?;
+        }
+        Ok(())
     }
 
     fn charge(&self) -> io::Result<()> {
@@ -171,7 +175,7 @@ impl Sim {
         &self,
         file: &File,
         path: Option<&Path>,
-        f: impl FnOnce(&mut FileHist, u64) -> io::Result<T>,
+        f: impl FnOnce(&Self, (u64, u64), &mut FileHist, u64) -> io::Result<T>,
     ) -> io::Result<Option<T>> {
         let key = Self::key_of(file)?;
         let mut files = self.files.lock();
@@ -197,6 +201,11 @@ impl Sim {
             } else {
                 None
             };
+            if handle.is_some() {
+                let p = path.canonicalize()?;
+                let p = p.as_os_str().as_encoded_bytes();
+                self.log(&event(EV_FILE, &[key.0, key.1, p.len() as u64], p))?;
+            }
             slot.insert(FileHist {
                 handle,
                 sectors: BTreeMap::new(),
@@ -209,7 +218,7 @@ impl Sim {
             return Ok(None);
         }
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        f(hist, seq).map(Some)
+        f(self, key, hist, seq).map(Some)
     }
 
     fn before_write(
@@ -221,12 +230,13 @@ impl Sim {
     ) -> io::Result<Option<Ticket>> {
         let first = offset / SECTOR;
         let end = (offset + len as u64).div_ceil(SECTOR);
-        let res = self.with_hist(file, path, |hist, _| {
+        let res = self.with_hist(file, path, |sim, key, hist, _| {
             let Some(handle) = hist.handle.as_ref() else {
                 return Ok(());
             };
             let mut buf = vec![0u8; ((end - first) * SECTOR) as usize];
             read_zero_padded(handle, &mut buf, first * SECTOR)?;
+            sim.log(&event(EV_PRE, &[key.0, key.1, first, end], &buf))?;
             for (i, s) in (first..end).enumerate() {
                 let mut old = [0u8; SECTOR as usize];
                 old.copy_from_slice(&buf[i * SECTOR as usize..(i + 1) * SECTOR as usize]);
@@ -252,16 +262,15 @@ impl Sim {
 
     fn landed(&self, t: &Ticket) {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(hist) = self.files.lock().get_mut(&t.key) {
-            for s in t.first..t.end {
-                // The oldest version still in flight for this sector is this write's.
-                if let Some(v) = hist
-                    .sectors
-                    .get_mut(&s)
-                    .and_then(|vs| vs.iter_mut().find(|(q, _)| *q == IN_FLIGHT))
-                {
-                    v.0 = seq;
-                }
+        let mut files = self.files.lock();
+        if let Some(hist) = files.get_mut(&t.key) {
+            mark_landed(hist, t.first, t.end, seq);
+            if let Err(e) = self.log(&event(
+                EV_LANDED,
+                &[t.key.0, t.key.1, t.first, t.end, seq],
+                &[],
+            )) {
+                tracing::error!(error = %e, "power-loss journal write failed");
             }
         }
     }
@@ -273,7 +282,7 @@ impl Sim {
         path: Option<&Path>,
         sync: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
-        let started = self.with_hist(file, path, |_, seq| Ok(seq))?;
+        let started = self.with_hist(file, path, |_, _, _, seq| Ok(seq))?;
         let Some(started) = started else {
             return sync();
         };
@@ -281,21 +290,175 @@ impl Sim {
         sync()?;
         self.syncs.fetch_add(1, Ordering::Relaxed);
         let key = Self::key_of(file)?;
-        if let Some(hist) = self.files.lock().get_mut(&key) {
-            hist.sectors.retain(|_, versions| {
-                versions.retain(|(seq, _)| *seq > started);
-                !versions.is_empty()
-            });
+        let mut files = self.files.lock();
+        if let Some(hist) = files.get_mut(&key) {
+            forget_synced(hist, started);
+            self.log(&event(EV_SYNC, &[key.0, key.1, started], &[]))?;
         }
         Ok(())
     }
 
     fn before_read(&self, file: &File, path: Option<&Path>) -> io::Result<()> {
-        if self.with_hist(file, path, |_, _| Ok(()))?.is_some() {
+        if self.with_hist(file, path, |_, _, _, _| Ok(()))?.is_some() {
             self.charge()?;
         }
         Ok(())
     }
+}
+
+/// Rolls every recorded sector back to one of its versions (or keeps the newest), by `seed`.
+fn roll_back<'a>(
+    files: impl Iterator<Item = &'a mut FileHist>,
+    seed: u64,
+) -> io::Result<CutReport> {
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut rep = CutReport::default();
+    for hist in files {
+        let Some(handle) = hist.handle.as_ref() else {
+            continue;
+        };
+        for (&sector, versions) in &hist.sectors {
+            rep.unsynced_sectors += 1;
+            // 0..versions.len() picks an earlier version; versions.len() keeps the newest.
+            let pick = (next() % (versions.len() as u64 + 1)) as usize;
+            if let Some((_, old)) = versions.get(pick) {
+                handle.write_all_at(old, sector * SECTOR)?;
+                rep.rolled_back += 1;
+            }
+        }
+        hist.sectors.clear();
+        handle.sync_all()?;
+    }
+    Ok(rep)
+}
+
+// Journal events: tag byte, then little-endian u64 fields.
+const EV_FILE: u8 = 1; // dev, ino, path length, path bytes
+const EV_PRE: u8 = 2; // dev, ino, first, end, pre-images
+const EV_LANDED: u8 = 3; // dev, ino, first, end, seq
+const EV_SYNC: u8 = 4; // dev, ino, started
+
+fn event(tag: u8, fields: &[u64], tail: &[u8]) -> Vec<u8> {
+    let mut e = Vec::with_capacity(1 + 8 * fields.len() + tail.len());
+    e.push(tag);
+    for f in fields {
+        e.extend_from_slice(&f.to_le_bytes());
+    }
+    e.extend_from_slice(tail);
+    e
+}
+
+/// Cuts the power over a journal written by [`Sim::start_journaled`] in a process that has
+/// since been killed: the files are rolled back exactly as [`Sim::power_cut`] would have done.
+/// A torn last event (the process died while appending it) is ignored: its write never began.
+pub fn power_cut_journal(journal: &Path, seed: u64) -> io::Result<CutReport> {
+    let bytes = std::fs::read(journal)?;
+    let mut files: HashMap<(u64, u64), FileHist> = HashMap::new();
+    let mut at = 0usize;
+    let take = |at: &mut usize, n: usize| -> Option<&[u8]> {
+        let s = bytes.get(*at..*at + n)?;
+        *at += n;
+        Some(s)
+    };
+    let u64_at = |at: &mut usize| -> Option<u64> {
+        take(at, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    loop {
+        let Some(tag) = take(&mut at, 1).map(|t| t[0]) else {
+            break;
+        };
+        let (Some(dev), Some(ino)) = (u64_at(&mut at), u64_at(&mut at)) else {
+            break;
+        };
+        let key = (dev, ino);
+        match tag {
+            EV_FILE => {
+                let Some(n) = u64_at(&mut at) else { break };
+                let Some(p) = take(&mut at, n as usize) else {
+                    break;
+                };
+                let path = PathBuf::from(String::from_utf8_lossy(p).into_owned());
+                let handle = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)?;
+                files.insert(
+                    key,
+                    FileHist {
+                        handle: Some(handle),
+                        sectors: BTreeMap::new(),
+                    },
+                );
+            }
+            EV_PRE => {
+                let (Some(first), Some(end)) = (u64_at(&mut at), u64_at(&mut at)) else {
+                    break;
+                };
+                let Some(pre) = take(&mut at, ((end - first) * SECTOR) as usize) else {
+                    break;
+                };
+                if let Some(h) = files.get_mut(&key) {
+                    for (i, s) in (first..end).enumerate() {
+                        let mut old = [0u8; SECTOR as usize];
+                        old.copy_from_slice(&pre[i * SECTOR as usize..(i + 1) * SECTOR as usize]);
+                        h.sectors.entry(s).or_default().push((IN_FLIGHT, old));
+                    }
+                }
+            }
+            EV_LANDED => {
+                let (Some(first), Some(end), Some(seq)) =
+                    (u64_at(&mut at), u64_at(&mut at), u64_at(&mut at))
+                else {
+                    break;
+                };
+                if let Some(h) = files.get_mut(&key) {
+                    mark_landed(h, first, end, seq);
+                }
+            }
+            EV_SYNC => {
+                let Some(started) = u64_at(&mut at) else {
+                    break;
+                };
+                if let Some(h) = files.get_mut(&key) {
+                    forget_synced(h, started);
+                }
+            }
+            _ => {
+                return Err(io::Error::other(format!(
+                    "power-loss journal {}: unknown event {tag} at byte {}",
+                    journal.display(),
+                    at - 17
+                )));
+            }
+        }
+    }
+    roll_back(files.values_mut(), seed)
+}
+
+fn mark_landed(hist: &mut FileHist, first: u64, end: u64, seq: u64) {
+    for s in first..end {
+        // The oldest version still in flight for this sector is this write's.
+        if let Some(v) = hist
+            .sectors
+            .get_mut(&s)
+            .and_then(|vs| vs.iter_mut().find(|(q, _)| *q == IN_FLIGHT))
+        {
+            v.0 = seq;
+        }
+    }
+}
+
+fn forget_synced(hist: &mut FileHist, started: u64) {
+    hist.sectors.retain(|_, versions| {
+        versions.retain(|(seq, _)| *seq > started);
+        !versions.is_empty()
+    });
 }
 
 /// Reads `buf.len()` bytes at `offset`; past the end of the file reads zeros.
@@ -337,6 +500,29 @@ pub(crate) fn landed(tickets: &[Ticket]) {
     for t in tickets {
         t.sim.landed(t);
     }
+}
+
+/// For crash tests of a whole server process: with `MAAS_TEST_POWERLOSS_JOURNAL` set, the
+/// first pool opened or created in the process runs under a journaled simulation (see
+/// [`Sim::start_journaled`]); after the process is killed, [`power_cut_journal`] cuts the power.
+/// Never set it in production: every write then also copies what it overwrites.
+pub(crate) fn start_from_env(pool_dir: &Path) {
+    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let Some(journal) = std::env::var_os("MAAS_TEST_POWERLOSS_JOURNAL") else {
+        return;
+    };
+    STARTED.get_or_init(|| match Sim::start_journaled(pool_dir, Path::new(&journal)) {
+        Ok(sim) => {
+            tracing::warn!(
+                pool = %pool_dir.display(),
+                journal = ?journal,
+                "TEST MODE: the pool runs under the power-loss simulation (MAAS_TEST_POWERLOSS_JOURNAL)"
+            );
+            // Lives as long as the process: the simulation stays registered.
+            std::mem::forget(sim);
+        }
+        Err(e) => tracing::error!(error = %e, "could not start the power-loss simulation"),
+    });
 }
 
 /// Whether any simulation is running (the I/O layer's fast check).
