@@ -369,10 +369,7 @@ pub fn power_cut_journal(journal: &Path, seed: u64) -> io::Result<CutReport> {
     let u64_at = |at: &mut usize| -> Option<u64> {
         take(at, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
     };
-    loop {
-        let Some(tag) = take(&mut at, 1).map(|t| t[0]) else {
-            break;
-        };
+    while let Some(tag) = take(&mut at, 1).map(|t| t[0]) {
         let (Some(dev), Some(ino)) = (u64_at(&mut at), u64_at(&mut at)) else {
             break;
         };

@@ -218,6 +218,16 @@ pub fn replay(
         .iter()
         .map(|w| w.claim)
         .fold(recorded_durable, u64::max);
+    // Where the durable LSN comes from, for the damage report.
+    let claims: String = std::iter::once(format!("recorded {recorded_durable}"))
+        .chain(
+            walked
+                .iter()
+                .filter(|w| w.claim > 0)
+                .map(|w| format!("segment {} claims {}", w.seq, w.claim)),
+        )
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut next_lsn = 1;
     let mut out = Replayed {
         next_lsn: 1,
@@ -371,7 +381,7 @@ pub fn replay(
             if chain_end < expected {
                 let pos = tail_pos;
                 seg.suspect = true;
-                out.damage.push(unattributed(
+                let mut d = unattributed(
                     seq,
                     &rec,
                     &buf,
@@ -380,7 +390,13 @@ pub fn replay(
                     chain_end,
                     expected,
                     durable,
-                ));
+                );
+                d.detail = format!(
+                    "{}; the segment (first LSN {}, end {:?}, next segment's first LSN {:?}) \
+                     ends at LSN {chain_end}; durable LSN from: {claims}",
+                    d.detail, rec.first_lsn, rec.end_lsn, next_first
+                );
+                out.damage.push(d);
                 next_lsn = next_lsn.max(expected);
             }
         }
