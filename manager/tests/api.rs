@@ -276,9 +276,9 @@ fn lifecycle_and_restart_on_sqlite() {
 
 #[test]
 fn lifecycle_and_restart_on_postgresql() {
-    let url = std::env::var("MAAS_TEST_POSTGRES_URL").expect(
-        "MAAS_TEST_POSTGRES_URL is not set: ./scripts/test-all.sh starts a local PostgreSQL and sets it",
-    );
+    // A catalog of its own: the database is shared by the other PostgreSQL tests, each with
+    // its own pool, and a catalog serves only the pool it is bound to.
+    let url = postgres_catalog();
     let dir = tempfile::tempdir().unwrap();
     let mut m = Maasd::start(dir.path(), Some(url));
     assert_eq!(m.ok("GET", "/health", None)["catalog"], "postgresql");
