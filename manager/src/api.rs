@@ -96,6 +96,8 @@ impl Page {
     }
 }
 
+/// One page from `rows`, fetched as `limit + 1` rows of exactly the rows listed (filtered in
+/// the query, never after it): the extra row says whether a next page exists.
 fn page<T, R>(
     rows: Vec<R>,
     limit: i64,
@@ -378,7 +380,6 @@ pub async fn list_volumes(
         Ok(st.catalog.volumes(cursor.as_deref(), limit + 1)?)
     })
     .await?;
-    let rows: Vec<VolumeRow> = rows.into_iter().filter(|r| r.state == "ready").collect();
     Ok(HttpResponse::Ok().json(page(rows, limit, |r| r.id.clone(), volume_out)))
 }
 
@@ -589,7 +590,6 @@ pub async fn list_snapshots(
         Ok(st.catalog.snapshots_of(&id, cursor.as_deref(), limit + 1)?)
     })
     .await?;
-    let rows: Vec<SnapshotRow> = rows.into_iter().filter(|r| r.state == "ready").collect();
     Ok(HttpResponse::Ok().json(page(rows, limit, |r| r.id.clone(), snapshot_out)))
 }
 

@@ -286,9 +286,11 @@ impl Catalog {
                 .optional()?)
         })
     }
+    /// Ready volumes by id, after `after` (filtered here, so that pages are exact).
     pub fn volumes(&self, after: Option<&str>, limit: i64) -> CResult<Vec<VolumeRow>> {
         self.with(|c| {
             let mut q = volumes::table
+                .filter(volumes::state.eq("ready"))
                 .select(VolumeRow::as_select())
                 .order(volumes::id.asc())
                 .limit(limit)
@@ -336,6 +338,7 @@ impl Catalog {
                 .optional()?)
         })
     }
+    /// Ready snapshots of `volume` by id, after `after` (filtered here: exact pages).
     pub fn snapshots_of(
         &self,
         volume: &str,
@@ -345,6 +348,7 @@ impl Catalog {
         self.with(|c| {
             let mut q = snapshots::table
                 .filter(snapshots::volume.eq(volume.to_string()))
+                .filter(snapshots::state.eq("ready"))
                 .select(SnapshotRow::as_select())
                 .order(snapshots::id.asc())
                 .limit(limit)

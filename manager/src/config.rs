@@ -154,7 +154,9 @@ pub const DOCS: &[(&str, &str, &str)] = &[
     (
         "pool",
         "",
-        "The storage pool, created under DATA_DIR/pool on first start.",
+        "The storage pool, created under DATA_DIR/pool on first start. The catalog records its \
+         UUID: a later start without that pool (a disk not mounted) or with another one is \
+         refused; `maasd --create-pool` (a flag, never a setting) starts over with a new pool.",
     ),
     (
         "pool",

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod identity;
 pub mod jobs;
 pub mod reconcile;
 pub mod server;

@@ -1,14 +1,21 @@
 //! Start-up reconciliation of catalog and pool, so that after a crash at any point there are no
 //! orphaned and no phantom volumes or snapshots. The pool is the truth about bytes; the catalog
 //! about intent. Pool volumes are named by their catalog id.
+//!
+//! Reconciliation drops catalog rows, so it runs only against the pool the catalog is bound to
+//! ([`crate::identity`]): given any other pool it changes nothing and fails, and it never
+//! touches rows of another catalog pool id.
 
 use std::collections::{HashMap, HashSet};
 
 use maas_pool::{Pool, SnapshotId};
 
+use actix_web::http::StatusCode;
+
 use crate::catalog::{Catalog, SnapshotRow, VolumeRow};
-use crate::error::ApiResult;
-use crate::state::{POOL_ID, new_id, now_ms};
+use crate::error::{ApiError, ApiResult};
+use crate::identity::PoolBinding;
+use crate::state::{new_id, now_ms};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -21,7 +28,39 @@ pub struct Report {
     pub snapshots_deleted: usize,
 }
 
-pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
+/// Refuses (POOL_MISMATCH) unless `pool` is the pool `expected` names and the catalog still
+/// records that binding.
+fn check_identity(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResult<()> {
+    let mismatch = |m: String| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "POOL_MISMATCH",
+            format!("{m}; nothing reconciled"),
+        )
+    };
+    if pool.pool_id().to_string() != expected.uuid {
+        return Err(mismatch(format!(
+            "expected pool {}, got pool {}",
+            expected.uuid,
+            pool.pool_id()
+        )));
+    }
+    match cat.pool_binding(&expected.id)? {
+        Some(b) if b.uuid == expected.uuid => Ok(()),
+        Some(b) => Err(mismatch(format!(
+            "the catalog now records pool {} for {:?}, not {}",
+            b.uuid, expected.id, expected.uuid
+        ))),
+        None => Err(mismatch(format!(
+            "the catalog records no pool for {:?}",
+            expected.id
+        ))),
+    }
+}
+
+pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResult<Report> {
+    check_identity(cat, pool, expected)?;
+    let pool_id = expected.id.as_str();
     let mut rep = Report::default();
     let pool_vols: HashMap<String, maas_pool::VolumeInfo> = pool
         .volumes()
@@ -29,7 +68,13 @@ pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
         .map(|v| (v.name.clone(), v))
         .collect();
     let mut known: HashSet<String> = HashSet::new();
+    // Rows of other catalog pools: never dropped, never adopted over.
+    let mut elsewhere: HashSet<String> = HashSet::new();
     for mut row in cat.all_volumes()? {
+        if row.pool != pool_id {
+            elsewhere.insert(row.id);
+            continue;
+        }
         let in_pool = pool_vols.get(&row.id);
         match (row.state.as_str(), in_pool) {
             ("deleting", Some(v)) => {
@@ -63,6 +108,10 @@ pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
         if known.contains(pname) {
             continue;
         }
+        if elsewhere.contains(pname) {
+            tracing::warn!(volume = %pname, "reconcile: a pool volume's id belongs to another pool's catalog row; not adopted");
+            continue;
+        }
         let mut name = pname.clone();
         if cat.volume_by_name(&name)?.is_some() {
             name = format!("{pname}-adopted-{}", v.id.0);
@@ -72,7 +121,7 @@ pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
         cat.insert_volume(&VolumeRow {
             id: pname.clone(),
             name,
-            pool: POOL_ID.into(),
+            pool: pool_id.into(),
             size: v.size as i64,
             block_size: v.block_size as i64,
             labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
@@ -88,6 +137,9 @@ pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
         pool.snapshots()?.into_iter().map(|s| (s.id.0, s)).collect();
     let mut known_snaps = HashSet::new();
     for row in cat.all_snapshots()? {
+        if row.pool != pool_id {
+            continue;
+        }
         let ps = row.pool_snapshot as u64;
         match (row.state.as_str(), pool_snaps.contains_key(&ps)) {
             ("deleting", true) => match pool.delete_snapshot(SnapshotId(ps)) {
@@ -125,7 +177,7 @@ pub fn reconcile(cat: &Catalog, pool: &Pool) -> ApiResult<Report> {
             id: new_id("snap"),
             volume: s.volume_name.clone(),
             volume_name: vname,
-            pool: POOL_ID.into(),
+            pool: pool_id.into(),
             pool_snapshot: *ps as i64,
             size: s.size as i64,
             block_size: s.block_size as i64,

@@ -19,7 +19,7 @@ use crate::auth::{Role, hash_secret, new_secret};
 use crate::catalog::{Catalog, TokenRow};
 use crate::config::Config;
 use crate::error::{ApiError, REQUEST_ID};
-use crate::state::{AppState, new_id, now_ms};
+use crate::state::{AppState, POOL_ID, new_id, now_ms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -174,9 +174,20 @@ fn bootstrap_admin(cfg: &Config, catalog: &Catalog) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
+/// How this start treats the pool (command-line only: never a persistent setting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Create a new pool even though the catalog names one (or describes objects) that is not
+    /// there. Never replaces a pool that exists.
+    pub create_pool: bool,
+}
+
+pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> {
     std::fs::create_dir_all(&cfg.data.dir)
         .with_context(|| format!("creating {}", cfg.data.dir.display()))?;
+    let url = cfg.catalog_url();
+    let catalog = Arc::new(Catalog::open(&url)?);
+    tracing::info!(catalog = %crate::catalog::redact(&url), backend = catalog.backend(), "catalog open");
     let pool_dir = cfg.data.dir.join("pool");
     let opts = maas_pool::OpenOptions {
         cache_bytes: cfg.pool.cache_bytes as usize,
@@ -187,29 +198,30 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
         wal_fold_threshold: cfg.pool.wal_fold_threshold,
         background: true,
     };
-    let pool = if pool_dir.join(maas_pool::config::SUPERBLOCK_FILE).exists() {
-        maas_pool::Pool::open(&pool_dir, opts)
-            .with_context(|| format!("opening pool {}", pool_dir.display()))?
-    } else {
-        let mut create = maas_pool::CreateOptions {
-            chunk_size: cfg.pool.chunk_size,
-            ..Default::default()
-        };
-        if cfg.pool.device_size > 0 {
-            create.devices.push(maas_pool::DeviceSpec {
-                path: "data-0.dev".into(),
-                tier: maas_pool::Tier::Ssd,
-                size: cfg.pool.device_size,
-            });
-        }
-        maas_pool::Pool::create(&pool_dir, create, opts)
-            .with_context(|| format!("creating pool {}", pool_dir.display()))?
+    let mut create = maas_pool::CreateOptions {
+        chunk_size: cfg.pool.chunk_size,
+        ..Default::default()
     };
-    let url = cfg.catalog_url();
-    let catalog = Arc::new(Catalog::open(&url)?);
-    tracing::info!(catalog = %crate::catalog::redact(&url), backend = catalog.backend(), "catalog open");
+    if cfg.pool.device_size > 0 {
+        create.devices.push(maas_pool::DeviceSpec {
+            path: "data-0.dev".into(),
+            tier: maas_pool::Tier::Ssd,
+            size: cfg.pool.device_size,
+        });
+    }
+    // The catalog is bound to its pool's UUID: a missing or different pool stops the start
+    // here, before anything (reconciliation above all) could change the catalog.
+    let (pool, binding) = crate::identity::open_bound_pool(
+        &catalog,
+        POOL_ID,
+        &pool_dir,
+        create,
+        opts,
+        start.create_pool,
+    )?;
     bootstrap_admin(&cfg, &catalog)?;
-    crate::reconcile::reconcile(&catalog, &pool).map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
+    crate::reconcile::reconcile(&catalog, &pool, &binding)
+        .map_err(|e| anyhow::anyhow!("reconcile: {e}"))?;
     let advertise = |a: &str| Some(a.to_string()).filter(|a| !a.is_empty());
     let engine = crate::engine::Engine::new(
         advertise(&cfg.iscsi.advertise),
@@ -239,10 +251,10 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
     Ok(state)
 }
 
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+pub async fn serve(cfg: Config, start: StartOptions) -> anyhow::Result<()> {
     let listen = cfg.api.listen.clone();
     let workers = cfg.api.workers as usize;
-    let state = web::Data::new(open_state(cfg)?);
+    let state = web::Data::new(open_state(cfg, start)?);
     // The block front-ends run beside the REST API in the same runtime; a manager restart
     // is a process restart, so data sessions and the API share its lifetime here.
     let iscsi_listen = state.cfg.iscsi.listen.clone();

@@ -38,6 +38,14 @@ pub struct Maasd {
     child: Option<Child>,
 }
 
+/// A start that ended before the server came up ([`Maasd::try_start_again`]).
+#[derive(Debug)]
+pub struct StartRefused {
+    pub status: std::process::ExitStatus,
+    /// What the server logged during this start.
+    pub log: String,
+}
+
 /// How to start a [`Maasd`]; see [`Maasd::builder`].
 #[derive(Debug, Clone)]
 pub struct MaasdBuilder {
@@ -200,6 +208,20 @@ impl MaasdBuilder {
 
     /// Starts the server and waits until `/health` answers.
     pub fn start(self) -> Maasd {
+        let mut m = self.prepare();
+        m.spawn();
+        m
+    }
+
+    /// Starts the server with extra command-line `args`; `Err` with its exit status and log if
+    /// it exits instead of coming up.
+    pub fn try_start(self, args: &[&str]) -> Result<Maasd, StartRefused> {
+        let mut m = self.prepare();
+        m.try_spawn(args)?;
+        Ok(m)
+    }
+
+    fn prepare(self) -> Maasd {
         let iscsi_port = free_port();
         let iscsi_advertise = match self.advertise {
             Advertise::Fixed(s) => s,
@@ -211,7 +233,7 @@ impl MaasdBuilder {
             (Some(Advertise::Guest), Some(p)) => format!("{GUEST_HOST}:{p}"),
             _ => String::new(),
         };
-        let mut m = Maasd {
+        Maasd {
             dir: self.dir,
             port: free_port(),
             device_size: self.device_size,
@@ -224,9 +246,7 @@ impl MaasdBuilder {
             bin: self.bin,
             env: self.env,
             child: None,
-        };
-        m.spawn();
-        m
+        }
     }
 }
 
@@ -246,8 +266,17 @@ impl Maasd {
     }
 
     fn spawn(&mut self) {
+        if let Err(r) = self.try_spawn(&[]) {
+            panic!("maasd exited at start-up ({}):\n{}", r.status, self.log());
+        }
+    }
+
+    /// Starts the server with extra command-line `args`; `Err` if it exits before `/health`
+    /// answers.
+    fn try_spawn(&mut self, args: &[&str]) -> Result<(), StartRefused> {
         std::fs::create_dir_all(&self.dir)
             .unwrap_or_else(|e| panic!("creating {}: {e}", self.dir.display()));
+        let log_start = self.log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -256,6 +285,7 @@ impl Maasd {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--data-dir")
             .arg(self.dir.join("data"))
+            .args(args)
             .env("MAAS_API_LISTEN", format!("127.0.0.1:{}", self.port))
             .env("MAAS_POOL_DEVICE_SIZE", self.device_size.to_string())
             .env("MAAS_POOL_CHUNK_SIZE", (256u64 << 10).to_string())
@@ -293,8 +323,12 @@ impl Maasd {
             {
                 break;
             }
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("maasd exited at start-up ({st}):\n{}", self.log());
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait().unwrap_or_else(|e| panic!("wait: {e}"))
+            {
+                self.child = None;
+                let log = self.log().get(log_start..).unwrap_or_default().to_string();
+                return Err(StartRefused { status, log });
             }
             assert!(
                 t.elapsed() < Duration::from_secs(60),
@@ -307,6 +341,7 @@ impl Maasd {
             .unwrap_or_else(|e| panic!("reading admin.token: {e}"))
             .trim()
             .to_string();
+        Ok(())
     }
 
     /// The server's log (stderr) so far, across restarts.
@@ -365,6 +400,12 @@ impl Maasd {
     /// directory and ports.
     pub fn start_again(&mut self) {
         self.spawn();
+    }
+
+    /// Starts the server again with extra command-line `args` (for this start only); `Err`
+    /// with its exit status and log if it exits instead of coming up.
+    pub fn try_start_again(&mut self, args: &[&str]) -> Result<(), StartRefused> {
+        self.try_spawn(args)
     }
 
     /// Calls the API with the admin token; returns (status, body).

@@ -1,6 +1,8 @@
 //! maasd: the all-in-one MaaS server (manager, media engine and pool in one process).
 //! With no arguments it runs on embedded defaults: data in ./maas-data, SQLite catalog,
-//! a file-backed pool created on first start, REST on 127.0.0.1:8080.
+//! a file-backed pool created on first start, REST on 127.0.0.1:8080. The catalog records the
+//! pool's UUID: a later start without that pool (a disk not mounted) or with another one is
+//! refused, unless `--create-pool` asks for a new pool.
 
 use std::path::PathBuf;
 
@@ -27,6 +29,13 @@ struct Args {
     /// Print the annotated default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Create a new, empty pool although the catalog names a pool (or holds volumes,
+    /// snapshots or exports) that is not in DATA_DIR/pool; reconciliation then drops the
+    /// catalog's objects. Without it such a start is refused (a disk that is not mounted must
+    /// not erase the catalog). It never replaces a pool that is there, so it is refused once
+    /// the pool exists: a flag for one start, deliberately not a configuration setting.
+    #[arg(long)]
+    create_pool: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,5 +72,8 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     let sys = actix_web::rt::System::with_tokio_rt(|| rt);
-    sys.block_on(maas_manager::server::serve(cfg))
+    let start = maas_manager::server::StartOptions {
+        create_pool: args.create_pool,
+    };
+    sys.block_on(maas_manager::server::serve(cfg, start))
 }

@@ -38,3 +38,21 @@ impl Start for Maasd {
         Maasd::builder(MAASD, dir).device_size(device_size).start()
     }
 }
+
+/// A PostgreSQL catalog of one test's own: a new schema in the database of
+/// `MAAS_TEST_POSTGRES_URL` (set by ./scripts/test-all.sh), as a URL whose `search_path`
+/// selects it. A catalog is bound to one pool, so servers with pools of their own never share
+/// one (the tests that do share one do so on purpose).
+pub fn postgres_catalog() -> String {
+    use diesel::{Connection, RunQueryDsl};
+    let base = std::env::var("MAAS_TEST_POSTGRES_URL").expect(
+        "MAAS_TEST_POSTGRES_URL is not set: ./scripts/test-all.sh starts a local PostgreSQL and sets it",
+    );
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut c = diesel::PgConnection::establish(&base).unwrap();
+    diesel::sql_query(format!("CREATE SCHEMA {schema}"))
+        .execute(&mut c)
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-csearch_path%3D{schema}")
+}

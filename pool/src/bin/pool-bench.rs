@@ -2,11 +2,14 @@
 //! measured by fio (io_uring, O_DIRECT) in the same run.
 //!
 //! `pool-bench [--dir DIR] [--big-gib 10] [--seconds 8] [--json]`
+//!
+//! Any I/O error ends the run with a non-zero exit and names the test and the offset: a
+//! figure that counted failed operations would be a lie.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -109,33 +112,68 @@ fn aligned(len: usize) -> maas_pool::io::AlignedBuf {
     maas_pool::io::AlignedBuf::zeroed(len)
 }
 
-/// One benchmark operation: gets the worker's RNG and its aligned buffer.
-type BenchOp = Arc<dyn Fn(&mut Rng, &mut [u8]) + Send + Sync>;
+/// Keeps the first error of a run.
+fn record(failed: &Mutex<Option<anyhow::Error>>, e: anyhow::Error) {
+    let mut f = match failed.lock() {
+        Ok(f) => f,
+        Err(p) => p.into_inner(),
+    };
+    f.get_or_insert(e);
+}
 
-/// Runs `threads` workers for `secs`, each calling `op(rng)`; returns operations per second.
-fn run_parallel(threads: usize, secs: u64, op: BenchOp, buf: usize) -> f64 {
+/// One benchmark operation: gets the worker's RNG and its aligned buffer.
+type BenchOp = Arc<dyn Fn(&mut Rng, &mut [u8]) -> anyhow::Result<()> + Send + Sync>;
+
+/// Runs `threads` workers for `secs`, each calling `op(rng, buf)`; returns operations per
+/// second. The first error (or panic) of any worker stops them all and is the result.
+fn run_parallel(
+    what: &str,
+    threads: usize,
+    secs: u64,
+    op: BenchOp,
+    buf: usize,
+) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
+    let failed: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     let start = Instant::now();
     let hs: Vec<_> = (0..threads)
         .map(|t| {
-            let (stop, count, op) = (stop.clone(), count.clone(), op.clone());
+            let (stop, count, op, failed) =
+                (stop.clone(), count.clone(), op.clone(), failed.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng(0x1234_5678 + t as u64 * 7919);
                 let mut b = aligned(buf);
                 while !stop.load(Ordering::Relaxed) {
-                    op(&mut rng, &mut b);
+                    if let Err(e) = op(&mut rng, &mut b) {
+                        record(&failed, e);
+                        stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
                     count.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(secs));
+    let deadline = start + Duration::from_secs(secs);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     stop.store(true, Ordering::Relaxed);
     for h in hs {
-        let _ = h.join();
+        if h.join().is_err() {
+            record(&failed, anyhow::anyhow!("a worker panicked"));
+        }
     }
-    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let elapsed = start.elapsed().as_secs_f64();
+    let failed = match Arc::try_unwrap(failed) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
+        Err(_) => Some(anyhow::anyhow!("a worker outlived the run")),
+    };
+    if let Some(e) = failed {
+        return Err(e.context(what.to_string()));
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / elapsed)
 }
 
 fn fio(file: &Path, rw: &str, bs: &str, depth: u32, secs: u64) -> anyhow::Result<(f64, f64)> {
@@ -165,9 +203,16 @@ fn fio(file: &Path, rw: &str, bs: &str, depth: u32, secs: u64) -> anyhow::Result
     } else {
         &job["write"]
     };
-    let bw_mib = side["bw_bytes"].as_f64().unwrap_or(0.0) / MIB as f64;
-    let iops = side["iops"].as_f64().unwrap_or(0.0);
-    Ok((bw_mib, iops))
+    let figure = |k: &str| {
+        side[k]
+            .as_f64()
+            .filter(|x| *x > 0.0)
+            .with_context(|| format!("fio --rw={rw} reported no {k}: {side}"))
+    };
+    if side["total_ios"].as_u64().is_none() || job["error"].as_u64().unwrap_or(1) != 0 {
+        bail!("fio --rw={rw} reported an error: {job}");
+    }
+    Ok((figure("bw_bytes")? / MIB as f64, figure("iops")?))
 }
 
 fn fill(v: &Volume, size: u64, seed: u64) -> anyhow::Result<()> {
@@ -214,7 +259,7 @@ fn main() -> anyhow::Result<()> {
     let (raw_sr, _) = fio(&raw_file, "read", "1M", 16, secs)?;
     let (_, raw_rr) = fio(&raw_file, "randread", "4k", 32, secs)?;
     let (_, raw_rw) = fio(&raw_file, "randwrite", "4k", 32, secs)?;
-    let _ = std::fs::remove_file(&raw_file);
+    std::fs::remove_file(&raw_file).with_context(|| format!("removing {}", raw_file.display()))?;
 
     let pool_dir = dir.join("pool");
     let create = CreateOptions {
@@ -244,6 +289,7 @@ fn main() -> anyhow::Result<()> {
     let seq_w = {
         let (v, pos) = (v.clone(), pos.clone());
         run_parallel(
+            "pool live volume: sequential 1 MiB writes",
             16,
             secs,
             Arc::new(move |r, b| {
@@ -256,47 +302,58 @@ fn main() -> anyhow::Result<()> {
                 for (i, blk) in b.chunks_mut(4096).enumerate() {
                     blk[..8].copy_from_slice(&(off + i as u64 * 4096).to_le_bytes());
                 }
-                let _ = v.write(off, b, false);
+                v.write(off, b, false)
+                    .with_context(|| format!("write of 1 MiB at {off}"))
             }),
             MIB as usize,
-        )
+        )?
     };
     v.flush()?;
     let seq_r = {
         let (v, pos) = (v.clone(), Arc::new(AtomicU64::new(0)));
         run_parallel(
+            "pool live volume: sequential 1 MiB reads",
             16,
             secs,
             Arc::new(move |_r, b| {
                 let off = pos.fetch_add(MIB, Ordering::Relaxed) % GIB;
-                let _ = v.read(off, b);
+                v.read(off, b)
+                    .with_context(|| format!("read of 1 MiB at {off}"))
             }),
             MIB as usize,
-        )
+        )?
     };
     let rand_r = {
         let v = v.clone();
         run_parallel(
+            "pool live volume: random 4 KiB reads",
             32,
             secs,
             Arc::new(move |r, b| {
                 let off = (r.next() % (GIB / 4096)) * 4096;
-                let _ = v.read(off, b);
+                v.read(off, b)
+                    .with_context(|| format!("read of 4 KiB at {off}"))
             }),
             4096,
-        )
+        )?
     };
     let rand_w = {
         let v = v.clone();
         run_parallel(
+            "pool live volume: random 4 KiB writes",
             32,
             secs,
             Arc::new(move |r, b| {
                 let off = (r.next() % (GIB / 4096)) * 4096;
-                let _ = v.write(off, b, false);
+                // New random content for every write (incompressible, never all zeros: a
+                // zero block is cheaper than any real one), stamped with its offset.
+                r.fill(b);
+                b[..8].copy_from_slice(&off.to_le_bytes());
+                v.write(off, b, false)
+                    .with_context(|| format!("write of 4 KiB at {off}"))
             }),
             4096,
-        )
+        )?
     };
     v.flush()?;
     pool.delete_volume(vi.id)?;
@@ -377,7 +434,8 @@ fn main() -> anyhow::Result<()> {
     let clone_1t = t.elapsed().as_secs_f64() * 1000.0;
     pool.close()?;
     drop(pool);
-    let _ = std::fs::remove_dir_all(&pool_dir);
+    std::fs::remove_dir_all(&pool_dir)
+        .with_context(|| format!("removing {}", pool_dir.display()))?;
 
     let result = json!({
         "seq_write_mib_s": seq_w,
