@@ -185,6 +185,32 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// An SQLite catalog holds CHAP secrets and token hashes: its file is created 0600 before
+/// SQLite opens it (SQLite gives its -wal and -shm files the database file's mode), and an
+/// existing one, with its -wal/-shm/-journal, is tightened to 0600 (logged) if more open.
+fn private_sqlite_files(path: &str) -> std::io::Result<()> {
+    use maas_pool::fsmode::{PRIVATE_FILE, restrict_file, restrict_path};
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.is_empty() || path == ":memory:" || path.starts_with("file:") {
+        return Ok(());
+    }
+    let db = std::path::Path::new(path);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PRIVATE_FILE)
+        .open(db)?;
+    restrict_file(&f, db, PRIVATE_FILE)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        restrict_path(std::path::Path::new(&p), PRIVATE_FILE)?;
+    }
+    Ok(())
+}
+
 impl Catalog {
     /// Opens `postgres://...` / `postgresql://...` URLs with PostgreSQL, anything else as an
     /// SQLite path (`sqlite://` prefix allowed), and runs pending migrations.
@@ -200,6 +226,7 @@ impl Catalog {
             AnyConnection::Postgresql(c)
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            private_sqlite_files(path).map_err(|e| err(e.to_string()))?;
             let mut c =
                 diesel::SqliteConnection::establish(path).map_err(|e| err(e.to_string()))?;
             diesel::sql_query("PRAGMA journal_mode = WAL")

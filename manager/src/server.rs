@@ -131,6 +131,8 @@ fn path_error(e: actix_web::error::PathError, _: &actix_web::HttpRequest) -> act
 fn bootstrap_admin(cfg: &Config, catalog: &Catalog) -> anyhow::Result<()> {
     let path = cfg.data.dir.join("admin.token");
     let tokens = catalog.tokens()?;
+    maas_pool::fsmode::restrict_path(&path, maas_pool::fsmode::PRIVATE_FILE)
+        .with_context(|| format!("restricting {}", path.display()))?;
     if let Ok(existing) = std::fs::read_to_string(&path) {
         let h = hash_secret(existing.trim());
         if tokens.iter().any(|t| t.secret_hash == h) {
@@ -161,6 +163,8 @@ fn bootstrap_admin(cfg: &Config, catalog: &Catalog) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("writing {}", path.display()))?;
+    maas_pool::fsmode::restrict_file(&f, &path, maas_pool::fsmode::PRIVATE_FILE)
+        .with_context(|| format!("restricting {}", path.display()))?;
     writeln!(f, "{secret}")?;
     f.sync_all()?;
     catalog.insert_token(&TokenRow {
@@ -175,7 +179,7 @@ fn bootstrap_admin(cfg: &Config, catalog: &Catalog) -> anyhow::Result<()> {
 }
 
 pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
-    std::fs::create_dir_all(&cfg.data.dir)
+    maas_pool::fsmode::private_dir(&cfg.data.dir)
         .with_context(|| format!("creating {}", cfg.data.dir.display()))?;
     let pool_dir = cfg.data.dir.join("pool");
     let opts = maas_pool::OpenOptions {
