@@ -127,7 +127,7 @@ pub struct SnapshotRow {
     pub created_ms: i64,
 }
 
-#[derive(Clone, Debug, Queryable, Selectable, Insertable, PartialEq)]
+#[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
 #[diesel(table_name = exports)]
 pub struct ExportRow {
     pub id: String,
@@ -155,7 +155,7 @@ pub struct JobRow {
     pub updated_ms: i64,
 }
 
-#[derive(Clone, Debug, Queryable, Selectable, Insertable, PartialEq)]
+#[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
 #[diesel(table_name = tokens)]
 pub struct TokenRow {
     pub id: String,
@@ -163,6 +163,35 @@ pub struct TokenRow {
     pub role: String,
     pub secret_hash: String,
     pub created_ms: i64,
+}
+
+/// The CHAP column holds secrets (encrypted, or plaintext from before encryption): never shown.
+impl std::fmt::Debug for ExportRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportRow")
+            .field("id", &self.id)
+            .field("volume", &self.volume)
+            .field("protocol", &self.protocol)
+            .field("initiators", &self.initiators)
+            .field("chap", &maas_api::redacted(&self.chap))
+            .field("target", &self.target)
+            .field("created_ms", &self.created_ms)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+/// A token's hash does not log anyone in, but has no business in logs either: never shown.
+impl std::fmt::Debug for TokenRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRow")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("secret_hash", &format_args!("{}", maas_api::REDACTED))
+            .field("created_ms", &self.created_ms)
+            .finish()
+    }
 }
 
 /// The catalog connection. Calls block: run them off the async threads.
@@ -515,5 +544,45 @@ impl Catalog {
     }
     pub fn delete_token(&self, id: &str) -> CResult<bool> {
         self.with(|c| Ok(diesel::delete(tokens::table.find(id)).execute(c)? > 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let e = ExportRow {
+            id: "exp-1".into(),
+            volume: "vol-1".into(),
+            protocol: "iscsi".into(),
+            initiators: "[]".into(),
+            chap: Some(r#"{"user":"u","secret":"one-way-s3cret"}"#.into()),
+            target: "iqn.2026-11.io.maas:exp-1".into(),
+            created_ms: 1,
+            read_only: 0,
+        };
+        let text = format!("{e:?}");
+        assert!(!text.contains("one-way-s3cret"), "{text}");
+        assert!(
+            text.contains("chap: Some(<redacted>)") && text.contains("exp-1"),
+            "{text}"
+        );
+        let none = ExportRow { chap: None, ..e };
+        assert!(format!("{none:?}").contains("chap: None"));
+        let t = TokenRow {
+            id: "tok-1".into(),
+            name: "ci".into(),
+            role: "admin".into(),
+            secret_hash: "deadbeefcafe".into(),
+            created_ms: 1,
+        };
+        let text = format!("{t:?}");
+        assert!(!text.contains("deadbeefcafe"), "{text}");
+        assert!(
+            text.contains("secret_hash: <redacted>") && text.contains("tok-1"),
+            "{text}"
+        );
     }
 }

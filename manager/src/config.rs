@@ -30,10 +30,19 @@ pub struct ApiConfig {
     pub workers: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CatalogConfig {
     pub url: String,
+}
+
+/// A PostgreSQL URL may carry a password: shown without it.
+impl std::fmt::Debug for CatalogConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogConfig")
+            .field("url", &crate::catalog::redact(&self.url))
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -401,6 +410,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_catalog_password() {
+        let mut c = Config::default();
+        c.catalog.url = "postgres://maas:pa55word@db.example/maas".into();
+        let text = format!("{c:?}");
+        assert!(!text.contains("pa55word"), "{text}");
+        assert!(text.contains("db.example/maas"), "{text}");
     }
 
     #[test]

@@ -14,7 +14,6 @@ use crate::error::{ApiError, ApiResult};
 
 pub const POOL_ID: &str = "default";
 
-#[derive(Debug)]
 pub struct AppState {
     pub cfg: Config,
     pub pool: maas_pool::Pool,
@@ -24,6 +23,21 @@ pub struct AppState {
     pub running_jobs: AtomicUsize,
     /// What the media engine exports (targets are driven from catalog export rows).
     pub engine: crate::engine::Engine,
+}
+
+/// Token hashes stay out of logs: only their number is shown.
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tokens = self.tokens.read().map(|t| t.len()).unwrap_or(0);
+        f.debug_struct("AppState")
+            .field("cfg", &self.cfg)
+            .field("pool", &self.pool)
+            .field("catalog", &self.catalog)
+            .field("tokens", &format_args!("<{tokens} redacted>"))
+            .field("running_jobs", &self.running_jobs)
+            .field("engine", &self.engine)
+            .finish()
+    }
 }
 
 impl AppState {
