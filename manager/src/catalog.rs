@@ -264,6 +264,11 @@ impl Catalog {
             diesel::sql_query("PRAGMA synchronous = FULL")
                 .execute(&mut c)
                 .map_err(|e| err(e.to_string()))?;
+            // Deleted and overwritten content (e.g. CHAP secrets once kept in clear) is zeroed,
+            // not left in free pages.
+            diesel::sql_query("PRAGMA secure_delete = ON")
+                .execute(&mut c)
+                .map_err(|e| err(e.to_string()))?;
             diesel::sql_query("PRAGMA busy_timeout = 5000")
                 .execute(&mut c)
                 .map_err(|e| err(e.to_string()))?;
@@ -460,6 +465,28 @@ impl Catalog {
                 .load(c)?)
         })
     }
+    /// Replaces an export's CHAP column (sealing secrets kept in clear by older builds).
+    pub fn set_export_chap(&self, id: &str, chap: &str) -> CResult<()> {
+        self.with(|c| {
+            diesel::update(exports::table.find(id))
+                .set(exports::chap.eq(chap))
+                .execute(c)?;
+            Ok(())
+        })
+    }
+
+    /// SQLite: copies the write-ahead log into the database and empties it, so that
+    /// overwritten rows (secrets that were in clear) leave no old copy in the -wal file.
+    /// Nothing to do on PostgreSQL.
+    pub fn checkpoint(&self) -> CResult<()> {
+        self.with(|c| {
+            if let AnyConnection::Sqlite(s) = c {
+                diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").execute(s)?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn delete_export(&self, id: &str) -> CResult<()> {
         self.with(|c| {
             Ok(diesel::delete(exports::table.find(id))

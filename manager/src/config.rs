@@ -34,6 +34,7 @@ pub struct ApiConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct CatalogConfig {
     pub url: String,
+    pub secret_key_file: PathBuf,
 }
 
 /// A PostgreSQL URL may carry a password: shown without it.
@@ -41,6 +42,7 @@ impl std::fmt::Debug for CatalogConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CatalogConfig")
             .field("url", &crate::catalog::redact(&self.url))
+            .field("secret_key_file", &self.secret_key_file)
             .finish()
     }
 }
@@ -159,6 +161,13 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "catalog",
         "url",
         "Empty = SQLite at DATA_DIR/catalog.sqlite; or postgres://user:pass@host/db.",
+    ),
+    (
+        "catalog",
+        "secret_key_file",
+        "Key that encrypts the CHAP secrets in the catalog (created, mode 0600, if missing; \
+         keep it with catalog backups; every manager of one catalog needs the same). \
+         Empty = DATA_DIR/catalog.key.",
     ),
     (
         "pool",
@@ -352,6 +361,15 @@ impl Config {
             self.data.dir.join("catalog.sqlite").display().to_string()
         } else {
             self.catalog.url.clone()
+        }
+    }
+
+    /// The key file that seals the catalog's secrets.
+    pub fn catalog_key_file(&self) -> PathBuf {
+        if self.catalog.secret_key_file.as_os_str().is_empty() {
+            self.data.dir.join(crate::secrets::KEY_FILE)
+        } else {
+            self.catalog.secret_key_file.clone()
         }
     }
 

@@ -10,5 +10,6 @@ pub mod engine;
 pub mod error;
 pub mod jobs;
 pub mod reconcile;
+pub mod secrets;
 pub mod server;
 pub mod state;

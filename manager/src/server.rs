@@ -34,7 +34,7 @@ use crate::state::{AppState, new_id, now_ms};
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::Device, maas_api::Volume,
         maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
-        maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo,
+        maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
     )),
     modifiers(&Security),
@@ -219,11 +219,8 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
         advertise(&cfg.iscsi.advertise),
         advertise(&cfg.nvme_tcp.advertise),
     );
-    for row in catalog.all_exports()? {
-        if let Err(e) = engine.export(&pool, &row) {
-            tracing::error!(export = %row.id, volume = %row.volume, "export could not be restored: {e}");
-        }
-    }
+    let vault = crate::secrets::Vault::load_or_create(&cfg.catalog_key_file())?;
+    engine.restore(&pool, &catalog, &vault);
     let state = AppState {
         cfg,
         pool,
@@ -231,6 +228,7 @@ pub fn open_state(cfg: Config) -> anyhow::Result<AppState> {
         tokens: RwLock::new(HashMap::new()),
         running_jobs: AtomicUsize::new(0),
         engine,
+        vault,
     };
     let interrupted = crate::jobs::fail_interrupted(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
     if interrupted > 0 {

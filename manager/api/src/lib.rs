@@ -217,6 +217,24 @@ pub struct Export {
     #[serde(default)]
     pub read_only: bool,
     pub created_at: String,
+    /// `live`: served; `failed`: the server could not bring it up (see `error`), so no host
+    /// can log in to it until it is deleted and created again.
+    #[serde(default = "live")]
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ExportError>,
+}
+
+fn live() -> String {
+    "live".into()
+}
+
+/// Why an export is not served.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ExportError {
+    /// Stable, machine-readable code, e.g. `CHAP_SECRET_UNREADABLE`.
+    pub code: String,
+    pub message: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
