@@ -282,3 +282,229 @@ fn chap_secrets_kept_in_clear_by_older_builds_are_sealed_at_start() {
         "{g}"
     );
 }
+
+/// Runs the real maasctl against `m` with extra environment; stdin is not a terminal.
+fn maasctl(m: &Maasd, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_maasctl"));
+    c.env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
+        .env("MAAS_TOKEN_FILE", m.dir.join("data/admin.token"))
+        .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
+        .env_remove("MAAS_CHAP_SECRET")
+        .env_remove("MAAS_CHAP_MUTUAL_SECRET")
+        .stdin(std::process::Stdio::null())
+        .args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = run_with_timeout(&mut c, 60);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn secret_file(dir: &Path, name: &str, content: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn maasctl_refuses_incomplete_chap_options_and_secrets_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Maasd::start_local(dir.path());
+    let vol = maas_tests::maasd::volume(&m, "flags", 64 * MIB, 512);
+    let one = secret_file(dir.path(), "one", "s3cret-s3cret\n");
+    let two = secret_file(dir.path(), "two", "mutual-s3cret\n");
+    let empty = secret_file(dir.path(), "empty", "\n");
+    let base = ["export", "create", vol.as_str(), "--initiator", HOST];
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            vec!["--chap-user", "backup"],
+            vec![],
+            "--chap-user needs a secret",
+        ),
+        (
+            vec!["--chap-secret-file", &one],
+            vec![],
+            "--chap-secret-file needs --chap-user",
+        ),
+        (
+            vec![],
+            vec![("MAAS_CHAP_SECRET", "s3cret-s3cret")],
+            "MAAS_CHAP_SECRET is set but --chap-user is not",
+        ),
+        (
+            vec!["--mutual-user", "maas", "--mutual-secret-file", &two],
+            vec![],
+            "mutual CHAP needs one-way CHAP",
+        ),
+        (
+            vec![],
+            vec![("MAAS_CHAP_MUTUAL_SECRET", "mutual-s3cret")],
+            "mutual CHAP needs one-way CHAP",
+        ),
+        (
+            vec![
+                "--chap-user",
+                "backup",
+                "--chap-secret-file",
+                &one,
+                "--mutual-user",
+                "maas",
+            ],
+            vec![],
+            "--mutual-user needs a secret",
+        ),
+        (
+            vec![
+                "--chap-user",
+                "backup",
+                "--chap-secret-file",
+                &one,
+                "--mutual-secret-file",
+                &two,
+            ],
+            vec![],
+            "--mutual-secret-file needs --mutual-user",
+        ),
+        (
+            vec!["--chap-user", "backup", "--chap-secret-file", &one],
+            vec![("MAAS_CHAP_MUTUAL_SECRET", "mutual-s3cret")],
+            "MAAS_CHAP_MUTUAL_SECRET is set but --mutual-user is not",
+        ),
+        (
+            vec!["--chap-user", "backup", "--chap-secret-file", &empty],
+            vec![],
+            "must hold the secret on one line",
+        ),
+        (
+            vec![
+                "--chap-user",
+                "backup",
+                "--chap-secret-file",
+                "/nonexistent/secret",
+            ],
+            vec![],
+            "CHAP secret file /nonexistent/secret",
+        ),
+        (
+            vec![
+                "--protocol",
+                "nvme-tcp",
+                "--chap-user",
+                "backup",
+                "--chap-secret-file",
+                &one,
+            ],
+            vec![],
+            "CHAP applies to iSCSI exports",
+        ),
+        (
+            vec!["--chap-user", "backup", "--chap-secret", "s3cret-s3cret"],
+            vec![],
+            "--chap-secret and --mutual-secret were removed",
+        ),
+    ];
+    for (flags, env, want) in &cases {
+        let mut args = base.to_vec();
+        args.extend_from_slice(flags);
+        let (ok, out, err) = maasctl(&m, env, &args);
+        assert!(!ok, "maasctl {args:?} {env:?} succeeded: {out}");
+        assert!(err.contains(want), "maasctl {args:?} {env:?}: {err}");
+        assert!(!err.contains("s3cret"), "a secret in the message: {err}");
+    }
+    // None of them created an export, with or without CHAP.
+    let list = m.ok("GET", &format!("/volumes/{vol}/exports"), None);
+    assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
+}
+
+#[test]
+fn maasctl_takes_chap_secrets_from_a_file_the_environment_or_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Maasd::start_local(dir.path());
+    let vol = maas_tests::maasd::volume(&m, "secrets", 64 * MIB, 512);
+    let one = secret_file(dir.path(), "one", "s3cret-from-file\n");
+    let two = secret_file(dir.path(), "two", "mutual-from-file\r\n");
+    let create = |env: &[(&str, &str)], flags: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "export",
+            "create",
+            vol.as_str(),
+            "--initiator",
+            HOST,
+        ];
+        args.extend_from_slice(flags);
+        let (ok, out, err) = maasctl(&m, env, &args);
+        assert!(ok, "maasctl {args:?}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    // Files (the line ending is not part of the secret), mutual CHAP included.
+    let e = create(
+        &[],
+        &[
+            "--chap-user",
+            "backup",
+            "--chap-secret-file",
+            &one,
+            "--mutual-user",
+            "maas",
+            "--mutual-secret-file",
+            &two,
+        ],
+    );
+    assert_eq!(e["chap"]["mutual_user"], "maas", "{e}");
+    let out = run_with_timeout(
+        Command::new("iscsi-inq")
+            .args(["-i", HOST, &url(&e, Some(("backup", "s3cret-from-file")))])
+            .env("LIBISCSI_CHAP_TARGET_USERNAME", "maas")
+            .env("LIBISCSI_CHAP_TARGET_PASSWORD", "mutual-from-file"),
+        60,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!logs_in(HOST, &e, None).0, "CHAP is required");
+    // The environment.
+    let e = create(
+        &[("MAAS_CHAP_SECRET", "s3cret-from-env")],
+        &["--chap-user", "backup"],
+    );
+    assert!(logs_in(HOST, &e, Some(("backup", "s3cret-from-env"))).0);
+    // A terminal: typed twice at the prompt (script(1) gives maasctl a pseudo-terminal).
+    let cmd = format!(
+        "{} export create {vol} --initiator {HOST} --chap-user backup --json",
+        env!("CARGO_BIN_EXE_maasctl")
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
+        .env("MAAS_TOKEN_FILE", m.dir.join("data/admin.token"))
+        .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
+        .env_remove("MAAS_CHAP_SECRET")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for _ in 0..2 {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::io::Write::write_all(&mut stdin, b"s3cret-typed-in\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("CHAP secret for backup"),
+        "prompted: {shown}"
+    );
+    assert!(!shown.contains("s3cret-typed-in"), "echoed: {shown}");
+    // script(1) turns \n into \r\n.
+    let json_start = shown.find('{').unwrap();
+    let e: serde_json::Value =
+        serde_json::from_str(&shown[json_start..].replace("\r\n", "\n")).unwrap();
+    assert!(logs_in(HOST, &e, Some(("backup", "s3cret-typed-in"))).0);
+}
