@@ -836,8 +836,12 @@ pub async fn list_exports(
         Ok(st.catalog.exports_of(&id, cursor.as_deref(), limit + 1)?)
     })
     .await?;
-    let cfg = state.cfg.clone();
-    Ok(HttpResponse::Ok().json(page(rows, limit, |r| r.id.clone(), |r| export_out(r, &cfg))))
+    Ok(HttpResponse::Ok().json(page(
+        rows,
+        limit,
+        |r| r.id.clone(),
+        |r| export_out(r, &state),
+    )))
 }
 
 #[utoipa::path(post, path = "/api/v1/volumes/{id}/exports", params(("id" = String, Path, description = "Resource id")), tag = "exports", request_body = api::CreateExport, security(("bearer" = [])),
@@ -859,17 +863,23 @@ pub async fn create_export(
             _ => format!("iqn.2026-11.io.maas:{eid}"),
         };
         let row = ExportRow {
-            id: eid,
+            id: eid.clone(),
             volume: id,
             protocol: b.protocol.clone(),
             initiators: serde_json::to_string(&b.initiators).unwrap_or_else(|_| "[]".into()),
-            chap: b.chap.as_ref().and_then(|c| serde_json::to_string(c).ok()),
+            chap: match &b.chap {
+                Some(c) => Some(
+                    crate::secrets::seal_chap(&st.vault, &eid, c)
+                        .map_err(|e| ApiError::internal(e.to_string()))?,
+                ),
+                None => None,
+            },
             target,
             created_ms: now_ms(),
             read_only: i64::from(b.read_only),
         };
         st.catalog.insert_export(&row)?;
-        if let Err(e) = st.engine.export(&st.pool, &row) {
+        if let Err(e) = st.engine.export(&st.pool, &row, &st.vault) {
             let _ = st.catalog.delete_export(&row.id);
             return Err(e);
         }
@@ -877,7 +887,7 @@ pub async fn create_export(
         Ok(row)
     })
     .await?;
-    Ok(HttpResponse::Created().json(export_out(&row, &state.cfg)))
+    Ok(HttpResponse::Created().json(export_out(&row, &state)))
 }
 
 #[utoipa::path(get, path = "/api/v1/exports/{id}", params(("id" = String, Path, description = "Resource id")), tag = "exports", security(("bearer" = [])),
@@ -894,7 +904,7 @@ pub async fn get_export(
             .ok_or_else(|| ApiError::not_found("EXPORT_NOT_FOUND", "export", &id))
     })
     .await?;
-    Ok(HttpResponse::Ok().json(export_out(&row, &state.cfg)))
+    Ok(HttpResponse::Ok().json(export_out(&row, &state)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/exports/{id}", params(("id" = String, Path, description = "Resource id")), tag = "exports", security(("bearer" = [])),

@@ -127,7 +127,7 @@ pub struct SnapshotRow {
     pub created_ms: i64,
 }
 
-#[derive(Clone, Debug, Queryable, Selectable, Insertable, PartialEq)]
+#[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
 #[diesel(table_name = exports)]
 pub struct ExportRow {
     pub id: String,
@@ -155,7 +155,7 @@ pub struct JobRow {
     pub updated_ms: i64,
 }
 
-#[derive(Clone, Debug, Queryable, Selectable, Insertable, PartialEq)]
+#[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
 #[diesel(table_name = tokens)]
 pub struct TokenRow {
     pub id: String,
@@ -163,6 +163,35 @@ pub struct TokenRow {
     pub role: String,
     pub secret_hash: String,
     pub created_ms: i64,
+}
+
+/// The CHAP column holds secrets (encrypted, or plaintext from before encryption): never shown.
+impl std::fmt::Debug for ExportRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportRow")
+            .field("id", &self.id)
+            .field("volume", &self.volume)
+            .field("protocol", &self.protocol)
+            .field("initiators", &self.initiators)
+            .field("chap", &maas_api::redacted(&self.chap))
+            .field("target", &self.target)
+            .field("created_ms", &self.created_ms)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+/// A token's hash does not log anyone in, but has no business in logs either: never shown.
+impl std::fmt::Debug for TokenRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRow")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("secret_hash", &format_args!("{}", maas_api::REDACTED))
+            .field("created_ms", &self.created_ms)
+            .finish()
+    }
 }
 
 /// The catalog connection. Calls block: run them off the async threads.
@@ -185,6 +214,32 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// An SQLite catalog holds CHAP secrets and token hashes: its file is created 0600 before
+/// SQLite opens it (SQLite gives its -wal and -shm files the database file's mode), and an
+/// existing one, with its -wal/-shm/-journal, is tightened to 0600 (logged) if more open.
+fn private_sqlite_files(path: &str) -> std::io::Result<()> {
+    use maas_pool::fsmode::{PRIVATE_FILE, restrict_file, restrict_path};
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.is_empty() || path == ":memory:" || path.starts_with("file:") {
+        return Ok(());
+    }
+    let db = std::path::Path::new(path);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PRIVATE_FILE)
+        .open(db)?;
+    restrict_file(&f, db, PRIVATE_FILE)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        restrict_path(std::path::Path::new(&p), PRIVATE_FILE)?;
+    }
+    Ok(())
+}
+
 impl Catalog {
     /// Opens `postgres://...` / `postgresql://...` URLs with PostgreSQL, anything else as an
     /// SQLite path (`sqlite://` prefix allowed), and runs pending migrations.
@@ -200,12 +255,18 @@ impl Catalog {
             AnyConnection::Postgresql(c)
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            private_sqlite_files(path).map_err(|e| err(e.to_string()))?;
             let mut c =
                 diesel::SqliteConnection::establish(path).map_err(|e| err(e.to_string()))?;
             diesel::sql_query("PRAGMA journal_mode = WAL")
                 .execute(&mut c)
                 .map_err(|e| err(e.to_string()))?;
             diesel::sql_query("PRAGMA synchronous = FULL")
+                .execute(&mut c)
+                .map_err(|e| err(e.to_string()))?;
+            // Deleted and overwritten content (e.g. CHAP secrets once kept in clear) is zeroed,
+            // not left in free pages.
+            diesel::sql_query("PRAGMA secure_delete = ON")
                 .execute(&mut c)
                 .map_err(|e| err(e.to_string()))?;
             diesel::sql_query("PRAGMA busy_timeout = 5000")
@@ -408,6 +469,28 @@ impl Catalog {
                 .load(c)?)
         })
     }
+    /// Replaces an export's CHAP column (sealing secrets kept in clear by older builds).
+    pub fn set_export_chap(&self, id: &str, chap: &str) -> CResult<()> {
+        self.with(|c| {
+            diesel::update(exports::table.find(id))
+                .set(exports::chap.eq(chap))
+                .execute(c)?;
+            Ok(())
+        })
+    }
+
+    /// SQLite: copies the write-ahead log into the database and empties it, so that
+    /// overwritten rows (secrets that were in clear) leave no old copy in the -wal file.
+    /// Nothing to do on PostgreSQL.
+    pub fn checkpoint(&self) -> CResult<()> {
+        self.with(|c| {
+            if let AnyConnection::Sqlite(s) = c {
+                diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").execute(s)?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn delete_export(&self, id: &str) -> CResult<()> {
         self.with(|c| {
             Ok(diesel::delete(exports::table.find(id))
@@ -492,5 +575,45 @@ impl Catalog {
     }
     pub fn delete_token(&self, id: &str) -> CResult<bool> {
         self.with(|c| Ok(diesel::delete(tokens::table.find(id)).execute(c)? > 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let e = ExportRow {
+            id: "exp-1".into(),
+            volume: "vol-1".into(),
+            protocol: "iscsi".into(),
+            initiators: "[]".into(),
+            chap: Some(r#"{"user":"u","secret":"one-way-s3cret"}"#.into()),
+            target: "iqn.2026-11.io.maas:exp-1".into(),
+            created_ms: 1,
+            read_only: 0,
+        };
+        let text = format!("{e:?}");
+        assert!(!text.contains("one-way-s3cret"), "{text}");
+        assert!(
+            text.contains("chap: Some(<redacted>)") && text.contains("exp-1"),
+            "{text}"
+        );
+        let none = ExportRow { chap: None, ..e };
+        assert!(format!("{none:?}").contains("chap: None"));
+        let t = TokenRow {
+            id: "tok-1".into(),
+            name: "ci".into(),
+            role: "admin".into(),
+            secret_hash: "deadbeefcafe".into(),
+            created_ms: 1,
+        };
+        let text = format!("{t:?}");
+        assert!(!text.contains("deadbeefcafe"), "{text}");
+        assert!(
+            text.contains("secret_hash: <redacted>") && text.contains("tok-1"),
+            "{text}"
+        );
     }
 }

@@ -30,10 +30,21 @@ pub struct ApiConfig {
     pub workers: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CatalogConfig {
     pub url: String,
+    pub secret_key_file: PathBuf,
+}
+
+/// A PostgreSQL URL may carry a password: shown without it.
+impl std::fmt::Debug for CatalogConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogConfig")
+            .field("url", &crate::catalog::redact(&self.url))
+            .field("secret_key_file", &self.secret_key_file)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -150,6 +161,13 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "catalog",
         "url",
         "Empty = SQLite at DATA_DIR/catalog.sqlite; or postgres://user:pass@host/db.",
+    ),
+    (
+        "catalog",
+        "secret_key_file",
+        "Key that encrypts the CHAP secrets in the catalog (created, mode 0600, if missing; \
+         keep it with catalog backups; every manager of one catalog needs the same). \
+         Empty = DATA_DIR/catalog.key.",
     ),
     (
         "pool",
@@ -348,6 +366,15 @@ impl Config {
         }
     }
 
+    /// The key file that seals the catalog's secrets.
+    pub fn catalog_key_file(&self) -> PathBuf {
+        if self.catalog.secret_key_file.as_os_str().is_empty() {
+            self.data.dir.join(crate::secrets::KEY_FILE)
+        } else {
+            self.catalog.secret_key_file.clone()
+        }
+    }
+
     /// The annotated defaults, as TOML.
     pub fn annotated_defaults() -> String {
         let v = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Boolean(false));
@@ -403,6 +430,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_catalog_password() {
+        let mut c = Config::default();
+        c.catalog.url = "postgres://maas:pa55word@db.example/maas".into();
+        let text = format!("{c:?}");
+        assert!(!text.contains("pa55word"), "{text}");
+        assert!(text.contains("db.example/maas"), "{text}");
     }
 
     #[test]

@@ -12,8 +12,9 @@ use maas_engine::iscsi::{ChapSecrets, Registry, TargetConfig};
 use maas_engine::nvme;
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
 
-use crate::catalog::ExportRow;
+use crate::catalog::{Catalog, ExportRow};
 use crate::error::{ApiError, ApiResult};
+use crate::secrets::{self, Vault};
 
 #[derive(Debug)]
 pub struct Engine {
@@ -21,7 +22,14 @@ pub struct Engine {
     pub nvme: Arc<nvme::Registry>,
     /// (volume id, read-only) -> its logical unit.
     lus: Mutex<HashMap<(String, bool), Weak<LogicalUnit>>>,
+    /// Exports of the catalog that could not be brought up, with why (shown by the API).
+    failed: Mutex<HashMap<String, api::ExportError>>,
 }
+
+/// Error code of an export whose CHAP secrets cannot be read from the catalog.
+pub const CHAP_SECRET_UNREADABLE: &str = "CHAP_SECRET_UNREADABLE";
+/// Error code of an export whose catalog row cannot be read.
+pub const EXPORT_ROW_UNREADABLE: &str = "EXPORT_ROW_UNREADABLE";
 
 impl Engine {
     pub fn new(iscsi_advertise: Option<String>, nvme_advertise: Option<String>) -> Engine {
@@ -29,7 +37,65 @@ impl Engine {
             iscsi: Arc::new(Registry::new(iscsi_advertise)),
             nvme: Arc::new(nvme::Registry::new(nvme_advertise)),
             lus: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Brings up every export of the catalog (at start). CHAP secrets still in clear in the
+    /// catalog (rows from before encryption) are sealed on the way. An export that cannot come
+    /// up stays down, is logged with its id and why, and shows `state: failed` in the API; the
+    /// others come up regardless.
+    pub fn restore(&self, pool: &maas_pool::Pool, catalog: &Catalog, vault: &Vault) {
+        let rows = match catalog.all_exports() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("exports could not be read from the catalog: {e}");
+                return;
+            }
+        };
+        let mut sealed_any = false;
+        for row in rows {
+            if let Some(col) = &row.chap
+                && let Ok(opened) = secrets::open_chap(vault, &row.id, col)
+                && opened.legacy
+            {
+                match secrets::seal_chap(vault, &row.id, &opened.chap)
+                    .map_err(|e| e.to_string())
+                    .and_then(|sealed| {
+                        catalog
+                            .set_export_chap(&row.id, &sealed)
+                            .map_err(|e| e.to_string())
+                    }) {
+                    Ok(()) => {
+                        sealed_any = true;
+                        tracing::info!(export = %row.id, key_id = vault.id(), "CHAP secrets of the export encrypted in the catalog (they were in clear)")
+                    }
+                    Err(e) => {
+                        tracing::error!(export = %row.id, "CHAP secrets of the export could not be encrypted in the catalog: {e}")
+                    }
+                }
+            }
+            if let Err(e) = self.export(pool, &row, vault) {
+                tracing::error!(export = %row.id, volume = %row.volume, code = e.code, "export could not be restored: {}", e.message);
+                if let Ok(mut f) = self.failed.lock() {
+                    f.insert(
+                        row.id.clone(),
+                        api::ExportError {
+                            code: e.code.to_string(),
+                            message: e.message,
+                        },
+                    );
+                }
+            }
+        }
+        if sealed_any && let Err(e) = catalog.checkpoint() {
+            tracing::warn!("catalog checkpoint after encrypting CHAP secrets failed: {e}");
+        }
+    }
+
+    /// Why an export of the catalog is not served, if it is not.
+    pub fn failure(&self, export_id: &str) -> Option<api::ExportError> {
+        self.failed.lock().ok()?.get(export_id).cloned()
     }
 
     /// The logical unit of a catalog volume (opened in the pool on first use).
@@ -57,22 +123,34 @@ impl Engine {
         Ok(lu)
     }
 
-    /// Makes an export live.
-    pub fn export(&self, pool: &maas_pool::Pool, row: &ExportRow) -> ApiResult<()> {
+    /// Makes an export live. A row whose CHAP secrets or allow-list cannot be read is an
+    /// error: the export is never served without them.
+    pub fn export(&self, pool: &maas_pool::Pool, row: &ExportRow, vault: &Vault) -> ApiResult<()> {
+        let unreadable = |code: &'static str, what: &str, e: &dyn std::fmt::Display| {
+            ApiError::new(
+                actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+                code,
+                format!("export {}: {what} {e}", row.id),
+            )
+        };
+        let initiators: Vec<String> = serde_json::from_str(&row.initiators)
+            .map_err(|e| unreadable(EXPORT_ROW_UNREADABLE, "initiator list unreadable:", &e))?;
         match row.protocol.as_str() {
             "iscsi" => {
+                let chap = match row.chap.as_deref() {
+                    None => None,
+                    Some(col) => {
+                        let c = secrets::open_chap(vault, &row.id, col)
+                            .map_err(|e| unreadable(CHAP_SECRET_UNREADABLE, "CHAP secrets", &e))?
+                            .chap;
+                        Some(ChapSecrets {
+                            user: c.user,
+                            secret: c.secret,
+                            mutual: c.mutual_user.zip(c.mutual_secret),
+                        })
+                    }
+                };
                 let lu = self.logical_unit(pool, &row.volume, row.read_only != 0)?;
-                let initiators: Vec<String> =
-                    serde_json::from_str(&row.initiators).unwrap_or_default();
-                let chap = row
-                    .chap
-                    .as_deref()
-                    .and_then(|c| serde_json::from_str::<api::Chap>(c).ok())
-                    .map(|c| ChapSecrets {
-                        user: c.user,
-                        secret: c.secret,
-                        mutual: c.mutual_user.zip(c.mutual_secret),
-                    });
                 let mut luns = BTreeMap::new();
                 luns.insert(0, lu);
                 self.iscsi.add(TargetConfig {
@@ -97,7 +175,7 @@ impl Engine {
                 namespaces.insert(1, Arc::new(ns));
                 self.nvme.add(nvme::SubsystemConfig {
                     nqn: row.target.clone(),
-                    hosts: serde_json::from_str(&row.initiators).unwrap_or_default(),
+                    hosts: initiators,
                     namespaces,
                     serial: nvme_serial(&row.id),
                     model: "MaaS mosaic volume".to_string(),
@@ -119,6 +197,9 @@ impl Engine {
 
     /// Ends an export: its sessions are asked to log out, then dropped.
     pub fn unexport(&self, row: &ExportRow) {
+        if let Ok(mut f) = self.failed.lock() {
+            f.remove(&row.id);
+        }
         if row.protocol == "iscsi" && self.iscsi.remove(&row.target) {
             tracing::info!(export = %row.id, target = %row.target, "iSCSI target removed");
         }

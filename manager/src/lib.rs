@@ -11,5 +11,6 @@ pub mod error;
 pub mod identity;
 pub mod jobs;
 pub mod reconcile;
+pub mod secrets;
 pub mod server;
 pub mod state;

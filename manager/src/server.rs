@@ -34,7 +34,7 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::Device, maas_api::Volume,
         maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
-        maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo,
+        maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
     )),
     modifiers(&Security),
@@ -131,6 +131,8 @@ fn path_error(e: actix_web::error::PathError, _: &actix_web::HttpRequest) -> act
 fn bootstrap_admin(cfg: &Config, catalog: &Catalog) -> anyhow::Result<()> {
     let path = cfg.data.dir.join("admin.token");
     let tokens = catalog.tokens()?;
+    maas_pool::fsmode::restrict_path(&path, maas_pool::fsmode::PRIVATE_FILE)
+        .with_context(|| format!("restricting {}", path.display()))?;
     if let Ok(existing) = std::fs::read_to_string(&path) {
         let h = hash_secret(existing.trim());
         if tokens.iter().any(|t| t.secret_hash == h) {
@@ -161,6 +163,8 @@ fn bootstrap_admin(cfg: &Config, catalog: &Catalog) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("writing {}", path.display()))?;
+    maas_pool::fsmode::restrict_file(&f, &path, maas_pool::fsmode::PRIVATE_FILE)
+        .with_context(|| format!("restricting {}", path.display()))?;
     writeln!(f, "{secret}")?;
     f.sync_all()?;
     catalog.insert_token(&TokenRow {
@@ -183,7 +187,7 @@ pub struct StartOptions {
 }
 
 pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> {
-    std::fs::create_dir_all(&cfg.data.dir)
+    maas_pool::fsmode::private_dir(&cfg.data.dir)
         .with_context(|| format!("creating {}", cfg.data.dir.display()))?;
     let url = cfg.catalog_url();
     let catalog = Arc::new(Catalog::open(&url)?);
@@ -227,11 +231,8 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
         advertise(&cfg.iscsi.advertise),
         advertise(&cfg.nvme_tcp.advertise),
     );
-    for row in catalog.all_exports()? {
-        if let Err(e) = engine.export(&pool, &row) {
-            tracing::error!(export = %row.id, volume = %row.volume, "export could not be restored: {e}");
-        }
-    }
+    let vault = crate::secrets::Vault::load_or_create(&cfg.catalog_key_file())?;
+    engine.restore(&pool, &catalog, &vault);
     let state = AppState {
         cfg,
         pool,
@@ -239,6 +240,7 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
         tokens: RwLock::new(HashMap::new()),
         running_jobs: AtomicUsize::new(0),
         engine,
+        vault,
     };
     let interrupted = crate::jobs::fail_interrupted(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
     if interrupted > 0 {

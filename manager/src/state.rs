@@ -14,7 +14,6 @@ use crate::error::{ApiError, ApiResult};
 
 pub const POOL_ID: &str = "default";
 
-#[derive(Debug)]
 pub struct AppState {
     pub cfg: Config,
     pub pool: maas_pool::Pool,
@@ -24,6 +23,24 @@ pub struct AppState {
     pub running_jobs: AtomicUsize,
     /// What the media engine exports (targets are driven from catalog export rows).
     pub engine: crate::engine::Engine,
+    /// The key that seals secrets in the catalog.
+    pub vault: crate::secrets::Vault,
+}
+
+/// Token hashes stay out of logs: only their number is shown.
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tokens = self.tokens.read().map(|t| t.len()).unwrap_or(0);
+        f.debug_struct("AppState")
+            .field("cfg", &self.cfg)
+            .field("pool", &self.pool)
+            .field("catalog", &self.catalog)
+            .field("tokens", &format_args!("<{tokens} redacted>"))
+            .field("running_jobs", &self.running_jobs)
+            .field("engine", &self.engine)
+            .field("vault", &self.vault)
+            .finish()
+    }
 }
 
 impl AppState {
@@ -116,8 +133,9 @@ pub fn snapshot_out(r: &SnapshotRow) -> api::Snapshot {
     }
 }
 
-pub fn export_out(r: &ExportRow, cfg: &Config) -> api::Export {
-    let chap: Option<api::Chap> = r.chap.as_deref().and_then(|c| serde_json::from_str(c).ok());
+pub fn export_out(r: &ExportRow, st: &AppState) -> api::Export {
+    let cfg = &st.cfg;
+    let error = st.engine.failure(&r.id);
     let (portal, lun, nsid) = match r.protocol.as_str() {
         "nvme-tcp" => (
             crate::config::advertised(&cfg.nvme_tcp.portal()),
@@ -135,9 +153,11 @@ pub fn export_out(r: &ExportRow, cfg: &Config) -> api::Export {
         volume: r.volume.clone(),
         protocol: r.protocol.clone(),
         initiators: serde_json::from_str(&r.initiators).unwrap_or_default(),
-        chap: chap.map(|c| api::ChapInfo {
-            user: c.user,
-            mutual_user: c.mutual_user,
+        chap: r.chap.as_deref().map(|c| {
+            crate::secrets::chap_users(c).unwrap_or_else(|| api::ChapInfo {
+                user: String::new(),
+                mutual_user: None,
+            })
         }),
         portal,
         target: r.target.clone(),
@@ -145,6 +165,8 @@ pub fn export_out(r: &ExportRow, cfg: &Config) -> api::Export {
         nsid,
         read_only: r.read_only != 0,
         created_at: rfc3339(r.created_ms),
+        state: if error.is_some() { "failed" } else { "live" }.into(),
+        error,
     }
 }
 

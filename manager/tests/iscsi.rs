@@ -447,14 +447,79 @@ fn chap_and_allow_lists_are_enforced_at_login() {
         text(&ls(allowed))
     );
     assert!(!text(&ls(other)).contains(target), "{}", text(&ls(other)));
-    // A target that does not exist: not found (0203).
+    // A target that does not exist: authorization failure too (not 0203, which would tell
+    // existing target names apart; see unknown_targets_and_unlisted_initiators_are_refused_alike).
     let missing = inq(
         allowed,
         &format!("{portal}/iqn.2026-11.io.maas:nope/0"),
         &[],
     );
     assert!(!missing.status.success(), "{}", text(&missing));
+    assert!(
+        text(&missing).contains("Authorization failure"),
+        "{}",
+        text(&missing)
+    );
     assert!(m.log().contains("not on the allow-list"), "{}", m.log());
+}
+
+/// Logging in to a target that does not exist and to one whose allow-list lacks the initiator
+/// fail the same way for the initiator (libiscsi's tools print the same failure), so target
+/// names cannot be found by trying them; maasd's log still tells the operator which it was.
+#[test]
+fn unknown_targets_and_unlisted_initiators_are_refused_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Maasd::start_local(dir.path());
+    let vol = volume(&m, "enum", 64 * MIB, 512);
+    let listed = "iqn.2026-11.test:listed";
+    let stranger = "iqn.2026-11.test:stranger";
+    let open = export(&m, &vol, &[listed], None);
+    let guarded = export(
+        &m,
+        &vol,
+        &[listed],
+        Some(json!({"user": "backup", "secret": "s3cret-s3cret"})),
+    );
+    let portal = format!("iscsi://{}", open["portal"].as_str().unwrap());
+    let missing = "iqn.2026-11.io.maas:exp-000000000000deadbeef";
+    // What the initiator sees, with the target's name (which it typed itself) taken out.
+    let attempt = |initiator: &str, target: &str, creds: &str| {
+        let u = format!("{portal}/{target}/0").replacen("iscsi://", &format!("iscsi://{creds}"), 1);
+        let out = run_with_timeout(Command::new("iscsi-inq").args(["-i", initiator, &u]), 60);
+        assert!(!out.status.success(), "{initiator} logged in to {target}");
+        (out.status.code(), text(&out).replace(target, "TARGET"))
+    };
+    let unknown = attempt(listed, missing, "");
+    assert!(unknown.1.contains("Authorization failure"), "{}", unknown.1);
+    for (initiator, target, creds) in [
+        (stranger, open["target"].as_str().unwrap(), ""),
+        (stranger, guarded["target"].as_str().unwrap(), ""),
+        (
+            stranger,
+            guarded["target"].as_str().unwrap(),
+            "backup%s3cret-s3cret@",
+        ),
+        (stranger, missing, ""),
+        (listed, missing, "backup%s3cret-s3cret@"),
+    ] {
+        assert_eq!(
+            attempt(initiator, target, creds),
+            unknown,
+            "{initiator} -> {target} must look like a login to a target that does not exist"
+        );
+    }
+    // The listed initiator still gets in.
+    let ok = run_with_timeout(
+        Command::new("iscsi-inq").args(["-i", listed, &url(&open, None)]),
+        60,
+    );
+    assert!(ok.status.success(), "{}", text(&ok));
+    let log = m.log();
+    assert!(log.contains(&format!("no target {missing}")), "{log}");
+    assert!(
+        log.contains(&format!("initiator {stranger} is not on the allow-list")),
+        "{log}"
+    );
 }
 
 #[test]

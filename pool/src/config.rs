@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PoolError, Result};
+use crate::fsmode;
 use crate::types::Tier;
 
 pub const POOL_MAGIC: &str = "MAAS-POOL";
@@ -36,8 +37,16 @@ pub struct Superblock {
 }
 
 impl Superblock {
+    /// Reads the superblock of the pool in `dir`. The directory and the superblock (which
+    /// holds the pool's key) are tightened to 0700 and 0600 if they are more open than that.
     pub fn load(dir: &Path) -> Result<Superblock> {
         let path = dir.join(SUPERBLOCK_FILE);
+        if path.exists() {
+            for (p, mode) in [(dir, fsmode::PRIVATE_DIR), (&path, fsmode::PRIVATE_FILE)] {
+                fsmode::restrict_path(p, mode)
+                    .map_err(|e| PoolError::io(p.display().to_string(), e))?;
+            }
+        }
         let bytes = std::fs::read(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 PoolError::PoolNotFound {
@@ -74,8 +83,11 @@ impl Superblock {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(fsmode::PRIVATE_FILE)
             .open(&tmp)
+            .map_err(|e| PoolError::io(tmp.display().to_string(), e))?;
+        // A leftover temporary file keeps its mode when reopened: make sure.
+        fsmode::restrict_file(&f, &tmp, fsmode::PRIVATE_FILE)
             .map_err(|e| PoolError::io(tmp.display().to_string(), e))?;
         f.write_all(&body)
             .and_then(|_| f.sync_all())

@@ -83,22 +83,30 @@ impl Header {
     }
 }
 
+/// Opens (or creates) a device. A file device is private (0600): created so, tightened if it
+/// is more open; block devices keep the mode the system gave their node.
 fn open_file(path: &Path, create: bool) -> Result<(File, bool)> {
     let mut opts = OpenOptions::new();
-    opts.read(true).write(true).create(create);
+    opts.read(true)
+        .write(true)
+        .create(create)
+        .mode(crate::fsmode::PRIVATE_FILE);
     let mut direct = opts.clone();
     direct.custom_flags(libc::O_DIRECT);
-    match direct.open(path) {
-        Ok(f) => Ok((f, true)),
+    let (f, direct) = match direct.open(path) {
+        Ok(f) => (f, true),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::warn!(path = %path.display(), "filesystem refuses O_DIRECT; using buffered I/O for this device");
             let f = opts
                 .open(path)
                 .map_err(|e| PoolError::io(path.display().to_string(), e))?;
-            Ok((f, false))
+            (f, false)
         }
-        Err(e) => Err(PoolError::io(path.display().to_string(), e)),
-    }
+        Err(e) => return Err(PoolError::io(path.display().to_string(), e)),
+    };
+    crate::fsmode::restrict_file(&f, path, crate::fsmode::PRIVATE_FILE)
+        .map_err(|e| PoolError::io(path.display().to_string(), e))?;
+    Ok((f, direct))
 }
 
 impl Device {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 mod fold;
+pub mod fsmode;
 pub mod index;
 pub mod io;
 pub mod meta;

@@ -196,13 +196,31 @@ pub fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T
     serde_json::from_slice(b).map_err(|e| PoolError::corrupt(what, e.to_string()))
 }
 
+/// Creates the store's file private (0600), or tightens it to that if it exists.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(crate::fsmode::PRIVATE_FILE)
+        .open(path)
+        .map_err(|e| PoolError::io(path.display().to_string(), e))?;
+    crate::fsmode::restrict_file(&f, path, crate::fsmode::PRIVATE_FILE)
+        .map_err(|e| PoolError::io(path.display().to_string(), e))?;
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Meta {
     pub db: Database,
 }
 
 impl Meta {
+    /// Creates the store, private (0600) whatever the umask.
     pub fn create(path: &Path) -> Result<Meta> {
+        private_file(path)?;
         let db = if crate::powerloss::covers(path) {
             let backend = crate::powerloss::SimBackend::open(path, true)
                 .map_err(|e| PoolError::io(path.display().to_string(), e))?;
@@ -229,7 +247,10 @@ impl Meta {
         Ok(Meta { db })
     }
 
+    /// Opens the store; tightens it to 0600 if it is more open.
     pub fn open(path: &Path) -> Result<Meta> {
+        crate::fsmode::restrict_path(path, crate::fsmode::PRIVATE_FILE)
+            .map_err(|e| PoolError::io(path.display().to_string(), e))?;
         let db = if crate::powerloss::covers(path) && path.exists() {
             let backend = crate::powerloss::SimBackend::open(path, false)
                 .map_err(|e| PoolError::io(path.display().to_string(), e))?;

@@ -179,7 +179,7 @@ impl Pool {
                 "chunk size {cs} must be a power of two from 64 KiB to 4 MiB"
             )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| PoolError::io(dir.display().to_string(), e))?;
+        crate::fsmode::private_dir(dir).map_err(|e| PoolError::io(dir.display().to_string(), e))?;
         crate::powerloss::start_from_env(dir);
         if dir.join(crate::config::SUPERBLOCK_FILE).exists() {
             return Err(PoolError::PoolExists {

@@ -35,6 +35,8 @@ pub struct Maasd {
     pub token: String,
     bin: PathBuf,
     env: Vec<(String, String)>,
+    /// The umask the server starts with (None: the test's).
+    pub umask: Option<u32>,
     child: Option<Child>,
 }
 
@@ -56,6 +58,7 @@ pub struct MaasdBuilder {
     advertise: Advertise,
     nvme: Option<Advertise>,
     env: Vec<(String, String)>,
+    umask: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +203,12 @@ impl MaasdBuilder {
         self
     }
 
+    /// The server's umask (default: the test's own).
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.umask = Some(mask);
+        self
+    }
+
     /// An extra environment variable for the server.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -245,6 +254,7 @@ impl MaasdBuilder {
             token: String::new(),
             bin: self.bin,
             env: self.env,
+            umask: self.umask,
             child: None,
         }
     }
@@ -262,6 +272,7 @@ impl Maasd {
             advertise: Advertise::Fixed(String::new()),
             nvme: None,
             env: Vec::new(),
+            umask: None,
         }
     }
 
@@ -312,6 +323,15 @@ impl Maasd {
             cmd.env("MAAS_CATALOG_URL", u);
         }
         die_with_parent(&mut cmd);
+        if let Some(mask) = self.umask {
+            // SAFETY: umask(2) is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
         self.child = Some(
             cmd.spawn()
                 .unwrap_or_else(|e| panic!("spawning {}: {e}", self.bin.display())),

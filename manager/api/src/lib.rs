@@ -157,7 +157,15 @@ pub struct CreateClone {
     pub labels: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+/// What `Debug` prints instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// `Some(<redacted>)` or `None`, for `Debug` impls of optional secrets.
+pub fn redacted<T>(o: &Option<T>) -> Option<std::fmt::Arguments<'static>> {
+    o.as_ref().map(|_| format_args!("<redacted>"))
+}
+
+#[derive(Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct Chap {
     pub user: String,
     pub secret: String,
@@ -165,6 +173,18 @@ pub struct Chap {
     pub mutual_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutual_secret: Option<String>,
+}
+
+/// Secrets never reach logs or panic messages.
+impl std::fmt::Debug for Chap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chap")
+            .field("user", &self.user)
+            .field("secret", &format_args!("{REDACTED}"))
+            .field("mutual_user", &self.mutual_user)
+            .field("mutual_secret", &redacted(&self.mutual_secret))
+            .finish()
+    }
 }
 
 /// CHAP as shown back: secrets are never returned.
@@ -197,6 +217,24 @@ pub struct Export {
     #[serde(default)]
     pub read_only: bool,
     pub created_at: String,
+    /// `live`: served; `failed`: the server could not bring it up (see `error`), so no host
+    /// can log in to it until it is deleted and created again.
+    #[serde(default = "live")]
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ExportError>,
+}
+
+fn live() -> String {
+    "live".into()
+}
+
+/// Why an export is not served.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ExportError {
+    /// Stable, machine-readable code, e.g. `CHAP_SECRET_UNREADABLE`.
+    pub code: String,
+    pub message: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -260,8 +298,73 @@ pub struct CreateToken {
 }
 
 /// Returned once, at creation: the secret is not stored, only its hash.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreatedToken {
     pub token: Token,
     pub secret: String,
+}
+
+impl std::fmt::Debug for CreatedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedToken")
+            .field("token", &self.token)
+            .field("secret", &format_args!("{REDACTED}"))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let chap = Chap {
+            user: "backup".into(),
+            secret: "one-way-s3cret".into(),
+            mutual_user: Some("maas".into()),
+            mutual_secret: Some("mutual-s3cret".into()),
+        };
+        let export = CreateExport {
+            protocol: "iscsi".into(),
+            initiators: vec!["iqn.2026-11.test:h".into()],
+            chap: Some(chap.clone()),
+            read_only: false,
+        };
+        let token = CreatedToken {
+            token: Token {
+                id: "tok-1".into(),
+                name: "ci".into(),
+                role: "viewer".into(),
+                created_at: "2026-11-22T00:00:00Z".into(),
+            },
+            secret: "maas_0123456789abcdef".into(),
+        };
+        for text in [
+            format!("{chap:?}"),
+            format!("{chap:#?}"),
+            format!("{export:?}"),
+            format!("{token:?}"),
+        ] {
+            for secret in ["one-way-s3cret", "mutual-s3cret", "maas_0123456789abcdef"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+        let text = format!("{chap:?}");
+        assert!(
+            text.contains("secret: <redacted>")
+                && text.contains("mutual_secret: Some(<redacted>)")
+                && text.contains("user: \"backup\"")
+                && text.contains("mutual_user: Some(\"maas\")"),
+            "names stay visible: {text}"
+        );
+        let one_way = Chap {
+            mutual_user: None,
+            mutual_secret: None,
+            ..chap
+        };
+        assert!(format!("{one_way:?}").contains("mutual_secret: None"));
+        assert!(format!("{token:?}").contains("tok-1"));
+    }
 }

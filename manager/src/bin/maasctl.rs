@@ -12,6 +12,7 @@ use maas_api as api;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(name = "maasctl", version, about = "Drive a MaaS server")]
@@ -146,6 +147,10 @@ enum ExportCmd {
     Get {
         id: String,
     },
+    /// Export a volume. CHAP (iSCSI): --chap-user with its secret from --chap-secret-file,
+    /// else MAAS_CHAP_SECRET, else a prompt on the terminal; mutual CHAP adds --mutual-user
+    /// (secret: --mutual-secret-file, MAAS_CHAP_MUTUAL_SECRET or the prompt). Secrets are
+    /// never taken from the command line, where every user of the machine can read them.
     Create {
         volume: String,
         #[arg(long, default_value = "iscsi")]
@@ -153,14 +158,8 @@ enum ExportCmd {
         /// Allowed initiator IQN / host NQN, repeatable.
         #[arg(long = "initiator")]
         initiators: Vec<String>,
-        #[arg(long)]
-        chap_user: Option<String>,
-        #[arg(long)]
-        chap_secret: Option<String>,
-        #[arg(long)]
-        mutual_user: Option<String>,
-        #[arg(long)]
-        mutual_secret: Option<String>,
+        #[command(flatten)]
+        chap: ChapArgs,
         /// Refuse writes (mount a snapshot clone for restore without changing it).
         #[arg(long)]
         read_only: bool,
@@ -168,6 +167,175 @@ enum ExportCmd {
     Delete {
         id: String,
     },
+}
+
+/// Environment variable holding the one-way CHAP secret.
+const CHAP_SECRET_ENV: &str = "MAAS_CHAP_SECRET";
+/// Environment variable holding the mutual CHAP secret (the target's).
+const MUTUAL_SECRET_ENV: &str = "MAAS_CHAP_MUTUAL_SECRET";
+
+#[derive(clap::Args)]
+struct ChapArgs {
+    /// CHAP user the initiator logs in as (iSCSI).
+    #[arg(long)]
+    chap_user: Option<String>,
+    /// File holding the CHAP secret (one line; `-`: standard input).
+    #[arg(long)]
+    chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the user the target answers as (needs --chap-user).
+    #[arg(long)]
+    mutual_user: Option<String>,
+    /// File holding the mutual CHAP secret (one line; `-`: standard input).
+    #[arg(long)]
+    mutual_secret_file: Option<PathBuf>,
+    /// Removed: refused with an explanation (a secret in argv is visible to every user).
+    #[arg(long, hide = true)]
+    chap_secret: Option<String>,
+    /// Removed: refused with an explanation.
+    #[arg(long, hide = true)]
+    mutual_secret: Option<String>,
+}
+
+/// Where a CHAP secret comes from, in order: the file flag, the environment, the terminal.
+fn chap_secret(
+    file: Option<&PathBuf>,
+    env_var: &str,
+    prompt_for: &str,
+) -> R<Option<Zeroizing<String>>> {
+    if let Some(p) = file {
+        let text = if p.as_os_str() == "-" {
+            let mut s = Zeroizing::new(String::new());
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| CliError::Other(format!("reading a CHAP secret from stdin: {e}")))?;
+            s
+        } else {
+            if let Ok(meta) = std::fs::metadata(p)
+                && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0
+            {
+                eprintln!(
+                    "warning: {} can be read by other users (chmod 600 it)",
+                    p.display()
+                );
+            }
+            Zeroizing::new(
+                std::fs::read_to_string(p).map_err(|e| {
+                    CliError::Other(format!("CHAP secret file {}: {e}", p.display()))
+                })?,
+            )
+        };
+        // One line: the line ending is not part of the secret.
+        let secret = text.strip_suffix('\n').unwrap_or(&text);
+        let secret = secret.strip_suffix('\r').unwrap_or(secret);
+        if secret.is_empty() || secret.contains('\n') {
+            return Err(CliError::Other(format!(
+                "CHAP secret file {} must hold the secret on one line",
+                p.display()
+            )));
+        }
+        return Ok(Some(Zeroizing::new(secret.to_string())));
+    }
+    if let Some(v) = std::env::var_os(env_var) {
+        let v = v
+            .into_string()
+            .map_err(|_| CliError::Other(format!("{env_var} is not valid UTF-8")))?;
+        if v.is_empty() {
+            return Err(CliError::Other(format!("{env_var} is empty")));
+        }
+        return Ok(Some(Zeroizing::new(v)));
+    }
+    if prompt_for.is_empty() || !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Ok(None);
+    }
+    let ask = |p: &str| {
+        rpassword::prompt_password(p)
+            .map(Zeroizing::new)
+            .map_err(|e| CliError::Other(format!("reading a CHAP secret from the terminal: {e}")))
+    };
+    let first = ask(&format!("{prompt_for}: "))?;
+    let again = ask(&format!("{prompt_for} (again): "))?;
+    if first != again {
+        return Err(CliError::Other("the two secrets typed differ".into()));
+    }
+    if first.is_empty() {
+        return Err(CliError::Other("an empty CHAP secret".into()));
+    }
+    Ok(Some(first))
+}
+
+/// The `chap` object of an export, or None; any incomplete combination is an error (never an
+/// export created without the CHAP its user asked for).
+fn chap_body(a: &ChapArgs, protocol: &str) -> R<Option<Value>> {
+    if a.chap_secret.is_some() || a.mutual_secret.is_some() {
+        return Err(CliError::Other(format!(
+            "--chap-secret and --mutual-secret were removed: a secret on the command line can be \
+             read by every user of this machine (ps, /proc) and stays in shell history. Use \
+             --chap-secret-file / --mutual-secret-file, {CHAP_SECRET_ENV} / {MUTUAL_SECRET_ENV}, \
+             or type it at the prompt"
+        )));
+    }
+    let incomplete = |m: &str| Err(CliError::Other(format!("incomplete CHAP options: {m}")));
+    let Some(user) = &a.chap_user else {
+        if a.chap_secret_file.is_some() {
+            return incomplete("--chap-secret-file needs --chap-user");
+        }
+        if std::env::var_os(CHAP_SECRET_ENV).is_some() {
+            return incomplete(&format!(
+                "{CHAP_SECRET_ENV} is set but --chap-user is not (unset it to export without CHAP)"
+            ));
+        }
+        if a.mutual_user.is_some()
+            || a.mutual_secret_file.is_some()
+            || std::env::var_os(MUTUAL_SECRET_ENV).is_some()
+        {
+            return incomplete("mutual CHAP needs one-way CHAP (--chap-user and its secret)");
+        }
+        return Ok(None);
+    };
+    if protocol != "iscsi" {
+        return incomplete(&format!("CHAP applies to iSCSI exports, not {protocol}"));
+    }
+    if a.mutual_user.is_none() && a.mutual_secret_file.is_some() {
+        return incomplete("--mutual-secret-file needs --mutual-user");
+    }
+    if a.chap_secret_file
+        .as_deref()
+        .is_some_and(|p| p.as_os_str() == "-")
+        && a.mutual_secret_file
+            .as_deref()
+            .is_some_and(|p| p.as_os_str() == "-")
+    {
+        return incomplete("only one secret can come from standard input");
+    }
+    let Some(secret) = chap_secret(
+        a.chap_secret_file.as_ref(),
+        CHAP_SECRET_ENV,
+        &format!("CHAP secret for {user}"),
+    )?
+    else {
+        return incomplete(&format!(
+            "--chap-user needs a secret: --chap-secret-file, {CHAP_SECRET_ENV}, or a terminal to type it"
+        ));
+    };
+    let mut body = json!({"user": user, "secret": secret.as_str()});
+    if let Some(muser) = &a.mutual_user {
+        let Some(msecret) = chap_secret(
+            a.mutual_secret_file.as_ref(),
+            MUTUAL_SECRET_ENV,
+            &format!("mutual CHAP secret of the target (user {muser})"),
+        )?
+        else {
+            return incomplete(&format!(
+                "--mutual-user needs a secret: --mutual-secret-file, {MUTUAL_SECRET_ENV}, or a terminal to type it"
+            ));
+        };
+        body["mutual_user"] = json!(muser);
+        body["mutual_secret"] = json!(msecret.as_str());
+    } else if std::env::var_os(MUTUAL_SECRET_ENV).is_some() {
+        return incomplete(&format!(
+            "{MUTUAL_SECRET_ENV} is set but --mutual-user is not (unset it for one-way CHAP)"
+        ));
+    }
+    Ok(Some(body))
 }
 
 #[derive(Subcommand)]
@@ -688,16 +856,13 @@ fn run(cli: &Cli) -> R<()> {
                 volume,
                 protocol,
                 initiators,
-                chap_user,
-                chap_secret,
-                mutual_user,
-                mutual_secret,
+                chap,
                 read_only,
             } => {
                 let mut body =
                     json!({"protocol": protocol, "initiators": initiators, "read_only": read_only});
-                if let (Some(u), Some(s)) = (chap_user, chap_secret) {
-                    body["chap"] = json!({"user": u, "secret": s, "mutual_user": mutual_user, "mutual_secret": mutual_secret});
+                if let Some(c) = chap_body(chap, protocol)? {
+                    body["chap"] = c;
                 }
                 let v: api::Export =
                     typed(c.call("POST", &format!("/volumes/{volume}/exports"), Some(body))?)?;

@@ -10,7 +10,7 @@ use super::params::{
     OUR_MAX_RECV_DATA, SessionType,
 };
 use super::pdu::{Pdu, op};
-use super::target::{Registry, TPGT, Target};
+use super::target::{Refusal, Registry, TPGT, Target};
 use super::text;
 
 /// Login status classes and details (RFC 7143 11.13.5).
@@ -25,6 +25,10 @@ pub mod status {
     pub const SESSION_DOES_NOT_EXIST: (u8, u8) = (2, 0x0a);
     pub const INVALID_DURING_LOGIN: (u8, u8) = (2, 0x0b);
     pub const TARGET_ERROR: (u8, u8) = (3, 0);
+    /// What an initiator is told when it may not log in to the target it names, whether the
+    /// target does not exist or the initiator is not on its allow-list: the two must not be
+    /// told apart (target names would be enumerable).
+    pub const REFUSED_TARGET: (u8, u8) = FORBIDDEN;
 }
 
 const STAGE_SECURITY: u8 = 0;
@@ -345,16 +349,23 @@ impl Login {
             let Some(name) = get("TargetName").filter(|v| !v.is_empty()) else {
                 return Err(self.fail(req, status::MISSING_PARAMETER, "TargetName missing"));
             };
-            let Some(t) = reg.get(name) else {
-                return Err(self.fail(req, status::NOT_FOUND, format!("no target {name}")));
+            // An unknown target and an initiator missing from a target's allow-list get the
+            // same answer (authorization failure, no data), so that nobody can find out which
+            // target names exist by trying to log in; only the log says which it was.
+            let t = match reg.admit(name, initiator) {
+                Ok(t) => t,
+                Err(why) => {
+                    let detail = match why {
+                        Refusal::UnknownTarget => {
+                            format!("no target {name} (initiator {initiator})")
+                        }
+                        Refusal::NotAllowed => {
+                            format!("initiator {initiator} is not on the allow-list of {name}")
+                        }
+                    };
+                    return Err(self.fail(req, status::REFUSED_TARGET, detail));
+                }
             };
-            if !t.allows(initiator) {
-                return Err(self.fail(
-                    req,
-                    status::FORBIDDEN,
-                    format!("initiator {initiator} is not on the allow-list of {name}"),
-                ));
-            }
             if let Some(alias) = &t.cfg.alias {
                 answer(out, "TargetAlias", alias.clone());
             }
@@ -609,5 +620,114 @@ impl Login {
         }
         self.auth = Auth::Done;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::iscsi::target::{ChapSecrets, TargetConfig};
+
+    const OPEN: &str = "iqn.2026-11.io.maas:open";
+    const GUARDED: &str = "iqn.2026-11.io.maas:guarded";
+    const LISTED: &str = "iqn.2026-11.test:listed";
+
+    fn registry() -> Registry {
+        let reg = Registry::new(None);
+        for (name, chap) in [
+            (OPEN, None),
+            (
+                GUARDED,
+                Some(ChapSecrets {
+                    user: "u".into(),
+                    secret: "0123456789ab".into(),
+                    mutual: None,
+                }),
+            ),
+        ] {
+            reg.add(TargetConfig {
+                name: name.into(),
+                alias: Some(format!("alias of {name}")),
+                initiators: vec![LISTED.into()],
+                chap,
+                luns: BTreeMap::new(),
+            });
+        }
+        reg
+    }
+
+    /// The first login request of a normal session from `initiator` to `target`, starting in
+    /// stage `csg` (0: security, 1: operational).
+    fn first_request(initiator: &str, target: &str, csg: u8) -> Pdu {
+        let mut req = Pdu::new(op::LOGIN_REQ);
+        req.bhs[0] |= 0x40;
+        req.set_flags(0x80 | (csg << 2) | if csg == 0 { 1 } else { 3 });
+        req.bhs[8] = 0x80;
+        req.set_itt(0x1234);
+        req.set_u32(24, 7);
+        let auth = if csg == 0 {
+            "AuthMethod=CHAP,None\0"
+        } else {
+            ""
+        };
+        req.data =
+            format!("InitiatorName={initiator}\0TargetName={target}\0SessionType=Normal\0{auth}")
+                .into_bytes();
+        req
+    }
+
+    /// The response (header and data) and the logged reason of a refused first request.
+    fn refused(reg: &Registry, req: &Pdu) -> (Vec<u8>, String) {
+        match Login::new().on_request(req, reg) {
+            Step::Fail(mut resp, why) => {
+                // StatSN starts at random for every login: the one field allowed to differ.
+                resp.set_u32(24, 0);
+                let mut wire = resp.bhs.to_vec();
+                wire.extend_from_slice(&resp.ahs);
+                wire.extend_from_slice(&resp.data);
+                (wire, why)
+            }
+            other => panic!("login was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_target_and_unlisted_initiator_get_the_same_answer() {
+        let reg = registry();
+        for csg in [0, 1] {
+            let (unknown, why_unknown) = refused(
+                &reg,
+                &first_request(LISTED, "iqn.2026-11.io.maas:nope", csg),
+            );
+            assert!(why_unknown.contains("no target"), "{why_unknown}");
+            assert_eq!(
+                (unknown[36], unknown[37]),
+                status::REFUSED_TARGET,
+                "an authorization failure"
+            );
+            assert_eq!(unknown.len(), 48, "no text in a refusal");
+            for target in [OPEN, GUARDED] {
+                let (unlisted, why) = refused(&reg, &first_request("iqn.x:other", target, csg));
+                assert_eq!(
+                    unlisted, unknown,
+                    "stage {csg}: {target} refuses an unlisted initiator exactly as an unknown target is refused"
+                );
+                assert!(why.contains("not on the allow-list"), "{why}");
+            }
+            // Neither does an unknown initiator at an unknown target stand out.
+            let (both, _) = refused(&reg, &first_request("iqn.x:other", "iqn.x:nope", csg));
+            assert_eq!(both, unknown);
+        }
+        // The listed initiator does get in (no CHAP) or on to authentication (CHAP).
+        assert!(matches!(
+            Login::new().on_request(&first_request(LISTED, OPEN, 1), &reg),
+            Step::Complete(..)
+        ));
+        assert!(matches!(
+            Login::new().on_request(&first_request(LISTED, GUARDED, 0), &reg),
+            Step::Continue(..)
+        ));
     }
 }

@@ -68,6 +68,16 @@ impl Target {
     }
 }
 
+/// Why a login to a target was refused before authentication. Never sent to the initiator:
+/// both cases get the same answer ([`crate::iscsi::login`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No target of that name is exported.
+    UnknownTarget,
+    /// The target exists, but the initiator is not on its allow-list.
+    NotAllowed,
+}
+
 /// Identity of a session for reinstatement (RFC 7143 6.3.5): same initiator, ISID and target.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SessionKey {
@@ -127,6 +137,22 @@ impl Registry {
 
     pub fn get(&self, name: &str) -> Option<Arc<Target>> {
         self.targets.read().get(name).cloned()
+    }
+
+    /// The target `name` if `initiator` may log in to it. Both refusals take the same path
+    /// (one lookup and one allow-list scan under the same lock) and the caller must answer
+    /// them alike on the wire, so that target names cannot be enumerated by logging in; the
+    /// [`Refusal`] says which it was, for the server's log only.
+    pub fn admit(&self, name: &str, initiator: &str) -> Result<Arc<Target>, Refusal> {
+        let targets = self.targets.read();
+        let found = targets.get(name);
+        let allowed: &[String] = found.map_or(&[], |t| &t.cfg.initiators);
+        let listed = allowed.iter().any(|i| i.eq_ignore_ascii_case(initiator));
+        match (found, listed) {
+            (Some(t), true) => Ok(t.clone()),
+            (Some(_), false) => Err(Refusal::NotAllowed),
+            (None, _) => Err(Refusal::UnknownTarget),
+        }
     }
 
     pub fn names(&self) -> Vec<String> {
