@@ -101,6 +101,7 @@ impl Engine {
                     namespaces,
                     serial: nvme_serial(&row.id),
                     model: "MaaS mosaic volume".to_string(),
+                    dhchap: None,
                 });
                 tracing::info!(export = %row.id, subnqn = %row.target, volume = %row.volume, "NVMe/TCP subsystem live");
                 Ok(())
