@@ -792,6 +792,15 @@ fn validate_export(b: &api::CreateExport) -> ApiResult<()> {
             ));
         }
     }
+    if let Some(d) = &b.dhchap {
+        if b.protocol != "nvme-tcp" {
+            return Err(ApiError::invalid(
+                "dhchap",
+                "DH-HMAC-CHAP applies to nvme-tcp exports",
+            ));
+        }
+        crate::engine::dhchap_config(d).map_err(|(field, why)| ApiError::invalid(field, why))?;
+    }
     if let Some(ch) = &b.chap {
         if b.protocol != "iscsi" {
             return Err(ApiError::invalid("chap", "CHAP applies to iSCSI exports"));
@@ -863,7 +872,12 @@ pub async fn create_export(
             volume: id,
             protocol: b.protocol.clone(),
             initiators: serde_json::to_string(&b.initiators).unwrap_or_else(|_| "[]".into()),
-            chap: b.chap.as_ref().and_then(|c| serde_json::to_string(c).ok()),
+            // The per-export secret column: CHAP for iSCSI, DH-HMAC-CHAP for NVMe/TCP.
+            chap: match (&b.chap, &b.dhchap) {
+                (Some(c), _) => serde_json::to_string(c).ok(),
+                (None, Some(d)) => serde_json::to_string(d).ok(),
+                (None, None) => None,
+            },
             target,
             created_ms: now_ms(),
             read_only: i64::from(b.read_only),

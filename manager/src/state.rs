@@ -139,6 +139,17 @@ pub fn export_out(r: &ExportRow, cfg: &Config) -> api::Export {
             user: c.user,
             mutual_user: c.mutual_user,
         }),
+        // NVMe/TCP exports keep their DH-HMAC-CHAP secrets where iSCSI exports keep CHAP's.
+        dhchap: r
+            .chap
+            .as_deref()
+            .filter(|_| r.protocol == "nvme-tcp")
+            .and_then(|c| serde_json::from_str::<api::DhChap>(c).ok())
+            .map(|d| api::DhChapInfo {
+                ctrl_secret: d.ctrl_secret.is_some(),
+                hash: d.hash,
+                dhgroup: d.dhgroup,
+            }),
         portal,
         target: r.target.clone(),
         lun,

@@ -139,6 +139,8 @@ enum SnapshotCmd {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the Create variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum ExportCmd {
     List {
         volume: String,
@@ -161,6 +163,19 @@ enum ExportCmd {
         mutual_user: Option<String>,
         #[arg(long)]
         mutual_secret: Option<String>,
+        /// NVMe/TCP: DH-HMAC-CHAP host secret every host must authenticate with
+        /// (DHHC-1:xx:...:, from `nvme gen-dhchap-key`).
+        #[arg(long)]
+        dhchap_secret: Option<String>,
+        /// NVMe/TCP: DH-HMAC-CHAP controller secret, for hosts that authenticate the target.
+        #[arg(long, requires = "dhchap_secret")]
+        dhchap_ctrl_secret: Option<String>,
+        /// NVMe/TCP: only this DH-HMAC-CHAP hash (sha256, sha384, sha512).
+        #[arg(long, requires = "dhchap_secret")]
+        dhchap_hash: Option<String>,
+        /// NVMe/TCP: only this DH group (null, ffdhe2048 ... ffdhe8192).
+        #[arg(long, requires = "dhchap_secret")]
+        dhchap_dhgroup: Option<String>,
         /// Refuse writes (mount a snapshot clone for restore without changing it).
         #[arg(long)]
         read_only: bool,
@@ -692,12 +707,20 @@ fn run(cli: &Cli) -> R<()> {
                 chap_secret,
                 mutual_user,
                 mutual_secret,
+                dhchap_secret,
+                dhchap_ctrl_secret,
+                dhchap_hash,
+                dhchap_dhgroup,
                 read_only,
             } => {
                 let mut body =
                     json!({"protocol": protocol, "initiators": initiators, "read_only": read_only});
                 if let (Some(u), Some(s)) = (chap_user, chap_secret) {
                     body["chap"] = json!({"user": u, "secret": s, "mutual_user": mutual_user, "mutual_secret": mutual_secret});
+                }
+                if let Some(s) = dhchap_secret {
+                    body["dhchap"] = json!({"host_secret": s, "ctrl_secret": dhchap_ctrl_secret,
+                        "hash": dhchap_hash, "dhgroup": dhchap_dhgroup});
                 }
                 let v: api::Export =
                     typed(c.call("POST", &format!("/volumes/{volume}/exports"), Some(body))?)?;
