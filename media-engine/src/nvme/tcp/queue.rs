@@ -849,6 +849,10 @@ mod tests {
     const HOST: &str = "nqn.test:host";
 
     fn queue() -> (Arc<Registry>, Queue) {
+        queue_with(None)
+    }
+
+    fn queue_with(dhchap: Option<Arc<auth::DhchapConfig>>) -> (Arc<Registry>, Queue) {
         let reg = Arc::new(Registry::new(None));
         reg.add(SubsystemConfig {
             nqn: SUB.into(),
@@ -863,7 +867,7 @@ mod tests {
             )]),
             serial: "s".into(),
             model: "m".into(),
-            dhchap: None,
+            dhchap,
         });
         let q = Queue::new(
             reg.clone(),
@@ -1102,5 +1106,88 @@ mod tests {
             q.on_close("end");
             prop_assert_eq!(reg.controller_count(), 0);
         }
+
+        /// On an export that requires DH-HMAC-CHAP, hostile sequences mixing well-formed and
+        /// mangled Authentication Send/Receive commands with everything else never reach a
+        /// namespace, never authenticate the queue, and never panic.
+        #[test]
+        fn hostile_sequences_on_an_auth_export_never_reach_the_namespace(
+            pdus in prop::collection::vec(prop_oneof![arb_pdu(), arb_auth_pdu()], 1..40)
+        ) {
+            let mut cfg = auth::DhchapConfig::new(
+                auth::Secret::generate(Some(auth::HashId::Sha256)),
+                Some(auth::Secret::generate(None)),
+            );
+            cfg.dhgroups = vec![auth::DhGroup::Null];
+            let (reg, mut q) = queue_with(Some(Arc::new(cfg)));
+            let mut out = OutQueue::new();
+            for p in pdus {
+                let r = q.on_pdu(p, &mut out);
+                for (cid, job) in q.take_work() {
+                    prop_assert!(matches!(job, Job::Auth(_)), "{job:?} before authentication");
+                    let c = job.run_nowait().unwrap_or_else(|| job.run());
+                    q.on_complete(cid, c, &mut out);
+                }
+                prop_assert!(!q.is_ready() || q.controller().is_none());
+                prop_assert!(out.len() < 16 << 20);
+                if r.is_err() {
+                    break;
+                }
+            }
+            let _ = sent(&q, &mut out);
+            q.on_close("end");
+            prop_assert_eq!(reg.controller_count(), 0);
+        }
+    }
+
+    /// Authentication Send (a DH-HMAC-CHAP message, well-formed or mangled, in the capsule)
+    /// and Authentication Receive commands, with the right or a wrong SECP and lengths.
+    fn arb_auth_pdu() -> impl Strategy<Value = Pdu> {
+        let host = auth::HostAuth::new(auth::Secret::generate(None), None, HOST, SUB, 1);
+        let negotiate = host.negotiate();
+        (
+            0u16..8,
+            any::<bool>(),
+            prop_oneof![Just(0xE9u8), any::<u8>()],
+            prop_oneof![
+                Just(negotiate),
+                prop::collection::vec(any::<u8>(), 0..200),
+                (0u8..6, prop::collection::vec(any::<u8>(), 16..200)).prop_map(|(id, mut m)| {
+                    m[0] = auth::TYPE_DHCHAP;
+                    m[1] = id;
+                    m
+                }),
+            ],
+            prop_oneof![Just(4096u32), 0u32..300, Just(u32::MAX)],
+        )
+            .prop_map(|(cid, send, secp, msg, al)| {
+                let mut sqe = Sqe::new(admin::FABRICS, cid, 0);
+                sqe.0[4] = if send {
+                    fctype::AUTH_SEND
+                } else {
+                    fctype::AUTH_RECEIVE
+                };
+                sqe.set_cdw(10, (u32::from(secp) << 24) | (1 << 16) | (1 << 8));
+                if send {
+                    sqe.set_cdw(11, msg.len() as u32);
+                    sqe.set_data_pointer(DataPointer::InCapsule {
+                        offset: 0,
+                        len: msg.len() as u32,
+                    });
+                    Pdu::CapsuleCmd {
+                        sqe,
+                        data: msg,
+                        digest_ok: true,
+                    }
+                } else {
+                    sqe.set_cdw(11, al);
+                    sqe.set_data_pointer(DataPointer::Transport { len: al });
+                    Pdu::CapsuleCmd {
+                        sqe,
+                        data: Vec::new(),
+                        digest_ok: true,
+                    }
+                }
+            })
     }
 }
