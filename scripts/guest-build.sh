@@ -8,8 +8,9 @@
 #       open-iscsi's services are kept off on the host (installed with service starts blocked,
 #       then disabled): the host kernel has no iSCSI initiator; only the guest runs iscsid.
 #   QEMU 7.2: from scripts/iscsi-peers.sh (extracted, not installed).
-#   ${MAAS_CACHE:-$HOME/.cache/maas}/guest/
-#       kernel/KVER/         Debian's linux-image-KVER package `dpkg-deb -x`ed (+ depmod), pinned
+#   ${MAAS_CACHE:-$HOME/.cache/maas}/guest-6.12/
+#       kernel/KVER/         Debian's linux-image-KVER package (6.12 from bookworm-security, for
+#                            NVMe in-band authentication) `dpkg-deb -x`ed (+ depmod), pinned
 #                            to the version first fetched (MAAS_GUEST_REFRESH=1 re-resolves).
 #       initrd-KVER.gz       busybox /init + the module closure the guests need (virtio, 9p,
 #                            overlay, configfs, ext4, sd_mod, crc32c, iscsi_tcp, nvme-tcp, nvmet,
@@ -29,7 +30,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="${MAAS_CACHE:-$HOME/.cache/maas}"
-GUEST="$CACHE/guest"
+# Its own folder: checkouts still on the 6.1 guest (cache folder `guest`) keep theirs.
+GUEST="$CACHE/guest-6.12"
 SETUP_NAME=guest-build
 # shellcheck source=lib/setup.sh
 source "$HERE/lib/setup.sh"
@@ -57,7 +59,7 @@ if [ -n "$INSTALLING_ISCSI" ] && [ ! -e /usr/sbin/policy-rc.d ]; then
     $SUDO chmod 755 /usr/sbin/policy-rc.d
     CLEANUP+=("$SUDO rm -f /usr/sbin/policy-rc.d")
 fi
-apt_install open-iscsi nvme-cli fio e2fsprogs jq busybox-static cpio kmod
+apt_install open-iscsi nvme-cli fio e2fsprogs jq busybox-static cpio kmod xz-utils
 if [ -n "$INSTALLING_ISCSI" ]; then
     log "disabling open-iscsi's services on the host (iscsid.socket, iscsid, open-iscsi)"
     if command -v systemctl >/dev/null 2>&1; then
@@ -79,17 +81,21 @@ done
 # ---------------------------------------------------------------- 3. Debian's kernel, extracted
 # Pinned to the version first fetched: warm runs never consult apt (MAAS_GUEST_REFRESH=1 does).
 KSTAMP="$GUEST/kernel/.maas-pin"
-if [ -s "$KSTAMP" ] && [ "${MAAS_GUEST_REFRESH:-0}" != 1 ]; then
+# A pin to another series (the 6.1 kernel used before) is re-resolved.
+if [ -s "$KSTAMP" ] && [ "${MAAS_GUEST_REFRESH:-0}" != 1 ] \
+    && grep -qE '^package=linux-image-6\.12\.[0-9]+\+deb12-amd64$' "$KSTAMP"; then
     KPKG="$(awk -F= '$1 == "package" {print $2}' "$KSTAMP")"
     KVERSION="$(awk -F= '$1 == "version" {print $2}' "$KSTAMP")"
 else
+    # Debian 12's 6.12 kernel from its security updates: the 6.1 kernel has NVMe in-band
+    # authentication (CONFIG_NVME_AUTH, CONFIG_NVME_TARGET_AUTH) off; 6.12 has both.
     resolve_kernel() {
-        apt-cache pkgnames linux-image-6.1.0- 2>/dev/null \
-            | grep -E '^linux-image-6\.1\.0-[0-9]+-amd64$' | sort -V | tail -n1
+        apt-cache pkgnames linux-image-6.12. 2>/dev/null \
+            | grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64$' | sort -V | tail -n1
     }
     KPKG="${MAAS_GUEST_KERNEL_PACKAGE:-$(resolve_kernel)}"
     if [ -z "$KPKG" ]; then apt_update_once; KPKG="$(resolve_kernel)"; fi
-    [ -n "$KPKG" ] || die "no linux-image-6.1.0-*-amd64 in the apt sources (apt-cache search linux-image-6.1)"
+    [ -n "$KPKG" ] || die "no linux-image-6.12.*+deb12-amd64 in the apt sources (bookworm-security; apt-cache search linux-image-6.12)"
     KVERSION="$(apt-cache policy "$KPKG" | awk '/Candidate:/ {print $2}')"
     [ -n "$KVERSION" ] && [ "$KVERSION" != "(none)" ] || die "no candidate version of $KPKG"
 fi
@@ -112,7 +118,7 @@ else
     printf '%s\n' "$KPKG=$KVERSION" >"$KDIR.tmp/.maas-stamp"
     rm -rf "$KDIR"; mv "$KDIR.tmp" "$KDIR"
     # Older pinned kernels are no longer used.
-    find "$GUEST/kernel" -mindepth 1 -maxdepth 1 -type d -name '6.1.0-*' ! -name "$KVER" \
+    find "$GUEST/kernel" -mindepth 1 -maxdepth 1 -type d -name '6.*' ! -name "$KVER" \
         -exec rm -rf {} +
     printf 'package=%s\nversion=%s\n' "$KPKG" "$KVERSION" >"$KSTAMP"
 fi
@@ -217,9 +223,14 @@ else
         while read -r kind path _; do
             case "$kind" in
                 insmod)
+                    # Debian's 6.12 modules are xz-compressed: stored uncompressed, so that
+                    # busybox's modprobe in /init loads them as well as the host's kmod.
                     rel="${path#"$KDIR"/}"
+                    rel="${rel%.xz}"
                     mkdir -p "$ROOT/$(dirname "$rel")"
-                    cp -n "$path" "$ROOT/$rel" ;;
+                    if [ -e "$ROOT/$rel" ]; then :
+                    elif [ "$path" != "${path%.xz}" ]; then xz -dc "$path" >"$ROOT/$rel"
+                    else cp "$path" "$ROOT/$rel"; fi ;;
                 builtin) ;;
                 *) die "module $m: unexpected line: $kind $path" ;;
             esac

@@ -792,6 +792,15 @@ fn validate_export(b: &api::CreateExport) -> ApiResult<()> {
             ));
         }
     }
+    if let Some(d) = &b.dhchap {
+        if b.protocol != "nvme-tcp" {
+            return Err(ApiError::invalid(
+                "dhchap",
+                "DH-HMAC-CHAP applies to nvme-tcp exports",
+            ));
+        }
+        crate::engine::dhchap_config(d).map_err(|(field, why)| ApiError::invalid(field, why))?;
+    }
     if let Some(ch) = &b.chap {
         if b.protocol != "iscsi" {
             return Err(ApiError::invalid("chap", "CHAP applies to iSCSI exports"));
@@ -867,12 +876,17 @@ pub async fn create_export(
             volume: id,
             protocol: b.protocol.clone(),
             initiators: serde_json::to_string(&b.initiators).unwrap_or_else(|_| "[]".into()),
-            chap: match &b.chap {
-                Some(c) => Some(
+            // The per-export secret column: CHAP for iSCSI, DH-HMAC-CHAP for NVMe/TCP, sealed.
+            chap: match (&b.chap, &b.dhchap) {
+                (Some(c), _) => Some(
                     crate::secrets::seal_chap(&st.vault, &eid, c)
                         .map_err(|e| ApiError::internal(e.to_string()))?,
                 ),
-                None => None,
+                (None, Some(d)) => Some(
+                    crate::secrets::seal_dhchap(&st.vault, &eid, d)
+                        .map_err(|e| ApiError::internal(e.to_string()))?,
+                ),
+                (None, None) => None,
             },
             target,
             created_ms: now_ms(),

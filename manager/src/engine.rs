@@ -56,6 +56,7 @@ impl Engine {
         let mut sealed_any = false;
         for row in rows {
             if let Some(col) = &row.chap
+                && row.protocol != "nvme-tcp"
                 && let Ok(opened) = secrets::open_chap(vault, &row.id, col)
                 && opened.legacy
             {
@@ -173,12 +174,27 @@ impl Engine {
                 );
                 let mut namespaces = BTreeMap::new();
                 namespaces.insert(1, Arc::new(ns));
+                // Fail closed: secrets that no longer parse keep the export down rather than
+                // open.
+                let dhchap = match row.chap.as_deref() {
+                    None => None,
+                    Some(c) => {
+                        let d = secrets::open_dhchap(vault, &row.id, c).map_err(|e| {
+                            unreadable(CHAP_SECRET_UNREADABLE, "DH-HMAC-CHAP secrets", &e)
+                        })?;
+                        let cfg = dhchap_config(&d).map_err(|(_, why)| {
+                            ApiError::internal(format!("the export's DH-HMAC-CHAP settings: {why}"))
+                        })?;
+                        Some(Arc::new(cfg))
+                    }
+                };
                 self.nvme.add(nvme::SubsystemConfig {
                     nqn: row.target.clone(),
                     hosts: initiators,
                     namespaces,
                     serial: nvme_serial(&row.id),
                     model: "MaaS mosaic volume".to_string(),
+                    dhchap,
                 });
                 tracing::info!(export = %row.id, subnqn = %row.target, volume = %row.volume, "NVMe/TCP subsystem live");
                 Ok(())
@@ -207,6 +223,42 @@ impl Engine {
             tracing::info!(export = %row.id, subnqn = %row.target, "NVMe/TCP subsystem removed");
         }
     }
+}
+
+/// The engine's DH-HMAC-CHAP settings from the API's; Err((field, why)) for what is invalid.
+pub fn dhchap_config(d: &api::DhChap) -> Result<nvme::auth::DhchapConfig, (&'static str, String)> {
+    use nvme::auth::{DhGroup, DhchapConfig, HashId, Secret};
+    let host = Secret::parse(&d.host_secret).map_err(|e| {
+        (
+            "dhchap.host_secret",
+            format!("{e} (make one with nvme gen-dhchap-key)"),
+        )
+    })?;
+    let ctrl = match &d.ctrl_secret {
+        None => None,
+        Some(s) => {
+            let c = Secret::parse(s).map_err(|e| ("dhchap.ctrl_secret", e.to_string()))?;
+            if c == host {
+                return Err((
+                    "dhchap.ctrl_secret",
+                    "the controller secret must differ from the host secret".into(),
+                ));
+            }
+            Some(c)
+        }
+    };
+    let mut cfg = DhchapConfig::new(host, ctrl);
+    if let Some(h) = &d.hash {
+        cfg.hashes =
+            vec![HashId::parse(h).ok_or(("dhchap.hash", "sha256, sha384 or sha512".to_string()))?];
+    }
+    if let Some(g) = &d.dhgroup {
+        cfg.dhgroups = vec![DhGroup::parse(g).ok_or((
+            "dhchap.dhgroup",
+            "null, ffdhe2048, ffdhe3072, ffdhe4096, ffdhe6144 or ffdhe8192".to_string(),
+        ))?];
+    }
+    Ok(cfg)
 }
 
 /// Identify Controller serial number of an export's subsystem: the export id, which is unique,

@@ -314,6 +314,93 @@ pub fn open_chap(vault: &Vault, export_id: &str, column: &str) -> Result<OpenedC
     })
 }
 
+/// The secret column of an `nvme-tcp` export: the negotiation settings in clear (the API shows
+/// them), the DH-HMAC-CHAP secrets sealed.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredDhChap {
+    dhchap: api::DhChapInfo,
+    sealed: String,
+}
+
+/// What is sealed of DH-HMAC-CHAP: the secrets.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealedDhChap {
+    host_secret: String,
+    #[serde(default)]
+    ctrl_secret: Option<String>,
+}
+
+fn dhchap_context(export_id: &str, info: &api::DhChapInfo) -> Vec<u8> {
+    let mut c = b"maas exports.dhchap v1\0".to_vec();
+    let parts = [
+        export_id,
+        info.hash.as_deref().unwrap_or(""),
+        info.dhgroup.as_deref().unwrap_or(""),
+        if info.ctrl_secret { "ctrl" } else { "" },
+    ];
+    for part in parts {
+        c.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        c.extend_from_slice(part.as_bytes());
+    }
+    c
+}
+
+/// The secret column for DH-HMAC-CHAP settings `d` on export `export_id`: secrets sealed.
+pub fn seal_dhchap(vault: &Vault, export_id: &str, d: &api::DhChap) -> Result<String, SecretError> {
+    let info = api::DhChapInfo {
+        ctrl_secret: d.ctrl_secret.is_some(),
+        hash: d.hash.clone(),
+        dhgroup: d.dhgroup.clone(),
+    };
+    let inner = Zeroizing::new(
+        serde_json::to_vec(&SealedDhChap {
+            host_secret: d.host_secret.clone(),
+            ctrl_secret: d.ctrl_secret.clone(),
+        })
+        .map_err(|e| SecretError::Seal(e.to_string()))?,
+    );
+    let sealed = vault.seal(&dhchap_context(export_id, &info), &inner)?;
+    serde_json::to_string(&StoredDhChap {
+        dhchap: info,
+        sealed,
+    })
+    .map_err(|e| SecretError::Seal(e.to_string()))
+}
+
+/// Opens the DH-HMAC-CHAP column of export `export_id`. Any doubt is an error: the caller must
+/// not serve the export without authentication.
+pub fn open_dhchap(
+    vault: &Vault,
+    export_id: &str,
+    column: &str,
+) -> Result<api::DhChap, SecretError> {
+    let stored: StoredDhChap = serde_json::from_str(column)
+        .map_err(|e| SecretError::Malformed(format!("DH-HMAC-CHAP column is not valid: {e}")))?;
+    let plain = vault.open(&dhchap_context(export_id, &stored.dhchap), &stored.sealed)?;
+    let inner: SealedDhChap = serde_json::from_slice(&plain)
+        .map_err(|e| SecretError::Malformed(format!("sealed DH-HMAC-CHAP secrets: {e}")))?;
+    if inner.host_secret.is_empty() || inner.ctrl_secret.is_some() != stored.dhchap.ctrl_secret {
+        return Err(SecretError::Malformed(
+            "DH-HMAC-CHAP secrets do not match their settings".into(),
+        ));
+    }
+    Ok(api::DhChap {
+        host_secret: inner.host_secret,
+        ctrl_secret: inner.ctrl_secret,
+        hash: stored.dhchap.hash,
+        dhgroup: stored.dhchap.dhgroup,
+    })
+}
+
+/// The DH-HMAC-CHAP settings of a secret column, without opening the secrets (for the API).
+pub fn dhchap_info(column: &str) -> Option<api::DhChapInfo> {
+    serde_json::from_str::<StoredDhChap>(column)
+        .ok()
+        .map(|s| s.dhchap)
+}
+
 /// User names of a `chap` column, without opening the secrets (for the API's `ChapInfo`).
 pub fn chap_users(column: &str) -> Option<api::ChapInfo> {
     let stored: StoredChap = serde_json::from_str(column).ok()?;
@@ -326,6 +413,35 @@ pub fn chap_users(column: &str) -> Option<api::ChapInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dhchap_secrets_are_sealed_bound_to_their_export_and_settings() {
+        let vault = Vault::from_key([7u8; 32]);
+        let d = api::DhChap {
+            host_secret: "DHHC-1:00:aGVsbG8gd29ybGQgc2VjcmV0IGtleSAzMmJ5dGVzIQ==:".into(),
+            ctrl_secret: Some("DHHC-1:00:Y29udHJvbGxlciBzZWNyZXQga2V5IDMyIGJ5dGVzIQ==:".into()),
+            hash: Some("sha384".into()),
+            dhgroup: None,
+        };
+        let col = seal_dhchap(&vault, "exp-1", &d).unwrap();
+        assert!(
+            !col.contains("aGVsbG8") && !col.contains("Y29udHJvbGxlcn"),
+            "{col}"
+        );
+        assert_eq!(open_dhchap(&vault, "exp-1", &col).unwrap(), d);
+        assert!(
+            open_dhchap(&vault, "exp-2", &col).is_err(),
+            "bound to its export"
+        );
+        let edited = col.replace("sha384", "sha256");
+        assert!(
+            open_dhchap(&vault, "exp-1", &edited).is_err(),
+            "bound to its settings"
+        );
+        assert!(open_dhchap(&Vault::from_key([8u8; 32]), "exp-1", &col).is_err());
+        assert!(open_dhchap(&vault, "exp-1", "{\"host_secret\":\"x\"}").is_err());
+        assert_eq!(dhchap_info(&col).unwrap().hash.as_deref(), Some("sha384"));
+    }
 
     fn chap(mutual: bool) -> api::Chap {
         api::Chap {

@@ -153,12 +153,28 @@ pub fn export_out(r: &ExportRow, st: &AppState) -> api::Export {
         volume: r.volume.clone(),
         protocol: r.protocol.clone(),
         initiators: serde_json::from_str(&r.initiators).unwrap_or_default(),
-        chap: r.chap.as_deref().map(|c| {
-            crate::secrets::chap_users(c).unwrap_or_else(|| api::ChapInfo {
-                user: String::new(),
-                mutual_user: None,
-            })
-        }),
+        chap: r
+            .chap
+            .as_deref()
+            .filter(|_| r.protocol != "nvme-tcp")
+            .map(|c| {
+                crate::secrets::chap_users(c).unwrap_or_else(|| api::ChapInfo {
+                    user: String::new(),
+                    mutual_user: None,
+                })
+            }),
+        // NVMe/TCP exports keep their DH-HMAC-CHAP secrets where iSCSI exports keep CHAP's.
+        dhchap: r
+            .chap
+            .as_deref()
+            .filter(|_| r.protocol == "nvme-tcp")
+            .map(|c| {
+                crate::secrets::dhchap_info(c).unwrap_or(api::DhChapInfo {
+                    ctrl_secret: false,
+                    hash: None,
+                    dhgroup: None,
+                })
+            }),
         portal,
         target: r.target.clone(),
         lun,

@@ -107,6 +107,65 @@ fn maasctl_drives_every_resource() {
     );
     let (ok, out, _) = maasctl(&m, &["export", "delete", e["id"].as_str().unwrap()]);
     assert!(ok && out.contains("deleted"));
+    // NVMe/TCP with DH-HMAC-CHAP (nvme gen-dhchap-key's form); the secret is never shown back.
+    let secret = "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:";
+    let secret_file = dir.path().join("dhchap.key");
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let bad_file = dir.path().join("bad.key");
+    std::fs::write(&bad_file, "x\n").unwrap();
+    let e = ok_json(
+        &m,
+        &[
+            "export",
+            "create",
+            &cid,
+            "--protocol",
+            "nvme-tcp",
+            "--initiator",
+            "nqn.2014-08.org.nvmexpress:uuid:cli",
+            "--dhchap-secret-file",
+            secret_file.to_str().unwrap(),
+            "--dhchap-dhgroup",
+            "ffdhe3072",
+        ],
+    );
+    assert_eq!(e["dhchap"]["ctrl_secret"], false, "{e}");
+    assert_eq!(e["dhchap"]["dhgroup"], "ffdhe3072", "{e}");
+    assert!(!e.to_string().contains("AAECAw"), "{e}");
+    let (ok, _, err) = maasctl(
+        &m,
+        &[
+            "export",
+            "create",
+            &cid,
+            "--protocol",
+            "nvme-tcp",
+            "--dhchap-secret-file",
+            bad_file.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok && err.contains("dhchap.host_secret"), "{err}");
+    // A secret in argv is refused, and nothing is created.
+    let (ok, _, err) = maasctl(
+        &m,
+        &[
+            "export",
+            "create",
+            &cid,
+            "--protocol",
+            "nvme-tcp",
+            "--dhchap-secret",
+            secret,
+        ],
+    );
+    assert!(!ok && err.contains("command line"), "{err}");
+    let (ok, out, _) = maasctl(&m, &["export", "delete", e["id"].as_str().unwrap()]);
+    assert!(ok && out.contains("deleted"));
     let t = ok_json(&m, &["token", "create", "auditor", "--role", "viewer"]);
     assert_eq!(t["token"]["role"], "viewer");
     let jobs = ok_json(&m, &["job", "list"]);

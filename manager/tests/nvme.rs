@@ -164,3 +164,95 @@ fn rest_exports_become_nvme_subsystems_that_survive_restarts() {
     });
     m.stop();
 }
+
+/// DH-HMAC-CHAP through REST: secrets go in, never come out, and gate the subsystem's queues in
+/// the real maasd, across a restart (the secrets are kept in the catalog with the export).
+#[test]
+fn rest_dhchap_secrets_gate_the_subsystem_across_restarts() {
+    use maas_engine::nvme::auth::{HashId, HostAuth, Secret};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut m = start(dir.path(), port);
+    let vol = m.ok(
+        "POST",
+        "/volumes",
+        Some(json!({"name": "auth1", "size": 64 * MIB, "block_size": 512})),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hk = Secret::generate(Some(HashId::Sha256));
+    let ck = Secret::generate(None);
+    let url = format!("/volumes/{vol}/exports");
+    // DH-HMAC-CHAP is NVMe's; secrets must be DHHC-1 secrets.
+    for (protocol, dhchap) in [
+        ("iscsi", json!({"host_secret": hk.encode().as_str()})),
+        ("nvme-tcp", json!({"host_secret": "not-a-secret"})),
+        (
+            "nvme-tcp",
+            json!({"host_secret": hk.encode().as_str(), "hash": "md5"}),
+        ),
+    ] {
+        let (st, r) = m.call(
+            "POST",
+            &url,
+            Some(json!({"protocol": protocol, "initiators": [HOST], "dhchap": dhchap})),
+        );
+        assert_eq!(st, 400, "{r}");
+    }
+    let e = m.ok(
+        "POST",
+        &url,
+        Some(json!({"protocol": "nvme-tcp", "initiators": [HOST],
+            "dhchap": {"host_secret": hk.encode().as_str(), "ctrl_secret": ck.encode().as_str()}})),
+    );
+    let nqn = e["target"].as_str().unwrap().to_string();
+    let portal = format!("127.0.0.1:{port}");
+    let listed = m.ok("GET", &url, None).to_string();
+    for shown in [e.to_string(), listed] {
+        assert!(
+            shown.contains("\"dhchap\":{\"ctrl_secret\":true}"),
+            "{shown}"
+        );
+        assert!(!shown.contains(&hk.encode()[10..40]) && !shown.contains(&ck.encode()[10..40]));
+    }
+    let rt = runtime();
+    let check = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let mut a = Client::connect(&portal, &nqn, 0, 0xffff, &opts(HOST))
+                .await
+                .unwrap();
+            assert!(a.auth_required);
+            let e = a.identify(1, 0).await.unwrap_err();
+            assert!(
+                matches!(e, ClientError::Status(s) if s == Status::AUTH_REQUIRED),
+                "{e}"
+            );
+            let mut h = HostAuth::new(hk.clone(), Some(ck.clone()), HOST, &nqn, 1);
+            a.authenticate(&mut h).await.unwrap();
+            a.enable().await.unwrap();
+            let mut q = Client::connect(&portal, &nqn, 1, a.cntlid, &opts(HOST))
+                .await
+                .unwrap();
+            let mut h = HostAuth::new(hk.clone(), None, HOST, &nqn, 2);
+            q.authenticate(&mut h).await.unwrap();
+            q.exec(rw(io::WRITE, 0, 1), Some(Arc::new(vec![7; 512])), 0)
+                .await
+                .unwrap();
+            // Another host secret gets nowhere.
+            let mut b = Client::connect(&portal, &nqn, 0, 0xffff, &opts(HOST))
+                .await
+                .unwrap();
+            let mut h = HostAuth::new(Secret::generate(None), None, HOST, &nqn, 1);
+            assert!(matches!(
+                b.authenticate(&mut h).await,
+                Err(ClientError::Auth(_))
+            ));
+        })
+    };
+    check(&rt);
+    m.restart();
+    check(&rt);
+    assert!(m.log().contains("NVMe host authenticated (DH-HMAC-CHAP)"));
+    assert!(m.log().contains("NVMe authentication failed"));
+}

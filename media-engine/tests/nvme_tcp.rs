@@ -77,6 +77,7 @@ async fn target(kato: KatoPolicy) -> Target {
             namespaces,
             serial: format!("serial-{name}"),
             model: "MaaS test".into(),
+            dhchap: None,
         });
     }
     let cfg = QueueConfig {
@@ -571,5 +572,148 @@ async fn hostile_peers_lose_their_connection_and_nobody_else_notices() {
         let r = ios[0].exec(rw(io::READ, 0, 1), None, 512).await;
         assert!(r.is_ok(), "{what}: the healthy queue suffered: {r:?}");
     }
+    t.server.shutdown().await;
+}
+
+/// DH-HMAC-CHAP: an export with secrets asks for authentication in every Connect response and
+/// lets nothing but Authentication Send/Receive through until the queue authenticated; right
+/// secrets (one-way and bidirectional) open the queue, wrong ones end the controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dh_hmac_chap_gates_every_queue_until_it_authenticates() {
+    use maas_engine::nvme::auth::{DhchapConfig, HashId, HostAuth, Secret, reason};
+    const AUTH_SUB: &str = "nqn.2026-11.io.maas:auth";
+    let t = target(KatoPolicy::default()).await;
+    let host_secret = Secret::generate(Some(HashId::Sha256));
+    let ctrl_secret = Secret::generate(None);
+    let info = t.pool.create_volume("v3", 64 * MIB, 512).unwrap();
+    let vol = t.pool.open_volume(info.id).unwrap();
+    t.server.registry().add(SubsystemConfig {
+        nqn: AUTH_SUB.into(),
+        hosts: vec![HOST.into()],
+        namespaces: BTreeMap::from([(
+            1,
+            Arc::new(Namespace::new(
+                Arc::new(vol),
+                false,
+                NamespaceIdentity::from_volume_id("v3"),
+            )),
+        )]),
+        serial: "serial-v3".into(),
+        model: "MaaS test".into(),
+        dhchap: Some(Arc::new(DhchapConfig::new(
+            host_secret.clone(),
+            Some(ctrl_secret.clone()),
+        ))),
+    });
+    let o = opts(false);
+    let hostauth = |tid: u16, h: &Secret, c: Option<&Secret>| {
+        HostAuth::new(h.clone(), c.cloned(), HOST, AUTH_SUB, tid)
+    };
+    let is = |e: ClientError, s: Status| matches!(e, ClientError::Status(x) if x == s);
+
+    // An export without secrets does not ask.
+    let plain = Client::connect(&t.addr, SUB, 0, 0xffff, &o).await.unwrap();
+    assert!(!plain.auth_required);
+    drop(plain);
+
+    // Before authenticating: Authentication Required for everything else.
+    let mut a = Client::connect(&t.addr, AUTH_SUB, 0, 0xffff, &o)
+        .await
+        .unwrap();
+    assert!(a.auth_required, "Connect response AUTHREQ.ATR");
+    let e = a.property_get(prop::CAP, true).await.unwrap_err();
+    assert!(is(e, Status::AUTH_REQUIRED));
+    let e = a.identify(1, 0).await.unwrap_err();
+    assert!(is(e, Status::AUTH_REQUIRED));
+    let e = a
+        .exec(Sqe::new(admin::KEEP_ALIVE, 0, 0), None, 0)
+        .await
+        .unwrap_err();
+    assert!(is(e, Status::AUTH_REQUIRED));
+    // An I/O queue cannot join a controller nobody could enable.
+    assert!(
+        Client::connect(&t.addr, AUTH_SUB, 1, a.cntlid, &o)
+            .await
+            .is_err()
+    );
+    // Authentication Send with another security protocol is refused as a command.
+    let mut bad = Sqe::new(admin::FABRICS, 0, 0);
+    bad.0[4] = 0x05;
+    bad.set_cdw(10, (0xEA << 24) | (1 << 16) | (1 << 8));
+    bad.set_cdw(11, 8);
+    let d = a
+        .exec_status(bad, Some(Arc::new(vec![0; 8])), 0)
+        .await
+        .unwrap();
+    assert_eq!(d.cqe.status, Status::INVALID_FIELD);
+
+    // Bidirectional, with the default group (ffdhe2048).
+    a.authenticate(&mut hostauth(1, &host_secret, Some(&ctrl_secret)))
+        .await
+        .unwrap();
+    a.enable().await.unwrap();
+    assert_eq!(a.identify(1, 0).await.unwrap().len(), 4096);
+    // The I/O queue asks again; one-way this time.
+    let mut q = Client::connect(&t.addr, AUTH_SUB, 1, a.cntlid, &o)
+        .await
+        .unwrap();
+    assert!(q.auth_required);
+    let data = pattern(9, 4096);
+    let e = q
+        .exec(rw(io::WRITE, 0, 8), Some(Arc::new(data.clone())), 0)
+        .await
+        .unwrap_err();
+    assert!(is(e, Status::AUTH_REQUIRED), "no I/O before authentication");
+    q.authenticate(&mut hostauth(2, &host_secret, None))
+        .await
+        .unwrap();
+    q.exec(rw(io::WRITE, 0, 8), Some(Arc::new(data.clone())), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        q.exec(rw(io::READ, 0, 8), None, 4096).await.unwrap().data,
+        data
+    );
+    assert_eq!(t.server.registry().controller_count(), 1);
+
+    // A wrong host secret: Failure1, and the controller is gone.
+    let wrong = Secret::generate(Some(HashId::Sha256));
+    let mut b = Client::connect(&t.addr, AUTH_SUB, 0, 0xffff, &o)
+        .await
+        .unwrap();
+    let e = b
+        .authenticate(&mut hostauth(1, &wrong, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Auth(reason::FAILED)), "{e}");
+    assert!(b.identify(1, 0).await.is_err(), "the connection ends");
+    // A wrong controller secret: the host refuses the controller (Failure2); it ends too.
+    let mut c = Client::connect(&t.addr, AUTH_SUB, 0, 0xffff, &o)
+        .await
+        .unwrap();
+    let e = c
+        .authenticate(&mut hostauth(
+            1,
+            &host_secret,
+            Some(&Secret::generate(None)),
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Auth(reason::FAILED)), "{e}");
+    assert!(c.identify(1, 0).await.is_err(), "the connection ends");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.server.registry().controller_count() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        t.server.registry().controller_count(),
+        1,
+        "only the good one is left"
+    );
+    // The authenticated controller kept working meanwhile.
+    assert_eq!(
+        q.exec(rw(io::READ, 0, 8), None, 4096).await.unwrap().data,
+        data
+    );
     t.server.shutdown().await;
 }

@@ -42,7 +42,7 @@ exit 7
     let run = running.wait();
     assert_eq!(run.status, Some(7), "{run}");
     assert!(!run.success() && !run.timed_out);
-    assert!(run.output.contains("name=harness kernel=6.1."), "{run}");
+    assert!(run.output.contains("name=harness kernel=6.12."), "{run}");
     assert!(
         run.output
             .contains(&format!("initiator=InitiatorName={}", g.initiator_name())),

@@ -19,11 +19,18 @@
 //!   removes the controller within its KATO and closes its connections; thawed, the host
 //!   reconnects on its own and the I/O queued meanwhile completes and verifies.
 //!
+//! - `dh_hmac_chap_against_nvmet_and_maasd`: NVMe in-band authentication with the kernel's
+//!   nvme-auth (6.12) and nvme-cli's `--dhchap-secret/--dhchap-ctrl-secret`, first against Linux
+//!   nvmet (the reference), then against maasd: the right host secret connects and does I/O,
+//!   one-way and bidirectional; wrong and missing host secrets and a wrong controller secret are
+//!   refused; maasd negotiates SHA-256/384/512 with the null, ffdhe2048 and ffdhe3072 groups.
+//!
 //! Run alone with `cargo test -p maas-tests --test guest_nvme_tcp -- --nocapture` (timings on
 //! stderr). TCG is slow: guests are for correctness, not speed.
 
 use std::time::{Duration, Instant};
 
+use maas_engine::nvme::auth::{HashId, Secret};
 use maas_tests::TestDir;
 use maas_tests::guest::workflow::{
     Clock, Dataset, MIB, NVME_TCP, mount_and_restore, one_at_a_time, portal, run_ok, target,
@@ -387,4 +394,130 @@ dmesg | grep -E 'nvme|keep' | tail -20
         relay.connections().iter().any(|c| c.generation == 1),
         "the host did not reconnect through the relay"
     );
+}
+
+#[test]
+fn dh_hmac_chap_against_nvmet_and_maasd() {
+    let _one = one_at_a_time();
+    let mut clock = Clock::new("dhchap");
+    let tmp = TestDir::new("guest-nvme-");
+    let m = Maasd::builder(maasd_bin(), &tmp.path().join("maasd"))
+        .nvme_tcp()
+        .start();
+    let port = m.nvme_port.unwrap();
+    let g = Guest::new("dhchap-host")
+        .lib(NVME_SH)
+        .timeout(Duration::from_secs(600));
+    // Secrets as `nvme gen-dhchap-key` makes them (one transformed with SHA-256, one not).
+    let hk = Secret::generate(Some(HashId::Sha256)).encode().to_string();
+    let ck = Secret::generate(None).encode().to_string();
+    let export = |name: &str, dhchap: serde_json::Value| {
+        let vol = volume(&m, name, 64 * MIB, 512);
+        create_export(
+            &m,
+            &vol,
+            json!({"protocol": "nvme-tcp", "initiators": [g.host_nqn()], "dhchap": dhchap}),
+        )
+    };
+    let e = export("auth", json!({"host_secret": hk, "ctrl_secret": ck}));
+    assert_eq!(e["dhchap"], json!({"ctrl_secret": true}), "{e}");
+    let e_null = export(
+        "auth-null",
+        json!({"host_secret": hk, "hash": "sha384", "dhgroup": "null"}),
+    );
+    let e_3072 = export(
+        "auth-3072",
+        json!({"host_secret": hk, "hash": "sha512", "dhgroup": "ffdhe3072"}),
+    );
+    // Secrets never come back.
+    let (st, listed) = m.call(
+        "GET",
+        &format!("/exports/{}", e["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(st, 200);
+    for shown in [&e, &e_null, &e_3072, &listed] {
+        let text = shown.to_string();
+        assert!(
+            !text.contains(&hk[10..40]) && !text.contains(&ck[10..40]),
+            "{text}"
+        );
+    }
+    // Malformed secrets are refused.
+    let vol = volume(&m, "auth-bad", 64 * MIB, 512);
+    for bad in [
+        json!({"host_secret": "secret"}),
+        json!({"host_secret": hk, "ctrl_secret": hk}),
+        json!({"host_secret": hk, "dhgroup": "ffdhe1024"}),
+    ] {
+        let (st, r) = m.call(
+            "POST",
+            &format!("/volumes/{vol}/exports"),
+            Some(json!({"protocol": "nvme-tcp", "initiators": [g.host_nqn()], "dhchap": bad})),
+        );
+        assert_eq!(st, 400, "{r}");
+    }
+    clock.lap("maasd up, exports made");
+    let g = g
+        .env("PORT", port)
+        .env("HK", &hk)
+        .env("CK", &ck)
+        .env("NQN", target(&e))
+        .env("NQN_NULL", target(&e_null))
+        .env("NQN_3072", target(&e_3072))
+        .env("REF_NQN", "nqn.2026-11.io.maas.test:auth-reference");
+    let run = g.run(
+        r#"
+set -uo pipefail
+nvme_start
+echo "== Linux nvmet (reference)"
+nvmet_auth_reference 127.0.0.1 4420 "$REF_NQN" "$HK" "$CK"
+nvme_auth_checks 127.0.0.1 4420 "$REF_NQN" "$HK" "$CK"
+mark reference-passed
+echo "== maasd"
+nvme_auth_checks "$MAAS_HOST" "$PORT" "$NQN" "$HK" "$CK"
+mark maasd-passed
+nvme_auth_connect "$MAAS_HOST" "$PORT" "$NQN_NULL" "sha384, null group" --dhchap-secret="$HK"
+nvme_auth_connect "$MAAS_HOST" "$PORT" "$NQN_3072" "sha512, ffdhe3072" --dhchap-secret="$HK"
+mark groups-passed
+"#,
+    );
+    run.assert_success();
+    for l in run
+        .output
+        .lines()
+        .filter(|l| l.starts_with("auth:") || l.starts_with("=="))
+    {
+        eprintln!("  guest: {l}");
+    }
+    let steps = ["auth-one-way", "auth-bidirectional", "auth-refusals"];
+    let want: Vec<&str> = steps
+        .iter()
+        .chain(&["reference-passed"])
+        .chain(&steps)
+        .chain(&["maasd-passed", "groups-passed"])
+        .copied()
+        .collect();
+    assert_eq!(run.marks(), want, "{run}");
+    // What the kernel negotiated with maasd: its default, then the exports' single choices.
+    let maasd_part = run.output.split("== maasd").nth(1).unwrap_or("");
+    for negotiated in [
+        "hash hmac(sha256) dhgroup ffdhe2048",
+        "hash hmac(sha384) dhgroup null",
+        "hash hmac(sha512) dhgroup ffdhe3072",
+    ] {
+        assert!(maasd_part.contains(negotiated), "{negotiated}: {run}");
+    }
+    // maasd's side: authenticated controllers (one of them bidirectional), and the two failed
+    // transactions (wrong host secret; the host's Failure2 for a wrong controller secret).
+    let log = m.log();
+    let ok = lines_with(&log, 0, "NVMe host authenticated (DH-HMAC-CHAP)");
+    assert!(ok.len() >= 4, "{log}");
+    assert!(ok.iter().any(|l| l.contains("bidirectional=true")), "{log}");
+    assert!(
+        lines_with(&log, 0, "NVMe authentication failed").len() >= 2,
+        "{log}"
+    );
+    clock.lap("DH-HMAC-CHAP with nvmet and maasd in a guest");
+    drop(m);
 }

@@ -187,6 +187,51 @@ impl std::fmt::Debug for Chap {
     }
 }
 
+/// NVMe in-band authentication (DH-HMAC-CHAP) of an `nvme-tcp` export: secrets in the form
+/// `nvme gen-dhchap-key` prints and `nvme connect --dhchap-secret/--dhchap-ctrl-secret` takes
+/// (`DHHC-1:xx:<base64>:`). Every queue of every host must authenticate with the host secret;
+/// a host that also gives the controller secret authenticates the target in turn.
+#[derive(Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DhChap {
+    pub host_secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctrl_secret: Option<String>,
+    /// Only this hash (`sha256`, `sha384`, `sha512`); default: whichever the host offers,
+    /// SHA-256 first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Only this Diffie-Hellman group (`null`, `ffdhe2048` ... `ffdhe8192`); default: whichever
+    /// the host offers, ffdhe2048 first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhgroup: Option<String>,
+}
+
+impl std::fmt::Debug for DhChap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DhChap")
+            .field("host_secret", &"<redacted>")
+            .field(
+                "ctrl_secret",
+                &self.ctrl_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("hash", &self.hash)
+            .field("dhgroup", &self.dhgroup)
+            .finish()
+    }
+}
+
+/// DH-HMAC-CHAP as shown back: secrets are never returned.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DhChapInfo {
+    /// A controller secret is set: hosts can authenticate the target too.
+    pub ctrl_secret: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhgroup: Option<String>,
+}
+
 /// CHAP as shown back: secrets are never returned.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct ChapInfo {
@@ -205,6 +250,9 @@ pub struct Export {
     pub initiators: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chap: Option<ChapInfo>,
+    /// NVMe/TCP: DH-HMAC-CHAP in-band authentication required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap: Option<DhChapInfo>,
     /// host:port a client connects to.
     pub portal: String,
     /// Target IQN (iSCSI) or subsystem NQN (NVMe).
@@ -245,6 +293,9 @@ pub struct CreateExport {
     pub initiators: Vec<String>,
     #[serde(default)]
     pub chap: Option<Chap>,
+    /// NVMe/TCP only: DH-HMAC-CHAP secrets every host must authenticate with.
+    #[serde(default)]
+    pub dhchap: Option<DhChap>,
     /// Export read-only: hosts can mount and read (e.g. a restore from a snapshot clone) but
     /// every write fails with DATA PROTECT / WRITE PROTECTED.
     #[serde(default)]
@@ -329,6 +380,12 @@ mod tests {
             protocol: "iscsi".into(),
             initiators: vec!["iqn.2026-11.test:h".into()],
             chap: Some(chap.clone()),
+            dhchap: Some(DhChap {
+                host_secret: "DHHC-1:00:ZGhjaGFwLWhvc3QtczNjcmV0:".into(),
+                ctrl_secret: Some("DHHC-1:00:ZGhjaGFwLWN0cmwtczNjcmV0:".into()),
+                hash: None,
+                dhgroup: None,
+            }),
             read_only: false,
         };
         let token = CreatedToken {
@@ -346,7 +403,12 @@ mod tests {
             format!("{export:?}"),
             format!("{token:?}"),
         ] {
-            for secret in ["one-way-s3cret", "mutual-s3cret", "maas_0123456789abcdef"] {
+            for secret in [
+                "one-way-s3cret",
+                "mutual-s3cret",
+                "maas_0123456789abcdef",
+                "ZGhjaGFw",
+            ] {
                 assert!(!text.contains(secret), "{secret} in {text}");
             }
             assert!(text.contains("<redacted>"), "{text}");

@@ -40,6 +40,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Is the server up?
     Health,
@@ -140,6 +142,8 @@ enum SnapshotCmd {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the Create variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum ExportCmd {
     List {
         volume: String,
@@ -160,6 +164,8 @@ enum ExportCmd {
         initiators: Vec<String>,
         #[command(flatten)]
         chap: ChapArgs,
+        #[command(flatten)]
+        dhchap: DhchapArgs,
         /// Refuse writes (mount a snapshot clone for restore without changing it).
         #[arg(long)]
         read_only: bool,
@@ -194,6 +200,98 @@ struct ChapArgs {
     /// Removed: refused with an explanation.
     #[arg(long, hide = true)]
     mutual_secret: Option<String>,
+}
+
+/// NVMe/TCP in-band authentication (DH-HMAC-CHAP) of an export. Secrets come from files, the
+/// environment or the terminal, never from the command line.
+#[derive(clap::Args, Debug)]
+struct DhchapArgs {
+    /// File holding the DH-HMAC-CHAP host secret every host must authenticate with
+    /// (DHHC-1:xx:...:, from `nvme gen-dhchap-key`; `-`: standard input).
+    #[arg(long)]
+    dhchap_secret_file: Option<PathBuf>,
+    /// Prompt for the host secret (or take it from MAAS_DHCHAP_SECRET).
+    #[arg(long)]
+    dhchap: bool,
+    /// File holding the controller secret, for hosts that authenticate the target too.
+    #[arg(long)]
+    dhchap_ctrl_secret_file: Option<PathBuf>,
+    /// Only this DH-HMAC-CHAP hash (sha256, sha384, sha512).
+    #[arg(long)]
+    dhchap_hash: Option<String>,
+    /// Only this DH group (null, ffdhe2048 ... ffdhe8192).
+    #[arg(long)]
+    dhchap_dhgroup: Option<String>,
+    /// Refused with an explanation (a secret in argv is visible to every user).
+    #[arg(long, hide = true)]
+    dhchap_secret: Option<String>,
+    /// Refused with an explanation.
+    #[arg(long, hide = true)]
+    dhchap_ctrl_secret: Option<String>,
+}
+
+const DHCHAP_SECRET_ENV: &str = "MAAS_DHCHAP_SECRET";
+const DHCHAP_CTRL_SECRET_ENV: &str = "MAAS_DHCHAP_CTRL_SECRET";
+
+/// The `dhchap` object of an export body, or None; incomplete options are refused.
+fn dhchap_body(a: &DhchapArgs, protocol: &str) -> R<Option<Value>> {
+    if a.dhchap_secret.is_some() || a.dhchap_ctrl_secret.is_some() {
+        return Err(CliError::Other(format!(
+            "--dhchap-secret and --dhchap-ctrl-secret are not taken: a secret on the command line \
+             can be read by every user of this machine (ps, /proc) and stays in shell history. \
+             Use --dhchap-secret-file / --dhchap-ctrl-secret-file, {DHCHAP_SECRET_ENV} / \
+             {DHCHAP_CTRL_SECRET_ENV}, or --dhchap to type it at the prompt"
+        )));
+    }
+    let incomplete = |m: &str| {
+        Err(CliError::Other(format!(
+            "incomplete DH-HMAC-CHAP options: {m}"
+        )))
+    };
+    let wanted =
+        a.dhchap || a.dhchap_secret_file.is_some() || std::env::var_os(DHCHAP_SECRET_ENV).is_some();
+    if !wanted {
+        if a.dhchap_ctrl_secret_file.is_some()
+            || std::env::var_os(DHCHAP_CTRL_SECRET_ENV).is_some()
+            || a.dhchap_hash.is_some()
+            || a.dhchap_dhgroup.is_some()
+        {
+            return incomplete("a controller secret, hash or group needs the host secret");
+        }
+        return Ok(None);
+    }
+    if protocol != "nvme-tcp" {
+        return incomplete(&format!(
+            "DH-HMAC-CHAP applies to nvme-tcp exports, not {protocol}"
+        ));
+    }
+    let Some(host) = chap_secret(
+        a.dhchap_secret_file.as_ref(),
+        DHCHAP_SECRET_ENV,
+        "DH-HMAC-CHAP host secret",
+    )?
+    else {
+        return incomplete(&format!(
+            "the host secret is missing: --dhchap-secret-file, {DHCHAP_SECRET_ENV}, or a terminal"
+        ));
+    };
+    let ctrl = if a.dhchap_ctrl_secret_file.is_some()
+        || std::env::var_os(DHCHAP_CTRL_SECRET_ENV).is_some()
+    {
+        chap_secret(
+            a.dhchap_ctrl_secret_file.as_ref(),
+            DHCHAP_CTRL_SECRET_ENV,
+            "DH-HMAC-CHAP controller secret",
+        )?
+    } else {
+        None
+    };
+    Ok(Some(json!({
+        "host_secret": host.as_str(),
+        "ctrl_secret": ctrl.as_ref().map(|c| c.as_str()),
+        "hash": a.dhchap_hash,
+        "dhgroup": a.dhchap_dhgroup,
+    })))
 }
 
 /// Where a CHAP secret comes from, in order: the file flag, the environment, the terminal.
@@ -857,12 +955,16 @@ fn run(cli: &Cli) -> R<()> {
                 protocol,
                 initiators,
                 chap,
+                dhchap,
                 read_only,
             } => {
                 let mut body =
                     json!({"protocol": protocol, "initiators": initiators, "read_only": read_only});
                 if let Some(c) = chap_body(chap, protocol)? {
                     body["chap"] = c;
+                }
+                if let Some(d) = dhchap_body(dhchap, protocol)? {
+                    body["dhchap"] = d;
                 }
                 let v: api::Export =
                     typed(c.call("POST", &format!("/volumes/{volume}/exports"), Some(body))?)?;

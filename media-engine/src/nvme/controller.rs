@@ -637,6 +637,7 @@ mod tests {
             namespaces,
             serial: "serial1".into(),
             model: "MaaS".into(),
+            dhchap: None,
         });
         let req = ConnectRequest {
             qid: 0,

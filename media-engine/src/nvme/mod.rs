@@ -6,6 +6,7 @@
 //! (Identify data and log pages) and [`io`] (the NVM command set on pool volumes). [`tcp`] is
 //! the NVMe/TCP transport: a sans-IO codec and queue state machine, and thin tokio drivers.
 
+pub mod auth;
 pub mod controller;
 pub mod identify;
 pub mod io;

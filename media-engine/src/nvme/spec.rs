@@ -244,6 +244,9 @@ impl Status {
     pub const CONNECT_CONTROLLER_BUSY: Status = Status::specific(0x81);
     pub const CONNECT_INVALID_PARAMETERS: Status = Status::specific(0x82);
     pub const CONNECT_INVALID_HOST: Status = Status::specific(0x84);
+    /// A command other than Authentication Send/Receive on a queue that must authenticate
+    /// first (NVMe over Fabrics: Authentication Required).
+    pub const AUTH_REQUIRED: Status = Status::specific(0x91);
     pub const WRITE_FAULT: Status = Status::media(0x80);
     pub const UNRECOVERED_READ_ERROR: Status = Status::media(0x81);
 

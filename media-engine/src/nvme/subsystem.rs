@@ -104,6 +104,9 @@ pub struct SubsystemConfig {
     /// Identify Controller serial number (20 ASCII characters at most).
     pub serial: String,
     pub model: String,
+    /// DH-HMAC-CHAP in-band authentication every queue of every host must pass (None: no
+    /// authentication beyond the allow-list).
+    pub dhchap: Option<Arc<super::auth::DhchapConfig>>,
 }
 
 #[derive(Debug)]
@@ -472,6 +475,7 @@ mod tests {
             namespaces: BTreeMap::new(),
             serial: "s".into(),
             model: "m".into(),
+            dhchap: None,
         });
         let k = KatoPolicy::default();
         let req = |sub: &str, host: &str| {
@@ -518,6 +522,7 @@ mod tests {
                 namespaces: BTreeMap::new(),
                 serial: "s".into(),
                 model: "m".into(),
+                dhchap: None,
             });
         }
         let names = |h: &str| {

@@ -230,6 +230,7 @@ fn bench(args: &Args) -> Result<()> {
         )]),
         serial: "bench".into(),
         model: "MaaS bench".into(),
+        dhchap: None,
     });
     let nvme_port = free_port()?;
     let nvme = rt.block_on(NvmeTcpServer::bind(

@@ -307,3 +307,77 @@ nvmet_reference() {
     nvmet_subsystem "$4" "$5" /dev/ram1
     nvmet_port 1 "$1" "$2" "$3" "$4"
 }
+
+# nvme_auth_io DEV: 1 MiB of random data written to DEV (direct I/O) reads back the same.
+nvme_auth_io() {
+    head -c 1M /dev/urandom >/run/auth.dat
+    dd if=/run/auth.dat of="$1" bs=1M count=1 oflag=direct conv=fsync status=none \
+        || fail "write to $1"
+    cmp <(dd if="$1" bs=1M count=1 iflag=direct status=none) /run/auth.dat \
+        || fail "$1 read back other data"
+}
+
+# nvme_auth_connect ADDR PORT NQN WHAT [NVME-CONNECT-ARGS...]: connects with these DH-HMAC-CHAP
+# arguments, does I/O and disconnects; prints what the kernel logged about the authentication
+# (into /tmp/auth.log too).
+nvme_auth_connect() {
+    local before ctrl dev
+    before=$(dmesg | wc -l)
+    ctrl=$(nvme_connect "$1" "$2" "$3" "${@:5}") || fail "$4: nvme connect refused"
+    dev=$(nvme_ns "$3")
+    nvme_auth_io "$dev"
+    nvme_disconnect "$3"
+    dmesg | tail -n +"$((before + 1))" >/tmp/auth.log
+    grep -qE "qid 0: authenticated with hash hmac\(sha[0-9]+\) dhgroup [a-z0-9]+" /tmp/auth.log \
+        || fail "$4: the kernel logged no authentication: $(cat /tmp/auth.log)"
+    echo "auth: $4 ($ctrl): $(grep -oE 'authenticated with hash .*' /tmp/auth.log | head -n1)"
+}
+
+# nvme_auth_refused ADDR PORT NQN WHAT [NVME-CONNECT-ARGS...]: a connect with these arguments
+# fails and leaves no controller behind; the kernel's words go to /tmp/auth.log.
+nvme_auth_refused() {
+    local before rc=0
+    before=$(dmesg | wc -l)
+    nvme connect -t tcp -a "$1" -s "$2" -n "$3" "${@:5}" >/tmp/auth.out 2>&1 || rc=$?
+    [ "$rc" != 0 ] || fail "$4: connected: $(cat /tmp/auth.out)"
+    dmesg | tail -n +"$((before + 1))" >/tmp/auth.log
+    ! nvme_ctrl "$3" >/dev/null || fail "$4: a controller of $3 remains"
+    echo "auth: refused: $4: $(grep -oE 'qid 0: .*' /tmp/auth.log | tr '\n' ';')"
+}
+
+# nvme_auth_checks ADDR PORT NQN HOSTKEY CTRLKEY: subsystem NQN at ADDR:PORT requires
+# DH-HMAC-CHAP with host secret HOSTKEY from this host and has controller secret CTRLKEY. The
+# right host secret connects and does I/O (every queue authenticates: the admin queue's result
+# is logged), one-way and bidirectional; a wrong and a missing host secret are refused, and a
+# wrong controller secret is refused by the host itself.
+nvme_auth_checks() {
+    local wrong
+    wrong=$(nvme gen-dhchap-key -m 1 -n "$MAAS_HOST_NQN") || fail "nvme gen-dhchap-key"
+    nvme_auth_connect "$1" "$2" "$3" one-way --dhchap-secret="$4"
+    mark auth-one-way
+    nvme_auth_connect "$1" "$2" "$3" bidirectional --dhchap-secret="$4" --dhchap-ctrl-secret="$5"
+    grep -q "qid 0: controller authenticated" /tmp/auth.log \
+        || fail "bidirectional: the kernel did not authenticate the controller: $(cat /tmp/auth.log)"
+    mark auth-bidirectional
+    nvme_auth_refused "$1" "$2" "$3" "wrong host secret" --dhchap-secret="$wrong"
+    nvme_auth_refused "$1" "$2" "$3" "no host secret"
+    nvme_auth_refused "$1" "$2" "$3" "wrong controller secret" --dhchap-secret="$4" \
+        --dhchap-ctrl-secret="$wrong"
+    grep -q "qid 0: controller authentication failed" /tmp/auth.log \
+        || fail "wrong controller secret: the host did not refuse the controller: $(cat /tmp/auth.log)"
+    mark auth-refusals
+}
+
+# nvmet_auth_reference ADDR PORT NQN HOSTKEY CTRLKEY: Linux nvmet in this guest serving
+# subsystem NQN (a 64 MiB RAM disk) to this host only, with DH-HMAC-CHAP: host secret HOSTKEY,
+# controller secret CTRLKEY, SHA-256 and ffdhe2048.
+nvmet_auth_reference() {
+    local h="/sys/kernel/config/nvmet/hosts/$MAAS_HOST_NQN"
+    modprobe nvmet && modprobe nvmet-tcp && modprobe brd rd_nr=1 rd_size=65536 \
+        || fail "modprobe nvmet"
+    nvmet_subsystem "$3" "$MAAS_HOST_NQN" /dev/ram0
+    echo "$4" >"$h/dhchap_key" && echo "$5" >"$h/dhchap_ctrl_key" \
+        && echo "hmac(sha256)" >"$h/dhchap_hash" && echo ffdhe2048 >"$h/dhchap_dhgroup" \
+        || fail "nvmet DH-HMAC-CHAP settings"
+    nvmet_port 1 "$1" "$2" "$3"
+}

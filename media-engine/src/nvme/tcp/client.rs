@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 use super::host::{HostCompletion, HostError, HostQueue};
 use super::pdu::{Decoded, Pdu, PduError};
+use crate::nvme::auth::{HostAuth, SECP_DHCHAP, msg, reason};
 use crate::nvme::spec::{Sqe, Status, admin, fctype, prop, put_str, put16};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum ClientError {
     Status(Status),
     #[error("connection closed by the controller")]
     Closed,
+    #[error("DH-HMAC-CHAP authentication failed: {}", reason::describe(*.0))]
+    Auth(u8),
 }
 
 /// How to connect.
@@ -61,6 +64,8 @@ pub struct Client {
     outbuf: Vec<u8>,
     pub cntlid: u16,
     pub qid: u16,
+    /// The Connect response asked for in-band authentication (AUTHREQ.ATR).
+    pub auth_required: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -92,6 +97,7 @@ impl Client {
             outbuf: Vec::new(),
             cntlid,
             qid,
+            auth_required: false,
         };
         let req = HostQueue::ic_req(opts.header_digest, opts.data_digest);
         c.q.framer().encode(&req, &mut c.outbuf);
@@ -124,7 +130,61 @@ impl Client {
         put_str(&mut data, 512, 256, &opts.hostnqn, 0);
         let done = c.exec(sqe, Some(Arc::new(data)), 0).await?;
         c.cntlid = done.cqe.dw0 as u16;
+        c.auth_required = done.cqe.dw0 & (1 << 17) != 0;
         Ok(c)
+    }
+
+    /// Authentication Send of one DH-HMAC-CHAP message (SECP E9h, SPSP 0101h).
+    pub async fn auth_send(&mut self, msg: Vec<u8>) -> Result<HostCompletion, ClientError> {
+        let mut sqe = Sqe::new(admin::FABRICS, 0, 0);
+        sqe.0[4] = fctype::AUTH_SEND;
+        sqe.set_cdw(10, (u32::from(SECP_DHCHAP) << 24) | (1 << 16) | (1 << 8));
+        sqe.set_cdw(11, msg.len() as u32);
+        self.exec_status(sqe, Some(Arc::new(msg)), 0).await
+    }
+
+    /// Authentication Receive with an allocation length of `al` bytes.
+    pub async fn auth_receive(&mut self, al: usize) -> Result<HostCompletion, ClientError> {
+        let mut sqe = Sqe::new(admin::FABRICS, 0, 0);
+        sqe.0[4] = fctype::AUTH_RECEIVE;
+        sqe.set_cdw(10, (u32::from(SECP_DHCHAP) << 24) | (1 << 16) | (1 << 8));
+        sqe.set_cdw(11, al as u32);
+        self.exec_status(sqe, None, al).await
+    }
+
+    /// A whole DH-HMAC-CHAP transaction on this queue, as Linux runs it. Err(Auth(reason))
+    /// when either side refused.
+    pub async fn authenticate(&mut self, host: &mut HostAuth) -> Result<(), ClientError> {
+        let ok = |d: HostCompletion| {
+            if d.cqe.status.is_success() {
+                Ok(d)
+            } else {
+                Err(ClientError::Status(d.cqe.status))
+            }
+        };
+        ok(self.auth_send(host.negotiate()).await?)?;
+        let challenge = ok(self.auth_receive(4096).await?)?;
+        let reply = match host.on_challenge(&challenge.data) {
+            Ok(r) => r,
+            Err(why) => {
+                if challenge.data.get(1) != Some(&msg::FAILURE1) {
+                    let _ = self.auth_send(host.failure2(why)).await;
+                }
+                return Err(ClientError::Auth(why));
+            }
+        };
+        ok(self.auth_send(reply).await?)?;
+        let success1 = ok(self.auth_receive(4096).await?)?;
+        match host.on_success1(&success1.data) {
+            Ok(Some(success2)) => ok(self.auth_send(success2).await?).map(|_| ()),
+            Ok(None) => Ok(()),
+            Err(why) => {
+                if success1.data.get(1) != Some(&msg::FAILURE1) {
+                    let _ = self.auth_send(host.failure2(why)).await;
+                }
+                Err(ClientError::Auth(why))
+            }
+        }
     }
 
     /// After Identify: the I/O queue's in-capsule data size.

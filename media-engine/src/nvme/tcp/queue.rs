@@ -1,12 +1,19 @@
 //! One NVMe/TCP queue on the target side (one TCP connection): the ICReq/ICResp exchange,
 //! Fabrics Connect, command capsules with in-capsule data or R2T/H2CData transfers, and
-//! C2HData/CapsuleResp answers. Sans-IO: PDUs in, bytes into an [`OutQueue`] out, I/O jobs
-//! handed to the driver, which hands their completions back.
+//! C2HData/CapsuleResp answers, and the DH-HMAC-CHAP gate: on an export that requires in-band
+//! authentication, the Connect response asks for it (AUTHREQ.ATR) and every command but
+//! Authentication Send/Receive and Disconnect fails with Authentication Required until this
+//! queue's transaction succeeds. Sans-IO: PDUs in, bytes into an [`OutQueue`] out, jobs (I/O,
+//! and the authentication steps that compute Diffie-Hellman values) handed to the driver,
+//! which hands their completions back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use super::pdu::{DataPdu, Framer, IcResp, Pdu, R2t, TermReq, fes};
+use crate::nvme::auth::{self, AuthState, QueueAuth};
 use crate::nvme::controller::{AdminOutcome, Controller, KatoPolicy, Portal};
 use crate::nvme::io::{IoJob, Target};
 use crate::nvme::spec::{Completion, Cqe, DataPointer, Direction, Sqe, Status, admin, fctype, io};
@@ -86,6 +93,82 @@ struct Cmd {
     state: CmdState,
 }
 
+/// Work the driver runs, on the connection's task when it needs no waiting, else on a blocking
+/// thread; its completion comes back through [`Queue::on_complete`].
+#[derive(Debug)]
+pub enum Job {
+    Io(IoJob),
+    Auth(AuthJob),
+}
+
+impl Job {
+    /// The completion, if it can be had without blocking or heavy computation.
+    pub fn run_nowait(&self) -> Option<Completion> {
+        match self {
+            Job::Io(j) => j.run_nowait(),
+            Job::Auth(j) => (!j.costly()).then(|| j.run()),
+        }
+    }
+    pub fn run(self) -> Completion {
+        match self {
+            Job::Io(j) => j.run(),
+            Job::Auth(j) => j.run(),
+        }
+    }
+}
+
+/// One Authentication Send or Receive on a queue's DH-HMAC-CHAP state.
+#[derive(Debug)]
+pub struct AuthJob {
+    state: Arc<Mutex<QueueAuth>>,
+    /// Send: the message. Receive: None.
+    send: Option<Vec<u8>>,
+    /// Receive: the allocation length.
+    al: usize,
+}
+
+impl AuthJob {
+    /// Whether it computes a Diffie-Hellman value (milliseconds of CPU: not on the network
+    /// task).
+    fn costly(&self) -> bool {
+        let st = self.state.lock();
+        match &self.send {
+            Some(m) => st.send_is_costly(m),
+            None => st.receive_is_costly(),
+        }
+    }
+
+    fn run(&self) -> Completion {
+        let mut st = self.state.lock();
+        match &self.send {
+            Some(m) => {
+                st.send(m);
+                Completion::ok()
+            }
+            None => {
+                let mut m = st.receive();
+                if m.len() > self.al {
+                    // The host's buffer cannot hold the message: the transaction cannot go on.
+                    st.abort(auth::reason::INCORRECT_PAYLOAD);
+                    return Completion::status(Status::INVALID_FIELD);
+                }
+                m.resize(self.al, 0);
+                Completion::data(m)
+            }
+        }
+    }
+}
+
+/// Where this queue stands with in-band authentication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// The export requires none.
+    Open,
+    Pending,
+    Authenticated,
+    Failed,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Stage {
     AwaitIcReq,
@@ -108,7 +191,11 @@ pub struct Queue {
     inflight: HashMap<u16, Cmd>,
     r2t_waiting: VecDeque<u16>,
     r2t_bytes: usize,
-    work: Vec<(u16, IoJob)>,
+    work: Vec<(u16, Job)>,
+    auth: Option<Arc<Mutex<QueueAuth>>>,
+    gate: Gate,
+    /// The Authentication Send/Receive being run (one at a time).
+    auth_cid: Option<u16>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -138,7 +225,15 @@ impl Queue {
             r2t_waiting: VecDeque::new(),
             r2t_bytes: 0,
             work: Vec::new(),
+            auth: None,
+            gate: Gate::Open,
+            auth_cid: None,
         }
+    }
+
+    /// Connected, and authenticated where the export requires it: the queue is in use.
+    pub fn is_ready(&self) -> bool {
+        self.ctrl.is_some() && matches!(self.gate, Gate::Open | Gate::Authenticated)
     }
 
     /// How to frame what comes next (digests change after the IC exchange).
@@ -159,8 +254,8 @@ impl Queue {
         self.ctrl.is_some() && self.qid == 0
     }
 
-    /// I/O jobs to run; each one's completion goes back through [`Queue::on_complete`].
-    pub fn take_work(&mut self) -> Vec<(u16, IoJob)> {
+    /// Jobs to run; each one's completion goes back through [`Queue::on_complete`].
+    pub fn take_work(&mut self) -> Vec<(u16, Job)> {
         std::mem::take(&mut self.work)
     }
 
@@ -423,6 +518,17 @@ impl Queue {
             }
             (Some(c), _, _) => c.clone(),
         };
+        if sqe.opcode() == admin::FABRICS
+            && matches!(sqe.fctype(), fctype::AUTH_SEND | fctype::AUTH_RECEIVE)
+        {
+            ctrl.keep_alive();
+            return self.auth_command(cid, &sqe, data, out);
+        }
+        if matches!(self.gate, Gate::Pending | Gate::Failed)
+            && !(sqe.opcode() == admin::FABRICS && sqe.fctype() == fctype::DISCONNECT)
+        {
+            return self.complete(cid, Completion::status(Status::AUTH_REQUIRED), out);
+        }
         if self.qid == 0 {
             match ctrl.admin(&sqe, &data, &self.portal) {
                 AdminOutcome::Done(c) => self.complete(cid, c, out),
@@ -471,13 +577,110 @@ impl Queue {
         }
         self.work.push((
             cid,
-            IoJob {
+            Job::Io(IoJob {
                 target,
                 sqe,
                 data,
                 write_cache: ctrl.write_cache(),
-            },
+            }),
         ));
+    }
+
+    /// Authentication Send/Receive (NVMe over Fabrics; SECP E9h: DH-HMAC-CHAP).
+    fn auth_command(&mut self, cid: u16, sqe: &Sqe, data: Vec<u8>, out: &mut OutQueue) {
+        let Some(state) = self.auth.clone() else {
+            // Nothing to authenticate on this export.
+            return self.complete(cid, Completion::status(Status::INVALID_OPCODE), out);
+        };
+        let cdw10 = sqe.cdw(10);
+        let (spsp0, spsp1, secp) = ((cdw10 >> 8) as u8, (cdw10 >> 16) as u8, (cdw10 >> 24) as u8);
+        let len = sqe.cdw(11) as usize;
+        if secp != auth::SECP_DHCHAP || spsp0 != 1 || spsp1 != 1 || len == 0 {
+            return self.complete(cid, Completion::status(Status::INVALID_FIELD), out);
+        }
+        if self.auth_cid.is_some() {
+            return self.complete(cid, Completion::status(Status::COMMAND_SEQUENCE_ERROR), out);
+        }
+        let job = if sqe.fctype() == fctype::AUTH_SEND {
+            if len > auth::MAX_SEND {
+                return self.complete(cid, Completion::status(Status::INVALID_FIELD), out);
+            }
+            if data.len() != len {
+                return self.complete(cid, Completion::status(Status::SGL_LENGTH_INVALID), out);
+            }
+            AuthJob {
+                state,
+                send: Some(data),
+                al: 0,
+            }
+        } else {
+            if len > auth::MAX_RECEIVE {
+                return self.complete(cid, Completion::status(Status::INVALID_FIELD), out);
+            }
+            if sqe.data_pointer() != (DataPointer::Transport { len: len as u32 }) {
+                return self.complete(cid, Completion::status(Status::SGL_LENGTH_INVALID), out);
+            }
+            AuthJob {
+                state,
+                send: None,
+                al: len,
+            }
+        };
+        self.auth_cid = Some(cid);
+        self.work.push((cid, Job::Auth(job)));
+    }
+
+    /// After an authentication step: where the queue stands now, and what follows from it.
+    fn auth_step_done(&mut self) {
+        self.auth_cid = None;
+        let Some(state) = &self.auth else {
+            return;
+        };
+        let (now, finished, (hash, group), bidi) = {
+            let st = state.lock();
+            (st.state(), st.finished(), st.negotiated(), st.bidirectional)
+        };
+        let Some(ctrl) = self.ctrl.clone() else {
+            return;
+        };
+        match now {
+            AuthState::Authenticated if self.gate != Gate::Authenticated => {
+                self.gate = Gate::Authenticated;
+                if self.qid == 0 {
+                    tracing::info!(
+                        cntlid = ctrl.cntlid,
+                        hostnqn = %ctrl.hostnqn,
+                        hash = hash.name(),
+                        dhgroup = group.name(),
+                        bidirectional = bidi,
+                        "NVMe host authenticated (DH-HMAC-CHAP)"
+                    );
+                } else {
+                    tracing::debug!(
+                        cntlid = ctrl.cntlid,
+                        qid = self.qid,
+                        "NVMe queue authenticated"
+                    );
+                }
+            }
+            AuthState::Failed(why) if finished && self.gate != Gate::Failed => {
+                self.gate = Gate::Failed;
+                tracing::warn!(
+                    cntlid = ctrl.cntlid,
+                    qid = self.qid,
+                    hostnqn = %ctrl.hostnqn,
+                    subnqn = %ctrl.subsystem_nqn(),
+                    "NVMe authentication failed: {}",
+                    auth::reason::describe(why)
+                );
+                // Fail closed: a failed admin queue ends its controller (as nvmet does).
+                if self.qid == 0 {
+                    self.registry
+                        .remove_controller(ctrl.cntlid, "DH-HMAC-CHAP authentication failed");
+                }
+            }
+            _ => {}
+        }
     }
 
     fn connect(&mut self, sqe: &Sqe, data: &[u8]) -> Completion {
@@ -511,8 +714,21 @@ impl Queue {
                     tracing::debug!(cntlid = ctrl.cntlid, qid = req.qid, "I/O queue connected");
                 }
                 let cntlid = ctrl.cntlid;
+                let dhchap = ctrl.subsystem().and_then(|s| s.config.dhchap.clone());
                 self.ctrl = Some(ctrl);
-                Completion::dw0(u32::from(cntlid))
+                match dhchap {
+                    Some(cfg) => {
+                        self.auth = Some(Arc::new(Mutex::new(QueueAuth::new(
+                            cfg,
+                            &req.hostnqn,
+                            &req.subnqn,
+                        ))));
+                        self.gate = Gate::Pending;
+                        // AUTHREQ.ATR: an authentication transaction is required.
+                        Completion::dw0(u32::from(cntlid) | (1 << 17))
+                    }
+                    None => Completion::dw0(u32::from(cntlid)),
+                }
             }
             Err(r) => {
                 tracing::warn!(
@@ -554,6 +770,9 @@ impl Queue {
         let Some(cmd) = self.inflight.remove(&cid) else {
             return;
         };
+        if self.auth_cid == Some(cid) {
+            self.auth_step_done();
+        }
         let xfer = match cmd.sqe.data_pointer() {
             DataPointer::Transport { len }
                 if cmd.sqe.direction() != Direction::HostToController =>
@@ -630,6 +849,10 @@ mod tests {
     const HOST: &str = "nqn.test:host";
 
     fn queue() -> (Arc<Registry>, Queue) {
+        queue_with(None)
+    }
+
+    fn queue_with(dhchap: Option<Arc<auth::DhchapConfig>>) -> (Arc<Registry>, Queue) {
         let reg = Arc::new(Registry::new(None));
         reg.add(SubsystemConfig {
             nqn: SUB.into(),
@@ -644,6 +867,7 @@ mod tests {
             )]),
             serial: "s".into(),
             model: "m".into(),
+            dhchap,
         });
         let q = Queue::new(
             reg.clone(),
@@ -767,7 +991,7 @@ mod tests {
         }
         let work = ioq.take_work();
         assert_eq!(work.len(), 1);
-        assert_eq!(work[0].1.data.len(), 4096);
+        assert!(matches!(&work[0].1, Job::Io(j) if j.data.len() == 4096));
         let (cid, job) = work.into_iter().next().unwrap();
         ioq.on_complete(cid, job.run(), &mut out);
         let c = resp(&sent(&ioq, &mut out)[0]);
@@ -882,5 +1106,88 @@ mod tests {
             q.on_close("end");
             prop_assert_eq!(reg.controller_count(), 0);
         }
+
+        /// On an export that requires DH-HMAC-CHAP, hostile sequences mixing well-formed and
+        /// mangled Authentication Send/Receive commands with everything else never reach a
+        /// namespace, never authenticate the queue, and never panic.
+        #[test]
+        fn hostile_sequences_on_an_auth_export_never_reach_the_namespace(
+            pdus in prop::collection::vec(prop_oneof![arb_pdu(), arb_auth_pdu()], 1..40)
+        ) {
+            let mut cfg = auth::DhchapConfig::new(
+                auth::Secret::generate(Some(auth::HashId::Sha256)),
+                Some(auth::Secret::generate(None)),
+            );
+            cfg.dhgroups = vec![auth::DhGroup::Null];
+            let (reg, mut q) = queue_with(Some(Arc::new(cfg)));
+            let mut out = OutQueue::new();
+            for p in pdus {
+                let r = q.on_pdu(p, &mut out);
+                for (cid, job) in q.take_work() {
+                    prop_assert!(matches!(job, Job::Auth(_)), "{job:?} before authentication");
+                    let c = job.run_nowait().unwrap_or_else(|| job.run());
+                    q.on_complete(cid, c, &mut out);
+                }
+                prop_assert!(!q.is_ready() || q.controller().is_none());
+                prop_assert!(out.len() < 16 << 20);
+                if r.is_err() {
+                    break;
+                }
+            }
+            let _ = sent(&q, &mut out);
+            q.on_close("end");
+            prop_assert_eq!(reg.controller_count(), 0);
+        }
+    }
+
+    /// Authentication Send (a DH-HMAC-CHAP message, well-formed or mangled, in the capsule)
+    /// and Authentication Receive commands, with the right or a wrong SECP and lengths.
+    fn arb_auth_pdu() -> impl Strategy<Value = Pdu> {
+        let host = auth::HostAuth::new(auth::Secret::generate(None), None, HOST, SUB, 1);
+        let negotiate = host.negotiate();
+        (
+            0u16..8,
+            any::<bool>(),
+            prop_oneof![Just(0xE9u8), any::<u8>()],
+            prop_oneof![
+                Just(negotiate),
+                prop::collection::vec(any::<u8>(), 0..200),
+                (0u8..6, prop::collection::vec(any::<u8>(), 16..200)).prop_map(|(id, mut m)| {
+                    m[0] = auth::TYPE_DHCHAP;
+                    m[1] = id;
+                    m
+                }),
+            ],
+            prop_oneof![Just(4096u32), 0u32..300, Just(u32::MAX)],
+        )
+            .prop_map(|(cid, send, secp, msg, al)| {
+                let mut sqe = Sqe::new(admin::FABRICS, cid, 0);
+                sqe.0[4] = if send {
+                    fctype::AUTH_SEND
+                } else {
+                    fctype::AUTH_RECEIVE
+                };
+                sqe.set_cdw(10, (u32::from(secp) << 24) | (1 << 16) | (1 << 8));
+                if send {
+                    sqe.set_cdw(11, msg.len() as u32);
+                    sqe.set_data_pointer(DataPointer::InCapsule {
+                        offset: 0,
+                        len: msg.len() as u32,
+                    });
+                    Pdu::CapsuleCmd {
+                        sqe,
+                        data: msg,
+                        digest_ok: true,
+                    }
+                } else {
+                    sqe.set_cdw(11, al);
+                    sqe.set_data_pointer(DataPointer::Transport { len: al });
+                    Pdu::CapsuleCmd {
+                        sqe,
+                        data: Vec::new(),
+                        digest_ok: true,
+                    }
+                }
+            })
     }
 }

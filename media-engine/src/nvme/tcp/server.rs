@@ -21,7 +21,8 @@ use crate::nvme::spec::{Completion, Status};
 use crate::nvme::subsystem::Registry;
 use crate::outq::OutQueue;
 
-/// A connection that has not connected a queue by then is dropped.
+/// A connection that has not connected a queue by then (and passed DH-HMAC-CHAP, where its
+/// export requires it) is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Output bytes waiting for the socket above which a connection stops reading commands.
 const MAX_PENDING_OUT: usize = 8 << 20;
@@ -131,10 +132,11 @@ async fn connection(
             .filter(|_| queue.is_admin())
             .and_then(|c| c.keep_alive_deadline())
             .map(Instant::from_std);
-        let connect_wait = if ctrl.is_none() {
-            Some(connect_deadline)
-        } else {
+        // Connected and, where the export requires it, authenticated in time, or dropped.
+        let connect_wait = if queue.is_ready() {
             None
+        } else {
+            Some(connect_deadline)
         };
         tokio::select! {
             r = stream.readable(), if pending.len() < MAX_PENDING_OUT => {
@@ -206,7 +208,11 @@ async fn connection(
                 }
             }
             _ = sleep_until(connect_wait) => {
-                closing = Some("no Fabrics Connect in time".into());
+                closing = Some(if ctrl.is_none() {
+                    "no Fabrics Connect in time".into()
+                } else {
+                    "not authenticated in time".into()
+                });
             }
             _ = shutdown.changed() => {
                 closing = Some("target shutting down".into());
