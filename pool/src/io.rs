@@ -190,11 +190,17 @@ pub fn run_batch(ops: &mut [Op<'_>]) -> io::Result<()> {
     if crate::powerloss::active() {
         let mut tickets = Vec::new();
         for op in ops.iter() {
-            match op {
+            let recorded = match op {
                 Op::Write { file, offset, buf } => {
-                    tickets.extend(crate::powerloss::before_write(file, *offset, buf.len())?)
+                    crate::powerloss::before_write(file, *offset, buf.len())
+                        .map(|t| tickets.extend(t))
                 }
-                Op::Read { file, .. } => crate::powerloss::before_read(file)?,
+                Op::Read { file, .. } => crate::powerloss::before_read(file),
+            };
+            if let Err(e) = recorded {
+                // Nothing of the batch is issued; what was recorded equals what is there.
+                crate::powerloss::landed(&tickets);
+                return Err(e);
             }
         }
         let res = run_batch_inner(ops);

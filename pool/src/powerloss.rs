@@ -153,16 +153,20 @@ impl Sim {
         Ok(())
     }
 
+    /// Takes one operation from the budget; fails once it is spent (never goes below zero, so
+    /// racing threads cannot turn a spent budget into an unlimited one).
     fn charge(&self) -> io::Result<()> {
-        let left = self.budget.load(Ordering::SeqCst);
-        if left == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        let res = self
+            .budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+                0 => None,
+                n if n > 0 => Some(n - 1),
+                unlimited => Some(unlimited),
+            });
+        match res {
+            Ok(_) => Ok(()),
+            Err(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
         }
-        if left > 0 {
-            // Racing threads may overdraw by a few: the cut is then a few operations later.
-            self.budget.fetch_sub(1, Ordering::SeqCst);
-        }
-        Ok(())
     }
 
     fn key_of(file: &File) -> io::Result<(u64, u64)> {
@@ -234,6 +238,8 @@ impl Sim {
             let Some(handle) = hist.handle.as_ref() else {
                 return Ok(());
             };
+            // A write refused by the cut records nothing: it never happens.
+            sim.charge()?;
             let mut buf = vec![0u8; ((end - first) * SECTOR) as usize];
             read_zero_padded(handle, &mut buf, first * SECTOR)?;
             sim.log(&event(EV_PRE, &[key.0, key.1, first, end], &buf))?;
@@ -253,9 +259,6 @@ impl Sim {
             first,
             end,
         };
-        // Charged after recording: a write refused by the cut is recorded but never lands,
-        // which only adds a version equal to the current contents.
-        self.charge()?;
         self.writes.fetch_add(1, Ordering::Relaxed);
         Ok(Some(ticket))
     }
