@@ -363,7 +363,7 @@ impl PoolInner {
         }
 
         let new_damaged = damaged_after(base.damaged, frozen, cb, damage.into_inner());
-        let tx = self.shared.meta.db.begin_write()?;
+        let tx = self.shared.meta.begin_write()?;
         {
             let mut t = tx.open_table(meta::DAMAGED)?;
             for b in base.damaged.keys() {

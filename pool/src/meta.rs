@@ -228,7 +228,8 @@ impl Meta {
         } else {
             Database::create(path)?
         };
-        let tx = db.begin_write()?;
+        let mut tx = db.begin_write()?;
+        tx.set_two_phase_commit(true);
         {
             tx.open_table(OBJECTS)?;
             tx.open_table(VOLUMES)?;
@@ -267,6 +268,17 @@ impl Meta {
             });
         }
         Ok(m)
+    }
+
+    /// A write transaction that commits in two phases: the commit slot is made durable before
+    /// the header points at it, so a power cut that tears the header (sectors of one write
+    /// landing without the others) can never leave the store pointing at a commit whose pages
+    /// are not there. Metadata commits are off the I/O path (rolls, folds, reclaim), so the
+    /// second flush costs nothing a host waits for.
+    pub fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_two_phase_commit(true);
+        Ok(tx)
     }
 
     pub fn counter(&self, name: &str) -> Result<u64> {

@@ -615,7 +615,7 @@ impl Pool {
         if old == new_name {
             return Ok(v.info());
         }
-        let tx = self.inner.shared.meta.db.begin_write()?;
+        let tx = self.inner.shared.meta.begin_write()?;
         {
             let mut names = tx.open_table(NAMES)?;
             if names.get(new_name)?.is_some() {
@@ -649,7 +649,7 @@ impl Pool {
             ov.base_root
         };
         let res = (|| -> Result<Vec<Digest>> {
-            let tx = self.inner.shared.meta.db.begin_write()?;
+            let tx = self.inner.shared.meta.begin_write()?;
             tx.open_table(VOLUMES)?.remove(id.0)?;
             tx.open_table(NAMES)?.remove(v.name.read().as_str())?;
             {
@@ -743,7 +743,7 @@ impl Pool {
     pub fn lock_snapshot(&self, id: SnapshotId, until_unix: i64) -> Result<SnapshotInfo> {
         self.inner.check_open()?;
         let _a = self.inner.admin.lock();
-        let tx = self.inner.shared.meta.db.begin_write()?;
+        let tx = self.inner.shared.meta.begin_write()?;
         let rec = {
             let mut t = tx.open_table(SNAPSHOTS)?;
             let mut rec: SnapshotRec = match t.get(id.0)? {
@@ -771,7 +771,7 @@ impl Pool {
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
         self.inner.check_open()?;
         let _a = self.inner.admin.lock();
-        let tx = self.inner.shared.meta.db.begin_write()?;
+        let tx = self.inner.shared.meta.begin_write()?;
         let rec: SnapshotRec = {
             let t = tx.open_table(SNAPSHOTS)?;
             match t.get(id.0)? {
@@ -944,7 +944,7 @@ impl PoolInner {
         let _a = self.admin.lock();
         // Pin so the base root cannot be swept between reading the snapshot and referencing it.
         let _pin = self.shared.pin.read();
-        let tx = self.shared.meta.db.begin_write()?;
+        let tx = self.shared.meta.begin_write()?;
         if tx.open_table(NAMES)?.get(name)?.is_some() {
             return Err(PoolError::VolumeExists(name.to_string()));
         }
@@ -1001,7 +1001,7 @@ impl PoolInner {
     }
 
     fn update_volume_rec(&self, id: u64, f: impl FnOnce(&mut VolumeRec)) -> Result<()> {
-        let tx = self.shared.meta.db.begin_write()?;
+        let tx = self.shared.meta.begin_write()?;
         self.update_volume_rec_in(&tx, id, f)?;
         tx.commit()?;
         Ok(())
@@ -1021,7 +1021,7 @@ impl PoolInner {
         if dead.is_empty() {
             return Ok(());
         }
-        let tx = self.shared.meta.db.begin_write()?;
+        let tx = self.shared.meta.begin_write()?;
         {
             let mut t = tx.open_table(SEGMENTS)?;
             for (seq, _) in &dead {
@@ -1124,7 +1124,7 @@ fn record_durable_loop(wal: &Wal, shared: &Shared, mut recorded: u64) {
 
 /// Raises the metadata store's record of the WAL's durable LSN to `durable`.
 fn record_durable(shared: &Shared, durable: u64) -> Result<()> {
-    let tx = shared.meta.db.begin_write()?;
+    let tx = shared.meta.begin_write()?;
     {
         let mut c = tx.open_table(COUNTERS)?;
         let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
@@ -1189,7 +1189,7 @@ fn record_replay(
             detail: d.detail.clone(),
         });
     }
-    let tx = shared.meta.db.begin_write()?;
+    let tx = shared.meta.begin_write()?;
     {
         let mut t = tx.open_table(SEGMENTS)?;
         for (seq, end) in &replayed.ends {

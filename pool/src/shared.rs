@@ -213,7 +213,7 @@ impl Shared {
         let dead: Vec<Digest> = self.dead.lock().drain().collect();
         if !dead.is_empty() {
             let mut freed = Vec::new();
-            let tx = self.meta.db.begin_write()?;
+            let tx = self.meta.begin_write()?;
             {
                 let mut t = tx.open_table(crate::meta::OBJECTS)?;
                 for d in &dead {

@@ -609,7 +609,7 @@ impl Wal {
                 )
             });
         let res = (|| -> Result<u64> {
-            let tx = self.shared.meta.db.begin_write()?;
+            let tx = self.shared.meta.begin_write()?;
             let seq = meta::bump(&tx, "next_segment_seq")?;
             {
                 let mut t = tx.open_table(SEGMENTS)?;
