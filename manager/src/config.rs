@@ -68,18 +68,26 @@ pub struct PortalConfig {
 }
 
 macro_rules! portal_section {
-    ($name:ident, $listen:expr) => {
+    ($name:ident, $listen:expr, $per_source:expr, $handshake:ident, $handshake_ms:expr) => {
         #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
         #[serde(default, deny_unknown_fields)]
         pub struct $name {
             pub listen: String,
             pub advertise: String,
+            pub max_connections: u64,
+            pub max_connections_per_source: u64,
+            pub $handshake: u64,
+            pub in_flight_bytes: u64,
         }
         impl Default for $name {
             fn default() -> Self {
                 $name {
                     listen: $listen.into(),
                     advertise: String::new(),
+                    max_connections: 1024,
+                    max_connections_per_source: $per_source,
+                    $handshake: $handshake_ms,
+                    in_flight_bytes: maas_engine::flow::Budget::DEFAULT_BYTES as u64,
                 }
             }
         }
@@ -90,11 +98,38 @@ macro_rules! portal_section {
                     advertise: self.advertise.clone(),
                 }
             }
+
+            /// What the target's listener admits and each connection may hold.
+            pub fn limits(&self) -> maas_engine::listener::Limits {
+                maas_engine::listener::Limits {
+                    max_connections: self.max_connections as usize,
+                    max_connections_per_source: self.max_connections_per_source as usize,
+                    handshake_timeout: std::time::Duration::from_millis(self.$handshake),
+                    in_flight_bytes: self.in_flight_bytes as usize,
+                }
+            }
+
+            /// (key, value) of the limits, for validation.
+            fn limit_settings(&self) -> [(&'static str, u64, u64); 4] {
+                [
+                    ("max_connections", self.max_connections, 1),
+                    (
+                        "max_connections_per_source",
+                        self.max_connections_per_source,
+                        1,
+                    ),
+                    (stringify!($handshake), self.$handshake, 100),
+                    ("in_flight_bytes", self.in_flight_bytes, 64 << 10),
+                ]
+            }
         }
     };
 }
-portal_section!(IscsiConfig, "0.0.0.0:3260");
-portal_section!(NvmeTcpConfig, "0.0.0.0:4420");
+// An iSCSI host opens one connection per session (per export it logs into); an NVMe/TCP host
+// one per queue (an admin queue and up to 64 I/O queues per controller, one controller per
+// export).
+portal_section!(IscsiConfig, "0.0.0.0:3260", 64, login_timeout_ms, 15_000);
+portal_section!(NvmeTcpConfig, "0.0.0.0:4420", 256, icreq_timeout_ms, 10_000);
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -221,6 +256,30 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "advertise",
         "Portal given to clients (exports, SendTargets); empty = listen, with 0.0.0.0 as 127.0.0.1.",
     ),
+    (
+        "iscsi",
+        "max_connections",
+        "Connections the iSCSI target holds at once; more are closed at accept (logged at \
+         warn, at most every 10 s). Keep below the open files limit (maasd raises its soft \
+         limit to the hard one).",
+    ),
+    (
+        "iscsi",
+        "max_connections_per_source",
+        "Connections the iSCSI target holds at once from one address (IPv6: one /64).",
+    ),
+    (
+        "iscsi",
+        "login_timeout_ms",
+        "A connection whose login is not complete this long after accept is closed.",
+    ),
+    (
+        "iscsi",
+        "in_flight_bytes",
+        "Bytes one connection may have in flight: output waiting for the initiator plus the \
+         data of its running commands. Over it, the target stops reading the connection's \
+         commands until the initiator reads.",
+    ),
     ("nvme_tcp", "", "The NVMe/TCP target."),
     (
         "nvme_tcp",
@@ -231,6 +290,30 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "nvme_tcp",
         "advertise",
         "Address given to hosts; empty = listen, with 0.0.0.0 as 127.0.0.1.",
+    ),
+    (
+        "nvme_tcp",
+        "max_connections",
+        "Connections (queues) the NVMe/TCP target holds at once; more are closed at accept \
+         (logged at warn, at most every 10 s). Keep below the open files limit.",
+    ),
+    (
+        "nvme_tcp",
+        "max_connections_per_source",
+        "Connections the NVMe/TCP target holds at once from one address (IPv6: one /64); a \
+         host opens one per queue: an admin queue and up to 64 I/O queues per controller.",
+    ),
+    (
+        "nvme_tcp",
+        "icreq_timeout_ms",
+        "A connection that has not sent its ICReq this long after accept is closed.",
+    ),
+    (
+        "nvme_tcp",
+        "in_flight_bytes",
+        "Bytes one connection may have in flight: output waiting for the host plus the data \
+         of its running commands. Over it, the target stops reading the queue's commands \
+         until the host reads.",
     ),
     ("log", "", "Logging."),
     ("log", "format", "human or json."),
@@ -343,6 +426,19 @@ impl Config {
                     key,
                     "must be empty (disabled) or host:port with a numeric host",
                 );
+            }
+        }
+        for (section, settings) in [
+            ("iscsi", self.iscsi.limit_settings()),
+            ("nvme_tcp", self.nvme_tcp.limit_settings()),
+        ] {
+            for (key, value, min) in settings {
+                if value < min {
+                    return bad(
+                        &format!("{section}.{key}"),
+                        &format!("must be at least {min}"),
+                    );
+                }
             }
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
@@ -461,6 +557,24 @@ mod tests {
         assert_eq!(c.iscsi.listen, "127.0.0.1:3261");
         assert_eq!(c.pool.chunk_size, 262144);
         assert_eq!(c.pool.cache_bytes, 1);
+        let limited = Config::load(None, |k| match k {
+            "MAAS_ISCSI_MAX_CONNECTIONS" => Some("10".to_string()),
+            "MAAS_NVME_TCP_ICREQ_TIMEOUT_MS" => Some("2500".to_string()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(limited.iscsi.limits().max_connections, 10);
+        assert_eq!(
+            limited.nvme_tcp.limits().handshake_timeout,
+            std::time::Duration::from_millis(2500)
+        );
+        let zero = Config::load(None, |k| {
+            (k == "MAAS_NVME_TCP_MAX_CONNECTIONS_PER_SOURCE").then(|| "0".to_string())
+        });
+        assert!(
+            matches!(&zero, Err(ConfigError::Invalid { key, .. }) if key == "nvme_tcp.max_connections_per_source"),
+            "{zero:?}"
+        );
         let bad = Config::load(None, |k| {
             (k == "MAAS_POOL_CACHE_BYTES").then(|| "lots".to_string())
         });

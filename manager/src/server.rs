@@ -265,9 +265,13 @@ pub async fn serve(cfg: Config, start: StartOptions) -> anyhow::Result<()> {
         None
     } else {
         Some(
-            maas_engine::iscsi::IscsiServer::bind(&iscsi_listen, state.engine.iscsi.clone())
-                .await
-                .with_context(|| format!("binding the iSCSI target to {iscsi_listen}"))?,
+            maas_engine::iscsi::IscsiServer::bind_with(
+                &iscsi_listen,
+                state.engine.iscsi.clone(),
+                state.cfg.iscsi.limits(),
+            )
+            .await
+            .with_context(|| format!("binding the iSCSI target to {iscsi_listen}"))?,
         )
     };
     let nvme_listen = state.cfg.nvme_tcp.listen.clone();
@@ -276,10 +280,11 @@ pub async fn serve(cfg: Config, start: StartOptions) -> anyhow::Result<()> {
         None
     } else {
         Some(
-            maas_engine::nvme::NvmeTcpServer::bind(
+            maas_engine::nvme::NvmeTcpServer::bind_with(
                 &nvme_listen,
                 state.engine.nvme.clone(),
                 maas_engine::nvme::QueueConfig::default(),
+                state.cfg.nvme_tcp.limits(),
             )
             .await
             .with_context(|| format!("binding the NVMe/TCP target to {nvme_listen}"))?,

@@ -7,6 +7,7 @@
 pub use maas_pool::BlockDevice;
 
 pub mod bufpool;
+pub mod flow;
 pub mod iscsi;
 pub mod listener;
 pub mod nvme;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use maas_engine::listener::Limits;
 use maas_engine::nvme::controller::KatoPolicy;
 use maas_engine::nvme::spec::{DISCOVERY_NQN, Sqe, Status, admin, feature, io, le32, log, prop};
 use maas_engine::nvme::tcp::client::{Client, ClientError, ClientOptions};
@@ -53,6 +54,10 @@ fn pool(dir: &std::path::Path) -> Pool {
 }
 
 async fn target(kato: KatoPolicy) -> Target {
+    target_with(kato, Limits::default()).await
+}
+
+async fn target_with(kato: KatoPolicy, limits: Limits) -> Target {
     let dir = tempfile::tempdir().unwrap();
     let pool = pool(dir.path());
     let reg = Arc::new(Registry::new(Some("192.0.2.7:4420".into())));
@@ -84,7 +89,9 @@ async fn target(kato: KatoPolicy) -> Target {
         kato,
         ..QueueConfig::default()
     };
-    let server = NvmeTcpServer::bind("127.0.0.1:0", reg, cfg).await.unwrap();
+    let server = NvmeTcpServer::bind_with("127.0.0.1:0", reg, cfg, limits)
+        .await
+        .unwrap();
     let addr = server.local_addr().to_string();
     Target {
         _dir: dir,
@@ -332,6 +339,64 @@ async fn many_commands_in_flight_on_a_queue_complete_with_the_right_data() {
         let slba = reads.remove(&done.cqe.cid).unwrap();
         assert!(done.data == *expect[&slba], "data at {slba}");
     }
+    t.server.shutdown().await;
+}
+
+/// A connection whose commands return far more than its budget (128 reads of 128 KiB in flight
+/// against 64 KiB): they run a few at a time as the host reads, and all complete, in any order,
+/// with the right data, while writes interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_beyond_the_connection_budget_wait_their_turn_and_complete() {
+    let limits = Limits {
+        in_flight_bytes: 64 << 10,
+        ..Limits::default()
+    };
+    let t = target_with(KatoPolicy::default(), limits).await;
+    let (_a, mut ios) = bring_up(&t, &opts(false), 1).await;
+    let q = &mut ios[0];
+    let data = Arc::new(pattern(7, 16 << 20));
+    for i in 0..16u64 {
+        let chunk = Arc::new(data[(i as usize) << 20..((i as usize) + 1) << 20].to_vec());
+        q.exec(rw(io::WRITE, i * 2048, 2048), Some(chunk), 0)
+            .await
+            .unwrap();
+    }
+    let mut reads = BTreeMap::new();
+    for i in 0..128u64 {
+        let cid = q
+            .submit(rw(io::READ, i * 256, 256), None, 128 << 10)
+            .await
+            .unwrap();
+        reads.insert(cid, i);
+    }
+    // A write in the middle of it all (in-capsule, so it needs no R2T).
+    let w = Arc::new(pattern(8, 4096));
+    let wcid = q
+        .submit(rw(io::WRITE, 40_000, 8), Some(w.clone()), 0)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut wrote = false;
+        while q.outstanding() > 0 {
+            let done = q.next().await.unwrap();
+            assert!(done.cqe.status.is_success(), "{:?}", done.cqe);
+            if done.cqe.cid == wcid {
+                wrote = true;
+                continue;
+            }
+            let i = reads.remove(&done.cqe.cid).unwrap() as usize;
+            assert!(
+                done.data == data[i << 17..(i + 1) << 17],
+                "read {i} returned other data"
+            );
+        }
+        wrote
+    })
+    .await
+    .expect("commands beyond the budget never completed");
+    assert!(got && reads.is_empty());
+    let back = q.exec(rw(io::READ, 40_000, 8), None, 4096).await.unwrap();
+    assert!(back.data == *w);
     t.server.shutdown().await;
 }
 

@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         sub.init();
     }
+    raise_open_files_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -76,4 +77,25 @@ fn main() -> anyhow::Result<()> {
         create_pool: args.create_pool,
     };
     sys.block_on(maas_manager::server::serve(cfg, start))
+}
+
+/// Every connection takes a file descriptor: the soft limit on open files goes up to the hard
+/// one (as systemd's default soft limit of 1024 is meant to be raised by servers that need it),
+/// so that the targets' connection caps, not the descriptor limit, decide what is refused.
+fn raise_open_files_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2)/setrlimit(2) on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 || r.rlim_cur >= r.rlim_max {
+            return;
+        }
+        let from = r.rlim_cur;
+        r.rlim_cur = r.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+            tracing::debug!(from, to = r.rlim_cur, "raised the open files limit");
+        }
+    }
 }

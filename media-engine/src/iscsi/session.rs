@@ -85,6 +85,42 @@ impl Exec {
     }
 }
 
+/// What the driver's [`crate::flow::Flow`] runs: the command, charged its Data-Out and the
+/// most Data-In it can produce.
+impl crate::flow::Job for Exec {
+    type Tag = u32;
+    type Done = scsi::Response;
+
+    fn tag(&self) -> u32 {
+        self.itt
+    }
+
+    fn cost(&self) -> usize {
+        let data_in = match &self.lu {
+            Some(lu) => lu.data_in_bound(&self.cdb, self.expected_in),
+            None => self.expected_in as usize,
+        };
+        self.data_out.len() + data_in
+    }
+
+    fn run_nowait(&self) -> Option<scsi::Response> {
+        Exec::run_nowait(self)
+    }
+
+    fn run(self) -> scsi::Response {
+        Exec::run(&self)
+    }
+
+    /// HARDWARE ERROR rather than a hung command or a dropped connection.
+    fn panicked(itt: u32) -> scsi::Response {
+        tracing::error!(itt, "SCSI command panicked");
+        scsi::Response::check(scsi::Sense::new(
+            scsi::SenseKey::HardwareError,
+            scsi::sense::Asc::INTERNAL_TARGET_FAILURE,
+        ))
+    }
+}
+
 impl Drop for Exec {
     /// A write's buffer serves the next write (see [`crate::bufpool`]).
     fn drop(&mut self) {
@@ -323,6 +359,11 @@ impl Session {
     /// Takes the queued outputs.
     pub fn drain(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.out)
+    }
+
+    /// Moves the queued outputs to the end of `outs` (reusing its allocation).
+    pub fn drain_into(&mut self, outs: &mut Vec<Output>) {
+        outs.append(&mut self.out);
     }
 
     /// Commands received and not yet answered.

@@ -103,6 +103,23 @@ impl LogicalUnit {
         self.limits.block_size
     }
 
+    /// Most bytes of Data-In `cdb` makes [`LogicalUnit::execute`] hold, for a transport that
+    /// expects `expected` of them: a READ's blocks (at most the maximum transfer length),
+    /// whatever the transport expects; for other commands, what it expects (their data is
+    /// small and bounded by their allocation length).
+    pub fn data_in_bound(&self, cdb: &[u8], expected: u32) -> usize {
+        let read = matches!(
+            cdb.first(),
+            Some(&(op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16))
+        );
+        let mut bound = expected as usize;
+        if read {
+            let blocks = block_range(cdb).blocks.min(self.limits.max_transfer);
+            bound = bound.max(blocks as usize * self.limits.block_size as usize);
+        }
+        bound
+    }
+
     /// Executes one command to completion. Never panics, whatever the CDB and Data-Out; the
     /// Data-In it returns is bounded by the CDB's allocation length or the maximum transfer
     /// length (16 MiB). May block on pool I/O: call it from a blocking thread.

@@ -1,31 +1,29 @@
 //! The tokio driver of the NVMe/TCP target: accepts connections (one per queue), moves bytes
-//! between sockets and the sans-IO [`Queue`], runs I/O commands (those that complete without
-//! waiting right on the connection's task, the others on blocking threads), and enforces the
-//! controller's keep-alive timeout.
+//! between sockets and the sans-IO [`Queue`], runs I/O commands through the connection's
+//! [`Flow`] (those that complete without waiting right on the connection's task, the others on
+//! blocking threads), which also bounds what the connection holds, and enforces the ICReq,
+//! Connect and keep-alive timeouts.
 
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::pdu::{Decoded, Pdu};
-use super::queue::{Queue, QueueConfig};
-use crate::listener::Listener;
+use super::queue::{Job as QueueJob, Queue, QueueConfig};
+use crate::flow::{Budget, Flow, Job};
+use crate::listener::{Limits, Listener};
 use crate::nvme::controller::Portal;
-use crate::nvme::spec::{Completion, Status};
-use crate::nvme::subsystem::Registry;
-use crate::outq::OutQueue;
+use crate::nvme::spec::{Completion, DataPointer, Direction, Status};
+use crate::nvme::subsystem::{IO_QUEUE_ENTRIES, Registry};
 
 /// A connection that has not connected a queue by then (and passed DH-HMAC-CHAP, where its
 /// export requires it) is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Output bytes waiting for the socket above which a connection stops reading commands.
-const MAX_PENDING_OUT: usize = 8 << 20;
 /// How long queued output gets to drain when a connection closes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -37,21 +35,33 @@ pub struct NvmeTcpServer {
 }
 
 impl NvmeTcpServer {
-    /// Binds `listen` and starts accepting connections on the current tokio runtime.
+    /// Binds `listen` with the default [`Limits`] and starts accepting connections on the
+    /// current tokio runtime.
     pub async fn bind(
         listen: &str,
         registry: Arc<Registry>,
         cfg: QueueConfig,
     ) -> std::io::Result<NvmeTcpServer> {
+        NvmeTcpServer::bind_with(listen, registry, cfg, Limits::default()).await
+    }
+
+    /// Binds `listen`, admitting connections and bounding each as `limits` say (the
+    /// handshake is the ICReq).
+    pub async fn bind_with(
+        listen: &str,
+        registry: Arc<Registry>,
+        cfg: QueueConfig,
+        limits: Limits,
+    ) -> std::io::Result<NvmeTcpServer> {
         let reg = registry.clone();
-        let listener = Listener::bind(listen, move |stream, peer, shutdown| {
+        let listener = Listener::bind_with(listen, limits, move |stream, peer, shutdown| {
             let span = tracing::info_span!(
                 "nvme_conn",
                 %peer,
                 cntlid = tracing::field::Empty,
                 qid = tracing::field::Empty,
             );
-            connection(stream, reg.clone(), cfg, shutdown).instrument(span)
+            connection(stream, reg.clone(), cfg, limits, shutdown).instrument(span)
         })
         .await?;
         tracing::info!(local_addr = %listener.local_addr(), "NVMe/TCP target listening");
@@ -91,17 +101,114 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The answer to a command whose execution panicked (a bug: logged; the host gets an internal
-/// error rather than a hung command).
-fn panicked(cid: u16) -> Completion {
-    tracing::error!(cid, "NVMe command panicked");
-    Completion::status(Status::INTERNAL_ERROR)
+/// One command for the connection's [`Flow`]: an I/O command, charged the data it carries and,
+/// for a read, the data it returns; or a DH-HMAC-CHAP step (a few hundred bytes).
+struct Work {
+    cid: u16,
+    job: QueueJob,
+}
+
+impl Job for Work {
+    type Tag = u16;
+    type Done = Completion;
+
+    fn tag(&self) -> u16 {
+        self.cid
+    }
+
+    fn cost(&self) -> usize {
+        let QueueJob::Io(io) = &self.job else {
+            return 4096;
+        };
+        let sqe = &io.sqe;
+        let data_in = match (sqe.direction(), sqe.data_pointer()) {
+            (Direction::ControllerToHost | Direction::Both, DataPointer::Transport { len }) => {
+                len as usize
+            }
+            _ => 0,
+        };
+        io.data.len() + data_in
+    }
+
+    fn run_nowait(&self) -> Option<Completion> {
+        self.job.run_nowait()
+    }
+
+    fn run(self) -> Completion {
+        self.job.run()
+    }
+
+    /// An internal error rather than a hung command.
+    fn panicked(cid: u16) -> Completion {
+        tracing::error!(cid, "NVMe command panicked");
+        Completion::status(Status::INTERNAL_ERROR)
+    }
+}
+
+/// What the connection received and has not yet handed to its queue.
+struct Inbound {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already decoded.
+    consumed: usize,
+    /// `buf` holds no whole PDU: the next step is a read.
+    starved: bool,
+}
+
+/// Moves the queue's I/O commands into the flow, runs those the budget lets start, and hands
+/// the queue the PDUs received, one at a time, while the budget allows. On a fatal error:
+/// why, and the termination request to send.
+fn pump(
+    rx: &mut Inbound,
+    queue: &mut Queue,
+    flow: &mut Flow<Work>,
+    ic_done: &mut bool,
+) -> Result<(), (String, Option<Pdu>)> {
+    loop {
+        for (cid, job) in queue.take_work() {
+            flow.submit(Work { cid, job });
+        }
+        if let Some((cid, c)) = flow.next_inline() {
+            queue.on_complete(cid, c, flow.out());
+            continue;
+        }
+        if rx.starved || !flow.accepting() {
+            return Ok(());
+        }
+        match queue.framer().decode(&rx.buf[rx.consumed..]) {
+            Ok(Decoded::Pdu(p, n)) => {
+                rx.consumed += n;
+                queue
+                    .on_pdu(p, flow.out())
+                    .map_err(|f| (f.why, f.term.map(Pdu::C2HTermReq)))?;
+                // The queue takes nothing before an ICReq: this was it.
+                *ic_done = true;
+            }
+            Ok(Decoded::NeedMore(n)) => {
+                // Move the partial PDU to the front once per read.
+                rx.buf.drain(..rx.consumed);
+                rx.consumed = 0;
+                rx.buf.reserve(n.saturating_sub(rx.buf.len()));
+                rx.starved = true;
+                return Ok(());
+            }
+            Err(e) => {
+                let why = format!("bad PDU: {e}");
+                let term = Pdu::C2HTermReq(super::pdu::TermReq {
+                    fes: e.fes,
+                    fei: e.fei,
+                    header: e.header,
+                });
+                return Err((why, Some(term)));
+            }
+        }
+    }
 }
 
 async fn connection(
     stream: TcpStream,
     reg: Arc<Registry>,
     cfg: QueueConfig,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
@@ -115,76 +222,101 @@ async fn connection(
         Err(_) => Portal::parse("0.0.0.0:4420"),
     };
     let mut queue = Queue::new(reg.clone(), portal, cfg);
-    let mut inbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut consumed = 0usize;
-    let mut pending = OutQueue::new();
-    let (ctx, mut crx) = mpsc::unbounded_channel::<(u16, Completion)>();
-    let connect_deadline = Instant::now() + CONNECT_TIMEOUT;
+    let mut rx = Inbound {
+        buf: Vec::with_capacity(64 * 1024),
+        consumed: 0,
+        starved: true,
+    };
+    // Commands and output, under the connection's budget; the queue itself refuses more
+    // commands than its negotiated depth (at most IO_QUEUE_ENTRIES).
+    let mut flow: Flow<Work> = Flow::new(Budget {
+        bytes: limits.in_flight_bytes,
+        commands: IO_QUEUE_ENTRIES as usize,
+    });
+    let accepted = Instant::now();
+    let ic_deadline = accepted + limits.handshake_timeout;
+    let connect_deadline = accepted + CONNECT_TIMEOUT;
+    let mut ic_done = false;
     let mut killed: Option<watch::Receiver<Option<String>>> = None;
     let mut removed: Option<watch::Receiver<bool>> = None;
     let mut closing: Option<String> = None;
     let mut term: Option<Pdu> = None;
-    let mut inline_done: Vec<(u16, Completion)> = Vec::new();
     loop {
+        // Commands and PDUs received, and output, as far as they go without waiting.
+        let step = |flow: &mut Flow<Work>| {
+            if closing.is_none()
+                && let Err((why, t)) = pump(&mut rx, &mut queue, flow, &mut ic_done)
+            {
+                term = t;
+                closing = Some(why);
+            }
+        };
+        if let Err(e) = flow.drive(step, |s| stream.try_write_vectored(s)) {
+            closing.get_or_insert_with(|| format!("write: {e}"));
+        }
+        // A queue that just connected: follow its controller and subsystem.
+        if killed.is_none()
+            && let Some(c) = queue.controller()
+        {
+            let span = tracing::Span::current();
+            span.record("cntlid", c.cntlid);
+            span.record("qid", queue.qid());
+            killed = Some(c.kill_watch());
+            removed = c.subsystem().map(|s| s.removed());
+            if c.killed().is_some() {
+                closing.get_or_insert_with(|| "controller ended".into());
+            }
+        }
+        // A shutdown the host asked for (CC.SHN) flushes every namespace off this task.
+        if let Some(c) = queue.controller()
+            && c.take_shutdown_request()
+        {
+            let c = c.clone();
+            tokio::task::spawn_blocking(move || c.finish_shutdown());
+        }
+        if let Some(why) = closing {
+            tracing::info!("NVMe/TCP connection ends: {why}");
+            if let Some(t) = term {
+                queue.framer().encode(&t, flow.out().tail());
+            }
+            queue.on_close(&why);
+            break;
+        }
         let ctrl = queue.controller().cloned();
         let ka_deadline = ctrl
             .as_ref()
             .filter(|_| queue.is_admin())
             .and_then(|c| c.keep_alive_deadline())
             .map(Instant::from_std);
-        // Connected and, where the export requires it, authenticated in time, or dropped.
-        let connect_wait = if queue.is_ready() {
+        // ICReq in time, then connected and, where the export requires it, authenticated in
+        // time, or dropped.
+        let handshake_wait = if !ic_done {
+            Some(ic_deadline)
+        } else if queue.is_ready() {
             None
         } else {
             Some(connect_deadline)
         };
         tokio::select! {
-            r = stream.readable(), if pending.len() < MAX_PENDING_OUT => {
-                if inbuf.capacity() - inbuf.len() < 16 * 1024 {
-                    inbuf.reserve(64 * 1024);
+            r = stream.readable(), if flow.accepting() && rx.starved => {
+                if rx.buf.capacity() - rx.buf.len() < 16 * 1024 {
+                    rx.buf.reserve(64 * 1024);
                 }
-                match r.and_then(|()| stream.try_read_buf(&mut inbuf)) {
+                match r.and_then(|()| stream.try_read_buf(&mut rx.buf)) {
                     Ok(0) => { closing = Some("host closed the connection".into()); }
-                    Ok(_) => loop {
-                        match queue.framer().decode(&inbuf[consumed..]) {
-                            Ok(Decoded::Pdu(p, n)) => {
-                                consumed += n;
-                                if let Err(f) = queue.on_pdu(p, &mut pending) {
-                                    term = f.term.map(Pdu::C2HTermReq);
-                                    closing = Some(f.why);
-                                    break;
-                                }
-                            }
-                            Ok(Decoded::NeedMore(n)) => {
-                                // Move the partial PDU to the front once per read.
-                                inbuf.drain(..consumed);
-                                consumed = 0;
-                                inbuf.reserve(n.saturating_sub(inbuf.len()));
-                                break;
-                            }
-                            Err(e) => {
-                                closing = Some(format!("bad PDU: {e}"));
-                                term = Some(Pdu::C2HTermReq(super::pdu::TermReq {
-                                    fes: e.fes,
-                                    fei: e.fei,
-                                    header: e.header,
-                                }));
-                                break;
-                            }
-                        }
-                    },
+                    Ok(_) => rx.starved = false,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => { closing = Some(format!("read: {e}")); }
                 }
             }
-            Some((cid, c)) = crx.recv() => queue.on_complete(cid, c, &mut pending),
-            w = stream.writable(), if !pending.is_empty() => {
+            (cid, c) = flow.completed() => queue.on_complete(cid, c, flow.out()),
+            w = stream.writable(), if flow.has_output() => {
                 if let Err(e) = w {
                     closing = Some(format!("write: {e}"));
                 }
             }
             _ = async { match &ctrl { Some(c) => c.events.notified().await, None => std::future::pending().await } }, if queue.is_admin() => {
-                queue.deliver_events(&mut pending);
+                queue.deliver_events(flow.out());
             }
             _ = changed(&mut killed) => {
                 let why = killed.as_ref().and_then(|k| k.borrow().clone()).unwrap_or_default();
@@ -207,8 +339,10 @@ async fn connection(
                     closing = Some("keep-alive expired".into());
                 }
             }
-            _ = sleep_until(connect_wait) => {
-                closing = Some(if ctrl.is_none() {
+            _ = sleep_until(handshake_wait) => {
+                closing = Some(if !ic_done {
+                    format!("no ICReq within {:?}", limits.handshake_timeout)
+                } else if ctrl.is_none() {
                     "no Fabrics Connect in time".into()
                 } else {
                     "not authenticated in time".into()
@@ -218,78 +352,7 @@ async fn connection(
                 closing = Some("target shutting down".into());
             }
         }
-        // A queue that just connected: follow its controller and subsystem.
-        if killed.is_none()
-            && let Some(c) = queue.controller()
-        {
-            let span = tracing::Span::current();
-            span.record("cntlid", c.cntlid);
-            span.record("qid", queue.qid());
-            killed = Some(c.kill_watch());
-            removed = c.subsystem().map(|s| s.removed());
-            if c.killed().is_some() {
-                closing.get_or_insert_with(|| "controller ended".into());
-            }
-        }
-        // A shutdown the host asked for (CC.SHN) flushes every namespace off this task.
-        if let Some(c) = queue.controller()
-            && c.take_shutdown_request()
-        {
-            let c = c.clone();
-            tokio::task::spawn_blocking(move || c.finish_shutdown());
-        }
-        // I/O commands: those that need no waiting run here; their answers may let more
-        // output out.
-        while queue.has_work() {
-            for (cid, job) in queue.take_work() {
-                let inline = std::panic::catch_unwind(AssertUnwindSafe(|| job.run_nowait()))
-                    .unwrap_or_else(|_| Some(panicked(cid)));
-                match inline {
-                    Some(c) => inline_done.push((cid, c)),
-                    None => {
-                        let ctx = ctx.clone();
-                        tokio::task::spawn_blocking(move || {
-                            let c = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()))
-                                .unwrap_or_else(|_| panicked(cid));
-                            let _ = ctx.send((cid, c));
-                        });
-                    }
-                }
-            }
-            for (cid, c) in inline_done.drain(..) {
-                queue.on_complete(cid, c, &mut pending);
-            }
-        }
-        while !pending.is_empty() {
-            match stream.try_write_vectored(&pending.slices()) {
-                Ok(0) => break,
-                Ok(n) => pending.advance(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    closing.get_or_insert_with(|| format!("write: {e}"));
-                    break;
-                }
-            }
-        }
-        if let Some(why) = closing {
-            tracing::info!("NVMe/TCP connection ends: {why}");
-            if let Some(t) = term {
-                queue.framer().encode(&t, pending.tail());
-            }
-            queue.on_close(&why);
-            break;
-        }
     }
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        use tokio::io::AsyncWriteExt;
-        let mut s = stream;
-        while !pending.is_empty() {
-            match s.write_vectored(&pending.slices()).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => pending.advance(n),
-            }
-        }
-        let _ = s.shutdown().await;
-    })
-    .await;
+    let mut s = stream;
+    flow.finish(&mut s, CLOSE_GRACE).await;
 }

@@ -1,0 +1,425 @@
+//! What one connection has in flight, under one budget, for every TCP front-end: the commands
+//! it runs (right on the connection's task when they need no waiting, else on blocking
+//! threads) and the output waiting for its socket ([`OutQueue`]).
+//!
+//! The budget is what bounds a connection's memory whatever its peer does. A command is
+//! charged what it holds while it runs and queues when it completes (a read's data, a write's
+//! data) from the moment it is submitted until its output leaves for the socket; commands
+//! start in order only while the bytes in flight (queued output + running commands) are under
+//! the budget and fewer than [`Budget::commands`] run; and the driver takes no further PDU
+//! from its peer while the bytes in flight, waiting commands included, are at or over the
+//! budget ([`Flow::accepting`]). A peer that stops reading its socket therefore stops its own
+//! commands: the connection holds at most the budget plus the one command that crossed it.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::outq::OutQueue;
+
+/// A command a driver runs for its protocol's state machine.
+pub trait Job: Send + 'static {
+    /// What identifies the command to the state machine (an iSCSI ITT, an NVMe CID).
+    type Tag: Copy + Send + 'static;
+    /// The command's result.
+    type Done: Send + 'static;
+
+    fn tag(&self) -> Self::Tag;
+    /// Most bytes the command holds while it runs and queues when it completes.
+    fn cost(&self) -> usize;
+    /// Runs the command if it can complete without waiting; `None` sends it to
+    /// [`Job::run`] on a blocking thread.
+    fn run_nowait(&self) -> Option<Self::Done>;
+    /// Runs the command (blocking).
+    fn run(self) -> Self::Done;
+    /// The result of a command whose execution panicked (a bug: the peer gets an error
+    /// rather than a hung command).
+    fn panicked(tag: Self::Tag) -> Self::Done;
+}
+
+/// How much one connection may have in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Output waiting for the socket plus what submitted commands hold.
+    pub bytes: usize,
+    /// Commands running at once.
+    pub commands: usize,
+}
+
+impl Budget {
+    /// 4 MiB: more than the bandwidth-delay product of a 25 GbE link at 1 ms, on top of which
+    /// the kernel's own socket buffer (up to 4 MiB by default) keeps the link busy while the
+    /// connection's task refills it.
+    pub const DEFAULT_BYTES: usize = 4 << 20;
+}
+
+/// A connection's commands and output.
+pub struct Flow<J: Job> {
+    out: OutQueue,
+    budget: Budget,
+    /// Submitted commands not started yet, with their cost.
+    waiting: VecDeque<(J, usize)>,
+    waiting_bytes: usize,
+    running: usize,
+    running_bytes: usize,
+    /// Completions from blocking threads: (tag, cost, result).
+    tx: mpsc::UnboundedSender<(J::Tag, usize, J::Done)>,
+    rx: mpsc::UnboundedReceiver<(J::Tag, usize, J::Done)>,
+    peak: usize,
+}
+
+impl<J: Job> std::fmt::Debug for Flow<J> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flow")
+            .field("queued", &self.out.len())
+            .field("waiting", &self.waiting.len())
+            .field("running", &self.running)
+            .field("in_flight", &self.in_flight())
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
+impl<J: Job> Flow<J> {
+    pub fn new(budget: Budget) -> Flow<J> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Flow {
+            out: OutQueue::new(),
+            budget: Budget {
+                bytes: budget.bytes.max(1),
+                commands: budget.commands.max(1),
+            },
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            running: 0,
+            running_bytes: 0,
+            tx,
+            rx,
+            peak: 0,
+        }
+    }
+
+    /// The output queue, for the state machine's encoders.
+    pub fn out(&mut self) -> &mut OutQueue {
+        &mut self.out
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Bytes in flight: queued output and what submitted commands hold.
+    pub fn in_flight(&self) -> usize {
+        self.out.len() + self.running_bytes + self.waiting_bytes
+    }
+
+    /// The most bytes this connection ever had in flight.
+    pub fn peak(&self) -> usize {
+        self.peak.max(self.in_flight())
+    }
+
+    /// Commands submitted and not completed.
+    pub fn commands(&self) -> usize {
+        self.running + self.waiting.len()
+    }
+
+    /// Whether the driver may take another PDU from its peer: the bytes in flight are under
+    /// the budget. Otherwise it leaves the socket (and what it already read) alone until the
+    /// peer has read enough of its output, or running commands have completed.
+    pub fn accepting(&self) -> bool {
+        self.in_flight() < self.budget.bytes
+    }
+
+    /// Queues a command; it starts when the budget allows ([`Flow::next_inline`]).
+    pub fn submit(&mut self, job: J) {
+        let cost = job.cost();
+        self.waiting_bytes += cost;
+        self.waiting.push_back((job, cost));
+        self.note_peak();
+    }
+
+    fn note_peak(&mut self) {
+        self.peak = self.peak.max(self.in_flight());
+    }
+
+    fn may_start(&self) -> bool {
+        self.running < self.budget.commands
+            && self.out.len() + self.running_bytes < self.budget.bytes
+    }
+
+    /// Starts waiting commands, in order, while the budget allows: those that need no waiting
+    /// run right here, and the first of them to complete is returned, for the state machine
+    /// (whose answer may change what the budget allows: call again until `None`); the others
+    /// go to blocking threads, whose completions come from [`Flow::completed`].
+    pub fn next_inline(&mut self) -> Option<(J::Tag, J::Done)> {
+        while self.may_start() {
+            let (job, cost) = self.waiting.pop_front()?;
+            self.waiting_bytes -= cost;
+            let tag = job.tag();
+            let inline = std::panic::catch_unwind(AssertUnwindSafe(|| job.run_nowait()))
+                .unwrap_or_else(|_| Some(J::panicked(tag)));
+            if let Some(done) = inline {
+                return Some((tag, done));
+            }
+            self.running += 1;
+            self.running_bytes += cost;
+            let tx = self.tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let done = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()))
+                    .unwrap_or_else(|_| J::panicked(tag));
+                let _ = tx.send((tag, cost, done));
+            });
+        }
+        None
+    }
+
+    /// The next command completed on a blocking thread (cancel-safe; pending while none
+    /// runs).
+    pub async fn completed(&mut self) -> (J::Tag, J::Done) {
+        loop {
+            // The sender lives in `self`, so the channel never closes.
+            if let Some((tag, cost, done)) = self.rx.recv().await {
+                self.running -= 1;
+                self.running_bytes -= cost;
+                return (tag, done);
+            }
+        }
+    }
+
+    /// Writes as much queued output as `write` takes without waiting (`try_write_vectored` of
+    /// the socket).
+    pub fn write_now(
+        &mut self,
+        mut write: impl FnMut(&[IoSlice<'_>]) -> std::io::Result<usize>,
+    ) -> std::io::Result<()> {
+        self.note_peak();
+        while !self.out.is_empty() {
+            match write(&self.out.slices()) {
+                Ok(0) => break,
+                Ok(n) => self.out.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// After any event: runs `pump` (the protocol's step: its output into the queue, commands
+    /// submitted, completions handed back, received PDUs taken while [`Flow::accepting`]),
+    /// writes what the socket takes without waiting, and again while writing made room (which
+    /// may let waiting commands start and received PDUs in), so nothing waits for an event
+    /// that already happened.
+    pub fn drive(
+        &mut self,
+        mut pump: impl FnMut(&mut Self),
+        mut write: impl FnMut(&[IoSlice<'_>]) -> std::io::Result<usize>,
+    ) -> std::io::Result<()> {
+        loop {
+            pump(self);
+            let queued = self.out.len();
+            self.write_now(&mut write)?;
+            if self.out.len() == queued {
+                return Ok(());
+            }
+        }
+    }
+
+    /// When the connection ends: what is still queued (a last status, a logout response, a
+    /// termination request) gets `grace` to leave, then the write side shuts down.
+    pub async fn finish<W: AsyncWrite + Unpin>(&mut self, w: &mut W, grace: Duration) {
+        let _ = tokio::time::timeout(grace, async {
+            while !self.out.is_empty() {
+                match w.write_vectored(&self.out.slices()).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => self.out.advance(n),
+                }
+            }
+            let _ = w.shutdown().await;
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A read of `len` bytes, in memory (inline) or not.
+    struct Read {
+        tag: u32,
+        len: usize,
+        inline: bool,
+        ran: Arc<AtomicUsize>,
+    }
+
+    impl Job for Read {
+        type Tag = u32;
+        type Done = Vec<u8>;
+        fn tag(&self) -> u32 {
+            self.tag
+        }
+        fn cost(&self) -> usize {
+            self.len
+        }
+        fn run_nowait(&self) -> Option<Vec<u8>> {
+            self.inline.then(|| self.read())
+        }
+        fn run(self) -> Vec<u8> {
+            self.read()
+        }
+        fn panicked(_: u32) -> Vec<u8> {
+            b"panicked".to_vec()
+        }
+    }
+
+    impl Read {
+        fn read(&self) -> Vec<u8> {
+            if self.tag == 666 {
+                panic!("boom");
+            }
+            self.ran.fetch_add(1, Ordering::SeqCst);
+            vec![self.tag as u8; self.len]
+        }
+    }
+
+    fn flow() -> (Flow<Read>, Arc<AtomicUsize>) {
+        (
+            Flow::new(Budget {
+                bytes: 1 << 20,
+                commands: 4,
+            }),
+            Arc::new(AtomicUsize::new(0)),
+        )
+    }
+
+    /// What a driver does with an inline completion: queue the data.
+    fn run_inline(f: &mut Flow<Read>) -> usize {
+        let mut n = 0;
+        while let Some((_, data)) = f.next_inline() {
+            f.out().push_copy(&data);
+            n += 1;
+        }
+        n
+    }
+
+    fn read(tag: u32, len: usize, ran: &Arc<AtomicUsize>) -> Read {
+        Read {
+            tag,
+            len,
+            inline: true,
+            ran: ran.clone(),
+        }
+    }
+
+    /// The peer reads `n` bytes.
+    fn peer_reads(f: &mut Flow<Read>, mut n: usize) {
+        f.write_now(|s| {
+            let k = s.iter().map(|s| s.len()).sum::<usize>().min(n);
+            n -= k;
+            Ok(k)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn the_driver_takes_no_more_commands_once_the_budget_is_spent() {
+        let (mut f, ran) = flow();
+        let mut taken = 0;
+        while f.accepting() {
+            f.submit(read(taken, 256 << 10, &ran));
+            taken += 1;
+        }
+        assert_eq!(taken, 4, "1 MiB of reads submitted");
+        assert_eq!(run_inline(&mut f), 4);
+        assert!(!f.accepting(), "their output is queued");
+        peer_reads(&mut f, 512 << 10);
+        assert!(f.accepting());
+    }
+
+    #[test]
+    fn a_peer_that_does_not_read_stops_its_own_commands() {
+        let (mut f, ran) = flow();
+        // 1000 reads of 256 KiB submitted: four run (1 MiB queued), the rest wait.
+        for tag in 0..1000 {
+            f.submit(read(tag, 256 << 10, &ran));
+        }
+        assert_eq!(run_inline(&mut f), 4);
+        assert_eq!(ran.load(Ordering::SeqCst), 4);
+        assert_eq!(f.out().len(), 1 << 20);
+        // Nothing more runs until the output leaves.
+        assert_eq!(run_inline(&mut f), 0);
+        // The peer reads half: two more run.
+        peer_reads(&mut f, 512 << 10);
+        assert_eq!(run_inline(&mut f), 2);
+        assert_eq!(ran.load(Ordering::SeqCst), 6);
+        assert_eq!(f.commands(), 994);
+        // Queued output never went past the budget.
+        assert_eq!(f.out().len(), 1 << 20);
+    }
+
+    #[test]
+    fn one_command_larger_than_the_budget_still_runs() {
+        let (mut f, ran) = flow();
+        f.submit(Read {
+            tag: 1,
+            len: 3 << 20,
+            inline: true,
+            ran: ran.clone(),
+        });
+        assert!(!f.accepting());
+        assert_eq!(run_inline(&mut f), 1);
+        f.submit(Read {
+            tag: 2,
+            len: 10,
+            inline: true,
+            ran,
+        });
+        // The next waits for the big one's output to leave.
+        assert_eq!(run_inline(&mut f), 0);
+        peer_reads(&mut f, 3 << 20);
+        assert_eq!(run_inline(&mut f), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_commands_are_counted_until_they_complete_and_panics_are_answered() {
+        let (mut f, ran) = flow();
+        for tag in 0..10 {
+            f.submit(Read {
+                tag,
+                len: 1000,
+                inline: false,
+                ran: ran.clone(),
+            });
+        }
+        f.submit(Read {
+            tag: 666,
+            len: 1,
+            inline: false,
+            ran: ran.clone(),
+        });
+        // At most `commands` (4) run at once.
+        assert!(f.next_inline().is_none());
+        assert_eq!(f.running, 4);
+        let mut done = Vec::new();
+        while done.len() < 11 {
+            let (tag, data) = tokio::time::timeout(Duration::from_secs(10), f.completed())
+                .await
+                .unwrap();
+            assert!(f.running < 4);
+            done.push((tag, data));
+            assert!(f.next_inline().is_none());
+        }
+        assert_eq!(f.commands(), 0);
+        assert_eq!(f.in_flight(), 0);
+        assert_eq!(ran.load(Ordering::SeqCst), 10);
+        let p = done.iter().find(|(t, _)| *t == 666).unwrap();
+        assert_eq!(p.1, b"panicked");
+    }
+}
