@@ -439,7 +439,7 @@ fn run_sync(op: &mut Op<'_>) -> io::Result<()> {
 }
 
 /// Reads exactly `buf.len()` bytes; bytes past the end of a file read as zeros (sparse devices).
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

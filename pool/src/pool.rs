@@ -1027,12 +1027,9 @@ impl PoolInner {
             for (seq, _) in &dead {
                 t.remove(*seq)?;
             }
-            // Durable-LSN claims of the freed segments' headers go with them: keep the proof.
-            let mut c = tx.open_table(COUNTERS)?;
-            let synced = self.wal.synced_lsn();
-            let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
-            c.insert(DURABLE_LSN_COUNTER, cur.max(synced))?;
         }
+        // Durable-LSN claims of the freed segments' headers go with them: keep the proof.
+        raise_durable_in(&tx, self.wal.synced_lsn())?;
         tx.commit()?;
         tracing::debug!(segments = dead.len(), "freed WAL segments");
         self.shared
@@ -1122,18 +1119,24 @@ fn record_durable_loop(wal: &Wal, shared: &Shared, mut recorded: u64) {
     }
 }
 
+/// Raises the metadata store's record of the WAL's durable LSN to `durable` in `tx` (never
+/// lowers it); whether it changed.
+fn raise_durable_in(tx: &redb::WriteTransaction, durable: u64) -> Result<bool> {
+    let mut c = tx.open_table(COUNTERS)?;
+    let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
+    if durable <= cur {
+        return Ok(false);
+    }
+    c.insert(DURABLE_LSN_COUNTER, durable)?;
+    Ok(true)
+}
+
 /// Raises the metadata store's record of the WAL's durable LSN to `durable`.
 fn record_durable(shared: &Shared, durable: u64) -> Result<()> {
     let tx = shared.meta.begin_write()?;
-    {
-        let mut c = tx.open_table(COUNTERS)?;
-        let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
-        if durable <= cur {
-            return Ok(());
-        }
-        c.insert(DURABLE_LSN_COUNTER, durable)?;
+    if raise_durable_in(&tx, durable)? {
+        tx.commit()?;
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -1201,14 +1204,12 @@ fn record_replay(
                 t.insert(*seq, rec.encode().as_slice())?;
             }
         }
-        let mut c = tx.open_table(COUNTERS)?;
-        let cur = c.get(DURABLE_LSN_COUNTER)?.map(|v| v.value()).unwrap_or(0);
-        c.insert(DURABLE_LSN_COUNTER, cur.max(replayed.durable_lsn))?;
         let mut t = tx.open_table(LOG_DAMAGE)?;
         for r in &recs {
             t.insert((r.segment, r.lsn), meta::to_json(r)?.as_slice())?;
         }
     }
+    raise_durable_in(&tx, replayed.durable_lsn)?;
     tx.commit()?;
     for r in &recs {
         tracing::error!(

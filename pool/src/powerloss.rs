@@ -241,7 +241,7 @@ impl Sim {
             // A write refused by the cut records nothing: it never happens.
             sim.charge()?;
             let mut buf = vec![0u8; ((end - first) * SECTOR) as usize];
-            read_zero_padded(handle, &mut buf, first * SECTOR)?;
+            crate::io::read_exact_at(handle, &mut buf, first * SECTOR)?;
             sim.log(&event(EV_PRE, &[key.0, key.1, first, end], &buf))?;
             for (i, s) in (first..end).enumerate() {
                 let mut old = [0u8; SECTOR as usize];
@@ -459,23 +459,6 @@ fn forget_synced(hist: &mut FileHist, started: u64) {
         versions.retain(|(seq, _)| *seq > started);
         !versions.is_empty()
     });
-}
-
-/// Reads `buf.len()` bytes at `offset`; past the end of the file reads zeros.
-fn read_zero_padded(f: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn sims() -> Vec<Arc<Sim>> {
