@@ -59,7 +59,7 @@ if [ -n "$INSTALLING_ISCSI" ] && [ ! -e /usr/sbin/policy-rc.d ]; then
     $SUDO chmod 755 /usr/sbin/policy-rc.d
     CLEANUP+=("$SUDO rm -f /usr/sbin/policy-rc.d")
 fi
-apt_install open-iscsi nvme-cli fio e2fsprogs jq busybox-static cpio kmod xz-utils
+apt_install open-iscsi nvme-cli fio e2fsprogs jq busybox-static cpio kmod xz-utils dmsetup
 if [ -n "$INSTALLING_ISCSI" ]; then
     log "disabling open-iscsi's services on the host (iscsid.socket, iscsid, open-iscsi)"
     if command -v systemctl >/dev/null 2>&1; then
@@ -74,7 +74,7 @@ if pid="$(pgrep -x iscsid 2>/dev/null)"; then
     log "warning: an iscsid runs on the host (pid ${pid//$'\n'/ }; not started by this script)"
 fi
 for t in /usr/sbin/iscsiadm /usr/sbin/iscsid /usr/sbin/nvme /usr/bin/fio /usr/bin/jq /sbin/mkfs.ext4 \
-         /sbin/fsck.ext4 /bin/busybox /usr/bin/cpio /sbin/depmod /sbin/modprobe; do
+         /sbin/fsck.ext4 /bin/busybox /usr/bin/cpio /sbin/depmod /sbin/modprobe /sbin/dmsetup; do
     [ -x "$t" ] || die "$t is missing after the apt installs"
 done
 
@@ -128,12 +128,13 @@ KERNEL="$KDIR/boot/vmlinuz-$KVER"
 # ---------------------------------------------------------------- 4. the initramfs
 # Modules the guests load (with their dependency closure). Several are for the NVMe/TCP and RDMA
 # tests to come (nvme-tcp, nvmet-tcp, nvme-rdma, rdma_rxe) and for reference targets in the guest
-# (nvmet, LIO).
+# (nvmet, LIO); dm-log-writes records the real kernel's writes for the power-loss test.
 MODULES=(virtio_pci virtio_net virtio_rng 9pnet_virtio 9p overlay configfs loop brd
     ext4 sd_mod sg crc32_generic crc32c_generic crct10dif_generic
     iscsi_tcp nvme-tcp nvme-rdma nvmet nvmet-tcp nvmet-rdma
     iscsi_target_mod target_core_file target_core_iblock
-    rdma_rxe rdma_ucm ib_uverbs)
+    rdma_rxe rdma_ucm ib_uverbs
+    dm-log-writes)
 
 INIT="$(cat <<'EOF'
 #!/bin/busybox sh

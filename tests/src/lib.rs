@@ -4,6 +4,7 @@
 //! without closing it ([`relay`]).
 
 pub mod bench;
+pub mod dmlog;
 pub mod guest;
 pub mod maasd;
 pub mod peers;
