@@ -78,6 +78,7 @@ macro_rules! portal_section {
             pub max_connections_per_source: u64,
             pub $handshake: u64,
             pub in_flight_bytes: u64,
+            pub write_stall_timeout_ms: u64,
         }
         impl Default for $name {
             fn default() -> Self {
@@ -88,6 +89,8 @@ macro_rules! portal_section {
                     max_connections_per_source: $per_source,
                     $handshake: $handshake_ms,
                     in_flight_bytes: maas_engine::flow::Budget::DEFAULT_BYTES as u64,
+                    write_stall_timeout_ms: maas_engine::flow::Budget::DEFAULT_WRITE_STALL
+                        .as_millis() as u64,
                 }
             }
         }
@@ -106,11 +109,14 @@ macro_rules! portal_section {
                     max_connections_per_source: self.max_connections_per_source as usize,
                     handshake_timeout: std::time::Duration::from_millis(self.$handshake),
                     in_flight_bytes: self.in_flight_bytes as usize,
+                    write_stall_timeout: std::time::Duration::from_millis(
+                        self.write_stall_timeout_ms,
+                    ),
                 }
             }
 
             /// (key, value) of the limits, for validation.
-            fn limit_settings(&self) -> [(&'static str, u64, u64); 4] {
+            fn limit_settings(&self) -> [(&'static str, u64, u64); 5] {
                 [
                     ("max_connections", self.max_connections, 1),
                     (
@@ -120,6 +126,7 @@ macro_rules! portal_section {
                     ),
                     (stringify!($handshake), self.$handshake, 100),
                     ("in_flight_bytes", self.in_flight_bytes, 64 << 10),
+                    ("write_stall_timeout_ms", self.write_stall_timeout_ms, 1000),
                 ]
             }
         }
@@ -280,6 +287,12 @@ pub const DOCS: &[(&str, &str, &str)] = &[
          data of its running commands. Over it, the target stops reading the connection's \
          commands until the initiator reads.",
     ),
+    (
+        "iscsi",
+        "write_stall_timeout_ms",
+        "A connection whose initiator reads none of the output waiting for it this long is \
+         closed (in_flight_bytes bounds what it holds meanwhile).",
+    ),
     ("nvme_tcp", "", "The NVMe/TCP target."),
     (
         "nvme_tcp",
@@ -314,6 +327,12 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "Bytes one connection may have in flight: output waiting for the host plus the data \
          of its running commands. Over it, the target stops reading the queue's commands \
          until the host reads.",
+    ),
+    (
+        "nvme_tcp",
+        "write_stall_timeout_ms",
+        "A connection whose host reads none of the output waiting for it this long is closed \
+         (in_flight_bytes bounds what it holds meanwhile).",
     ),
     ("log", "", "Logging."),
     ("log", "format", "human or json."),

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::iscsi::*;
-use common::{MAASD, Maasd, Start, free_port};
+use common::{MAASD, Maasd, free_port};
 use maas_engine::nvme::spec::{Sqe, io};
 use maas_engine::nvme::tcp::client::{Client, ClientOptions};
 use maas_tests::bench::{FioJob, fio_bin, fio_iscsi};
@@ -108,7 +108,13 @@ fn iscsi_read16(itt: u32, cmd_sn: u32, lba: u64, blocks: u32, block_size: u32) -
 #[test]
 fn iscsi_sessions_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Maasd::start_local_with(dir.path(), 4 << 30);
+    let m = Maasd::builder(MAASD, dir.path())
+        .device_size(4 << 30)
+        .env(
+            "MAAS_ISCSI_WRITE_STALL_TIMEOUT_MS",
+            &STALL.as_millis().to_string(),
+        )
+        .start();
     let pid = m.pid().unwrap();
     let (healthy, hostile) = ("iqn.2026-11.test:healthy", "iqn.2026-11.test:hostile");
     let vh = volume(&m, "healthy", 256 * MIB, 512);
@@ -142,6 +148,7 @@ fn iscsi_sessions_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
             s
         })
         .collect();
+    let stalled = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     let beside = fio_iscsi(&fio, &u, healthy, job).unwrap().mib_s;
     let (rss1, hwm1) = (proc_status(pid, "VmRSS"), proc_status(pid, "VmHWM"));
@@ -162,8 +169,50 @@ fn iscsi_sessions_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
         beside >= alone * 0.5,
         "healthy session: {beside:.0} MiB/s beside the hostile ones, {alone:.0} MiB/s alone"
     );
-    drop(peers);
+    // And only for so long: the server closes them once they read nothing for STALL.
+    closed_for_not_reading(peers, stalled, &m, "the initiator read none of our output");
     assert!(!m.log().contains("panicked"), "{}", m.log());
+}
+
+/// How long the targets wait for a peer that reads nothing (`write_stall_timeout_ms`).
+const STALL: Duration = Duration::from_secs(10);
+
+/// The server closes `peers` (which never read) about STALL after they stopped reading, and
+/// logs `why`: reading drains what was queued before the close, then finds the end.
+fn closed_for_not_reading(peers: Vec<TcpStream>, stalled: Instant, m: &Maasd, why: &str) {
+    // Reading before the server gave up would be progress: wait.
+    std::thread::sleep(
+        (stalled + STALL + Duration::from_secs(2)).saturating_duration_since(Instant::now()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 1 << 20];
+    for mut s in peers {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "a session that never read is still open {STALL:?} after it stopped reading"
+            );
+            s.set_read_timeout(Some(left)).unwrap();
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    continue;
+                }
+                Err(e) => panic!("reading a hostile session: {e}"),
+            }
+        }
+    }
+    let log = m.log();
+    assert!(
+        log.contains(why),
+        "maasd did not log why it closed the sessions:\n{log}"
+    );
 }
 
 fn nvme_opts(hostnqn: &str) -> ClientOptions {
@@ -205,6 +254,10 @@ fn nvme_queues_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
     let m = Maasd::builder(MAASD, dir.path())
         .device_size(4 << 30)
         .env("MAAS_NVME_TCP_LISTEN", &format!("127.0.0.1:{port}"))
+        .env(
+            "MAAS_NVME_TCP_WRITE_STALL_TIMEOUT_MS",
+            &STALL.as_millis().to_string(),
+        )
         .start();
     let pid = m.pid().unwrap();
     let mut nqns = Vec::new();
@@ -250,6 +303,7 @@ fn nvme_queues_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
             }
             queues.push(c);
         }
+        let stalled = Instant::now();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let beside = nvme_read_rate(&mut q, 4.0).await;
         let (rss1, hwm1) = (proc_status(pid, "VmRSS"), proc_status(pid, "VmHWM"));
@@ -270,8 +324,30 @@ fn nvme_queues_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
             beside >= alone * 0.5,
             "healthy queue: {beside:.0} MiB/s beside the hostile ones, {alone:.0} MiB/s alone"
         );
-        drop(queues);
+        // And only for so long: the server closes them once they read nothing for STALL
+        // (this controller has no keep-alive timeout: nothing else would). Reading now drains
+        // what was queued before the close, then finds the connection closed.
+        tokio::time::sleep_until((stalled + STALL + Duration::from_secs(2)).into()).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for c in &mut queues {
+            loop {
+                match tokio::time::timeout_at(deadline, c.next()).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(_)) => break,
+                    Err(_) => panic!(
+                        "a queue that never read is still open {STALL:?} after it stopped reading"
+                    ),
+                }
+            }
+        }
+        // The healthy queue, which reads, is still served.
+        assert!(nvme_read_rate(&mut q, 1.0).await > 0.0);
     });
+    let log = m.log();
+    assert!(
+        log.contains("the host read none of our output"),
+        "maasd did not log why it closed the queues:\n{log}"
+    );
     assert!(!m.log().contains("panicked"), "{}", m.log());
 }
 

@@ -55,6 +55,10 @@ impl Budget {
     /// the kernel's own socket buffer (up to 4 MiB by default) keeps the link busy while the
     /// connection's task refills it.
     pub const DEFAULT_BYTES: usize = 4 << 20;
+    /// How long output may wait for a peer that reads none of it before the connection is
+    /// closed. The budget bounds what such a peer holds; this bounds for how long. Twice the
+    /// Linux hosts' default I/O timeout (30 s): a live initiator has long given up by then.
+    pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
 }
 
 /// A connection's commands and output.
@@ -70,6 +74,8 @@ pub struct Flow<J: Job> {
     tx: mpsc::UnboundedSender<(J::Tag, usize, J::Done)>,
     rx: mpsc::UnboundedReceiver<(J::Tag, usize, J::Done)>,
     peak: usize,
+    /// Since when output has been waiting with the socket taking none of it.
+    stalled_since: Option<tokio::time::Instant>,
 }
 
 impl<J: Job> std::fmt::Debug for Flow<J> {
@@ -100,7 +106,15 @@ impl<J: Job> Flow<J> {
             tx,
             rx,
             peak: 0,
+            stalled_since: None,
         }
+    }
+
+    /// When the peer will have read none of the waiting output for `limit` (`None`: no
+    /// output waits, or the socket took some at the last try). A driver closes the
+    /// connection then: the peer stopped reading.
+    pub fn stall_deadline(&self, limit: Duration) -> Option<tokio::time::Instant> {
+        self.stalled_since.map(|t| t + limit)
     }
 
     /// The output queue, for the state machine's encoders.
@@ -197,13 +211,22 @@ impl<J: Job> Flow<J> {
         mut write: impl FnMut(&[IoSlice<'_>]) -> std::io::Result<usize>,
     ) -> std::io::Result<()> {
         self.note_peak();
+        let mut progress = false;
         while !self.out.is_empty() {
             match write(&self.out.slices()) {
                 Ok(0) => break,
-                Ok(n) => self.out.advance(n),
+                Ok(n) => {
+                    self.out.advance(n);
+                    progress = true;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
+        }
+        if self.out.is_empty() || progress {
+            self.stalled_since = None;
+        } else if self.stalled_since.is_none() {
+            self.stalled_since = Some(tokio::time::Instant::now());
         }
         Ok(())
     }
@@ -241,6 +264,14 @@ impl<J: Job> Flow<J> {
             let _ = w.shutdown().await;
         })
         .await;
+    }
+}
+
+/// Sleeps until `at`, or forever if `None` (a deadline branch of a driver's `select!`).
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -362,6 +393,38 @@ mod tests {
         assert_eq!(f.commands(), 994);
         // Queued output never went past the budget.
         assert_eq!(f.out().len(), 1 << 20);
+    }
+
+    #[test]
+    fn output_the_peer_does_not_take_starts_the_stall_clock_and_progress_stops_it() {
+        let (mut f, ran) = flow();
+        let limit = Duration::from_secs(60);
+        assert_eq!(f.stall_deadline(limit), None);
+        f.submit(read(1, 64 << 10, &ran));
+        run_inline(&mut f);
+        let blocked = |_: &[IoSlice<'_>]| Err(std::io::ErrorKind::WouldBlock.into());
+        f.write_now(blocked).unwrap();
+        let first = f
+            .stall_deadline(limit)
+            .expect("output waits and nothing left");
+        // Still nothing taken: the clock keeps its start.
+        f.write_now(blocked).unwrap();
+        assert_eq!(f.stall_deadline(limit), Some(first));
+        // Some taken: no stall, even though output still waits.
+        let mut once = Some(1024);
+        f.write_now(|_| {
+            once.take()
+                .ok_or_else(|| std::io::ErrorKind::WouldBlock.into())
+        })
+        .unwrap();
+        assert!(f.has_output());
+        assert_eq!(f.stall_deadline(limit), None);
+        // All of it taken: nothing waits.
+        f.write_now(blocked).unwrap();
+        assert!(f.stall_deadline(limit).is_some());
+        peer_reads(&mut f, 64 << 10);
+        f.write_now(blocked).unwrap();
+        assert_eq!(f.stall_deadline(limit), None);
     }
 
     #[test]

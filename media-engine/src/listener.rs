@@ -37,6 +37,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Bytes one connection may have in flight (see [`crate::flow`]).
     pub in_flight_bytes: usize,
+    /// A connection whose peer reads none of its waiting output for this long is closed.
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -46,6 +48,7 @@ impl Default for Limits {
             max_connections_per_source: 256,
             handshake_timeout: Duration::from_secs(15),
             in_flight_bytes: Budget::DEFAULT_BYTES,
+            write_stall_timeout: Budget::DEFAULT_WRITE_STALL,
         }
     }
 }

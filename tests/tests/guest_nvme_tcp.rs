@@ -11,7 +11,8 @@
 //!   UUID descriptors), Flush, deallocate and Write Zeroes, fio with crc32c verify, ext4 with
 //!   checksummed files across a reconnection, fsck clean.
 //! - `maasd_passes_the_reference_checks`: the same checks against maasd's target, plus a
-//!   read-only export.
+//!   read-only export, and a Connect to an unknown subsystem answered exactly as an unlisted
+//!   host's (Connect Invalid Host: subsystem names cannot be probed).
 //! - `mount_and_restore_workflow`: the backup-and-restore scenario of the iSCSI tests
 //!   (`maas_tests::guest::workflow`) with the guests on NVMe/TCP.
 //! - `keep_alive_expiry_and_reconnect`: the guest reaches maasd through a relay in this process;
@@ -180,6 +181,10 @@ fn maasd_passes_the_reference_checks() {
         checks_env(g, GUEST_HOST, port, &target(&e), &target(&hidden)).env("RO_NQN", target(&ro));
     let run = g.run(&format!(
         r#"{CHECKS}
+# An unknown subsystem gets the same answer as a subsystem this host may not use (Linux nvmet
+# answers Connect Invalid Parameters there, which tells names that exist from names that don't).
+nvme_refused "$ADDR" "$PORT" "$NQN-no-such-subsystem" "$MAAS_HOST_NQN"
+mark unknown-subsystem-checked
 # The read-only export of the same volume: the files are there, writes are refused.
 ctrl=$(nvme_connect "$ADDR" "$PORT" "$RO_NQN") || fail "nvme connect $RO_NQN"
 dev=$(nvme_ns "$RO_NQN")
@@ -214,6 +219,11 @@ mark read-only-checked
     assert!(created(&target(&ro), g.host_nqn()) >= 1, "{log}");
     assert_eq!(created(&target(&hidden), g.host_nqn()), 0, "{log}");
     assert_eq!(created(&target(&e), OTHER_HOST), 0, "{log}");
+    // The log tells the operator what the host was not told.
+    assert!(
+        !lines_with(&log, 0, "no subsystem with this NQN is exported here").is_empty(),
+        "{log}"
+    );
     clock.lap("maasd passed the checks in a guest");
     drop(m);
 }

@@ -21,7 +21,7 @@ use super::params::{CMD_WINDOW, OUR_MAX_RECV_DATA, SessionType};
 use super::pdu::{Decoded, Framer, Pdu, PduError};
 use super::session::{Exec, Output, Session};
 use super::target::{Registry, SessionKey};
-use crate::flow::{Budget, Flow};
+use crate::flow::{Budget, Flow, sleep_until};
 use crate::listener::{Limits, Listener};
 
 /// Idle connections are pinged with NOP-In this often; two silent periods close them.
@@ -181,9 +181,18 @@ async fn connection(
         bytes: limits.in_flight_bytes,
         commands: CMD_WINDOW as usize,
     };
-    full_feature(rd, wr, logged_in, received, reg, local, budget, shutdown)
-        .instrument(span)
-        .await;
+    full_feature(
+        rd,
+        wr,
+        logged_in,
+        received,
+        reg,
+        local,
+        (budget, limits.write_stall_timeout),
+        shutdown,
+    )
+    .instrument(span)
+    .await;
     Ok(())
 }
 
@@ -238,7 +247,7 @@ async fn full_feature(
     received: Vec<u8>,
     reg: Arc<Registry>,
     local: SocketAddr,
-    budget: Budget,
+    (budget, write_stall): (Budget, Duration),
     mut shutdown: watch::Receiver<bool>,
 ) {
     let LoggedIn { params, target } = logged_in;
@@ -295,6 +304,7 @@ async fn full_feature(
             tracing::info!("session ends: {why}");
             break;
         }
+        let stall = flow.stall_deadline(write_stall);
         tokio::select! {
             r = async { let mut room = rx.room(); rd.read_buf(&mut room).await }, if flow.accepting() && rx.wants_bytes() => match r {
                 Ok(0) => { closing = Some("initiator closed the connection".into()); }
@@ -306,6 +316,11 @@ async fn full_feature(
                 if let Err(e) = w {
                     closing = Some(format!("write: {e}"));
                 }
+            }
+            _ = sleep_until(stall) => {
+                closing = Some(format!(
+                    "the initiator read none of our output for {write_stall:?}"
+                ));
             }
             _ = tick.tick() => session.on_tick(),
             Ok(()) = reinstated.changed() => {

@@ -155,11 +155,16 @@ const SQE_SQSIZE: u32 = 44;
 pub struct ConnectRefusal {
     pub status: Status,
     pub dw0: u32,
+    /// For the log only, where the wire answer is deliberately vaguer.
+    logged_reason: Option<&'static str>,
 }
 
 impl ConnectRefusal {
-    /// Why, in words an operator can act on.
+    /// Why, in words an operator can act on (for the log: the host may have been told less).
     pub fn why(&self) -> &'static str {
+        if let Some(r) = self.logged_reason {
+            return r;
+        }
         let in_data = self.dw0 & (1 << 16) != 0;
         let offset = self.dw0 & 0xffff;
         match (self.status, in_data, offset) {
@@ -191,12 +196,24 @@ impl ConnectRefusal {
         ConnectRefusal {
             status,
             dw0: (1 << 16) | offset,
+            logged_reason: None,
         }
     }
     fn in_sqe(status: Status, offset: u32) -> ConnectRefusal {
         ConnectRefusal {
             status,
             dw0: offset,
+            logged_reason: None,
+        }
+    }
+    /// An unknown subsystem and a host not on a subsystem's allow-list get the same answer
+    /// (Connect Invalid Host, naming the host NQN), so that nobody can find out by connecting
+    /// which subsystems exist — as the discovery log lists only the subsystems a host may use,
+    /// and as iSCSI login answers unknown targets and unlisted initiators alike.
+    fn not_yours(reason: &'static str) -> ConnectRefusal {
+        ConnectRefusal {
+            logged_reason: Some(reason),
+            ..ConnectRefusal::in_data(Status::CONNECT_INVALID_HOST, CD_HOSTNQN)
         }
     }
 }
@@ -342,12 +359,11 @@ impl Registry {
             None
         } else {
             let sub = self.subsystem(&req.subnqn).ok_or_else(|| {
-                ConnectRefusal::in_data(Status::CONNECT_INVALID_PARAMETERS, CD_SUBNQN)
+                ConnectRefusal::not_yours("no subsystem with this NQN is exported here")
             })?;
             if !sub.allows(&req.hostnqn) {
-                return Err(ConnectRefusal::in_data(
-                    Status::CONNECT_INVALID_HOST,
-                    CD_HOSTNQN,
+                return Err(ConnectRefusal::not_yours(
+                    "the host NQN is not on the export's allow-list",
                 ));
             }
             Some(sub)
@@ -486,9 +502,10 @@ mod tests {
         assert_eq!(e.status, Status::CONNECT_INVALID_HOST);
         assert!(e.why().contains("allow-list"));
         assert_eq!(e.dw0, (1 << 16) | 512);
-        let e = reg.connect(&req("nqn.nope", "nqn.good"), k).unwrap_err();
-        assert_eq!(e.status, Status::CONNECT_INVALID_PARAMETERS);
-        assert!(e.why().contains("no subsystem"));
+        let unknown = reg.connect(&req("nqn.nope", "nqn.good"), k).unwrap_err();
+        assert!(unknown.why().contains("no subsystem"));
+        // The same answer on the wire: subsystem names cannot be probed.
+        assert_eq!((unknown.status, unknown.dw0), (e.status, e.dw0));
         let c = reg.connect(&req("nqn.sub", "nqn.good"), k).unwrap();
         assert_eq!(reg.controller_count(), 1);
         // I/O queues join the controller by cntlid, only for the same host and subsystem.

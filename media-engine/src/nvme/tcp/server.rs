@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::pdu::{Decoded, Pdu};
 use super::queue::{Job as QueueJob, Queue, QueueConfig};
-use crate::flow::{Budget, Flow, Job};
+use crate::flow::{Budget, Flow, Job, sleep_until};
 use crate::listener::{Limits, Listener};
 use crate::nvme::controller::Portal;
 use crate::nvme::spec::{Completion, DataPointer, Direction, Status};
@@ -90,13 +90,6 @@ async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) {
                 std::future::pending::<()>().await;
             }
         }
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -297,6 +290,7 @@ async fn connection(
         } else {
             Some(connect_deadline)
         };
+        let stall = flow.stall_deadline(limits.write_stall_timeout);
         tokio::select! {
             r = stream.readable(), if flow.accepting() && rx.starved => {
                 if rx.buf.capacity() - rx.buf.len() < 16 * 1024 {
@@ -324,6 +318,12 @@ async fn connection(
             }
             _ = changed(&mut removed) => {
                 closing = Some("subsystem unexported".into());
+            }
+            _ = sleep_until(stall) => {
+                closing = Some(format!(
+                    "the host read none of our output for {:?}",
+                    limits.write_stall_timeout
+                ));
             }
             _ = sleep_until(ka_deadline) => {
                 if let Some(c) = &ctrl
