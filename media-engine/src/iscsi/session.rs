@@ -21,8 +21,12 @@ use crate::scsi::{self, LogicalUnit, Nexus, Status};
 /// Largest write we buffer (the SCSI layer's maximum transfer is below this; larger writes are
 /// swallowed and failed rather than buffered).
 pub const MAX_WRITE: u32 = 32 << 20;
-/// Bytes of solicited write data a connection may have requested (R2T) but not yet completed.
-const R2T_BUDGET: u64 = 64 << 20;
+/// Bytes of solicited write data a connection may have requested (R2T) but not yet completed
+/// (one write always may, whatever its size). With the unsolicited first bursts (at most
+/// FirstBurstLength per command in the window) and the connection's in-flight budget, this
+/// bounds the write data a connection can make the server hold. 8 MiB, as for an NVMe/TCP
+/// queue: eight 1 MiB writes in their R2T phase keep a 25 GbE link busy at 1 ms.
+const R2T_BUDGET: u64 = 8 << 20;
 
 const REPORT_LUNS: u8 = 0xa0;
 
