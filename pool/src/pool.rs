@@ -20,8 +20,8 @@ use crate::device::Device;
 use crate::error::{PoolError, Result};
 use crate::index::Geometry;
 use crate::meta::{
-    self, COUNTERS, LOG_DAMAGE, LogDamageRec, Meta, NAMES, SEGMENTS, SNAPSHOTS, SegRec,
-    SnapshotRec, VOLUMES, VolumeRec,
+    self, COUNTERS, LOG_DAMAGE, Meta, NAMES, SEGMENTS, SNAPSHOTS, SegRec, SnapshotRec, VOLUMES,
+    VolumeRec,
 };
 use crate::object::Keys;
 use crate::overlay::Overlay;
@@ -365,6 +365,19 @@ impl Pool {
             .map(|v| v.folded_lsn.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
+        // New batches take LSNs no earlier run handed out: above every folded LSN, every LSN
+        // a segment record still names, and the recorded durable LSN — which covers the
+        // batches of segments already freed (freeing records it). Replay's own end can be
+        // lower (the newest batches torn, the segments that held later ones freed); reusing
+        // an LSN at or below the durable one would make its batch, if torn by the next crash,
+        // look like damage.
+        let used_lsns = segs
+            .iter()
+            .map(|(_, r)| r.end_lsn.unwrap_or(0).max(r.first_lsn))
+            .max()
+            .unwrap_or(0)
+            .max(replayed.durable_lsn + 1)
+            .max(max_folded + 1);
         let wal = Arc::new(Wal::new(
             shared.clone(),
             WalOptions {
@@ -375,7 +388,7 @@ impl Pool {
             },
             replayed,
         ));
-        wal.raise_next_lsn(max_folded + 1);
+        wal.raise_next_lsn(used_lsns);
         let cpu = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("maas-pool-cpu-{i}"))
             .start_handler(|_| lower_thread_priority())
@@ -1153,44 +1166,29 @@ fn record_replay(
     let now = now_unix();
     let mut recs = Vec::new();
     for d in &replayed.damage {
-        let blocks: Vec<(u64, u64)> = d
-            .blocks
-            .iter()
-            .copied()
-            .filter(|b| applied.contains(b))
-            .collect();
-        if !d.unattributed && blocks.is_empty() {
+        let mut rec = d.rec.clone();
+        rec.blocks.retain(|b| applied.contains(b));
+        if !rec.unattributed && rec.blocks.is_empty() {
             tracing::warn!(
-                segment = d.segment,
-                lsn = d.lsn,
+                segment = rec.segment,
+                lsn = rec.lsn,
                 "WAL replay: a damaged batch was already folded into chunks; nothing is lost"
             );
             continue;
         }
         let name = format!(
             "evidence/wal-seg{}-lsn{}-{}.bin",
-            d.segment, d.lsn, d.end_lsn
+            rec.segment, rec.lsn, rec.end_lsn
         );
-        let evidence = match write_evidence(&dir.join(&name), &d.evidence) {
+        rec.evidence = match write_evidence(&dir.join(&name), &d.evidence) {
             Ok(()) => Some(name),
             Err(e) => {
                 tracing::warn!(error = %e, "could not keep a copy of damaged log bytes");
                 None
             }
         };
-        recs.push(LogDamageRec {
-            segment: d.segment,
-            lsn: d.lsn,
-            end_lsn: d.end_lsn,
-            device: d.device,
-            offset: d.offset,
-            len: d.len,
-            blocks,
-            unattributed: d.unattributed,
-            detected_unix: now,
-            evidence,
-            detail: d.detail.clone(),
-        });
+        rec.detected_unix = now;
+        recs.push(rec);
     }
     let tx = shared.meta.begin_write()?;
     {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::error::{PoolError, Result};
 use crate::io::{self, AlignedBuf, Op};
-use crate::meta::SegRec;
+use crate::meta::{LogDamageRec, SegRec};
 use crate::overlay::Loc;
 use crate::shared::Shared;
 use crate::wal::{BatchSums, Replayed, Segment};
@@ -32,21 +32,12 @@ const BLOCK: usize = 4096;
 /// Most bytes of an unattributed damaged range kept as evidence.
 const MAX_EVIDENCE: usize = 8 << 20;
 
-/// Damage found by replay: a durable batch (or run of batches) that failed its checks.
+/// Damage found by replay: a durable batch (or run of batches) that failed its checks — the
+/// record the pool keeps (not yet stamped with its detection time and evidence file) and a
+/// copy of the damaged bytes.
 #[derive(Debug)]
 pub struct FoundDamage {
-    pub segment: u64,
-    pub lsn: u64,
-    pub end_lsn: u64,
-    pub device: u16,
-    /// Device offset and length of the damaged batch (or range).
-    pub offset: u64,
-    pub len: u64,
-    /// Blocks lost, as (volume, block); empty when unattributed.
-    pub blocks: Vec<(u64, u64)>,
-    pub unattributed: bool,
-    pub detail: String,
-    /// A copy of the damaged bytes.
+    pub rec: LogDamageRec,
     pub evidence: Vec<u8>,
 }
 
@@ -316,20 +307,24 @@ pub fn replay(
                              medium errors until rewritten (restore them from a snapshot)"
                         );
                         out.damage.push(FoundDamage {
-                            segment: seq,
-                            lsn: h.lsn,
-                            end_lsn: h.lsn + 1,
-                            device: dev,
-                            offset: rec.extent.offset + pos as u64,
-                            len: len as u64,
-                            blocks: lost,
-                            unattributed: false,
-                            detail: format!(
-                                "{} of {} data blocks fail their CRC in a batch at or below the \
-                                 durable LSN {durable}",
-                                bad.len(),
-                                h.data_blocks()
-                            ),
+                            rec: LogDamageRec {
+                                segment: seq,
+                                lsn: h.lsn,
+                                end_lsn: h.lsn + 1,
+                                device: dev,
+                                offset: rec.extent.offset + pos as u64,
+                                len: len as u64,
+                                blocks: lost,
+                                unattributed: false,
+                                detected_unix: 0,
+                                evidence: None,
+                                detail: format!(
+                                    "{} of {} data blocks fail their CRC in a batch at or below \
+                                     the durable LSN {durable}",
+                                    bad.len(),
+                                    h.data_blocks()
+                                ),
+                            },
                             evidence: buf[pos..pos + len].to_vec(),
                         });
                     }
@@ -391,10 +386,10 @@ pub fn replay(
                     expected,
                     durable,
                 );
-                d.detail = format!(
+                d.rec.detail = format!(
                     "{}; the segment (first LSN {}, end {:?}, next segment's first LSN {:?}) \
                      ends at LSN {chain_end}; durable LSN from: {claims}",
-                    d.detail, rec.first_lsn, rec.end_lsn, next_first
+                    d.rec.detail, rec.first_lsn, rec.end_lsn, next_first
                 );
                 out.damage.push(d);
                 next_lsn = next_lsn.max(expected);
@@ -435,18 +430,22 @@ fn unattributed(
     );
     let keep = len.min(MAX_EVIDENCE);
     FoundDamage {
-        segment: seq,
-        lsn,
-        end_lsn,
-        device: rec.extent.device,
-        offset: rec.extent.offset + pos as u64,
-        len: len as u64,
-        blocks: Vec::new(),
-        unattributed: true,
-        detail: format!(
-            "batches {lsn}..{end_lsn} at or below the durable LSN {durable} have neither a \
-             readable header nor a readable footer"
-        ),
+        rec: LogDamageRec {
+            segment: seq,
+            lsn,
+            end_lsn,
+            device: rec.extent.device,
+            offset: rec.extent.offset + pos as u64,
+            len: len as u64,
+            blocks: Vec::new(),
+            unattributed: true,
+            detected_unix: 0,
+            evidence: None,
+            detail: format!(
+                "batches {lsn}..{end_lsn} at or below the durable LSN {durable} have neither a \
+                 readable header nor a readable footer"
+            ),
+        },
         evidence: buf[pos..pos + keep].to_vec(),
     }
 }

@@ -486,7 +486,8 @@ impl Wal {
         Ok(())
     }
 
-    /// Raises the next LSN (used at open so new batches sort after every folded LSN).
+    /// Raises the next LSN (used at open so that new batches take LSNs no earlier run handed
+    /// out: see `Pool::open`).
     pub fn raise_next_lsn(&self, at_least: u64) {
         let mut st = self.st.lock();
         if st.next_lsn < at_least {

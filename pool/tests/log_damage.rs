@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use maas_pool::{BlockDevice, OpenOptions, Pool, PoolError};
+use redb::ReadableTable;
 
 fn opts() -> OpenOptions {
     OpenOptions {
@@ -281,4 +282,76 @@ fn unreadable_durable_batch_is_reported_unattributed() {
     assert_eq!(rep.log_damage.len(), 1, "{rep:?}");
     assert!(rep.log_damage[0].unattributed);
     assert!(!rep.is_clean());
+}
+
+/// After an open, new batches never take an LSN at or below the recorded durable LSN, even
+/// when replay's chain ends lower: the segments that held the later durable batches were
+/// freed (freeing records the durable LSN, and the segments' own headers go with them). A
+/// reused LSN would make the fresh segment's first batch, lost in the next crash (never
+/// written), look like damage to the replay after it. Found by the power-loss soak.
+#[test]
+fn new_batches_take_lsns_above_the_recorded_durable_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OpenOptions {
+        // The next write stays in the write buffer until the kill: never written.
+        write_back_delay: Duration::from_secs(600),
+        write_buffer_bytes: 1 << 20,
+        ..opts()
+    };
+    let pool = Pool::create(
+        dir.path(),
+        small_pool_opts(dir.path(), 64 * MIB, 64 << 10),
+        opts.clone(),
+    )
+    .unwrap();
+    let vid = pool.create_volume("v", 4 * MIB, 4096).unwrap().id;
+    let v = pool.open_volume(vid).unwrap();
+    v.write(0, &vec![7u8; 4096], false).unwrap();
+    v.flush().unwrap();
+    drop(v);
+    pool.close().unwrap();
+    drop(pool);
+    // An open records where the segment's chain ends; nothing is appended after it.
+    Pool::open(dir.path(), opts.clone()).unwrap().kill();
+    // The state the soak reached: the log recorded durable well past the batches that remain
+    // (the segments holding the later ones are gone).
+    {
+        let db = redb::Database::open(dir.path().join("meta.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let def: redb::TableDefinition<'_, &str, u64> = redb::TableDefinition::new("counters");
+            let mut t = tx.open_table(def).unwrap();
+            let cur = t
+                .get("wal_durable_lsn")
+                .unwrap()
+                .map(|v| v.value())
+                .unwrap();
+            t.insert("wal_durable_lsn", cur + 5).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let pool = Pool::open(dir.path(), opts.clone()).unwrap();
+    let v = pool.open_volume(vid).unwrap();
+    // Rolls the fresh segment (recorded at once) for a batch that is never written.
+    v.write(4096, &vec![9u8; 4096], false).unwrap();
+    drop(v);
+    pool.kill();
+
+    let pool = Pool::open(dir.path(), opts).unwrap();
+    let rep = pool.verify().unwrap();
+    assert!(
+        rep.is_clean(),
+        "an unwritten, never flushed batch was reported as damage: {rep:?}"
+    );
+    let v = pool.open_volume(vid).unwrap();
+    let mut got = vec![0u8; 8192];
+    v.read(0, &mut got).unwrap();
+    assert!(
+        got[..4096].iter().all(|b| *b == 7),
+        "the flushed write is lost"
+    );
+    assert!(
+        got[4096..].iter().all(|b| *b == 0),
+        "the unflushed write came back"
+    );
 }

@@ -10,7 +10,8 @@
 //! - an atomic write is there entirely or not at all;
 //! - nothing is reported damaged (a cut tears only what was in flight: torn is not damage).
 //!
-//! `MAAS_POWERLOSS_CYCLES` sets the number of cycles (default 300; the issue's soak ran 3000).
+//! `MAAS_POWERLOSS_CYCLES` sets the number of cycles (default 300; the issue's soak ran 3000),
+//! `MAAS_POWERLOSS_SEED` the random seed; with `RUST_LOG` set the pool's log goes to stderr.
 
 mod common;
 
@@ -196,6 +197,17 @@ fn power_loss_never_loses_flushed_writes_nor_reports_torn_writes_as_damage() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
+    // Soaks run several seeds at once; RUST_LOG shows what the pool did before a failure.
+    let seed: u64 = std::env::var("MAAS_POWERLOSS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x9047_1055);
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_thread_names(true)
+            .try_init();
+    }
     let dir = tempfile::tempdir().unwrap();
     let pool_dir = dir.path().join("pool");
     std::fs::create_dir_all(&pool_dir).unwrap();
@@ -213,11 +225,14 @@ fn power_loss_never_loses_flushed_writes_nor_reports_torn_writes_as_damage() {
     pool.close().unwrap();
     drop(pool);
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x9047_1055);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut base = vec![0u8; VOL_BLOCKS as usize * BLOCK];
     let (mut rolled_back, mut unsynced) = (0u64, 0u64);
     let per = VOL_BLOCKS / THREADS;
     for cycle in 0..cycles {
+        if std::env::var_os("RUST_LOG").is_some() {
+            eprintln!("==== cycle {cycle}");
+        }
         let pool = reopen(&pool_dir, &sim, &mut rng, cycle);
         let v = pool.open_volume(vid).unwrap();
         let mut got = vec![0u8; base.len()];
@@ -286,7 +301,7 @@ fn power_loss_never_loses_flushed_writes_nor_reports_torn_writes_as_damage() {
     sim.stop();
     let (writes, syncs) = sim.counts();
     eprintln!(
-        "{cycles} power cuts: {writes} writes, {syncs} syncs, {unsynced} unsynced sectors at the \
+        "{cycles} power cuts (seed {seed}): {writes} writes, {syncs} syncs, {unsynced} unsynced sectors at the \
          cuts, {rolled_back} rolled back"
     );
     assert!(
