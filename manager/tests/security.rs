@@ -286,8 +286,7 @@ fn chap_secrets_kept_in_clear_by_older_builds_are_sealed_at_start() {
 /// Runs the real maasctl against `m` with extra environment; stdin is not a terminal.
 fn maasctl(m: &Maasd, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_maasctl"));
-    c.env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
-        .env("MAAS_TOKEN_FILE", m.dir.join("data/admin.token"))
+    c.envs(m.maasctl_env())
         .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
         .env_remove("MAAS_CHAP_SECRET")
         .env_remove("MAAS_CHAP_MUTUAL_SECRET")
@@ -480,8 +479,7 @@ fn maasctl_takes_chap_secrets_from_a_file_the_environment_or_the_terminal() {
     );
     let mut child = Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
-        .env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
-        .env("MAAS_TOKEN_FILE", m.dir.join("data/admin.token"))
+        .envs(m.maasctl_env())
         .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
         .env_remove("MAAS_CHAP_SECRET")
         .stdin(std::process::Stdio::piped())
