@@ -200,8 +200,8 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "api",
         "tls",
         "Serve the API over HTTPS (rustls). With no certificate configured, maasd generates a \
-         self-signed one at its first start (DATA_DIR/tls/api-cert.pem, key api-key.pem mode \
-         0600; names: localhost, 127.0.0.1, ::1, the host name and the listen IP), reuses it \
+         self-signed one at its first start (DATA_DIR/tls/api-cert.pem and its key api-key.pem, \
+         both 0600; names: localhost, 127.0.0.1, ::1, the host name and the listen IP), reuses it \
          and logs its SHA-256 fingerprint at every start: clients trust it with \
          `maasctl --ca-cert DATA_DIR/tls/api-cert.pem` (or `curl --cacert`) or pin it with \
          `maasctl --fingerprint`. Delete DATA_DIR/tls to make a new one. false = plain HTTP, \

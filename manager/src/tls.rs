@@ -19,7 +19,8 @@ use crate::config::Config;
 
 /// Folder of the generated certificate, under the data directory.
 pub const TLS_DIR: &str = "tls";
-/// The generated certificate (PEM), what clients trust with `--ca-cert` / `curl --cacert`.
+/// The generated certificate (PEM, mode 0600 like all of the data directory), what clients
+/// trust with `--ca-cert` / `curl --cacert`.
 pub const CERT_FILE: &str = "api-cert.pem";
 /// The generated certificate's private key (PEM, mode 0600).
 pub const KEY_FILE: &str = "api-key.pem";
@@ -209,6 +210,9 @@ pub fn load_or_generate(cfg: &Config) -> Result<ApiTls, TlsError> {
         let created = ensure_generated(&dir, &cert, &key, &cfg.api.listen)?;
         (cert.clone(), key, CertSource::Generated { cert, created })
     };
+    if matches!(source, CertSource::Configured { .. }) {
+        warn_if_readable(&key);
+    }
     let chain = load_chain(&cert)?;
     let fingerprint = fingerprint(chain[0].as_ref());
     let key = load_key(&key)?;
@@ -217,6 +221,21 @@ pub fn load_or_generate(cfg: &Config) -> Result<ApiTls, TlsError> {
         fingerprint,
         source,
     })
+}
+
+/// A configured key is the operator's file (maasd does not change it), but one that other
+/// users can read is worth a warning.
+fn warn_if_readable(key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            key = %key.display(),
+            mode = format!("{:04o}", meta.permissions().mode() & 0o7777),
+            "the REST API's TLS private key can be read by other users: chmod 600 it"
+        );
+    }
 }
 
 /// Generates the self-signed certificate unless it exists; true when it was made now.
@@ -234,14 +253,18 @@ fn ensure_generated(dir: &Path, cert: &Path, key: &Path, listen: &str) -> Result
                 key: key.to_path_buf(),
             });
         }
+        // Like everything in the data directory: 0600, tightened (and logged) if wider.
         restrict_path(key, PRIVATE_FILE).map_err(werr(key))?;
+        restrict_path(cert, PRIVATE_FILE).map_err(werr(cert))?;
         return Ok(false);
     }
     let (cert_pem, key_pem) = generate(listen)?;
     // The key first, then the certificate, each complete (temporary file, sync, rename): a
     // crash leaves either no certificate (generated again) or both.
     write_private(key, key_pem.as_bytes(), PRIVATE_FILE)?;
-    write_private(cert, cert_pem.as_bytes(), 0o644)?;
+    // The certificate is public, but the data directory is private throughout (0700, files
+    // 0600): it is copied out (or pinned by fingerprint) for clients.
+    write_private(cert, cert_pem.as_bytes(), PRIVATE_FILE)?;
     Ok(true)
 }
 

@@ -45,6 +45,8 @@ fn assert_private(data: &Path) {
         "pool/pool.json",
         "pool/meta.redb",
         "pool/data-0.dev",
+        "tls/api-key.pem",
+        "tls/api-cert.pem",
     ] {
         assert!(
             all.contains(&data.join(name)),
@@ -87,6 +89,8 @@ fn maasd_files_are_private_whatever_the_umask() {
         "pool.json",
         "meta.redb",
         "data-0.dev",
+        "api-key.pem",
+        "api-cert.pem",
     ] {
         assert!(
             log.lines()
