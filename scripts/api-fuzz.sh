@@ -2,6 +2,8 @@
 # Bounded fuzzing of the REST API, driven by its own OpenAPI document (schemathesis): starts a
 # real maasd on a temporary directory, sends generated requests with the admin token, and fails
 # on any 5xx or crash. MAAS_FUZZ_EXAMPLES raises the examples per operation (default 40).
+# Over HTTPS, as maasd serves by default: schemathesis and curl trust the self-signed
+# certificate maasd generates at start (DATA_DIR/tls/api-cert.pem), and nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/maas/target}"
@@ -15,10 +17,15 @@ MAAS_API_LISTEN="127.0.0.1:$port" MAAS_POOL_DEVICE_SIZE=$((4<<30)) RUST_LOG=warn
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/api/v1/health" >/dev/null && break; sleep 0.1; done
+cert="$work/data/tls/api-cert.pem"
+for _ in $(seq 100); do
+    [ -s "$cert" ] && curl -sf --cacert "$cert" "https://127.0.0.1:$port/api/v1/health" >/dev/null && break
+    sleep 0.1
+done
 token=$(cat "$work/data/admin.token")
 status=0
-st run "http://127.0.0.1:$port/api/v1/openapi.json" \
+st run "https://127.0.0.1:$port/api/v1/openapi.json" \
+    --tls-verify "$cert" \
     --header "Authorization: Bearer $token" \
     --checks not_a_server_error \
     --max-examples "${MAAS_FUZZ_EXAMPLES:-40}" \

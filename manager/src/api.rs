@@ -975,9 +975,12 @@ pub async fn get_job(state: State, _c: Caller, id: web::Path<String>) -> ApiResu
     responses((status = 200, body = api::List<api::Token>), (status = 403, body = api::ErrorBody)))]
 pub async fn list_tokens(state: State, c: Caller) -> ApiResult<HttpResponse> {
     c.require(Role::Admin)?;
-    let rows = blocking(&state, |st| Ok(st.catalog.tokens()?)).await?;
+    let (rows, st) = (
+        blocking(&state, |st| Ok(st.catalog.tokens()?)).await?,
+        state.clone(),
+    );
     Ok(HttpResponse::Ok().json(api::List {
-        items: rows.iter().map(token_out).collect(),
+        items: rows.iter().map(|r| st.token_out(r)).collect(),
         next_cursor: None,
     }))
 }
@@ -994,13 +997,35 @@ pub async fn create_token(
     validate_name("name", &b.name)?;
     let role = Role::parse(&b.role)
         .ok_or_else(|| ApiError::invalid("role", "role must be admin, operator or viewer"))?;
+    let now = now_ms();
+    let expires_ms = match &b.expires_at {
+        None => None,
+        Some(t) => {
+            let at = chrono::DateTime::parse_from_rfc3339(t).map_err(|e| {
+                ApiError::invalid(
+                    "expires_at",
+                    format!("expires_at must be an RFC 3339 time: {e}"),
+                )
+            })?;
+            let ms = at.timestamp_millis();
+            if ms <= now {
+                return Err(ApiError::invalid(
+                    "expires_at",
+                    "expires_at must be in the future",
+                ));
+            }
+            Some(ms)
+        }
+    };
     let secret = new_secret();
     let row = TokenRow {
         id: new_id("tok"),
         name: b.name,
         role: role.as_str().into(),
         secret_hash: hash_secret(&secret),
-        created_ms: now_ms(),
+        created_ms: now,
+        expires_ms,
+        last_used_ms: None,
     };
     let r2 = row.clone();
     blocking(&state, move |st| {

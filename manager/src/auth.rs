@@ -52,7 +52,23 @@ pub fn new_secret() -> String {
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub token_id: String,
+    pub name: String,
     pub role: Role,
+    /// The token is refused from this time on (ms since the epoch); None: never.
+    pub expires_ms: Option<i64>,
+}
+
+/// The error of a request made with an expired token: 401, code `TOKEN_EXPIRED`.
+pub fn expired(name: &str, expires_ms: i64) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "TOKEN_EXPIRED",
+        format!(
+            "token {name:?} expired at {}; an admin can create a new one \
+             (maasctl token create NAME --expires-in 30d)",
+            crate::state::rfc3339(expires_ms)
+        ),
+    )
 }
 
 impl Caller {
@@ -90,6 +106,16 @@ impl FromRequest for Caller {
         };
         let hash = hash_secret(secret.trim());
         let caller = state.tokens.read().ok().and_then(|t| t.get(&hash).cloned());
-        ready(caller.ok_or_else(|| unauth("unknown or revoked token")))
+        let Some(caller) = caller else {
+            return ready(Err(unauth("unknown or revoked token")));
+        };
+        let now = crate::state::now_ms();
+        if let Some(exp) = caller.expires_ms
+            && now >= exp
+        {
+            return ready(Err(expired(&caller.name, exp)));
+        }
+        state.note_token_use(&caller.token_id, now);
+        ready(Ok(caller))
     }
 }

@@ -72,6 +72,8 @@ pub mod schema {
             role -> Text,
             secret_hash -> Text,
             created_ms -> BigInt,
+            expires_ms -> Nullable<BigInt>,
+            last_used_ms -> Nullable<BigInt>,
         }
     }
 }
@@ -163,6 +165,10 @@ pub struct TokenRow {
     pub role: String,
     pub secret_hash: String,
     pub created_ms: i64,
+    /// After this the token is refused (None: never expires).
+    pub expires_ms: Option<i64>,
+    /// The latest use flushed to the catalog (see `AppState::flush_token_use`).
+    pub last_used_ms: Option<i64>,
 }
 
 /// The CHAP column holds secrets (encrypted, or plaintext from before encryption): never shown.
@@ -190,6 +196,8 @@ impl std::fmt::Debug for TokenRow {
             .field("role", &self.role)
             .field("secret_hash", &format_args!("{}", maas_api::REDACTED))
             .field("created_ms", &self.created_ms)
+            .field("expires_ms", &self.expires_ms)
+            .field("last_used_ms", &self.last_used_ms)
             .finish()
     }
 }
@@ -573,6 +581,24 @@ impl Catalog {
                 .optional()?)
         })
     }
+    /// Records the latest uses of tokens (id, ms) in one transaction; a recorded time never
+    /// goes back, and tokens deleted meanwhile are skipped.
+    pub fn record_token_use(&self, uses: &[(String, i64)]) -> CResult<()> {
+        self.tx(|c| {
+            for (id, ms) in uses {
+                diesel::update(
+                    tokens::table.find(id).filter(
+                        tokens::last_used_ms
+                            .is_null()
+                            .or(tokens::last_used_ms.lt(*ms)),
+                    ),
+                )
+                .set(tokens::last_used_ms.eq(*ms))
+                .execute(c)?;
+            }
+            Ok(())
+        })
+    }
     pub fn delete_token(&self, id: &str) -> CResult<bool> {
         self.with(|c| Ok(diesel::delete(tokens::table.find(id)).execute(c)? > 0))
     }
@@ -608,6 +634,8 @@ mod tests {
             role: "admin".into(),
             secret_hash: "deadbeefcafe".into(),
             created_ms: 1,
+            expires_ms: None,
+            last_used_ms: None,
         };
         let text = format!("{t:?}");
         assert!(!text.contains("deadbeefcafe"), "{text}");

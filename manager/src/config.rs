@@ -28,6 +28,12 @@ pub struct DataConfig {
 pub struct ApiConfig {
     pub listen: String,
     pub workers: u64,
+    /// Serve HTTPS (true) or plain HTTP.
+    pub tls: bool,
+    /// PEM certificate chain (end-entity first); empty = the generated self-signed one.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: PathBuf,
 }
 
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -157,6 +163,9 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: "127.0.0.1:8080".into(),
             workers: 0,
+            tls: true,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
         }
     }
 }
@@ -194,6 +203,29 @@ pub const DOCS: &[(&str, &str, &str)] = &[
     ("api", "", "The REST API (/api/v1) and web console."),
     ("api", "listen", "host:port of the REST API."),
     ("api", "workers", "HTTP worker threads; 0 = one per core."),
+    (
+        "api",
+        "tls",
+        "Serve the API over HTTPS (rustls). With no certificate configured, maasd generates a \
+         self-signed one at its first start (DATA_DIR/tls/api-cert.pem and its key api-key.pem, \
+         both 0600; names: localhost, 127.0.0.1, ::1, the host name and the listen IP), reuses it \
+         and logs its SHA-256 fingerprint at every start: clients trust it with \
+         `maasctl --ca-cert DATA_DIR/tls/api-cert.pem` (or `curl --cacert`) or pin it with \
+         `maasctl --fingerprint`. Delete DATA_DIR/tls to make a new one. false = plain HTTP, \
+         for a TLS-terminating proxy in front on loopback; beyond loopback maasd then logs a \
+         warning at every start.",
+    ),
+    (
+        "api",
+        "tls_cert_file",
+        "PEM certificate chain to serve (end-entity first), e.g. from your CA or ACME client; \
+         empty = the generated self-signed certificate. Needs tls_key_file.",
+    ),
+    (
+        "api",
+        "tls_key_file",
+        "PEM private key (PKCS#8, PKCS#1 or SEC1) of tls_cert_file; keep it mode 0600.",
+    ),
     (
         "catalog",
         "",
@@ -436,6 +468,24 @@ impl Config {
                 "must be host:port with a numeric host, e.g. 127.0.0.1:8080",
             );
         }
+        let (cert, key) = (
+            self.api.tls_cert_file.as_os_str().is_empty(),
+            self.api.tls_key_file.as_os_str().is_empty(),
+        );
+        if cert != key {
+            return bad(
+                "api.tls_cert_file",
+                "api.tls_cert_file and api.tls_key_file go together: set both, or neither for \
+                 the generated self-signed certificate",
+            );
+        }
+        if !self.api.tls && !cert {
+            return bad(
+                "api.tls",
+                "is false (plain HTTP) but api.tls_cert_file is set: set api.tls = true to serve \
+                 that certificate, or remove the certificate settings",
+            );
+        }
         for (key, listen) in [
             ("iscsi.listen", &self.iscsi.listen),
             ("nvme_tcp.listen", &self.nvme_tcp.listen),
@@ -603,5 +653,37 @@ mod tests {
             Config::load(Some(&f), |_| None),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn tls_is_on_by_default_and_its_settings_are_checked() {
+        let d = Config::load(None, |_| None).unwrap();
+        assert!(d.api.tls, "HTTPS by default");
+        let plain = Config::load(None, |k| (k == "MAAS_API_TLS").then(|| "false".to_string()));
+        assert!(!plain.unwrap().api.tls);
+        let half = Config::load(None, |k| {
+            (k == "MAAS_API_TLS_CERT_FILE").then(|| "/etc/maas/api.pem".to_string())
+        });
+        assert!(
+            matches!(&half, Err(ConfigError::Invalid { key, .. }) if key == "api.tls_cert_file"),
+            "{half:?}"
+        );
+        let contradictory = Config::load(None, |k| match k {
+            "MAAS_API_TLS" => Some("false".to_string()),
+            "MAAS_API_TLS_CERT_FILE" => Some("/etc/maas/api.pem".to_string()),
+            "MAAS_API_TLS_KEY_FILE" => Some("/etc/maas/api.key".to_string()),
+            _ => None,
+        });
+        assert!(
+            matches!(&contradictory, Err(ConfigError::Invalid { key, .. }) if key == "api.tls"),
+            "{contradictory:?}"
+        );
+    }
+
+    #[test]
+    fn the_deploy_example_is_a_valid_configuration() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/maasd.toml");
+        let c = Config::load(Some(&p), |_| None).unwrap();
+        assert!(c.api.tls && !c.api.tls_cert_file.as_os_str().is_empty());
     }
 }

@@ -14,3 +14,4 @@ pub mod reconcile;
 pub mod secrets;
 pub mod server;
 pub mod state;
+pub mod tls;

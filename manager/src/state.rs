@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use actix_web::web;
 use maas_api as api;
@@ -13,6 +13,10 @@ use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
 
 pub const POOL_ID: &str = "default";
+
+/// How often the last use of tokens goes from memory to the catalog (also at a clean stop):
+/// requests never write the catalog, and a crash loses at most this much of the record.
+pub const TOKEN_USE_FLUSH: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct AppState {
     pub cfg: Config,
@@ -25,6 +29,8 @@ pub struct AppState {
     pub engine: crate::engine::Engine,
     /// The key that seals secrets in the catalog.
     pub vault: crate::secrets::Vault,
+    /// Token id -> latest use (ms) not yet written to the catalog ([`TOKEN_USE_FLUSH`]).
+    pub token_use: Mutex<HashMap<String, i64>>,
 }
 
 /// Token hashes stay out of logs: only their number is shown.
@@ -54,7 +60,9 @@ impl AppState {
                         t.secret_hash,
                         Caller {
                             token_id: t.id,
+                            name: t.name,
                             role,
+                            expires_ms: t.expires_ms,
                         },
                     )
                 })
@@ -64,6 +72,65 @@ impl AppState {
             *w = map;
         }
         Ok(())
+    }
+}
+
+impl AppState {
+    /// Records a request made with a token, in memory only.
+    pub fn note_token_use(&self, token_id: &str, ms: i64) {
+        let mut m = match self.token_use.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        match m.get_mut(token_id) {
+            Some(v) => *v = (*v).max(ms),
+            None => {
+                m.insert(token_id.to_string(), ms);
+            }
+        }
+    }
+
+    /// The latest use of a token not yet in the catalog.
+    pub fn pending_token_use(&self, token_id: &str) -> Option<i64> {
+        let m = match self.token_use.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.get(token_id).copied()
+    }
+
+    /// Writes the uses recorded in memory to the catalog (one transaction; at most one write
+    /// per token per [`TOKEN_USE_FLUSH`]). On failure they stay in memory for the next flush.
+    pub fn flush_token_use(&self) -> ApiResult<()> {
+        let uses: Vec<(String, i64)> = {
+            let mut m = match self.token_use.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            m.drain().collect()
+        };
+        if uses.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.catalog.record_token_use(&uses) {
+            tracing::warn!(error = %e, "recording the last use of tokens failed; retried at the next flush");
+            for (id, ms) in uses {
+                self.note_token_use(&id, ms);
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// A token as the API shows it, with its latest use (the catalog's or a newer one in memory).
+    pub fn token_out(&self, r: &TokenRow) -> api::Token {
+        let mut t = token_out(r);
+        let last = match (r.last_used_ms, self.pending_token_use(&r.id)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        t.last_used_at = last.map(rfc3339);
+        t
     }
 }
 
@@ -212,5 +279,7 @@ pub fn token_out(r: &TokenRow) -> api::Token {
         name: r.name.clone(),
         role: r.role.clone(),
         created_at: rfc3339(r.created_ms),
+        expires_at: r.expires_ms.map(rfc3339),
+        last_used_at: r.last_used_ms.map(rfc3339),
     }
 }

@@ -10,9 +10,10 @@ use serde_json::{Value, json};
 
 fn maasctl(m: &Maasd, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_maasctl"))
-        .env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
-        .env("MAAS_TOKEN_FILE", m.dir.join("data/admin.token"))
+        .envs(m.maasctl_env())
         .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
+        .env_remove("MAAS_TOKEN")
+        .env_remove("MAAS_TLS_FINGERPRINT")
         .args(args)
         .output()
         .unwrap();
@@ -174,10 +175,14 @@ fn maasctl_drives_every_resource() {
     assert_eq!(p[0]["volumes"], 2);
     let j = ok_json(&m, &["--wait", "volume", "delete", &cid]);
     assert_eq!(j["state"], "succeeded");
-    // Token from a flag beats the file; a wrong one is refused with the API's code.
+    // A token from MAAS_TOKEN; a wrong one is refused with the API's code.
     let out = Command::new(env!("CARGO_BIN_EXE_maasctl"))
-        .env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
-        .args(["--token", "maas_wrong", "volume", "list"])
+        .env("MAAS_URL", m.base_url())
+        .env("MAAS_CA_CERT", m.ca_cert())
+        .env("MAAS_TOKEN", "maas_wrong")
+        .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
+        .env_remove("MAAS_TOKEN_FILE")
+        .args(["volume", "list"])
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("UNAUTHORIZED"));
@@ -186,9 +191,10 @@ fn maasctl_drives_every_resource() {
     std::fs::write(
         &cfg,
         format!(
-            "url = \"http://127.0.0.1:{}\"\ntoken_file = \"{}\"\n",
-            m.port,
-            m.dir.join("data/admin.token").display()
+            "url = \"{}\"\ntoken_file = \"{}\"\nca_cert = \"{}\"\n",
+            m.base_url(),
+            m.dir.join("data/admin.token").display(),
+            m.ca_cert().display()
         ),
     )
     .unwrap();
@@ -196,6 +202,9 @@ fn maasctl_drives_every_resource() {
         .env("MAASCTL_CONFIG", &cfg)
         .env_remove("MAAS_URL")
         .env_remove("MAAS_TOKEN")
+        .env_remove("MAAS_TOKEN_FILE")
+        .env_remove("MAAS_CA_CERT")
+        .env_remove("MAAS_TLS_FINGERPRINT")
         .args(["--json", "volume", "list"])
         .output()
         .unwrap();

@@ -45,6 +45,8 @@ fn assert_private(data: &Path) {
         "pool/pool.json",
         "pool/meta.redb",
         "pool/data-0.dev",
+        "tls/api-key.pem",
+        "tls/api-cert.pem",
     ] {
         assert!(
             all.contains(&data.join(name)),
@@ -87,6 +89,8 @@ fn maasd_files_are_private_whatever_the_umask() {
         "pool.json",
         "meta.redb",
         "data-0.dev",
+        "api-key.pem",
+        "api-cert.pem",
     ] {
         assert!(
             log.lines()
@@ -286,8 +290,7 @@ fn chap_secrets_kept_in_clear_by_older_builds_are_sealed_at_start() {
 /// Runs the real maasctl against `m` with extra environment; stdin is not a terminal.
 fn maasctl(m: &Maasd, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_maasctl"));
-    c.env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
-        .env("MAAS_TOKEN_FILE", m.dir.join("data/admin.token"))
+    c.envs(m.maasctl_env())
         .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
         .env_remove("MAAS_CHAP_SECRET")
         .env_remove("MAAS_CHAP_MUTUAL_SECRET")
@@ -480,8 +483,7 @@ fn maasctl_takes_chap_secrets_from_a_file_the_environment_or_the_terminal() {
     );
     let mut child = Command::new("script")
         .args(["-qec", &cmd, "/dev/null"])
-        .env("MAAS_URL", format!("http://127.0.0.1:{}", m.port))
-        .env("MAAS_TOKEN_FILE", m.dir.join("data/admin.token"))
+        .envs(m.maasctl_env())
         .env("MAASCTL_CONFIG", m.dir.join("no-such-config.toml"))
         .env_remove("MAAS_CHAP_SECRET")
         .stdin(std::process::Stdio::piped())

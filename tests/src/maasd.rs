@@ -1,4 +1,7 @@
-//! Runs the real `maasd` binary on a temporary data directory and talks to it over HTTP.
+//! Runs the real `maasd` binary on a temporary data directory and talks to it over HTTPS, as
+//! maasd's defaults serve it: the runner trusts the self-signed certificate maasd generates
+//! (`data/tls/api-cert.pem`, [`Maasd::ca_cert`]) and nothing else, so every test also checks
+//! the default TLS setup; [`MaasdBuilder::plain_http`] asks for plain HTTP on loopback instead.
 //!
 //! The binary is a parameter ([`Maasd::builder`]): the manager's own tests pass
 //! `env!("CARGO_BIN_EXE_maasd")`; tests of other packages use [`maasd_bin`], which builds it.
@@ -37,6 +40,12 @@ pub struct Maasd {
     env: Vec<(String, String)>,
     /// The umask the server starts with (None: the test's).
     pub umask: Option<u32>,
+    /// The API serves HTTPS (the default) rather than plain HTTP.
+    pub tls: bool,
+    /// The certificate(s) the runner trusts (None: the generated one, [`Maasd::ca_cert`]).
+    trust: Option<PathBuf>,
+    /// The HTTP client: trusts only [`Maasd::trusted_cert`] when `tls`.
+    agent: ureq::Agent,
     child: Option<Child>,
 }
 
@@ -59,6 +68,8 @@ pub struct MaasdBuilder {
     nvme: Option<Advertise>,
     env: Vec<(String, String)>,
     umask: Option<u32>,
+    tls: bool,
+    trust: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -209,6 +220,19 @@ impl MaasdBuilder {
         self
     }
 
+    /// Plain HTTP on loopback (`MAAS_API_TLS=false`) instead of the default HTTPS.
+    pub fn plain_http(mut self) -> Self {
+        self.tls = false;
+        self
+    }
+
+    /// Trust these PEM certificates (a CA, or the configured certificate) instead of the
+    /// certificate maasd generates, e.g. with `MAAS_API_TLS_CERT_FILE` set through [`Self::env`].
+    pub fn trust(mut self, pem: &Path) -> Self {
+        self.trust = Some(pem.to_path_buf());
+        self
+    }
+
     /// An extra environment variable for the server.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -255,9 +279,59 @@ impl MaasdBuilder {
             bin: self.bin,
             env: self.env,
             umask: self.umask,
+            tls: self.tls,
+            trust: self.trust,
+            agent: ureq::AgentBuilder::new().build(),
             child: None,
         }
     }
+}
+
+/// A client that trusts only the certificates of the PEM file `pem` (None if the file is
+/// missing or holds none, e.g. not yet written).
+pub fn agent_trusting(pem: &Path) -> Option<ureq::Agent> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let data = std::fs::read(pem).ok()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&data) {
+        roots.add(c.ok()?).ok()?;
+    }
+    if roots.is_empty() {
+        return None;
+    }
+    // ring, as maasd (see maas_manager::tls::provider).
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some(
+        ureq::AgentBuilder::new()
+            .tls_config(std::sync::Arc::new(cfg))
+            .build(),
+    )
+}
+
+/// SHA-256 of a DER certificate, `AB:CD:...` (as maasd logs and maasctl pins it).
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The SHA-256 fingerprint of the first certificate of a PEM file.
+pub fn pem_fingerprint(pem: &Path) -> String {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let c = CertificateDer::from_pem_file(pem)
+        .unwrap_or_else(|e| panic!("{}: no certificate: {e}", pem.display()));
+    fingerprint(c.as_ref())
 }
 
 impl Maasd {
@@ -273,6 +347,8 @@ impl Maasd {
             nvme: None,
             env: Vec::new(),
             umask: None,
+            tls: true,
+            trust: None,
         }
     }
 
@@ -312,6 +388,7 @@ impl Maasd {
                     .unwrap_or_default(),
             )
             .env("MAAS_NVME_TCP_ADVERTISE", &self.nvme_advertise)
+            .env("MAAS_API_TLS", self.tls.to_string())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -338,9 +415,17 @@ impl Maasd {
         );
         let t = Instant::now();
         loop {
-            if let Ok(r) = ureq::get(&self.url("/health")).call()
+            // Over HTTPS, the client trusts the certificate once maasd has written it.
+            let agent = if self.tls {
+                agent_trusting(&self.trusted_cert())
+            } else {
+                Some(ureq::AgentBuilder::new().build())
+            };
+            if let Some(agent) = agent
+                && let Ok(r) = agent.get(&self.url("/health")).call()
                 && r.status() == 200
             {
+                self.agent = agent;
                 break;
             }
             if let Some(c) = self.child.as_mut()
@@ -375,7 +460,49 @@ impl Maasd {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/api/v1{}", self.port, path)
+        format!("{}/api/v1{}", self.base_url(), path)
+    }
+
+    /// `https://127.0.0.1:<port>` (or `http://` with [`MaasdBuilder::plain_http`]): what
+    /// `maasctl --url` takes.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The self-signed certificate maasd generated (`data/tls/api-cert.pem`): what clients
+    /// trust (`maasctl --ca-cert`, `curl --cacert`).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("data/tls/api-cert.pem")
+    }
+
+    /// What this runner trusts: [`MaasdBuilder::trust`], else [`Maasd::ca_cert`].
+    pub fn trusted_cert(&self) -> PathBuf {
+        self.trust.clone().unwrap_or_else(|| self.ca_cert())
+    }
+
+    /// The client the runner uses (trusting only [`Maasd::trusted_cert`] over HTTPS).
+    pub fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+
+    /// The environment `maasctl` needs to reach this server as admin: MAAS_URL, MAAS_CA_CERT
+    /// (over HTTPS) and MAAS_TOKEN_FILE.
+    pub fn maasctl_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("MAAS_URL".to_string(), self.base_url()),
+            (
+                "MAAS_TOKEN_FILE".to_string(),
+                self.dir.join("data/admin.token").display().to_string(),
+            ),
+        ];
+        if self.tls {
+            env.push((
+                "MAAS_CA_CERT".to_string(),
+                self.trusted_cert().display().to_string(),
+            ));
+        }
+        env
     }
 
     /// SIGTERM and wait: a graceful stop must exit 0.
@@ -440,7 +567,7 @@ impl Maasd {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = ureq::request(method, &self.url(path));
+        let mut req = self.agent.request(method, &self.url(path));
         if let Some(t) = token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
@@ -453,7 +580,9 @@ impl Maasd {
 
     /// Sends `content` as a JSON body verbatim (for malformed-input tests).
     pub fn raw(&self, method: &str, path: &str, content: &str) -> (u16, Value) {
-        let req = ureq::request(method, &self.url(path))
+        let req = self
+            .agent
+            .request(method, &self.url(path))
             .set("Authorization", &format!("Bearer {}", self.token))
             .set("Content-Type", "application/json");
         response(method, path, req.send_string(content))

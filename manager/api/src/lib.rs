@@ -336,6 +336,13 @@ pub struct Token {
     /// `admin`, `operator` or `viewer`.
     pub role: String,
     pub created_at: String,
+    /// RFC 3339; from then on the token is refused (401 `TOKEN_EXPIRED`). null: never.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// RFC 3339: the latest request made with the token (null: never used). maasd writes
+    /// it to the catalog at most once a minute; the API shows the latest it knows.
+    #[serde(default)]
+    pub last_used_at: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -346,6 +353,9 @@ pub struct CreateToken {
     /// `admin`, `operator` or `viewer`.
     #[schema(pattern = "^(admin|operator|viewer)$")]
     pub role: String,
+    /// RFC 3339 time, in the future, after which the token is refused. Absent: never expires.
+    #[serde(default)]
+    pub expires_at: Option<String>,
 }
 
 /// Returned once, at creation: the secret is not stored, only its hash.
@@ -394,6 +404,8 @@ mod tests {
                 name: "ci".into(),
                 role: "viewer".into(),
                 created_at: "2026-11-22T00:00:00Z".into(),
+                expires_at: None,
+                last_used_at: None,
             },
             secret: "maas_0123456789abcdef".into(),
         };

@@ -1,10 +1,15 @@
 //! maasctl: the MaaS command line, over the REST API. Human tables by default, `--json` for
-//! scripts, `--wait` follows jobs with a progress bar. URL and token come from flags, then
-//! MAAS_URL / MAAS_TOKEN, then the config file (~/.config/maas/maasctl.toml: `url = ...`,
-//! `token = ...` or `token_file = ...`).
+//! scripts, `--wait` follows jobs with a progress bar. The URL comes from `--url`, MAAS_URL or
+//! the config file (~/.config/maas/maasctl.toml: `url`, `token_file`, `token`, `ca_cert`,
+//! `fingerprint`). The token comes from `--token-file` (MAAS_TOKEN_FILE), else MAAS_TOKEN, else
+//! the config file — never from the command line, where every user of the machine can read it.
+//! HTTPS servers are trusted through `--ca-cert` (MAAS_CA_CERT), `--fingerprint`
+//! (MAAS_TLS_FINGERPRINT) or the system's CA certificates; an untrusted certificate is refused
+//! with its fingerprint and the flags that would trust it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -17,15 +22,24 @@ use zeroize::Zeroizing;
 #[derive(Parser)]
 #[command(name = "maasctl", version, about = "Drive a MaaS server")]
 struct Cli {
-    /// Server URL (default http://127.0.0.1:8080).
+    /// Server URL (default https://127.0.0.1:8080).
     #[arg(long, global = true, env = "MAAS_URL")]
     url: Option<String>,
-    /// API token.
-    #[arg(long, global = true, env = "MAAS_TOKEN", hide_env_values = true)]
+    /// Removed: refused with an explanation (a token in argv is visible to every user).
+    #[arg(long, global = true, hide = true)]
     token: Option<String>,
-    /// File holding the token (e.g. DATA_DIR/admin.token).
+    /// File holding the API token (e.g. DATA_DIR/admin.token; `-`: standard input). Else the
+    /// token comes from MAAS_TOKEN, else from the config file.
     #[arg(long, global = true, env = "MAAS_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM certificate(s) to trust for an https:// URL instead of the system's CAs, e.g.
+    /// maasd's generated DATA_DIR/tls/api-cert.pem or your own CA.
+    #[arg(long, global = true, env = "MAAS_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Trust only the server certificate with this SHA-256 fingerprint (as maasd logs it at
+    /// start, `AB:CD:...`; colons and case optional).
+    #[arg(long, global = true, env = "MAAS_TLS_FINGERPRINT")]
+    fingerprint: Option<String>,
     /// Config file (default ~/.config/maas/maasctl.toml).
     #[arg(long, global = true, env = "MAASCTL_CONFIG")]
     config: Option<PathBuf>,
@@ -450,11 +464,19 @@ enum JobCmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
+    /// Tokens with their role, expiry and last use.
     List,
+    /// Create a token; its secret is shown once.
     Create {
         name: String,
         #[arg(long, default_value = "viewer")]
         role: String,
+        /// Expire after this long: 30d, 12h, 90m, 2w, 45s (default: never).
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// Expire at this RFC 3339 time (default: never).
+        #[arg(long)]
+        expires_at: Option<String>,
     },
     Delete {
         id: String,
@@ -462,17 +484,25 @@ enum TokenCmd {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
     url: Option<String>,
     token: Option<String>,
     token_file: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+    fingerprint: Option<String>,
 }
 
 struct Client {
     base: String,
-    token: Option<String>,
+    token: Option<Zeroizing<String>>,
     agent: ureq::Agent,
+    /// What the TLS verifier refused, for an error that says what to do.
+    tls: Option<Arc<tls::Verifier>>,
 }
+
+/// Environment variable holding the API token.
+const TOKEN_ENV: &str = "MAAS_TOKEN";
 
 #[derive(Debug)]
 enum CliError {
@@ -502,7 +532,7 @@ impl Client {
         let url = format!("{}/api/v1{}", self.base, path);
         let mut req = self.agent.request(method, &url);
         if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
+            req = req.set("Authorization", &format!("Bearer {}", t.as_str()));
         }
         let res = match body {
             Some(b) => req.send_json(b),
@@ -523,7 +553,10 @@ impl Client {
                     Err(_) => Err(CliError::Other(format!("HTTP {status} from {url}: {text}"))),
                 }
             }
-            Err(e) => Err(CliError::Other(format!("cannot reach {url}: {e}"))),
+            Err(e) => match self.tls.as_ref().and_then(|v| v.rejected()) {
+                Some(r) => Err(CliError::Other(r.advice(&self.base))),
+                None => Err(CliError::Other(format!("cannot reach {url}: {e}"))),
+            },
         }
     }
     fn get<T: DeserializeOwned>(&self, path: &str) -> R<T> {
@@ -547,6 +580,65 @@ impl Client {
             }
         }
     }
+}
+
+const DEFAULT_URL: &str = "https://127.0.0.1:8080";
+const TOKEN_FILE_ENV: &str = "MAAS_TOKEN_FILE";
+
+/// A token from a file (one line; `-`: standard input); warns when others can read the file.
+fn read_token_file(p: &std::path::Path) -> R<Zeroizing<String>> {
+    let text = if p.as_os_str() == "-" {
+        let mut s = Zeroizing::new(String::new());
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CliError::Other(format!("reading the token from stdin: {e}")))?;
+        s
+    } else {
+        if let Ok(meta) = std::fs::metadata(p)
+            && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0
+        {
+            eprintln!(
+                "warning: {} can be read by other users (chmod 600 it)",
+                p.display()
+            );
+        }
+        Zeroizing::new(
+            std::fs::read_to_string(p)
+                .map_err(|e| CliError::Other(format!("token file {}: {e}", p.display())))?,
+        )
+    };
+    let t = text.trim();
+    if t.is_empty() || t.contains('\n') {
+        return Err(CliError::Other(format!(
+            "token file {} must hold the token on one line",
+            p.display()
+        )));
+    }
+    Ok(Zeroizing::new(t.to_string()))
+}
+
+/// `30d`, `12h`, `90m`, `45s`, `2w` (a bare number is seconds).
+fn parse_duration(s: &str) -> R<chrono::Duration> {
+    let bad = || {
+        CliError::Other(format!(
+            "not a duration: {s:?} (e.g. 30d, 12h, 90m, 45s, 2w)"
+        ))
+    };
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: i64 = s[..split].parse().map_err(|_| bad())?;
+    let secs = match &s[split..] {
+        "" | "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86400),
+        "w" => n.checked_mul(7 * 86400),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if secs <= 0 {
+        return Err(CliError::Other(format!("{s:?}: a token must live a while")));
+    }
+    chrono::Duration::try_seconds(secs).ok_or_else(bad)
 }
 
 fn typed<T: DeserializeOwned>(v: Value) -> R<T> {
@@ -775,28 +867,52 @@ fn run(cli: &Cli) -> R<()> {
         Some(t) => toml::from_str(&t).map_err(|e| CliError::Other(format!("config file: {e}")))?,
         None => FileConfig::default(),
     };
-    let token_file = cli.token_file.clone().or(file.token_file);
-    let token = match (&cli.token, token_file) {
-        (Some(t), _) => Some(t.clone()),
-        (None, Some(p)) => Some(
-            std::fs::read_to_string(&p)
-                .map_err(|e| CliError::Other(format!("token file {}: {e}", p.display())))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => file.token,
+    if cli.token.is_some() {
+        return Err(CliError::Other(format!(
+            "--token is not taken: a token on the command line can be read by every user of \
+             this machine (ps, /proc) and stays in shell history. Use --token-file FILE (or \
+             {TOKEN_FILE_ENV}; `-` reads standard input), {TOKEN_ENV}, or token_file in the \
+             config file"
+        )));
+    }
+    let token = match (cli.token_file.clone(), std::env::var_os(TOKEN_ENV)) {
+        (Some(p), _) => Some(read_token_file(&p)?),
+        (None, Some(v)) => {
+            let v = v
+                .into_string()
+                .map_err(|_| CliError::Other(format!("{TOKEN_ENV} is not valid UTF-8")))?;
+            Some(Zeroizing::new(v.trim().to_string()))
+        }
+        (None, None) => match (file.token_file, file.token) {
+            (Some(p), _) => Some(read_token_file(&p)?),
+            (None, t) => t.map(|t| Zeroizing::new(t.trim().to_string())),
+        },
     };
     let base = cli
         .url
         .clone()
         .or(file.url)
-        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        .unwrap_or_else(|| DEFAULT_URL.into());
+    let base = base.trim_end_matches('/').to_string();
+    let ca_cert = cli.ca_cert.clone().or(file.ca_cert);
+    let pin = cli.fingerprint.clone().or(file.fingerprint);
+    let mut builder = ureq::AgentBuilder::new().timeout(Duration::from_secs(60));
+    let mut verifier = None;
+    if base.starts_with("https://") {
+        let v = Arc::new(tls::Verifier::new(ca_cert.as_deref(), pin.as_deref())?);
+        builder = builder.tls_config(Arc::new(v.client_config()?));
+        verifier = Some(v);
+    } else if ca_cert.is_some() || pin.is_some() {
+        return Err(CliError::Other(format!(
+            "--ca-cert / --fingerprint (MAAS_CA_CERT / MAAS_TLS_FINGERPRINT) apply to https:// \
+             URLs, and {base} is not one: use https://, or unset them to talk plain HTTP"
+        )));
+    }
     let c = Client {
-        base: base.trim_end_matches('/').to_string(),
+        base,
         token,
-        agent: ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(60))
-            .build(),
+        agent: builder.build(),
+        tls: verifier,
     };
     let j = cli.json;
     match &cli.cmd {
@@ -997,25 +1113,47 @@ fn run(cli: &Cli) -> R<()> {
         Cmd::Token(t) => match t {
             TokenCmd::List => {
                 let v: Vec<api::Token> = c.list("/tokens")?;
+                let now = chrono::Utc::now();
                 emit(j, &v, || {
                     table(
-                        &["ID", "NAME", "ROLE", "CREATED"],
+                        &["ID", "NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"],
                         v.iter()
                             .map(|t| {
+                                let expires = match &t.expires_at {
+                                    None => "never".to_string(),
+                                    Some(e) => match chrono::DateTime::parse_from_rfc3339(e) {
+                                        Ok(at) if at <= now => format!("{e} (expired)"),
+                                        _ => e.clone(),
+                                    },
+                                };
                                 vec![
                                     t.id.clone(),
                                     t.name.clone(),
                                     t.role.clone(),
                                     t.created_at.clone(),
+                                    expires,
+                                    t.last_used_at.clone().unwrap_or_else(|| "never".into()),
                                 ]
                             })
                             .collect(),
                     )
                 });
             }
-            TokenCmd::Create { name, role } => {
-                let v: api::CreatedToken =
-                    typed(c.call("POST", "/tokens", Some(json!({"name": name, "role": role})))?)?;
+            TokenCmd::Create {
+                name,
+                role,
+                expires_in,
+                expires_at,
+            } => {
+                let mut body = json!({"name": name, "role": role});
+                if let Some(d) = expires_in {
+                    let at = chrono::Utc::now() + parse_duration(d)?;
+                    body["expires_at"] =
+                        json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                } else if let Some(at) = expires_at {
+                    body["expires_at"] = json!(at);
+                }
+                let v: api::CreatedToken = typed(c.call("POST", "/tokens", Some(body))?)?;
                 emit(j, &v, || {
                     println!(
                         "token {} ({}) created; secret (shown once):\n{}",
@@ -1041,6 +1179,279 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// How maasctl decides to trust an HTTPS server: the certificates of `--ca-cert` (else the
+/// system's CAs), checked for the URL's name by webpki; and/or `--fingerprint`, which accepts
+/// exactly the server certificate with that SHA-256 (chain and names are then not consulted:
+/// the pin is the trust). Whatever is refused is remembered, so the error can show the
+/// fingerprint that was seen and how to trust it.
+mod tls {
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+    use super::{CliError, R};
+
+    /// A certificate the verifier refused.
+    #[derive(Debug, Clone)]
+    pub struct Rejected {
+        pub fingerprint: String,
+        pub reason: String,
+        pub pinned: bool,
+    }
+
+    impl Rejected {
+        /// The error message: what was seen, and the flags that would trust it.
+        pub fn advice(&self, base: &str) -> String {
+            let fp = &self.fingerprint;
+            if self.pinned {
+                format!(
+                    "refusing {base}: {}. The server's certificate has SHA-256 fingerprint {fp}. \
+                     This is not the server you pinned, or its certificate changed (a new one is \
+                     generated when DATA_DIR/tls is deleted): check the fingerprint maasd logs at \
+                     start (sha256_fingerprint=...) before pinning the new one with \
+                     --fingerprint {fp} (or MAAS_TLS_FINGERPRINT)",
+                    self.reason
+                )
+            } else {
+                format!(
+                    "refusing {base}: its TLS certificate is not trusted here ({}). The \
+                     server's certificate has SHA-256 fingerprint {fp}. If that is your maasd \
+                     (it logs sha256_fingerprint=... at start), pin it with --fingerprint {fp} \
+                     (or MAAS_TLS_FINGERPRINT), or trust its certificate file with --ca-cert \
+                     DATA_DIR/tls/api-cert.pem (or MAAS_CA_CERT); a CA-signed certificate needs \
+                     its CA with --ca-cert",
+                    self.reason
+                )
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct Verifier {
+        provider: Arc<CryptoProvider>,
+        webpki: Option<Arc<WebPkiServerVerifier>>,
+        /// Why there is no webpki verifier (no usable CA certificate).
+        no_roots: String,
+        /// Pinned fingerprints, upper-case hex without separators.
+        pin: Option<String>,
+        rejected: Mutex<Option<Rejected>>,
+    }
+
+    /// SHA-256 of a DER certificate as `AB:CD:...`.
+    pub fn fingerprint(der: &[u8]) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(der)
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    fn normalise(fp: &str) -> String {
+        let t = fp.trim();
+        let t = t
+            .strip_prefix("sha256:")
+            .or_else(|| t.strip_prefix("SHA256:"))
+            .unwrap_or(t);
+        t.chars()
+            .filter(|c| !matches!(c, ':' | ' '))
+            .collect::<String>()
+            .to_ascii_uppercase()
+    }
+
+    impl Verifier {
+        pub fn new(ca_cert: Option<&Path>, pin: Option<&str>) -> R<Verifier> {
+            // ring, as maasd (see maas_manager::tls::provider).
+            #[allow(deprecated)]
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let pin = match pin {
+                None => None,
+                Some(p) => {
+                    let n = normalise(p);
+                    if n.len() != 64 || !n.chars().all(|c| c.is_ascii_hexdigit()) {
+                        return Err(CliError::Other(format!(
+                            "--fingerprint {p:?} is not a SHA-256 fingerprint (64 hex digits, \
+                             colons optional, as maasd logs it)"
+                        )));
+                    }
+                    Some(n)
+                }
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            let mut no_roots = String::new();
+            match ca_cert {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        CliError::Other(format!("--ca-cert {}: {e}", path.display()))
+                    })?;
+                    let certs = CertificateDer::pem_slice_iter(&pem)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| {
+                            CliError::Other(format!("--ca-cert {}: {e}", path.display()))
+                        })?;
+                    if certs.is_empty() {
+                        return Err(CliError::Other(format!(
+                            "--ca-cert {}: no PEM certificate in it",
+                            path.display()
+                        )));
+                    }
+                    for c in certs {
+                        roots.add(c).map_err(|e| {
+                            CliError::Other(format!("--ca-cert {}: {e}", path.display()))
+                        })?;
+                    }
+                }
+                None => {
+                    let found = rustls_native_certs::load_native_certs();
+                    roots.add_parsable_certificates(found.certs);
+                    if roots.is_empty() {
+                        no_roots = "this machine has no CA certificates".into();
+                    }
+                }
+            }
+            let webpki = if roots.is_empty() || (pin.is_some() && ca_cert.is_none()) {
+                None
+            } else {
+                Some(
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| CliError::Other(format!("TLS setup: {e}")))?,
+                )
+            };
+            Ok(Verifier {
+                provider,
+                webpki,
+                no_roots,
+                pin,
+                rejected: Mutex::new(None),
+            })
+        }
+
+        pub fn client_config(self: &Arc<Self>) -> R<rustls::ClientConfig> {
+            Ok(
+                rustls::ClientConfig::builder_with_provider(self.provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| CliError::Other(format!("TLS setup: {e}")))?
+                    .dangerous()
+                    .with_custom_certificate_verifier(self.clone())
+                    .with_no_client_auth(),
+            )
+        }
+
+        /// The last certificate refused, if any.
+        pub fn rejected(&self) -> Option<Rejected> {
+            self.rejected.lock().ok().and_then(|r| r.clone())
+        }
+
+        fn reject(&self, fp: String, reason: String, pinned: bool) {
+            if let Ok(mut r) = self.rejected.lock() {
+                *r = Some(Rejected {
+                    fingerprint: fp,
+                    reason,
+                    pinned,
+                });
+            }
+        }
+    }
+
+    impl ServerCertVerifier for Verifier {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp_response: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            let fp = fingerprint(end_entity.as_ref());
+            if let Some(pin) = &self.pin {
+                if normalise(&fp) != *pin {
+                    self.reject(
+                        fp,
+                        "the certificate's fingerprint is not the one pinned with --fingerprint"
+                            .into(),
+                        true,
+                    );
+                    return Err(rustls::Error::General(
+                        "certificate fingerprint does not match the pin".into(),
+                    ));
+                }
+                if self.webpki.is_none() {
+                    return Ok(ServerCertVerified::assertion());
+                }
+            }
+            match &self.webpki {
+                Some(v) => v
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                    .inspect_err(|e| self.reject(fp, e.to_string(), false)),
+                None => {
+                    self.reject(fp, self.no_roots.clone(), false);
+                    Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::UnknownIssuer,
+                    ))
+                }
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn fingerprints_compare_without_colons_or_case() {
+            let fp = fingerprint(b"x");
+            assert_eq!(
+                normalise(&fp),
+                normalise(&fp.to_lowercase().replace(':', ""))
+            );
+            assert_eq!(normalise(&format!("sha256:{fp}")), normalise(&fp));
+            assert!(Verifier::new(None, Some("AB:CD")).is_err());
+            assert!(Verifier::new(None, Some(&fp)).is_ok());
         }
     }
 }
