@@ -75,3 +75,21 @@ fn a_hung_guest_is_killed_at_its_timeout() {
     drop(running);
     assert!(!alive(pid), "QEMU {pid} survived its drop");
 }
+
+#[test]
+fn a_guest_that_crashes_in_its_script_is_reported_not_booted_again() {
+    let xchg = tempfile::tempdir().unwrap();
+    let run = Guest::new("crash")
+        .exchange(xchg.path())
+        .timeout(Duration::from_secs(180))
+        .run("mark crashing\necho c > /proc/sysrq-trigger\nsleep 100000");
+    assert!(run.status.is_none() && !run.timed_out, "{run}");
+    assert!(run.console.contains("Kernel panic"), "{run}");
+    assert_eq!(run.marks(), vec!["crashing"]);
+    // Only boot failures are retried: this one ran its script, once.
+    assert!(!run.died_before_the_script(), "{run}");
+    let runs = std::fs::read_dir(xchg.path().join(".maas"))
+        .unwrap()
+        .count();
+    assert_eq!(runs, 1, "the guest was booted {runs} times");
+}

@@ -259,8 +259,20 @@ impl Guest {
     }
 
     /// Boots the guest, runs `script` and waits for the power-off (or the timeout).
+    /// Boots the guest, runs `script` and waits for the power-off. A guest that died before
+    /// its script started (TCG occasionally oopses while patching the kernel's text at boot)
+    /// is booted once more: that is the emulator failing, not the test.
     pub fn run(&self, script: &str) -> GuestRun {
-        self.spawn(script).wait()
+        let run = self.spawn(script).wait();
+        if run.died_before_the_script() {
+            eprintln!(
+                "guest {}: died before its script started (console tail below); booting it again\n{}",
+                self.name,
+                tail(&run.console, 15)
+            );
+            return self.spawn(script).wait();
+        }
+        run
     }
 
     /// Boots the guest with `script` and returns while it runs.
@@ -372,6 +384,7 @@ impl Guest {
              printf 'InitiatorName=%s\\n' \"$MAAS_INITIATOR_NAME\" >/etc/iscsi/initiatorname.iscsi\n\
              printf '%s\\n' \"$MAAS_HOST_NQN\" >/etc/nvme/hostnqn\n\
              printf '%s\\n' \"$MAAS_HOST_ID\" >/etc/nvme/hostid\n\
+             : >\"$MAAS_RUN/started\"\n\
              mark() { echo \"@@MAAS-MARK $*\"; }\n\
              fail() { echo \"FAIL: $*\" >&2; exit 1; }\n\
              cd /xchg\n\
@@ -524,6 +537,12 @@ pub struct GuestRun {
 impl GuestRun {
     pub fn success(&self) -> bool {
         self.status == Some(0)
+    }
+
+    /// The guest went down (a kernel panic while booting, a failed mount in its init) before
+    /// its script started.
+    pub fn died_before_the_script(&self) -> bool {
+        self.status.is_none() && !self.timed_out && !self.run_dir.join("started").exists()
     }
 
     /// Panics with the tails of the output and console unless the script exited 0.
