@@ -1112,9 +1112,6 @@ impl PoolInner {
     }
 }
 
-/// Hashing and compressing (folds, seals) is background work: its threads run at the lowest
-/// scheduling priority, so front-end I/O never waits behind them for a CPU. They still get
-/// every idle cycle, and all of them when writers wait for the space a fold frees.
 /// The metadata store's record of the WAL's durable LSN (see [`crate::walfmt`]).
 pub(crate) const DURABLE_LSN_COUNTER: &str = "wal_durable_lsn";
 
@@ -1241,9 +1238,17 @@ fn write_evidence(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(bytes)?;
-    f.sync_all()
+    f.sync_all()?;
+    // The damage record names this file: its directory entry must be as durable as the record.
+    match path.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
+/// Hashing and compressing (folds, seals) is background work: its threads run at the lowest
+/// scheduling priority, so front-end I/O never waits behind them for a CPU. They still get
+/// every idle cycle, and all of them when writers wait for the space a fold frees.
 fn lower_thread_priority() {
     // SAFETY: plain syscalls on the calling thread; setpriority with PRIO_PROCESS and a thread
     // id affects only that thread on Linux.

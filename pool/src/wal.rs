@@ -51,8 +51,8 @@ const BATCH_BUF_LEN: usize = 4096 + MAX_BATCH_DATA;
 const MAX_SPARE_BUFFERS: usize = 8;
 /// Appenders wait when this much more than the write buffer is in memory but not yet written.
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
-/// How long the log stays idle after a sync before the flusher writes an anchor batch that
-/// records the new durable LSN (so the last flushed batches are known durable at replay).
+/// How long the log stays idle after a sync before the pool records the new durable LSN in
+/// the metadata store (so the last flushed batches are known durable at replay).
 const ANCHOR_IDLE: Duration = Duration::from_millis(20);
 
 /// The CRCs of a written batch's data blocks, to check every read of them from the device.

@@ -16,11 +16,16 @@
 //! header, so a batch whose header block is damaged still says which blocks it held.
 //!
 //! **Durable LSN.** Each header carries the highest LSN known durable (covered by a completed
-//! sync) when the batch was handed to its device. Replay takes the highest such claim found in
-//! any valid header (and the one the metadata store records when segments are freed): a batch at
-//! or below it was durable, so a check failure there is damage, never a torn write. When the log
-//! goes idle after a sync, the flusher writes an empty *anchor* batch carrying the new durable LSN,
-//! so the last flushed batches have that proof too.
+//! sync) when the batch was handed to its device. Replay takes the highest of these claims and
+//! of the durable LSN the metadata store records: a batch at or below it was durable, so a
+//! check failure there is damage, never a torn write. The pool records it when the log has been
+//! idle for 20 ms after a sync (so the last flushed batches, which no later header follows, have
+//! that proof too), at a clean close, when segments are freed (their headers' claims go with
+//! them) and after replay. Each segment's record keeps where its chain ends, so a later replay
+//! reads exactly the same batches, and after an open new batches take LSNs above every LSN
+//! handed out before (the recorded durable LSN included), so no LSN is ever judged twice.
+//! The one window: damage to the last batches synced less than 20 ms before a power cut, with
+//! no later batch written, is judged torn (closing it would cost a metadata commit per flush).
 
 pub const WAL_MAGIC: &[u8; 8] = b"MAASWAL\0";
 pub const WAL_FOOTER_MAGIC: &[u8; 8] = b"MAASWALF";
