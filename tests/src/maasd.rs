@@ -24,6 +24,8 @@ pub struct Maasd {
     pub port: u16,
     /// Size of the pool's file device.
     pub device_size: u64,
+    /// The pool as maasd makes it unasked (no device size or chunk size given).
+    pub pool_defaults: bool,
     /// The iSCSI target's port on 127.0.0.1.
     pub iscsi_port: u16,
     /// What SendTargets and exports advertise (empty: the address the initiator reached).
@@ -63,6 +65,7 @@ pub struct MaasdBuilder {
     bin: PathBuf,
     dir: PathBuf,
     device_size: u64,
+    pool_defaults: bool,
     catalog_url: Option<String>,
     advertise: Advertise,
     nvme: Option<Advertise>,
@@ -181,6 +184,14 @@ impl MaasdBuilder {
         self
     }
 
+    /// The pool exactly as the README's first command makes it: no device size (a thin device
+    /// sized to the filesystem's free space), the default chunk size, every RAM-tier setting
+    /// maasd's own.
+    pub fn pool_defaults(mut self) -> Self {
+        self.pool_defaults = true;
+        self
+    }
+
     /// A catalog URL (PostgreSQL); default the embedded SQLite.
     pub fn catalog_url(mut self, url: Option<String>) -> Self {
         self.catalog_url = url;
@@ -270,6 +281,7 @@ impl MaasdBuilder {
             dir: self.dir,
             port: free_port(),
             device_size: self.device_size,
+            pool_defaults: self.pool_defaults,
             iscsi_port,
             iscsi_advertise,
             nvme_port,
@@ -342,6 +354,7 @@ impl Maasd {
             bin: bin.into(),
             dir: dir.to_path_buf(),
             device_size: 2 << 30,
+            pool_defaults: false,
             catalog_url: None,
             advertise: Advertise::Fixed(String::new()),
             nvme: None,
@@ -374,8 +387,6 @@ impl Maasd {
             .arg(self.dir.join("data"))
             .args(args)
             .env("MAAS_API_LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("MAAS_POOL_DEVICE_SIZE", self.device_size.to_string())
-            .env("MAAS_POOL_CHUNK_SIZE", (256u64 << 10).to_string())
             .env(
                 "MAAS_ISCSI_LISTEN",
                 format!("127.0.0.1:{}", self.iscsi_port),
@@ -393,6 +404,10 @@ impl Maasd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if !self.pool_defaults {
+            cmd.env("MAAS_POOL_DEVICE_SIZE", self.device_size.to_string())
+                .env("MAAS_POOL_CHUNK_SIZE", (256u64 << 10).to_string());
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -6,7 +6,14 @@
 //! alternate between the two targets (MaaS, tgt, MaaS, tgt ...) so drift on a noisy machine hits
 //! both alike; with `--rounds N` each figure is the median of N runs.
 //!
-//! `--json` prints `{"maas": {...}, "tgt": {...}, "ratio": {...}}`.
+//! `--defaults` adds, beside them, the real `maasd` started exactly as the README's first
+//! command starts it (no chunk size, device size, cache or buffer settings: every figure what a
+//! user gets before tuning anything), its volume exported through the REST API. Every volume is
+//! filled once (sequential 1 MiB writes over all of it) before anything is measured, so reads
+//! read data, not holes.
+//!
+//! `--json` prints `{"maas": {...}, "tgt": {...}, "ratio": {...}}`, with `--defaults` also
+//! `"maasd_defaults"` and `"ratio_defaults"` (maasd on defaults / tgt).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +27,7 @@ use maas_engine::scsi::{LogicalUnit, LuIdentity};
 use maas_tests::bench::{
     FioJob, Results, bench_pool, fio_bin, fio_iscsi, free_port, init_logging, repo_root,
 };
+use maas_tests::maasd::{Maasd, export, volume};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -52,6 +60,36 @@ struct Args {
     /// Working directory (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Also measure the real maasd on its defaults (see above).
+    #[arg(long)]
+    defaults: bool,
+}
+
+/// The `maasd` binary beside this one (built if missing), or `MAAS_MAASD_BIN`.
+fn maasd_beside_me() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MAAS_MAASD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("no directory above this binary")?;
+    let bin = dir.join("maasd");
+    if !bin.is_file() {
+        let target = dir
+            .parent()
+            .context("no target directory above this binary")?;
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.current_dir(repo_root())
+            .env("CARGO_TARGET_DIR", target)
+            .args(["build", "-q", "-p", "maas-manager", "--bin", "maasd"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().context("building maasd")?;
+        if !st.success() || !bin.is_file() {
+            bail!("building {} failed ({st})", bin.display());
+        }
+    }
+    Ok(bin)
 }
 
 const MAAS_IQN: &str = "iqn.2026-11.io.maas:bench";
@@ -163,6 +201,42 @@ fn main() -> Result<()> {
     let _tgt = Tgt::start(tgt_port, &dir.join("tgt.img"), size)?;
     let tgt_url = format!("iscsi://127.0.0.1:{tgt_port}/{TGT_IQN}/1");
 
+    // maasd as a user starts it: no settings but its addresses (and HTTPS, its default).
+    let maasd = if args.defaults {
+        let m = Maasd::builder(maasd_beside_me()?, &dir.join("maasd"))
+            .pool_defaults()
+            .start();
+        let vol = volume(&m, "bench", size, 512);
+        let e = export(&m, &vol, &[INITIATOR], None);
+        let target = e["target"].as_str().context("export without a target")?;
+        let lun = e["lun"].as_u64().unwrap_or(0);
+        let url = format!("iscsi://127.0.0.1:{}/{target}/{lun}", m.iscsi_port);
+        Some((m, url))
+    } else {
+        None
+    };
+    let mut sides: Vec<(&str, &str)> = vec![("maas", &maas_url)];
+    if let Some((_, url)) = &maasd {
+        sides.push(("maasd_defaults", url));
+    }
+    sides.push(("tgt", &tgt_url));
+    let sides: Vec<(&str, &str)> = sides
+        .into_iter()
+        .filter(|(name, _)| args.side.as_deref().is_none_or(|s| s == *name))
+        .collect();
+
+    // Every volume filled once: reads then read data, not holes.
+    for (name, url) in &sides {
+        let fill = FioJob {
+            rw: "write",
+            bs: "1M",
+            depth: 32,
+            seconds: 3 * args.size_gib.max(1),
+            size,
+        };
+        fio_iscsi(&fio_path, url, INITIATOR, fill).with_context(|| format!("filling {name}"))?;
+    }
+
     let mut results = Results::default();
     for _ in 0..args.rounds {
         for w in &WORKLOADS {
@@ -170,10 +244,7 @@ fn main() -> Result<()> {
                 continue;
             }
             let depth = if w.bandwidth { args.seq_depth } else { 32 };
-            for (name, url) in [("maas", &maas_url), ("tgt", &tgt_url)] {
-                if args.side.as_deref().is_some_and(|s| s != name) {
-                    continue;
-                }
+            for &(name, url) in &sides {
                 let job = FioJob {
                     rw: w.rw,
                     bs: w.bs,
@@ -191,18 +262,27 @@ fn main() -> Result<()> {
     rt.block_on(server.shutdown());
     drop(rt);
     pool.close()?;
+    drop(maasd);
 
     let fig = |name: &str, key: &str| results.median(name, key);
+    let ratio = |m: f64, t: f64| {
+        if t > 0.0 {
+            (m / t * 100.0).round() / 100.0
+        } else {
+            0.0
+        }
+    };
     let mut out = json!({"maas": {}, "tgt": {}, "ratio": {}});
     for w in &WORKLOADS {
         let (m, t) = (fig("maas", w.key), fig("tgt", w.key));
         out["maas"][w.key] = json!((m * 10.0).round() / 10.0);
         out["tgt"][w.key] = json!((t * 10.0).round() / 10.0);
-        out["ratio"][w.key] = json!(if t > 0.0 {
-            (m / t * 100.0).round() / 100.0
-        } else {
-            0.0
-        });
+        out["ratio"][w.key] = json!(ratio(m, t));
+        if args.defaults {
+            let d = fig("maasd_defaults", w.key);
+            out["maasd_defaults"][w.key] = json!((d * 10.0).round() / 10.0);
+            out["ratio_defaults"][w.key] = json!(ratio(d, t));
+        }
     }
     out["config"] = json!({
         "seconds": args.seconds, "rounds": args.rounds, "size_gib": args.size_gib,
@@ -211,18 +291,38 @@ fn main() -> Result<()> {
     if args.json {
         println!("{out}");
     } else {
-        println!(
-            "{:<18} {:>12} {:>12} {:>8}",
-            "workload", "maas", "tgt", "ratio"
-        );
-        for w in &WORKLOADS {
+        if args.defaults {
             println!(
-                "{:<18} {:>12.1} {:>12.1} {:>7.2}x",
-                w.key,
-                fig("maas", w.key),
-                fig("tgt", w.key),
-                out["ratio"][w.key].as_f64().unwrap_or(0.0)
+                "{:<18} {:>12} {:>14} {:>12} {:>8} {:>9}",
+                "workload", "maas tuned", "maasd defaults", "tgt", "ratio", "defaults"
             );
+        } else {
+            println!(
+                "{:<18} {:>12} {:>12} {:>8}",
+                "workload", "maas", "tgt", "ratio"
+            );
+        }
+        for w in &WORKLOADS {
+            let r = |k: &str| out[k][w.key].as_f64().unwrap_or(0.0);
+            if args.defaults {
+                println!(
+                    "{:<18} {:>12.1} {:>14.1} {:>12.1} {:>7.2}x {:>8.2}x",
+                    w.key,
+                    fig("maas", w.key),
+                    fig("maasd_defaults", w.key),
+                    fig("tgt", w.key),
+                    r("ratio"),
+                    r("ratio_defaults")
+                );
+            } else {
+                println!(
+                    "{:<18} {:>12.1} {:>12.1} {:>7.2}x",
+                    w.key,
+                    fig("maas", w.key),
+                    fig("tgt", w.key),
+                    r("ratio")
+                );
+            }
         }
     }
     Ok(())
