@@ -226,6 +226,7 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
         wal_segment_bytes: cfg.pool.wal_segment_bytes,
         wal_fold_threshold: cfg.pool.wal_fold_threshold,
         background: true,
+        ram_tier: None,
     };
     let mut create = maas_pool::CreateOptions {
         chunk_size: cfg.pool.chunk_size,
