@@ -1311,6 +1311,8 @@ pub(crate) struct RamTierState {
     pub shrinks: AtomicU64,
     pub mem_total: AtomicU64,
     pub mem_available: AtomicU64,
+    /// Whether the last change was a shrink (logs once per episode at info).
+    pub shrinking: AtomicBool,
 }
 
 impl RamTierState {
@@ -1372,6 +1374,7 @@ impl RamTierState {
             shrinks: AtomicU64::new(0),
             mem_total: AtomicU64::new(m.total),
             mem_available: AtomicU64::new(m.available),
+            shrinking: AtomicBool::new(false),
         };
         (opts, st)
     }
@@ -1407,21 +1410,41 @@ impl PoolInner {
         }
         if next < cur {
             self.ram.shrinks.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                from = cur,
-                to = next,
-                held = usage,
-                mem_available = m.available,
-                mem_total = m.total,
-                psi_some_avg10 = m.psi_some_avg10.unwrap_or(0.0),
-                "RAM tier: memory is short; giving memory back"
-            );
+            let first = !self.ram.shrinking.swap(true, Ordering::Relaxed);
+            let msg = "RAM tier: memory is short; giving memory back";
+            let psi = m.psi_some_avg10.unwrap_or(0.0);
+            // Under lasting pressure it shrinks every second: info once, then debug.
+            if first {
+                tracing::info!(
+                    from = cur,
+                    to = next,
+                    held = usage,
+                    mem_available = m.available,
+                    mem_total = m.total,
+                    psi_some_avg10 = psi,
+                    "{msg}"
+                );
+            } else {
+                tracing::debug!(
+                    from = cur,
+                    to = next,
+                    held = usage,
+                    mem_available = m.available,
+                    mem_total = m.total,
+                    psi_some_avg10 = psi,
+                    "{msg}"
+                );
+            }
         } else {
-            tracing::debug!(
-                from = cur,
-                to = next,
-                "RAM tier: memory is plentiful; growing back"
-            );
+            if self.ram.shrinking.swap(false, Ordering::Relaxed) {
+                tracing::info!(
+                    from = cur,
+                    mem_available = m.available,
+                    mem_total = m.total,
+                    "RAM tier: memory is plentiful again; growing back gradually"
+                );
+            }
+            tracing::debug!(from = cur, to = next, "RAM tier: growing back");
         }
         self.ram.target.store(next, Ordering::Relaxed);
         let t = p.split(next, &auto.parts);
