@@ -235,6 +235,20 @@ fn pool_out(st: &AppState) -> ApiResult<api::Pool> {
         compression_ratio: s.compression_ratio,
         volumes: s.volumes,
         snapshots: s.snapshots,
+        ram_tier: api::RamTier {
+            auto: s.ram_tier.auto,
+            target_bytes: s.ram_tier.target_bytes,
+            max_bytes: s.ram_tier.max_bytes,
+            chunk_cache_limit: s.ram_tier.chunk_cache_limit,
+            chunk_cache_bytes: s.ram_tier.chunk_cache_bytes,
+            log_cache_limit: s.ram_tier.log_cache_limit,
+            log_cache_bytes: s.ram_tier.log_cache_bytes,
+            write_buffer_limit: s.ram_tier.write_buffer_limit,
+            write_buffer_bytes: s.ram_tier.write_buffer_bytes,
+            shrinks: s.ram_tier.shrinks,
+            mem_total_bytes: s.ram_tier.mem_total_bytes,
+            mem_available_bytes: s.ram_tier.mem_available_bytes,
+        },
     })
 }
 

@@ -58,12 +58,71 @@ impl std::fmt::Debug for CatalogConfig {
 pub struct PoolConfig {
     pub chunk_size: u64,
     pub device_size: u64,
-    pub cache_bytes: u64,
-    pub log_cache_bytes: u64,
-    pub write_buffer_bytes: u64,
+    pub cache_bytes: RamSize,
+    pub log_cache_bytes: RamSize,
+    pub write_buffer_bytes: RamSize,
     pub write_back_delay_ms: u64,
     pub wal_segment_bytes: u64,
     pub wal_fold_threshold: u64,
+}
+
+/// The size of a part of the RAM tier: `"auto"` (sized from the machine's memory, and given
+/// back under memory pressure: see `maas_pool::ramtier`) or a fixed number of bytes (0 = off).
+/// In TOML and in `MAAS_POOL_*` variables: `"auto"` or an integer (a string of digits too).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RamSize {
+    #[default]
+    Auto,
+    Bytes(u64),
+}
+
+impl RamSize {
+    /// The fixed size, if one was set.
+    pub fn fixed(self) -> Option<u64> {
+        match self {
+            RamSize::Auto => None,
+            RamSize::Bytes(b) => Some(b),
+        }
+    }
+}
+
+impl Serialize for RamSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RamSize::Auto => s.serialize_str("auto"),
+            RamSize::Bytes(b) => s.serialize_u64(*b),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RamSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RamSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"auto\" or a size in bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RamSize, E> {
+                Ok(RamSize::Bytes(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RamSize, E> {
+                u64::try_from(v)
+                    .map(RamSize::Bytes)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RamSize, E> {
+                let v = v.trim();
+                if v.eq_ignore_ascii_case("auto") {
+                    return Ok(RamSize::Auto);
+                }
+                v.parse().map(RamSize::Bytes).map_err(|_| {
+                    E::custom(format!("{v:?} is neither \"auto\" nor a size in bytes"))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Where a block target listens and what address it gives clients.
@@ -174,9 +233,9 @@ impl Default for PoolConfig {
         PoolConfig {
             chunk_size: 1 << 20,
             device_size: 0,
-            cache_bytes: 256 << 20,
-            log_cache_bytes: 256 << 20,
-            write_buffer_bytes: 256 << 20,
+            cache_bytes: RamSize::Auto,
+            log_cache_bytes: RamSize::Auto,
+            write_buffer_bytes: RamSize::Auto,
             write_back_delay_ms: 5000,
             wal_segment_bytes: 64 << 20,
             wal_fold_threshold: 2 << 30,
@@ -260,18 +319,32 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "device_size",
         "Size of the pool's data file on first start; 0 = the filesystem's free space (sparse).",
     ),
-    ("pool", "cache_bytes", "RAM tier: decompressed chunk cache."),
+    (
+        "pool",
+        "cache_bytes",
+        "RAM tier: decompressed chunk cache, in bytes (0 = off), or \"auto\". The RAM tier \
+         sizes itself like the page cache: its \"auto\" parts share up to half of the \
+         machine's memory (at least 64 MiB, at most 64 GiB; chunk cache 5, log cache 2, write \
+         buffer 1 share, the write buffer at most 1 GiB), never more at start than is \
+         available above 20% of it. Every second maasd reads /proc/meminfo and \
+         /proc/pressure/memory: below 10% of memory available (or PSI some avg10 above 10) \
+         the RAM tier gives memory back at once (caches evict; the write buffer goes to the \
+         device, never dropped), and above 20% it grows back by 1/32 of its maximum a second. \
+         A number fixes a part's size: it is never shrunk.",
+    ),
     (
         "pool",
         "log_cache_bytes",
-        "RAM tier: recently written blocks kept in memory for reads (0 = off).",
+        "RAM tier: recently written blocks kept in memory for reads, in bytes (0 = off), or \
+         \"auto\" (see cache_bytes).",
     ),
     (
         "pool",
         "write_buffer_bytes",
         "RAM tier: written blocks held in memory before they go to the write-ahead log's \
          device; rewrites replace them in place. A flush (SYNCHRONIZE CACHE, NVMe Flush, FUA) \
-         writes them at once. 0 = write every batch as it closes.",
+         writes them at once. In bytes (0 = write every batch as it closes), or \"auto\" (see \
+         cache_bytes).",
     ),
     (
         "pool",
@@ -430,6 +503,25 @@ impl Config {
                 let var = format!("MAAS_{}_{}", section.to_uppercase(), key.to_uppercase());
                 let Some(s) = env(&var) else { continue };
                 *val = match val {
+                    // A RAM tier size set to a number in the file can be "auto" again here.
+                    toml::Value::Integer(_) if s.trim().eq_ignore_ascii_case("auto") => {
+                        toml::Value::String(s)
+                    }
+                    // A RAM tier size that is "auto" here: "auto" or a number.
+                    toml::Value::String(cur) if cur == "auto" => {
+                        if s.trim().eq_ignore_ascii_case("auto") {
+                            toml::Value::String("auto".into())
+                        } else {
+                            toml::Value::Integer(s.trim().parse().map_err(|_| {
+                                ConfigError::Env {
+                                    var: var.clone(),
+                                    detail: format!(
+                                        "{s:?} is neither \"auto\" nor a size in bytes"
+                                    ),
+                                }
+                            })?)
+                        }
+                    }
                     toml::Value::Integer(_) => {
                         toml::Value::Integer(s.trim().parse().map_err(|_| ConfigError::Env {
                             var: var.clone(),
@@ -607,6 +699,53 @@ mod tests {
     }
 
     #[test]
+    fn ram_tier_sizes_are_auto_by_default_and_numbers_fix_them() {
+        let d = Config::default();
+        assert_eq!(d.pool.cache_bytes, RamSize::Auto);
+        assert_eq!(d.pool.log_cache_bytes, RamSize::Auto);
+        assert_eq!(d.pool.write_buffer_bytes, RamSize::Auto);
+        let text = Config::annotated_defaults();
+        assert!(text.contains("cache_bytes = \"auto\""), "{text}");
+        assert!(
+            text.contains("half of the"),
+            "the policy is documented:\n{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[pool]\ncache_bytes = 0\nlog_cache_bytes = \"auto\"\nwrite_buffer_bytes = 1048576\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), |_| None).unwrap();
+        // 0 keeps its meaning (off), a number is fixed, "auto" is auto.
+        assert_eq!(c.pool.cache_bytes, RamSize::Bytes(0));
+        assert_eq!(c.pool.log_cache_bytes, RamSize::Auto);
+        assert_eq!(c.pool.write_buffer_bytes, RamSize::Bytes(1 << 20));
+        // Variables: a number over "auto", "auto" over a number.
+        let c = Config::load(Some(&f), |k| match k {
+            "MAAS_POOL_LOG_CACHE_BYTES" => Some("4096".into()),
+            "MAAS_POOL_WRITE_BUFFER_BYTES" => Some("auto".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.pool.log_cache_bytes, RamSize::Bytes(4096));
+        assert_eq!(c.pool.write_buffer_bytes, RamSize::Auto);
+        for bad in ["cache_bytes = \"lots\"", "cache_bytes = -1"] {
+            std::fs::write(&f, format!("[pool]\n{bad}\n")).unwrap();
+            let e = Config::load(Some(&f), |_| None);
+            assert!(matches!(e, Err(ConfigError::Parse { .. })), "{bad}: {e:?}");
+        }
+        let e = Config::load(None, |k| {
+            (k == "MAAS_POOL_CACHE_BYTES").then(|| "lots".to_string())
+        });
+        assert!(
+            matches!(&e, Err(ConfigError::Env { var, .. }) if var == "MAAS_POOL_CACHE_BYTES"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn env_overrides_file_and_types_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
@@ -625,7 +764,8 @@ mod tests {
         assert_eq!(c.api.listen, "127.0.0.1:18080");
         assert_eq!(c.iscsi.listen, "127.0.0.1:3261");
         assert_eq!(c.pool.chunk_size, 262144);
-        assert_eq!(c.pool.cache_bytes, 1);
+        assert_eq!(c.pool.cache_bytes, RamSize::Bytes(1));
+        assert_eq!(c.pool.log_cache_bytes, RamSize::Auto);
         let limited = Config::load(None, |k| match k {
             "MAAS_ISCSI_MAX_CONNECTIONS" => Some("10".to_string()),
             "MAAS_NVME_TCP_ICREQ_TIMEOUT_MS" => Some("2500".to_string()),

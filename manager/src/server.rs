@@ -32,7 +32,7 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         api::list_jobs, api::get_job, api::list_tokens, api::create_token, api::delete_token,
     ),
     components(schemas(
-        maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::Device, maas_api::Volume,
+        maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::Device, maas_api::Volume,
         maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
         maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
@@ -211,6 +211,43 @@ pub struct StartOptions {
     pub create_pool: bool,
 }
 
+/// A fixed RAM tier size, or the pool's default for an "auto" one (used only if the machine's
+/// memory cannot be read).
+fn fixed_or_default(s: crate::config::RamSize) -> usize {
+    s.fixed().map_or(256 << 20, |b| b as usize)
+}
+
+/// The self-sizing RAM tier for the parts configured "auto" (None if every size is fixed).
+/// `MAAS_TEST_MEMINFO` / `MAAS_TEST_PRESSURE` point the watcher at other files than /proc's:
+/// for tests only, and loud about it (the pool logs it at warn).
+fn ram_tier(p: &crate::config::PoolConfig) -> Option<maas_pool::AutoRamTier> {
+    let parts = maas_pool::AutoParts {
+        chunk_cache: p.cache_bytes.fixed().is_none(),
+        log_cache: p.log_cache_bytes.fixed().is_none(),
+        write_buffer: p.write_buffer_bytes.fixed().is_none(),
+    };
+    if !(parts.chunk_cache || parts.log_cache || parts.write_buffer) {
+        tracing::info!(
+            cache_bytes = ?p.cache_bytes,
+            log_cache_bytes = ?p.log_cache_bytes,
+            write_buffer_bytes = ?p.write_buffer_bytes,
+            "RAM tier: every size fixed by configuration"
+        );
+        return None;
+    }
+    let mut auto = maas_pool::AutoRamTier {
+        parts,
+        ..Default::default()
+    };
+    if let Some(f) = std::env::var_os("MAAS_TEST_MEMINFO") {
+        auto.meminfo_path = f.into();
+    }
+    if let Some(f) = std::env::var_os("MAAS_TEST_PRESSURE") {
+        auto.pressure_path = f.into();
+    }
+    Some(auto)
+}
+
 pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> {
     maas_pool::fsmode::private_dir(&cfg.data.dir)
         .with_context(|| format!("creating {}", cfg.data.dir.display()))?;
@@ -219,13 +256,14 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
     tracing::info!(catalog = %crate::catalog::redact(&url), backend = catalog.backend(), "catalog open");
     let pool_dir = cfg.data.dir.join("pool");
     let opts = maas_pool::OpenOptions {
-        cache_bytes: cfg.pool.cache_bytes as usize,
-        log_cache_bytes: cfg.pool.log_cache_bytes as usize,
-        write_buffer_bytes: cfg.pool.write_buffer_bytes as usize,
+        cache_bytes: fixed_or_default(cfg.pool.cache_bytes),
+        log_cache_bytes: fixed_or_default(cfg.pool.log_cache_bytes),
+        write_buffer_bytes: fixed_or_default(cfg.pool.write_buffer_bytes),
         write_back_delay: std::time::Duration::from_millis(cfg.pool.write_back_delay_ms),
         wal_segment_bytes: cfg.pool.wal_segment_bytes,
         wal_fold_threshold: cfg.pool.wal_fold_threshold,
         background: true,
+        ram_tier: ram_tier(&cfg.pool),
     };
     let mut create = maas_pool::CreateOptions {
         chunk_size: cfg.pool.chunk_size,

@@ -84,3 +84,80 @@ fn logs_to_a_file_are_plain_text() {
     assert!(log.contains("maasd stopped cleanly"));
     assert!(!log.contains('\u{1b}'), "no ANSI escapes in a log file");
 }
+
+/// Writes a fake meminfo (atomically) for `MAAS_TEST_MEMINFO`.
+fn fake_meminfo(path: &std::path::Path, total: u64, available: u64) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "MemTotal: {} kB\nMemAvailable: {} kB\n",
+            total / 1024,
+            available / 1024
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Started with no RAM tier settings, maasd sizes the RAM tier from the machine's memory (half
+/// of it here, split 5:2:1), says so in its log and in the pool's API, and gives memory back
+/// when memory runs short.
+#[test]
+fn default_start_sizes_the_ram_tier_from_memory() {
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = tempfile::tempdir().unwrap();
+    let mem = fake.path().join("meminfo");
+    fake_meminfo(&mem, 8 * GIB, 7 * GIB);
+    let mut m = Maasd::builder(MAASD, dir.path())
+        .env("MAAS_TEST_MEMINFO", mem.to_str().unwrap())
+        .start();
+    let p = m.ok("GET", "/pools/default", None);
+    let r = &p["ram_tier"];
+    assert_eq!(r["auto"], true, "{p}");
+    assert_eq!(r["max_bytes"], 4 * GIB, "{p}");
+    assert_eq!(r["target_bytes"], 4 * GIB, "{p}");
+    assert_eq!(r["chunk_cache_limit"], 4 * GIB * 5 / 8, "{p}");
+    assert_eq!(r["log_cache_limit"], 4 * GIB * 2 / 8, "{p}");
+    assert_eq!(r["write_buffer_limit"], 4 * GIB / 8, "{p}");
+    let log = m.log();
+    assert!(log.contains("RAM tier sized automatically"), "{log}");
+    assert!(
+        log.contains("from a test file"),
+        "the test override is loud: {log}"
+    );
+    // Memory runs short: the tier shrinks within a few seconds.
+    fake_meminfo(&mem, 8 * GIB, 8 * GIB / 50);
+    let t0 = std::time::Instant::now();
+    loop {
+        let p = m.ok("GET", "/pools/default", None);
+        if p["ram_tier"]["shrinks"].as_u64().unwrap() > 0 {
+            assert!(p["ram_tier"]["target_bytes"].as_u64().unwrap() < GIB, "{p}");
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 20, "no shrink: {p}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    m.stop();
+    assert!(m.log().contains("giving memory back"));
+}
+
+/// Explicit sizes win: fixed, no watcher.
+#[test]
+fn explicit_ram_tier_sizes_are_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Maasd::builder(MAASD, dir.path())
+        .env("MAAS_POOL_CACHE_BYTES", "33554432")
+        .env("MAAS_POOL_LOG_CACHE_BYTES", "16777216")
+        .env("MAAS_POOL_WRITE_BUFFER_BYTES", "8388608")
+        .start();
+    let p = m.ok("GET", "/pools/default", None);
+    let r = &p["ram_tier"];
+    assert_eq!(r["auto"], false, "{p}");
+    assert_eq!(r["chunk_cache_limit"], 32u64 << 20, "{p}");
+    assert_eq!(r["log_cache_limit"], 16u64 << 20, "{p}");
+    assert_eq!(r["write_buffer_limit"], 8u64 << 20, "{p}");
+    m.stop();
+    assert!(m.log().contains("every size fixed by configuration"));
+}

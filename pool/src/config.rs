@@ -162,6 +162,10 @@ pub struct OpenOptions {
     pub wal_fold_threshold: u64,
     /// Run the background maintenance thread (fold when the WAL grows, reclaim space).
     pub background: bool,
+    /// Self-sizing RAM tier (see [`crate::ramtier`]): the parts it names ignore their fixed
+    /// size above, start at a share of the machine's memory and give it back under memory
+    /// pressure. None: every size above is fixed.
+    pub ram_tier: Option<crate::ramtier::AutoRamTier>,
 }
 
 impl Default for OpenOptions {
@@ -174,6 +178,7 @@ impl Default for OpenOptions {
             wal_segment_bytes: 64 << 20,
             wal_fold_threshold: 2 << 30,
             background: true,
+            ram_tier: None,
         }
     }
 }

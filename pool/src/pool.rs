@@ -25,6 +25,7 @@ use crate::meta::{
 };
 use crate::object::Keys;
 use crate::overlay::Overlay;
+use crate::ramtier::{AutoRamTier, RamTierStats};
 use crate::refs::{self, RefDelta};
 use crate::shared::{ByteLru, Shared};
 use crate::types::{BLOCK, Digest, SnapshotId, Tier, VolumeId};
@@ -140,6 +141,7 @@ pub(crate) struct PoolInner {
     pub closed: AtomicBool,
     pub bg_wake: (Mutex<bool>, Condvar),
     pub threads: Mutex<Vec<JoinHandle<()>>>,
+    pub ram: RamTierState,
 }
 
 /// A storage pool. Cheap to clone; all clones share one open pool.
@@ -232,6 +234,7 @@ impl Pool {
     /// Opens an existing pool, replays its WAL and starts its background threads.
     pub fn open(dir: &Path, opts: OpenOptions) -> Result<Pool> {
         crate::powerloss::start_from_env(dir);
+        let (opts, ram) = RamTierState::resolve(opts);
         let sb = Superblock::load(dir)?;
         let secret = sb.secret_bytes()?;
         let mut devices = Vec::new();
@@ -407,6 +410,7 @@ impl Pool {
             closed: AtomicBool::new(false),
             bg_wake: (Mutex::new(false), Condvar::new()),
             threads: Mutex::new(Vec::new()),
+            ram,
         });
         let w = inner.wal.clone();
         let flusher = std::thread::Builder::new()
@@ -428,6 +432,14 @@ impl Pool {
                 .spawn(move || maintenance_loop(weak))
                 .map_err(|e| PoolError::io("spawn pool maintenance", e))?;
             inner.threads.lock().push(bg);
+        }
+        if inner.ram.auto.is_some() {
+            let weak = Arc::downgrade(&inner);
+            let w = std::thread::Builder::new()
+                .name("maas-ram-watch".into())
+                .spawn(move || ram_watch_loop(weak))
+                .map_err(|e| PoolError::io("spawn RAM tier watcher", e))?;
+            inner.threads.lock().push(w);
         }
         Ok(Pool { inner })
     }
@@ -1289,6 +1301,230 @@ impl Drop for PoolInner {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
             tracing::error!(error = %e, "closing pool failed");
+        }
+    }
+}
+
+/// The self-sizing RAM tier's state (see [`crate::ramtier`]).
+#[derive(Debug, Default)]
+pub(crate) struct RamTierState {
+    /// None: every size is fixed (or the memory could not be read at open).
+    pub auto: Option<AutoRamTier>,
+    /// Total target of the auto parts, and its maximum on this machine.
+    pub target: AtomicU64,
+    pub max: AtomicU64,
+    pub shrinks: AtomicU64,
+    pub mem_total: AtomicU64,
+    pub mem_available: AtomicU64,
+    /// Whether the last change was a shrink (logs once per episode at info).
+    pub shrinking: AtomicBool,
+}
+
+impl RamTierState {
+    /// Sizes the auto parts of the RAM tier from the machine's memory now, rewriting their
+    /// sizes in `opts`. Without a readable meminfo, the fixed sizes stand (logged).
+    fn resolve(mut opts: OpenOptions) -> (OpenOptions, RamTierState) {
+        let Some(auto) = opts.ram_tier.clone() else {
+            return (opts, RamTierState::default());
+        };
+        if auto.meminfo_path.as_path() != std::path::Path::new(crate::ramtier::PROC_MEMINFO) {
+            tracing::warn!(meminfo = %auto.meminfo_path.display(), pressure = %auto.pressure_path.display(),
+                "RAM tier: reading memory figures from a test file, not the kernel's");
+        }
+        let m = match crate::ramtier::read_sample(&auto.meminfo_path, &auto.pressure_path) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, cache_bytes = opts.cache_bytes, log_cache_bytes = opts.log_cache_bytes,
+                    write_buffer_bytes = opts.write_buffer_bytes,
+                    "RAM tier: cannot read the machine's memory figures; using the fixed sizes");
+                return (opts, RamTierState::default());
+            }
+        };
+        let p = &auto.policy;
+        let total = p.initial(&m);
+        let max = p.max_total(m.total);
+        let t = p.split(total, &auto.parts);
+        if auto.parts.chunk_cache {
+            opts.cache_bytes = t.chunk_cache as usize;
+        }
+        if auto.parts.log_cache {
+            opts.log_cache_bytes = t.log_cache as usize;
+        }
+        if auto.parts.write_buffer {
+            opts.write_buffer_bytes = t.write_buffer as usize;
+        }
+        tracing::info!(
+            target_bytes = total,
+            max_bytes = max,
+            mem_total = m.total,
+            mem_available = m.available,
+            psi_some_avg10 = m.psi_some_avg10.unwrap_or(0.0),
+            cache_bytes = opts.cache_bytes,
+            log_cache_bytes = opts.log_cache_bytes,
+            write_buffer_bytes = opts.write_buffer_bytes,
+            auto_chunk_cache = auto.parts.chunk_cache,
+            auto_log_cache = auto.parts.log_cache,
+            auto_write_buffer = auto.parts.write_buffer,
+            "RAM tier sized automatically: up to {}% of memory ({} MiB), no more than is available \
+             above {}% of it; gives memory back below {}% available",
+            p.max_share_pct,
+            max >> 20,
+            p.high_water_pct,
+            p.low_water_pct
+        );
+        let st = RamTierState {
+            auto: Some(auto),
+            target: AtomicU64::new(total),
+            max: AtomicU64::new(max),
+            shrinks: AtomicU64::new(0),
+            mem_total: AtomicU64::new(m.total),
+            mem_available: AtomicU64::new(m.available),
+            shrinking: AtomicBool::new(false),
+        };
+        (opts, st)
+    }
+}
+
+impl PoolInner {
+    /// What the auto parts of the RAM tier hold now.
+    fn ram_usage(&self, parts: &crate::ramtier::AutoParts) -> u64 {
+        let (log, buf) = self.wal.ram_usage();
+        let chunks = self.shared.chunk_cache.lock().bytes();
+        let on = |b: bool, v: usize| if b { v as u64 } else { 0 };
+        on(parts.chunk_cache, chunks) + on(parts.log_cache, log) + on(parts.write_buffer, buf)
+    }
+
+    /// One look of the RAM tier's watcher: re-decides the target and applies it.
+    fn ram_watch_once(&self, auto: &AutoRamTier) {
+        let m = match crate::ramtier::read_sample(&auto.meminfo_path, &auto.pressure_path) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "RAM tier: cannot read memory figures; keeping the targets");
+                return;
+            }
+        };
+        self.ram.mem_total.store(m.total, Ordering::Relaxed);
+        self.ram.mem_available.store(m.available, Ordering::Relaxed);
+        let p = &auto.policy;
+        self.ram.max.store(p.max_total(m.total), Ordering::Relaxed);
+        let cur = self.ram.target.load(Ordering::Relaxed);
+        let usage = self.ram_usage(&auto.parts);
+        let next = p.decide(&m, cur, usage);
+        if next == cur {
+            return;
+        }
+        if next < cur {
+            self.ram.shrinks.fetch_add(1, Ordering::Relaxed);
+            let first = !self.ram.shrinking.swap(true, Ordering::Relaxed);
+            let msg = "RAM tier: memory is short; giving memory back";
+            let psi = m.psi_some_avg10.unwrap_or(0.0);
+            // Under lasting pressure it shrinks every second: info once, then debug.
+            if first {
+                tracing::info!(
+                    from = cur,
+                    to = next,
+                    held = usage,
+                    mem_available = m.available,
+                    mem_total = m.total,
+                    psi_some_avg10 = psi,
+                    "{msg}"
+                );
+            } else {
+                tracing::debug!(
+                    from = cur,
+                    to = next,
+                    held = usage,
+                    mem_available = m.available,
+                    mem_total = m.total,
+                    psi_some_avg10 = psi,
+                    "{msg}"
+                );
+            }
+        } else {
+            if self.ram.shrinking.swap(false, Ordering::Relaxed) {
+                tracing::info!(
+                    from = cur,
+                    mem_available = m.available,
+                    mem_total = m.total,
+                    "RAM tier: memory is plentiful again; growing back gradually"
+                );
+            }
+            tracing::debug!(from = cur, to = next, "RAM tier: growing back");
+        }
+        self.ram.target.store(next, Ordering::Relaxed);
+        let t = p.split(next, &auto.parts);
+        if auto.parts.chunk_cache {
+            let evicted = self
+                .shared
+                .chunk_cache
+                .lock()
+                .set_limit(t.chunk_cache as usize);
+            drop(evicted);
+        }
+        if auto.parts.log_cache {
+            self.wal.set_cache_limit(t.log_cache as usize);
+        }
+        if auto.parts.write_buffer {
+            self.wal.set_buffer_limit(t.write_buffer as usize);
+        }
+    }
+
+    pub(crate) fn ram_tier_stats(&self) -> RamTierStats {
+        let (log_bytes, buf_bytes) = self.wal.ram_usage();
+        let (chunk_limit, chunk_bytes) = {
+            let c = self.shared.chunk_cache.lock();
+            (c.limit(), c.bytes())
+        };
+        let chunk_limit = if self.shared.chunk_cache_disabled {
+            0
+        } else {
+            chunk_limit
+        };
+        RamTierStats {
+            auto: self.ram.auto.is_some(),
+            target_bytes: self.ram.target.load(Ordering::Relaxed),
+            max_bytes: self.ram.max.load(Ordering::Relaxed),
+            chunk_cache_limit: chunk_limit as u64,
+            chunk_cache_bytes: chunk_bytes as u64,
+            log_cache_limit: self.wal.cache_limit() as u64,
+            log_cache_bytes: log_bytes as u64,
+            write_buffer_limit: self.wal.buffer_limit() as u64,
+            write_buffer_bytes: buf_bytes as u64,
+            shrinks: self.ram.shrinks.load(Ordering::Relaxed),
+            mem_total_bytes: self.ram.mem_total.load(Ordering::Relaxed),
+            mem_available_bytes: self.ram.mem_available.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Pool {
+    /// The RAM tier's targets and usage now (cheap: a few locks, no I/O).
+    pub fn ram_tier_stats(&self) -> RamTierStats {
+        self.inner.ram_tier_stats()
+    }
+}
+
+/// The RAM tier's watcher: every interval, re-decides the auto parts' target from the
+/// machine's memory figures.
+fn ram_watch_loop(weak: std::sync::Weak<PoolInner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(auto) = inner.ram.auto.as_ref() else {
+            return;
+        };
+        inner.ram_watch_once(auto);
+        let interval = auto.interval;
+        let (m, c) = &inner.bg_wake;
+        let mut stop = m.lock();
+        if *stop {
+            return;
+        }
+        c.wait_for(&mut stop, interval);
+        if *stop {
+            return;
         }
     }
 }

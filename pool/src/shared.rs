@@ -54,10 +54,60 @@ impl<V> ByteLru<V> {
         self.lru.clear();
         self.bytes = 0;
     }
+    /// Changes the byte budget; a smaller one evicts, least recently used first, at once.
+    /// Returns the evicted values so the caller can drop them outside its lock.
+    pub fn set_limit(&mut self, limit: usize) -> Vec<Arc<V>> {
+        self.limit = limit;
+        let mut evicted = Vec::new();
+        while self.bytes > self.limit {
+            match self.lru.pop_lru() {
+                Some((_, (v, s))) => {
+                    self.bytes -= s;
+                    evicted.push(v);
+                }
+                None => break,
+            }
+        }
+        evicted
+    }
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// Device slots; a device is added by filling the next empty slot, so lookups need no lock.
 pub const MAX_DEVICES: usize = 64;
+
+#[cfg(test)]
+mod lru_tests {
+    use super::*;
+
+    #[test]
+    fn set_limit_evicts_down_at_once_and_raising_it_keeps_everything() {
+        let mut c: ByteLru<u32> = ByteLru::new(100);
+        for i in 0..10u8 {
+            c.put(Digest([i; 32]), Arc::new(u32::from(i)), 10);
+        }
+        assert_eq!(c.bytes(), 100);
+        c.get(&Digest([0; 32]));
+        let gone = c.set_limit(35);
+        assert_eq!(gone.len(), 7);
+        assert_eq!(c.bytes(), 30);
+        // The most recently used survive (0 was touched).
+        assert!(c.get(&Digest([0; 32])).is_some());
+        assert!(c.get(&Digest([9; 32])).is_some());
+        assert!(c.get(&Digest([1; 32])).is_none());
+        assert!(c.set_limit(1000).is_empty());
+        for i in 10..40u8 {
+            c.put(Digest([i; 32]), Arc::new(u32::from(i)), 10);
+        }
+        assert_eq!(c.bytes(), 330);
+    }
+}
 
 #[derive(Debug)]
 pub struct Shared {

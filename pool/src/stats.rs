@@ -37,6 +37,9 @@ pub struct PoolStats {
     pub dedup_ratio: f64,
     /// unique / stored.
     pub compression_ratio: f64,
+    /// The RAM tier: targets and what it holds now.
+    #[serde(default)]
+    pub ram_tier: crate::ramtier::RamTierStats,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -196,6 +199,7 @@ impl Pool {
             free_bytes: free,
             used_bytes: capacity - free,
             wal_bytes,
+            ram_tier: inner.ram_tier_stats(),
             ..Default::default()
         };
         // Multiplicity of every node and chunk: roots count their volumes and snapshots.

@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -257,11 +257,13 @@ pub struct Wal {
     shared: Arc<Shared>,
     st: Mutex<LogState>,
     cache: RwLock<LogCache>,
-    /// Byte budget of `cache` (0: no log cache).
-    cache_limit: usize,
+    /// Byte budget of `cache` (0: no log cache). Adjustable at runtime (the RAM tier's
+    /// watcher): see [`Wal::set_cache_limit`].
+    cache_limit: AtomicUsize,
     /// The write buffer's byte budget (0: batches go to their device as soon as they close,
-    /// and the open one closes whenever the flusher is idle).
-    buffer_limit: usize,
+    /// and the open one closes whenever the flusher is idle). Adjustable at runtime between
+    /// non-zero values: see [`Wal::set_buffer_limit`].
+    buffer_limit: AtomicUsize,
     /// Longest a batch waits in the write buffer.
     buffer_delay: Duration,
     /// Device bytes held by log segments (what [`Wal::usage`] sums, without its lock).
@@ -433,8 +435,8 @@ impl Wal {
             shared,
             st: Mutex::new(st),
             cache: RwLock::new(LogCache::default()),
-            cache_limit: opts.cache_bytes,
-            buffer_limit: opts.write_buffer_bytes,
+            cache_limit: AtomicUsize::new(opts.cache_bytes),
+            buffer_limit: AtomicUsize::new(opts.write_buffer_bytes),
             buffer_delay: opts.write_back_delay,
             spare: Mutex::new(Vec::new()),
             segment_bytes: AtomicU64::new(segment_bytes),
@@ -536,8 +538,9 @@ impl Wal {
         let now = Instant::now();
         // Over budget, it goes down by an eighth at once: the device gets batches in groups,
         // and appenders wake the flusher once per group rather than once per write.
-        let low_water = if st.buffered_bytes > self.buffer_limit {
-            self.buffer_limit - self.buffer_limit / 8
+        let limit = self.buffer_limit();
+        let low_water = if st.buffered_bytes > limit {
+            limit - limit / 8
         } else {
             usize::MAX
         };
@@ -981,7 +984,8 @@ impl Wal {
     /// is; with one, only when the buffer is over its budget (it wakes by itself for the delay,
     /// and flushes wake it). Waking it on every append would cost a futex wake per write.
     fn wake_flusher_if_due(&self, st: &LogState) {
-        if self.buffer_limit == 0 || st.buffered_bytes > self.buffer_limit {
+        let limit = self.buffer_limit();
+        if limit == 0 || st.buffered_bytes > limit {
             self.work.notify_one();
         }
     }
@@ -989,7 +993,7 @@ impl Wal {
     /// Whether appenders must wait: more is in memory, buffered or being written, than the
     /// write buffer and the writes in flight may hold.
     fn over_budget(&self, st: &LogState) -> bool {
-        st.buffered_bytes + st.inflight_bytes > self.buffer_limit + MAX_INFLIGHT_BYTES
+        st.buffered_bytes + st.inflight_bytes > self.buffer_limit() + MAX_INFLIGHT_BYTES
     }
 
     /// Takes the log lock for an append: fails if the log has failed or is shut down, and waits
@@ -1191,7 +1195,7 @@ impl Wal {
                     let want_sync = st.sync_target > self.synced.load(Ordering::SeqCst);
                     let open_due = st.open.as_ref().is_some_and(|o| {
                         !o.entries.is_empty()
-                            && (self.buffer_limit == 0 && st.inflight.is_empty()
+                            && (self.buffer_limit() == 0 && st.inflight.is_empty()
                                 || o.born.elapsed() >= self.buffer_delay)
                     });
                     if open_due {
@@ -1286,7 +1290,7 @@ impl Wal {
         let nap = Duration::from_millis(50);
         let oldest = st.buffered.values().next().or(st.open.as_ref());
         match oldest {
-            Some(b) if self.buffer_limit > 0 => self
+            Some(b) if self.buffer_limit() > 0 => self
                 .buffer_delay
                 .saturating_sub(b.born.elapsed())
                 .clamp(Duration::from_millis(1), nap),
@@ -1294,10 +1298,75 @@ impl Wal {
         }
     }
 
+    /// The log cache's byte budget now (0: off).
+    pub fn cache_limit(&self) -> usize {
+        self.cache_limit.load(Ordering::Relaxed)
+    }
+
+    /// The write buffer's byte budget now (0: none).
+    pub fn buffer_limit(&self) -> usize {
+        self.buffer_limit.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the log cache and the write buffer hold now: (log cache, write buffer).
+    pub fn ram_usage(&self) -> (usize, usize) {
+        let cached = self.cache.read().bytes;
+        let buffered = self.st.lock().buffered_bytes;
+        (cached, buffered)
+    }
+
+    /// Changes the log cache's budget; a smaller one evicts the oldest batches at once. A log
+    /// cache that is off (0) stays off, and this never turns one off: `limit` is at least 1.
+    pub fn set_cache_limit(&self, limit: usize) {
+        if self.cache_limit() == 0 {
+            return;
+        }
+        let limit = limit.max(1);
+        self.cache_limit.store(limit, Ordering::Relaxed);
+        let mut evicted = Vec::new();
+        {
+            let mut c = self.cache.write();
+            while c.bytes > limit {
+                let Some((_, old)) = c.batches.pop_first() else {
+                    break;
+                };
+                c.bytes -= old.buf.capacity();
+                evicted.push(old);
+            }
+        }
+        for b in evicted {
+            self.recycle(b);
+        }
+    }
+
+    /// Changes the write buffer's budget. A smaller one hands the oldest buffered batches to
+    /// the flusher at once, which writes them to their device: shrinking never drops data.
+    /// A write buffer that is off (0) stays off, and this never turns one off.
+    pub fn set_buffer_limit(&self, limit: usize) {
+        if self.buffer_limit() == 0 {
+            return;
+        }
+        let limit = limit.max(1);
+        let old = self.buffer_limit.swap(limit, Ordering::Relaxed);
+        if limit < old {
+            let mut st = self.st.lock();
+            if st.buffered_bytes > limit {
+                self.submit_due(&mut st);
+                if st.buffered_bytes > limit {
+                    // The open batch alone is over the new budget: it goes too.
+                    self.close_open(&mut st);
+                    self.submit_due(&mut st);
+                }
+                self.work.notify_one();
+            }
+        }
+    }
+
     /// Offers written batches to the log cache, evicting the oldest beyond its budget (a batch
     /// that filled little of its buffer was given a tight one when it closed).
     fn keep_in_cache(&self, batches: &[Arc<Batch>]) {
-        if self.cache_limit == 0 {
+        let limit = self.cache_limit();
+        if limit == 0 {
             return;
         }
         let mut evicted = Vec::new();
@@ -1309,7 +1378,7 @@ impl Wal {
                     c.bytes -= old.buf.capacity();
                 }
             }
-            while c.bytes > self.cache_limit {
+            while c.bytes > limit {
                 let Some((_, old)) = c.batches.pop_first() else {
                     break;
                 };

@@ -38,6 +38,7 @@ fn opts() -> OpenOptions {
         wal_segment_bytes: 1 << 20,
         wal_fold_threshold: 3 << 20,
         background: true,
+        ram_tier: None,
     }
 }
 

@@ -80,6 +80,30 @@ pub struct Pool {
     pub compression_ratio: f64,
     pub volumes: u64,
     pub snapshots: u64,
+    /// The RAM tier (decompressed chunks, log cache, write buffer): targets and usage now.
+    #[serde(default)]
+    pub ram_tier: RamTier,
+}
+
+/// The RAM tier's targets and usage. Parts configured `"auto"` size themselves from the
+/// machine's memory and give it back under memory pressure; the others keep a fixed size.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct RamTier {
+    /// Whether any part sizes itself.
+    pub auto: bool,
+    /// Total target of the auto parts now, and its maximum on this machine.
+    pub target_bytes: u64,
+    pub max_bytes: u64,
+    pub chunk_cache_limit: u64,
+    pub chunk_cache_bytes: u64,
+    pub log_cache_limit: u64,
+    pub log_cache_bytes: u64,
+    pub write_buffer_limit: u64,
+    pub write_buffer_bytes: u64,
+    /// Times the tier gave memory back under memory pressure.
+    pub shrinks: u64,
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]

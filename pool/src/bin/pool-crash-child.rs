@@ -88,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         wal_segment_bytes: 1 << 20,
         wal_fold_threshold: 6 << 20,
         background: true,
+        ram_tier: None,
     };
     let pool = if a.pool.join("pool.json").exists() {
         Pool::open(&a.pool, opts).context("open pool")?

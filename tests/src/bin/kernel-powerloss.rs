@@ -89,6 +89,7 @@ fn open_opts(background: bool) -> OpenOptions {
         wal_segment_bytes: 1 << 20,
         wal_fold_threshold: 3 << 20,
         background,
+        ram_tier: None,
     }
 }
 
