@@ -50,6 +50,7 @@ pub struct FioJob<'a> {
     /// fio's `--bs`.
     pub bs: &'a str,
     pub depth: u32,
+    /// Time-based run of this many seconds; 0: one pass over `size`, however long it takes.
     pub seconds: u64,
     pub size: u64,
 }
@@ -68,7 +69,13 @@ pub struct FioResult {
 pub fn fio_iscsi(fio: &Path, url: &str, initiator: &str, job: FioJob<'_>) -> Result<FioResult> {
     // fio splits filenames at ':'; libiscsi URLs need them escaped.
     let filename = url.replace(':', "\\:");
+    let timing = if job.seconds == 0 {
+        Vec::new()
+    } else {
+        vec![format!("--runtime={}", job.seconds), "--time_based".into()]
+    };
     let out = Command::new(fio)
+        .args(timing)
         .args([
             "--name=bench",
             "--ioengine=libiscsi",
@@ -78,8 +85,6 @@ pub fn fio_iscsi(fio: &Path, url: &str, initiator: &str, job: FioJob<'_>) -> Res
             &format!("--bs={}", job.bs),
             &format!("--iodepth={}", job.depth),
             &format!("--size={}", job.size),
-            &format!("--runtime={}", job.seconds),
-            "--time_based",
             "--numjobs=1",
             "--randrepeat=0",
             "--output-format=json",
