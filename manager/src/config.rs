@@ -330,7 +330,9 @@ pub const DOCS: &[(&str, &str, &str)] = &[
          /proc/pressure/memory: below 10% of memory available (or PSI some avg10 above 10) \
          the RAM tier gives memory back at once (caches evict; the write buffer goes to the \
          device, never dropped), and above 20% it grows back by 1/32 of its maximum a second. \
-         A number fixes a part's size: it is never shrunk.",
+         Under a cgroup memory limit (a container, systemd MemoryMax=) the limit counts as \
+         the machine's memory and what the cgroup has left as available. A number fixes a \
+         part's size: it is never shrunk.",
     ),
     (
         "pool",

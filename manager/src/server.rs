@@ -241,6 +241,11 @@ fn ram_tier(p: &crate::config::PoolConfig) -> Option<maas_pool::AutoRamTier> {
     };
     if let Some(f) = std::env::var_os("MAAS_TEST_MEMINFO") {
         auto.meminfo_path = f.into();
+        // The fake figures are the whole machine: no cgroup limit from the real one.
+        auto.cgroup = maas_pool::ramtier::CgroupPaths {
+            self_cgroup: "/nonexistent/maas-test-cgroup".into(),
+            root: "/nonexistent".into(),
+        };
     }
     if let Some(f) = std::env::var_os("MAAS_TEST_PRESSURE") {
         auto.pressure_path = f.into();

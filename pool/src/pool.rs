@@ -1331,7 +1331,7 @@ impl RamTierState {
             tracing::warn!(meminfo = %auto.meminfo_path.display(), pressure = %auto.pressure_path.display(),
                 "RAM tier: reading memory figures from a test file, not the kernel's");
         }
-        let m = match crate::ramtier::read_sample(&auto.meminfo_path, &auto.pressure_path) {
+        let m = match crate::ramtier::read_sample(&auto) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, cache_bytes = opts.cache_bytes, log_cache_bytes = opts.log_cache_bytes,
@@ -1396,7 +1396,7 @@ impl PoolInner {
 
     /// One look of the RAM tier's watcher: re-decides the target and applies it.
     fn ram_watch_once(&self, auto: &AutoRamTier) {
-        let m = match crate::ramtier::read_sample(&auto.meminfo_path, &auto.pressure_path) {
+        let m = match crate::ramtier::read_sample(auto) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(error = %e, "RAM tier: cannot read memory figures; keeping the targets");

@@ -199,6 +199,111 @@ pub struct AutoRamTier {
     pub meminfo_path: PathBuf,
     /// Where PSI is read: `/proc/pressure/memory` (missing is fine: no PSI).
     pub pressure_path: PathBuf,
+    /// Where the process's cgroup and the cgroup filesystem are (`/proc/self/cgroup`,
+    /// `/sys/fs/cgroup`): a container's memory limit bounds the tier like the machine's memory.
+    pub cgroup: CgroupPaths,
+}
+
+/// Where to find the memory limit of the cgroup the process runs in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CgroupPaths {
+    /// `/proc/self/cgroup`.
+    pub self_cgroup: PathBuf,
+    /// `/sys/fs/cgroup` (cgroup v2 there or under `unified/`, v1's memory controller under
+    /// `memory/`).
+    pub root: PathBuf,
+}
+
+impl Default for CgroupPaths {
+    fn default() -> Self {
+        CgroupPaths {
+            self_cgroup: "/proc/self/cgroup".into(),
+            root: "/sys/fs/cgroup".into(),
+        }
+    }
+}
+
+/// The tightest memory limit over the process's cgroup and its ancestors, and what that cgroup
+/// uses that it cannot simply drop (usage minus its inactive file cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupMem {
+    pub limit: u64,
+    pub used: u64,
+}
+
+/// Limits at or above this are "no limit" (cgroup v1 writes 2^63 rounded down to a page).
+const NO_LIMIT: u64 = 1 << 62;
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `key value` from a cgroup `memory.stat`.
+fn stat_field(dir: &Path, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// One cgroup directory's limit and non-reclaimable usage, cgroup v2 then v1 file names; None
+/// without a limit.
+fn cgroup_dir_mem(dir: &Path, v1: bool) -> Option<CgroupMem> {
+    let (max, current, inactive) = if v1 {
+        (
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        )
+    } else {
+        ("memory.max", "memory.current", "inactive_file")
+    };
+    // v2 writes "max" for no limit: it does not parse, which is the same answer.
+    let limit = read_u64(&dir.join(max)).filter(|l| *l < NO_LIMIT)?;
+    let usage = read_u64(&dir.join(current)).unwrap_or(0);
+    let cache = stat_field(dir, inactive)
+        .or_else(|| stat_field(dir, "inactive_file"))
+        .unwrap_or(0);
+    Some(CgroupMem {
+        limit,
+        used: usage.saturating_sub(cache),
+    })
+}
+
+/// The memory limit that applies to this process: the tightest over its cgroup and every
+/// ancestor up to the hierarchy's root (a container sees its own cgroup as the root), in
+/// cgroup v2 or v1's memory controller. None when nothing limits it.
+pub fn read_cgroup_mem(paths: &CgroupPaths) -> Option<CgroupMem> {
+    let text = std::fs::read_to_string(&paths.self_cgroup).ok()?;
+    let mut hierarchies: Vec<(PathBuf, &str, bool)> = Vec::new();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            hierarchies.push((paths.root.clone(), path, false));
+            hierarchies.push((paths.root.join("unified"), path, false));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            hierarchies.push((paths.root.join("memory"), path, true));
+        }
+    }
+    let mut best: Option<CgroupMem> = None;
+    for (root, path, v1) in hierarchies {
+        let mut dir = root.join(path.trim_start_matches('/'));
+        loop {
+            if let Some(m) = cgroup_dir_mem(&dir, v1)
+                && best.is_none_or(|b| m.limit < b.limit)
+            {
+                best = Some(m);
+            }
+            if dir == root || !dir.pop() || !dir.starts_with(&root) {
+                break;
+            }
+        }
+    }
+    best
 }
 
 pub const PROC_MEMINFO: &str = "/proc/meminfo";
@@ -216,6 +321,7 @@ impl Default for AutoRamTier {
             interval: Duration::from_secs(1),
             meminfo_path: PROC_MEMINFO.into(),
             pressure_path: PROC_PRESSURE_MEMORY.into(),
+            cgroup: CgroupPaths::default(),
         }
     }
 }
@@ -241,12 +347,19 @@ pub fn parse_psi(text: &str) -> Option<f64> {
         .ok()
 }
 
-/// Reads a memory sample; None (logged by the caller) if meminfo cannot be read or parsed.
-pub fn read_sample(meminfo: &Path, pressure: &Path) -> std::result::Result<MemSample, String> {
+/// Reads a memory sample; an error (logged by the caller) if meminfo cannot be read or parsed.
+/// Under a cgroup memory limit (a container, `MemoryMax=`), the limit is the machine: total is
+/// at most the limit, available at most what the cgroup has left.
+pub fn read_sample(auto: &AutoRamTier) -> std::result::Result<MemSample, String> {
+    let (meminfo, pressure) = (&auto.meminfo_path, &auto.pressure_path);
     let text = std::fs::read_to_string(meminfo)
         .map_err(|e| format!("reading {}: {e}", meminfo.display()))?;
-    let (total, available) = parse_meminfo(&text)
+    let (mut total, mut available) = parse_meminfo(&text)
         .ok_or_else(|| format!("{}: no MemTotal and MemAvailable lines", meminfo.display()))?;
+    if let Some(cg) = read_cgroup_mem(&auto.cgroup) {
+        total = total.min(cg.limit);
+        available = available.min(cg.limit.saturating_sub(cg.used));
+    }
     let psi_some_avg10 = std::fs::read_to_string(pressure)
         .ok()
         .and_then(|t| parse_psi(&t));
@@ -394,6 +507,87 @@ mod tests {
         // Never 0 for an auto part (0 means "off" for the write buffer and caches).
         let tiny = p.split(0, &ALL);
         assert!(tiny.write_buffer > 0 && tiny.log_cache > 0 && tiny.chunk_cache > 0);
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn a_cgroup_v2_limit_bounds_the_machine() {
+        let t = tempfile::tempdir().unwrap();
+        let paths = CgroupPaths {
+            self_cgroup: t.path().join("self-cgroup"),
+            root: t.path().join("fs"),
+        };
+        // No cgroup file at all: no limit.
+        assert_eq!(read_cgroup_mem(&paths), None);
+        write(&paths.self_cgroup, "0::/kubepods/pod1/c1\n");
+        let leaf = paths.root.join("kubepods/pod1/c1");
+        write(&leaf.join("memory.max"), "max\n");
+        write(&paths.root.join("kubepods/pod1/memory.max"), "2147483648\n");
+        write(
+            &paths.root.join("kubepods/pod1/memory.current"),
+            "1073741824\n",
+        );
+        write(
+            &paths.root.join("kubepods/pod1/memory.stat"),
+            "anon 600000000\ninactive_file 268435456\n",
+        );
+        write(&paths.root.join("kubepods/memory.max"), "8589934592\n");
+        // The tightest ancestor wins; its inactive file cache counts as free.
+        assert_eq!(
+            read_cgroup_mem(&paths),
+            Some(CgroupMem {
+                limit: 2 << 30,
+                used: (1 << 30) - (256 << 20),
+            })
+        );
+        // The sample: a 24 GiB machine with 20 GiB available is a 2 GiB one with 1.25 left.
+        let auto = AutoRamTier {
+            meminfo_path: t.path().join("meminfo"),
+            pressure_path: t.path().join("no-psi"),
+            cgroup: paths,
+            ..AutoRamTier::default()
+        };
+        write(
+            &auto.meminfo_path,
+            "MemTotal: 25165824 kB\nMemAvailable: 20971520 kB\n",
+        );
+        let m = read_sample(&auto).unwrap();
+        assert_eq!((m.total, m.available), (2 << 30, (1 << 30) + (256 << 20)));
+        // And the policy sizes the tier from that, not from the host.
+        assert!(RamPolicy::default().max_total(m.total) <= 1 << 30);
+    }
+
+    #[test]
+    fn a_cgroup_v1_memory_limit_counts_and_no_limit_is_none() {
+        let t = tempfile::tempdir().unwrap();
+        let paths = CgroupPaths {
+            self_cgroup: t.path().join("self-cgroup"),
+            root: t.path().join("fs"),
+        };
+        write(
+            &paths.self_cgroup,
+            "4:memory:/process_api/abc\n0::/\n1:cpu:/\n",
+        );
+        let dir = paths.root.join("memory/process_api/abc");
+        write(&dir.join("memory.limit_in_bytes"), "9223372036854771712\n");
+        write(&dir.join("memory.usage_in_bytes"), "7551299584\n");
+        assert_eq!(read_cgroup_mem(&paths), None, "v1's huge value is no limit");
+        write(&dir.join("memory.limit_in_bytes"), "4294967296\n");
+        write(
+            &dir.join("memory.stat"),
+            "inactive_file 1\ntotal_inactive_file 1073741824\n",
+        );
+        assert_eq!(
+            read_cgroup_mem(&paths),
+            Some(CgroupMem {
+                limit: 4 << 30,
+                used: 7551299584 - (1 << 30),
+            })
+        );
     }
 
     #[test]

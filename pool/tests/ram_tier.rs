@@ -43,6 +43,11 @@ fn auto_opts(dir: &Path) -> OpenOptions {
             interval: Duration::from_millis(20),
             meminfo_path: dir.join("meminfo"),
             pressure_path: dir.join("no-psi-here"),
+            // The fake meminfo is the whole machine: no limit from the real cgroup.
+            cgroup: maas_pool::ramtier::CgroupPaths {
+                self_cgroup: dir.join("no-cgroup-here"),
+                root: dir.join("no-cgroup-fs"),
+            },
             ..AutoRamTier::default()
         }),
         ..test_open_opts()
