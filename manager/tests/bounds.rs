@@ -151,10 +151,31 @@ fn iscsi_sessions_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
     let stalled = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     let beside = fio_iscsi(&fio, &u, healthy, job).unwrap().mib_s;
+    bounded_beside_a_healthy_one(
+        pid,
+        (rss0, hwm0),
+        (alone, beside),
+        "healthy session",
+        "4 sessions",
+    );
+    // And only for so long: the server closes them once they read nothing for STALL.
+    closed_for_not_reading(peers, stalled, &m, "the initiator read none of our output");
+    assert!(!m.log().contains("panicked"), "{}", m.log());
+}
+
+/// maasd's peak RSS grew by less than 96 MiB since `(rss0, hwm0)` while peers that never read
+/// were connected, and the healthy one kept at least half of the speed it had alone (MiB/s).
+fn bounded_beside_a_healthy_one(
+    pid: u32,
+    (rss0, hwm0): (u64, u64),
+    (alone, beside): (f64, f64),
+    healthy: &str,
+    hostile: &str,
+) {
     let (rss1, hwm1) = (proc_status(pid, "VmRSS"), proc_status(pid, "VmHWM"));
     eprintln!(
-        "maasd RSS {:.0} -> {:.0} MiB (peak {:.0} -> {:.0} MiB); healthy session {alone:.0} MiB/s \
-         alone, {beside:.0} MiB/s beside 4 sessions that never read",
+        "maasd RSS {:.0} -> {:.0} MiB (peak {:.0} -> {:.0} MiB); {healthy} {alone:.0} MiB/s \
+         alone, {beside:.0} MiB/s beside {hostile} that never read",
         mib(rss0),
         mib(rss1),
         mib(hwm0),
@@ -167,11 +188,8 @@ fn iscsi_sessions_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
     );
     assert!(
         beside >= alone * 0.5,
-        "healthy session: {beside:.0} MiB/s beside the hostile ones, {alone:.0} MiB/s alone"
+        "{healthy}: {beside:.0} MiB/s beside the hostile ones, {alone:.0} MiB/s alone"
     );
-    // And only for so long: the server closes them once they read nothing for STALL.
-    closed_for_not_reading(peers, stalled, &m, "the initiator read none of our output");
-    assert!(!m.log().contains("panicked"), "{}", m.log());
 }
 
 /// How long the targets wait for a peer that reads nothing (`write_stall_timeout_ms`).
@@ -306,23 +324,12 @@ fn nvme_queues_that_never_read_hold_bounded_memory_beside_a_healthy_one() {
         let stalled = Instant::now();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let beside = nvme_read_rate(&mut q, 4.0).await;
-        let (rss1, hwm1) = (proc_status(pid, "VmRSS"), proc_status(pid, "VmHWM"));
-        eprintln!(
-            "maasd RSS {:.0} -> {:.0} MiB (peak {:.0} -> {:.0} MiB); healthy queue {alone:.0} \
-             MiB/s alone, {beside:.0} MiB/s beside 8 queues that never read",
-            mib(rss0),
-            mib(rss1),
-            mib(hwm0),
-            mib(hwm1)
-        );
-        assert!(
-            hwm1.saturating_sub(hwm0) < 96 * MIB,
-            "maasd's peak RSS grew by {:.0} MiB",
-            mib(hwm1 - hwm0)
-        );
-        assert!(
-            beside >= alone * 0.5,
-            "healthy queue: {beside:.0} MiB/s beside the hostile ones, {alone:.0} MiB/s alone"
+        bounded_beside_a_healthy_one(
+            pid,
+            (rss0, hwm0),
+            (alone, beside),
+            "healthy queue",
+            "8 queues",
         );
         // And only for so long: the server closes them once they read nothing for STALL
         // (this controller has no keep-alive timeout: nothing else would). Reading now drains

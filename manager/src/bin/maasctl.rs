@@ -308,6 +308,28 @@ fn dhchap_body(a: &DhchapArgs, protocol: &str) -> R<Option<Value>> {
     })))
 }
 
+/// The whole of a secret's file (`-`: standard input), as read; warns when others can read the
+/// file. `what` and `file_label` name it in errors ("a CHAP secret", "CHAP secret file").
+fn read_secret_file(p: &std::path::Path, what: &str, file_label: &str) -> R<Zeroizing<String>> {
+    if p.as_os_str() == "-" {
+        let mut s = Zeroizing::new(String::new());
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CliError::Other(format!("reading {what} from stdin: {e}")))?;
+        return Ok(s);
+    }
+    if let Ok(meta) = std::fs::metadata(p)
+        && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0
+    {
+        eprintln!(
+            "warning: {} can be read by other users (chmod 600 it)",
+            p.display()
+        );
+    }
+    Ok(Zeroizing::new(std::fs::read_to_string(p).map_err(|e| {
+        CliError::Other(format!("{file_label} {}: {e}", p.display()))
+    })?))
+}
+
 /// Where a CHAP secret comes from, in order: the file flag, the environment, the terminal.
 fn chap_secret(
     file: Option<&PathBuf>,
@@ -315,26 +337,7 @@ fn chap_secret(
     prompt_for: &str,
 ) -> R<Option<Zeroizing<String>>> {
     if let Some(p) = file {
-        let text = if p.as_os_str() == "-" {
-            let mut s = Zeroizing::new(String::new());
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                .map_err(|e| CliError::Other(format!("reading a CHAP secret from stdin: {e}")))?;
-            s
-        } else {
-            if let Ok(meta) = std::fs::metadata(p)
-                && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0
-            {
-                eprintln!(
-                    "warning: {} can be read by other users (chmod 600 it)",
-                    p.display()
-                );
-            }
-            Zeroizing::new(
-                std::fs::read_to_string(p).map_err(|e| {
-                    CliError::Other(format!("CHAP secret file {}: {e}", p.display()))
-                })?,
-            )
-        };
+        let text = read_secret_file(p, "a CHAP secret", "CHAP secret file")?;
         // One line: the line ending is not part of the secret.
         let secret = text.strip_suffix('\n').unwrap_or(&text);
         let secret = secret.strip_suffix('\r').unwrap_or(secret);
@@ -587,25 +590,7 @@ const TOKEN_FILE_ENV: &str = "MAAS_TOKEN_FILE";
 
 /// A token from a file (one line; `-`: standard input); warns when others can read the file.
 fn read_token_file(p: &std::path::Path) -> R<Zeroizing<String>> {
-    let text = if p.as_os_str() == "-" {
-        let mut s = Zeroizing::new(String::new());
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-            .map_err(|e| CliError::Other(format!("reading the token from stdin: {e}")))?;
-        s
-    } else {
-        if let Ok(meta) = std::fs::metadata(p)
-            && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0
-        {
-            eprintln!(
-                "warning: {} can be read by other users (chmod 600 it)",
-                p.display()
-            );
-        }
-        Zeroizing::new(
-            std::fs::read_to_string(p)
-                .map_err(|e| CliError::Other(format!("token file {}: {e}", p.display())))?,
-        )
-    };
+    let text = read_secret_file(p, "the token", "token file")?;
     let t = text.trim();
     if t.is_empty() || t.contains('\n') {
         return Err(CliError::Other(format!(

@@ -335,7 +335,7 @@ async fn full_feature(
                 session.request_logout(LOGOUT_GRACE.as_secs() as u16);
                 hangup = Some(Instant::now() + LOGOUT_GRACE);
             }
-            _ = async { match hangup { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+            _ = sleep_until(hangup) => {
                 closing = Some("initiator did not log out in time".into());
             }
         }
