@@ -1,6 +1,7 @@
 //! What one connection has in flight, under one budget, for every TCP front-end: the commands
-//! it runs (right on the connection's task when they need no waiting, else on blocking
-//! threads) and the output waiting for its socket ([`OutQueue`]).
+//! it runs (right on the connection's task when they need no waiting; as tasks awaiting the
+//! device when they only wait for device reads; else on blocking threads) and the output
+//! waiting for its socket ([`OutQueue`]).
 //!
 //! The budget is what bounds a connection's memory whatever its peer does. A command is
 //! charged what it holds while it runs and queues when it completes (a read's data, a write's
@@ -12,8 +13,11 @@
 //! commands: the connection holds at most the budget plus the one command that crossed it.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -34,11 +38,38 @@ pub trait Job: Send + 'static {
     /// Runs the command if it can complete without waiting; `None` sends it to
     /// [`Job::run`] on a blocking thread.
     fn run_nowait(&self) -> Option<Self::Done>;
+    /// Starts the command as a future if all it waits for is the device (see
+    /// [`maas_pool::BlockDevice::read_async`]): no blocking thread is involved. `None` sends it
+    /// to [`Job::run`] on a blocking thread. Called only after [`Job::run_nowait`] said `None`.
+    fn run_async(&self) -> Option<JobFuture<Self::Done>> {
+        None
+    }
     /// Runs the command (blocking).
     fn run(self) -> Self::Done;
     /// The result of a command whose execution panicked (a bug: the peer gets an error
     /// rather than a hung command).
     fn panicked(tag: Self::Tag) -> Self::Done;
+}
+
+/// A command running as a future.
+pub type JobFuture<D> = Pin<Box<dyn Future<Output = D> + Send>>;
+
+/// A future whose panics are caught (as `std::panic::catch_unwind` does for a closure), so a
+/// bug in one command answers that command with an error instead of killing a runtime worker's
+/// task with the command never answered.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(p) => Poll::Ready(Err(p)),
+        }
+    }
 }
 
 /// How much one connection may have in flight.
@@ -167,8 +198,9 @@ impl<J: Job> Flow<J> {
 
     /// Starts waiting commands, in order, while the budget allows: those that need no waiting
     /// run right here, and the first of them to complete is returned, for the state machine
-    /// (whose answer may change what the budget allows: call again until `None`); the others
-    /// go to blocking threads, whose completions come from [`Flow::completed`].
+    /// (whose answer may change what the budget allows: call again until `None`); those that
+    /// wait only for device reads become tasks; the others go to blocking threads. The
+    /// completions of both come from [`Flow::completed`].
     pub fn next_inline(&mut self) -> Option<(J::Tag, J::Done)> {
         while self.may_start() {
             let (job, cost) = self.waiting.pop_front()?;
@@ -179,9 +211,26 @@ impl<J: Job> Flow<J> {
             if let Some(done) = inline {
                 return Some((tag, done));
             }
+            let started = std::panic::catch_unwind(AssertUnwindSafe(|| job.run_async()));
+            let future = match started {
+                Ok(f) => f,
+                Err(_) => return Some((tag, J::panicked(tag))),
+            };
             self.running += 1;
             self.running_bytes += cost;
             let tx = self.tx.clone();
+            if let Some(future) = future {
+                // The job's own resources (a write's buffer) go now; the future owns what the
+                // read needs.
+                drop(job);
+                tokio::spawn(async move {
+                    let done = CatchUnwind(future)
+                        .await
+                        .unwrap_or_else(|_| J::panicked(tag));
+                    let _ = tx.send((tag, cost, done));
+                });
+                continue;
+            }
             tokio::task::spawn_blocking(move || {
                 let done = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()))
                     .unwrap_or_else(|_| J::panicked(tag));
@@ -191,8 +240,8 @@ impl<J: Job> Flow<J> {
         None
     }
 
-    /// The next command completed on a blocking thread (cancel-safe; pending while none
-    /// runs).
+    /// The next command completed as a task or on a blocking thread (cancel-safe; pending
+    /// while none runs).
     pub async fn completed(&mut self) -> (J::Tag, J::Done) {
         loop {
             // The sender lives in `self`, so the channel never closes.
@@ -287,6 +336,8 @@ mod tests {
         tag: u32,
         len: usize,
         inline: bool,
+        /// Runs as a future (see [`Job::run_async`]).
+        asynch: bool,
         ran: Arc<AtomicUsize>,
     }
 
@@ -302,7 +353,25 @@ mod tests {
         fn run_nowait(&self) -> Option<Vec<u8>> {
             self.inline.then(|| self.read())
         }
+        fn run_async(&self) -> Option<JobFuture<Vec<u8>>> {
+            if !self.asynch {
+                return None;
+            }
+            let me = Read {
+                asynch: false,
+                ran: self.ran.clone(),
+                ..*self
+            };
+            Some(Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                me.read()
+            }))
+        }
         fn run(self) -> Vec<u8> {
+            assert!(
+                !self.asynch,
+                "an asynchronous job went to a blocking thread"
+            );
             self.read()
         }
         fn panicked(_: u32) -> Vec<u8> {
@@ -345,6 +414,7 @@ mod tests {
             tag,
             len,
             inline: true,
+            asynch: false,
             ran: ran.clone(),
         }
     }
@@ -434,6 +504,7 @@ mod tests {
             tag: 1,
             len: 3 << 20,
             inline: true,
+            asynch: false,
             ran: ran.clone(),
         });
         assert!(!f.accepting());
@@ -442,6 +513,7 @@ mod tests {
             tag: 2,
             len: 10,
             inline: true,
+            asynch: false,
             ran,
         });
         // The next waits for the big one's output to leave.
@@ -458,6 +530,7 @@ mod tests {
                 tag,
                 len: 1000,
                 inline: false,
+                asynch: false,
                 ran: ran.clone(),
             });
         }
@@ -465,6 +538,7 @@ mod tests {
             tag: 666,
             len: 1,
             inline: false,
+            asynch: false,
             ran: ran.clone(),
         });
         // At most `commands` (4) run at once.
@@ -484,5 +558,39 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 10);
         let p = done.iter().find(|(t, _)| *t == 666).unwrap();
         assert_eq!(p.1, b"panicked");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn asynchronous_commands_run_as_tasks_within_the_budget_and_panics_are_answered() {
+        let (mut f, ran) = flow();
+        for tag in (0..10).chain([666]) {
+            f.submit(Read {
+                tag,
+                len: 1000,
+                inline: false,
+                asynch: true,
+                ran: ran.clone(),
+            });
+        }
+        assert!(f.next_inline().is_none());
+        assert_eq!(f.running, 4, "at most `commands` run at once");
+        let mut done = Vec::new();
+        while done.len() < 11 {
+            let (tag, data) = tokio::time::timeout(Duration::from_secs(10), f.completed())
+                .await
+                .unwrap();
+            assert!(f.running < 4);
+            done.push((tag, data));
+            assert!(f.next_inline().is_none());
+        }
+        assert_eq!((f.commands(), f.in_flight()), (0, 0));
+        assert_eq!(ran.load(Ordering::SeqCst), 10);
+        for (tag, data) in &done {
+            if *tag == 666 {
+                assert_eq!(data, b"panicked");
+            } else {
+                assert_eq!(data, &vec![*tag as u8; 1000]);
+            }
+        }
     }
 }

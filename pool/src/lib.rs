@@ -9,6 +9,7 @@
 //!
 //! The pool knows nothing above it: no networking, SQL or HTTP.
 
+pub mod aio;
 pub mod alloc;
 pub mod config;
 pub mod device;
@@ -38,4 +39,4 @@ pub use pool::{Pool, SnapshotInfo, VolumeInfo};
 pub use ramtier::{AutoParts, AutoRamTier, RamPolicy, RamTierStats};
 pub use stats::{DamagedBlock, DamagedObject, ImageStats, PoolStats, VerifyReport};
 pub use types::{SnapshotId, Tier, VolumeId};
-pub use volio::{BlockDevice, ProvisioningRun, Volume};
+pub use volio::{AsyncRead, BlockDevice, ProvisioningRun, Volume};

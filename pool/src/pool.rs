@@ -294,7 +294,7 @@ impl Pool {
             zstd_level: sb.zstd_level,
             chunk_cache: Mutex::new(ByteLru::new(opts.cache_bytes)),
             node_cache: Mutex::new(ByteLru::new(64 << 20)),
-            pin: RwLock::new(()),
+            pin: Arc::new(RwLock::new(())),
             pending_free: Mutex::new(Vec::new()),
             dead: Mutex::new(dead),
             chunk_cache_disabled: opts.cache_bytes == 0,

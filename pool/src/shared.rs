@@ -122,7 +122,7 @@ pub struct Shared {
     /// Readers and seals hold this shared while they may follow object or WAL locations; space
     /// is handed back to the allocator only under an exclusive (try-)lock, so nobody ever reads
     /// an extent that was freed and reused under them.
-    pub pin: RwLock<()>,
+    pub pin: std::sync::Arc<RwLock<()>>,
     /// Extents whose records are gone, waiting for the pin to be free.
     pub pending_free: Mutex<Vec<Extent>>,
     /// Objects whose reference count reached zero, to be swept when the pin is free.

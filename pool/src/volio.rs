@@ -12,6 +12,8 @@
 //! Atomic writes ([`BlockDevice::write_atomic`]) additionally go into one WAL batch, which
 //! replay applies entirely or not at all: all-or-nothing for readers and across a crash.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::error::{PoolError, Result};
@@ -51,6 +53,16 @@ pub trait BlockDevice: Send + Sync {
         Ok(false)
     }
 
+    /// Starts a read into `buf` (its whole length, from `offset`) without blocking the caller:
+    /// done at once if the blocks are in memory, else device reads submitted asynchronously
+    /// and a future that completes them, or — where that cannot be done (a sealed chunk not
+    /// in RAM, a lock held, no io_uring) — the buffer back, for [`BlockDevice::read`] on a
+    /// blocking thread. For front-ends that run their commands on network threads.
+    fn read_async(&self, offset: u64, buf: Vec<u8>) -> AsyncRead {
+        let _ = offset;
+        AsyncRead::Blocking(buf)
+    }
+
     /// Writes like [`BlockDevice::write`] without FUA if that needs no device I/O and no
     /// waiting; otherwise returns false at once, having written nothing.
     fn write_nowait(&self, offset: u64, data: &[u8]) -> Result<bool> {
@@ -88,6 +100,26 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// What [`BlockDevice::read_async`] started.
+pub enum AsyncRead {
+    /// Finished without waiting: the filled buffer, or the error.
+    Done(Result<Vec<u8>>),
+    /// Device reads are in flight; the future yields the filled buffer.
+    Pending(Pin<Box<dyn Future<Output = Result<Vec<u8>>> + Send>>),
+    /// Not possible without blocking: the buffer, untouched in meaning, for a blocking read.
+    Blocking(Vec<u8>),
+}
+
+impl std::fmt::Debug for AsyncRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AsyncRead::Done(r) => write!(f, "Done({:?})", r.as_ref().map(|b| b.len())),
+            AsyncRead::Pending(_) => f.write_str("Pending"),
+            AsyncRead::Blocking(b) => write!(f, "Blocking({})", b.len()),
+        }
+    }
+}
+
 /// Work budget of one provisioning query: a chunk whose blocks need no individual look counts
 /// one, any other counts its blocks. Bounds the time the overlay lock is held for reading.
 const STATUS_BUDGET: u64 = 1 << 16;
@@ -104,6 +136,24 @@ pub struct Volume {
 enum Wait {
     Yes,
     No,
+    /// Log blocks on the device are left for the caller to read asynchronously (see
+    /// [`Fetched::Deferred`]); anything else that needs the device is as with `No`.
+    Defer,
+}
+
+/// Log runs on a device: (device, offset, first block in the output, blocks).
+type LogRuns = Vec<(u16, u64, usize, usize)>;
+
+/// What [`Volume::fetch_as`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Fetched {
+    /// The output is complete.
+    Done,
+    /// It would have had to wait (`Wait::No`/`Wait::Defer`); the output is partial.
+    WouldBlock,
+    /// `Wait::Defer`: everything is in the output but these log runs, still to be read from
+    /// their devices (and checked against their CRCs).
+    Deferred(LogRuns),
 }
 
 /// Reads coalesced WAL runs (device, offset, first block in `out`, blocks) straight into an
@@ -239,9 +289,28 @@ impl Volume {
             .map(|_| ())
     }
 
-    /// As [`Volume::fetch`]; with `Wait::No` it returns false as soon as a block would need
-    /// device I/O (`out` is then partly filled). `out` need not be aligned: device reads go
-    /// through aligned bounce buffers when it is not.
+    /// Checks log blocks read from their device against their batches' CRCs.
+    fn check_log_runs(
+        &self,
+        srcs: &[Src],
+        runs: &[(u16, u64, usize, usize)],
+        out: &[u8],
+    ) -> Result<()> {
+        for &(_, _, idx, cnt) in runs {
+            for k in idx..idx + cnt {
+                if let Src::Wal(loc) = srcs[k] {
+                    self.pool
+                        .wal
+                        .check_read(&loc, &out[k * 4096..(k + 1) * 4096])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`Volume::fetch`]; with `Wait::No` it stops as soon as a block would need device
+    /// I/O (`out` is then partly filled), with `Wait::Defer` it leaves log reads to the caller.
+    /// `out` need not be aligned: device reads go through aligned bounce buffers when it is not.
     fn fetch_as(
         &self,
         srcs: &[Src],
@@ -249,7 +318,7 @@ impl Volume {
         first: u64,
         out: &mut [u8],
         wait: Wait,
-    ) -> Result<bool> {
+    ) -> Result<Fetched> {
         let cb = self.chunk_blocks();
         let shared = &self.pool.shared;
         // WAL blocks: from memory if there, else batched device reads (coalesced).
@@ -283,7 +352,7 @@ impl Volume {
                         .read_from_memory(&loc, &mut out[i * 4096..j * 4096]);
                     if !in_memory {
                         if wait == Wait::No {
-                            return Ok(false);
+                            return Ok(Fetched::WouldBlock);
                         }
                         let cnt = j - i;
                         match dev_reads.last_mut() {
@@ -301,18 +370,10 @@ impl Volume {
             }
             i = j;
         }
-        if !dev_reads.is_empty() {
+        if !dev_reads.is_empty() && wait == Wait::Yes {
             self.read_log_runs(&dev_reads, out)?;
             // Every block read from the log's device is checked against its batch's CRC.
-            for &(_, _, idx, cnt) in &dev_reads {
-                for k in idx..idx + cnt {
-                    if let Src::Wal(loc) = srcs[k] {
-                        self.pool
-                            .wal
-                            .check_read(&loc, &out[k * 4096..(k + 1) * 4096])?;
-                    }
-                }
-            }
+            self.check_log_runs(srcs, &dev_reads, out)?;
         }
         // Sealed chunks.
         let mut i = 0usize;
@@ -328,9 +389,9 @@ impl Volume {
             let dst = &mut out[i * 4096..j * 4096];
             let digest = match wait {
                 Wait::Yes => self.pool.chunk_digest(base_root, c)?,
-                Wait::No => match self.pool.chunk_digest_cached(base_root, c) {
+                Wait::No | Wait::Defer => match self.pool.chunk_digest_cached(base_root, c) {
                     Some(d) => d,
-                    None => return Ok(false),
+                    None => return Ok(Fetched::WouldBlock),
                 },
             };
             match digest {
@@ -338,9 +399,9 @@ impl Volume {
                 Some(d) => {
                     let data = match wait {
                         Wait::Yes => shared.chunk(&d)?,
-                        Wait::No => match shared.chunk_cached(&d) {
+                        Wait::No | Wait::Defer => match shared.chunk_cached(&d) {
                             Some(c) => c,
-                            None => return Ok(false),
+                            None => return Ok(Fetched::WouldBlock),
                         },
                     };
                     let within = ((first + i as u64) % cb * BLOCK) as usize;
@@ -349,7 +410,11 @@ impl Volume {
             }
             i = j;
         }
-        Ok(true)
+        Ok(if dev_reads.is_empty() || wait == Wait::Yes {
+            Fetched::Done
+        } else {
+            Fetched::Deferred(dev_reads)
+        })
     }
 
     /// Reads coalesced log runs (device, offset, first block in `out`, blocks) into `out`,
@@ -586,7 +651,66 @@ impl BlockDevice for Volume {
             self.check_in(&ov, offset, len)?;
             (self.resolve(&ov, offset / BLOCK, len / BLOCK), ov.base_root)
         };
-        self.fetch_as(&srcs, base_root, offset / BLOCK, buf, Wait::No)
+        Ok(self.fetch_as(&srcs, base_root, offset / BLOCK, buf, Wait::No)? == Fetched::Done)
+    }
+
+    /// Resolves and copies what is in memory right here (under the same brief, non-waiting
+    /// lock holds as [`Volume::read_nowait`]); log blocks on the device go to the
+    /// [`crate::aio`] reactor, and the future copies them in and checks their CRCs. The pool's
+    /// pin is held until then, so no extent it reads can be reclaimed and reused meanwhile.
+    fn read_async(&self, offset: u64, mut buf: Vec<u8>) -> AsyncRead {
+        let len = buf.len() as u64;
+        if let Err(e) = self.pool.check_open() {
+            return AsyncRead::Done(Err(e));
+        }
+        if len == 0 || offset % BLOCK != 0 || len % BLOCK != 0 || !crate::aio::available() {
+            return AsyncRead::Blocking(buf);
+        }
+        let Some(pin) = self.pool.shared.pin.try_read_arc_for(NOWAIT_LOCK_WAIT) else {
+            return AsyncRead::Blocking(buf);
+        };
+        let (srcs, base_root) = {
+            let Some(ov) = self.vol.ov.try_read_for(NOWAIT_LOCK_WAIT) else {
+                return AsyncRead::Blocking(buf);
+            };
+            if let Err(e) = self.check_in(&ov, offset, len) {
+                return AsyncRead::Done(Err(e));
+            }
+            (self.resolve(&ov, offset / BLOCK, len / BLOCK), ov.base_root)
+        };
+        let runs = match self.fetch_as(&srcs, base_root, offset / BLOCK, &mut buf, Wait::Defer) {
+            Err(e) => return AsyncRead::Done(Err(e)),
+            Ok(Fetched::Done) => return AsyncRead::Done(Ok(buf)),
+            Ok(Fetched::WouldBlock) => return AsyncRead::Blocking(buf),
+            Ok(Fetched::Deferred(runs)) => runs,
+        };
+        let mut reqs = Vec::with_capacity(runs.len());
+        for &(d, off, _, cnt) in &runs {
+            match self.pool.shared.device(d) {
+                Ok(dev) => reqs.push(crate::aio::ReadReq {
+                    file: dev.file(),
+                    offset: off,
+                    len: cnt * 4096,
+                }),
+                Err(e) => return AsyncRead::Done(Err(e)),
+            }
+        }
+        let Some(batch) = crate::aio::read_batch(&reqs) else {
+            return AsyncRead::Blocking(buf);
+        };
+        // The future owns a handle on the pool: the device files stay open until it is done.
+        let vol = self.clone();
+        AsyncRead::Pending(Box::pin(async move {
+            let _pin = pin;
+            let bufs = batch
+                .await
+                .map_err(|e| PoolError::io("read of write-ahead log", e))?;
+            for (&(_, _, idx, cnt), b) in runs.iter().zip(&bufs) {
+                buf[idx * 4096..(idx + cnt) * 4096].copy_from_slice(&b[..cnt * 4096]);
+            }
+            vol.check_log_runs(&srcs, &runs, &buf)?;
+            Ok(buf)
+        }))
     }
 
     fn write_nowait(&self, offset: u64, data: &[u8]) -> Result<bool> {

@@ -69,6 +69,32 @@ pub struct FioResult {
 pub fn fio_iscsi(fio: &Path, url: &str, initiator: &str, job: FioJob<'_>) -> Result<FioResult> {
     // fio splits filenames at ':'; libiscsi URLs need them escaped.
     let filename = url.replace(':', "\\:");
+    fio_run(
+        fio,
+        &[
+            "--ioengine=libiscsi".into(),
+            format!("--filename={filename}"),
+            format!("--initiator={initiator}"),
+        ],
+        job,
+    )
+}
+
+/// Runs one fio job on a plain file with io_uring and O_DIRECT: the raw device's figure, as the
+/// pool's own device I/O reaches it (the file is laid out first; `job.size` of it).
+pub fn fio_file(fio: &Path, file: &Path, job: FioJob<'_>) -> Result<FioResult> {
+    fio_run(
+        fio,
+        &[
+            "--ioengine=io_uring".into(),
+            "--direct=1".into(),
+            format!("--filename={}", file.display()),
+        ],
+        job,
+    )
+}
+
+fn fio_run(fio: &Path, engine: &[String], job: FioJob<'_>) -> Result<FioResult> {
     let timing = if job.seconds == 0 {
         Vec::new()
     } else {
@@ -76,11 +102,9 @@ pub fn fio_iscsi(fio: &Path, url: &str, initiator: &str, job: FioJob<'_>) -> Res
     };
     let out = Command::new(fio)
         .args(timing)
+        .args(engine)
         .args([
             "--name=bench",
-            "--ioengine=libiscsi",
-            &format!("--filename={filename}"),
-            &format!("--initiator={initiator}"),
             &format!("--rw={}", job.rw),
             &format!("--bs={}", job.bs),
             &format!("--iodepth={}", job.depth),
@@ -120,6 +144,12 @@ pub fn fio_iscsi(fio: &Path, url: &str, initiator: &str, job: FioJob<'_>) -> Res
 /// pool needs room for the log between folds, as any pool does for a volume overwritten again
 /// and again), and a RAM tier as large as the volume.
 pub fn bench_pool(dir: &Path, size: u64) -> Result<maas_pool::Pool> {
+    bench_pool_ram(dir, size, (size + (256 << 20)) as usize)
+}
+
+/// As [`bench_pool`] with a RAM tier of `ram` bytes for each of its parts; 0 turns it off, so
+/// that every read goes to the device (the data is written through the log at once).
+pub fn bench_pool_ram(dir: &Path, size: u64, ram: usize) -> Result<maas_pool::Pool> {
     Ok(maas_pool::Pool::create(
         dir,
         maas_pool::CreateOptions {
@@ -135,11 +165,11 @@ pub fn bench_pool(dir: &Path, size: u64) -> Result<maas_pool::Pool> {
             // The peers read through the kernel's page cache, which holds the whole volume
             // here; the RAM tier gets the same room, for recently written blocks and for sealed
             // chunks (what the background fold turns them into once the log grows).
-            log_cache_bytes: (size + (256 << 20)) as usize,
-            cache_bytes: (size + (256 << 20)) as usize,
+            log_cache_bytes: ram,
+            cache_bytes: ram,
             // The peers' page cache also holds the volume's dirty pages until the kernel's
             // writeback (up to 30 s); the write buffer holds as much, for at most 5 s.
-            write_buffer_bytes: (size + (256 << 20)) as usize,
+            write_buffer_bytes: ram,
             // Fold (hash + compress into sealed chunks, at low CPU priority) when space asks for
             // it, not at a fixed log size: seals are not part of these benchmarks.
             wal_fold_threshold: u64::MAX,
@@ -188,4 +218,31 @@ impl Results {
                 .unwrap_or_default(),
         )
     }
+}
+
+/// The `maasd` binary beside this one (built if missing), or `MAAS_MAASD_BIN`.
+pub fn maasd_beside_me() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MAAS_MAASD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("no directory above this binary")?;
+    let bin = dir.join("maasd");
+    if !bin.is_file() {
+        let target = dir
+            .parent()
+            .context("no target directory above this binary")?;
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.current_dir(repo_root())
+            .env("CARGO_TARGET_DIR", target)
+            .args(["build", "-q", "-p", "maas-manager", "--bin", "maasd"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().context("building maasd")?;
+        if !st.success() || !bin.is_file() {
+            bail!("building {} failed ({st})", bin.display());
+        }
+    }
+    Ok(bin)
 }

@@ -79,6 +79,12 @@ impl Exec {
         self.lu.as_ref()?.execute_nowait(&self.command())
     }
 
+    /// Starts a READ as a future that waits for the device on no thread (see
+    /// [`LogicalUnit::execute_async`]); None if it must go to [`Exec::run`].
+    pub fn run_async(&self) -> Option<crate::flow::JobFuture<scsi::Response>> {
+        self.lu.as_ref()?.execute_async(&self.command())
+    }
+
     fn command(&self) -> scsi::Command<'_> {
         scsi::Command {
             cdb: &self.cdb,
@@ -109,6 +115,10 @@ impl crate::flow::Job for Exec {
 
     fn run_nowait(&self) -> Option<scsi::Response> {
         Exec::run_nowait(self)
+    }
+
+    fn run_async(&self) -> Option<crate::flow::JobFuture<scsi::Response>> {
+        Exec::run_async(self)
     }
 
     fn run(self) -> scsi::Response {

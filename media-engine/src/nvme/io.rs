@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use maas_pool::PoolError;
+use maas_pool::{AsyncRead, PoolError};
 
 use super::MAX_TRANSFER;
 use super::spec::{Completion, Sqe, Status, io, le32, le64};
@@ -133,6 +133,38 @@ impl IoJob {
                 }
             }
             _ => None,
+        }
+    }
+
+    /// Starts a read as a future that waits for the device on no thread (see
+    /// [`maas_pool::BlockDevice::read_async`]); `None` means it must go to [`IoJob::run`] on a
+    /// blocking thread. Called after [`IoJob::run_nowait`] said `None`.
+    pub fn run_async(&self) -> Option<crate::flow::JobFuture<Completion>> {
+        let ns = self.ns().ok()?.clone();
+        if self.sqe.opcode() != io::READ || self.sqe.fuse() != 0 {
+            return None;
+        }
+        let r = match lba_range(&ns, &self.sqe) {
+            Ok(r) if r.len <= MAX_TRANSFER as u64 => r,
+            _ => return None,
+        };
+        let dev = ns.dev.clone();
+        let finish = move |res: maas_pool::Result<Vec<u8>>| match res {
+            Ok(buf) => {
+                ns.stats.read(buf.len());
+                Completion::data(buf)
+            }
+            Err(e) => done(Err(e), Kind::Read),
+        };
+        // Filled whole by the read before it is sent (see bufpool).
+        let buf = crate::bufpool::take(r.len as usize);
+        match dev.read_async(r.offset, buf) {
+            AsyncRead::Done(res) => Some(Box::pin(std::future::ready(finish(res)))),
+            AsyncRead::Pending(read) => Some(Box::pin(async move { finish(read.await) })),
+            AsyncRead::Blocking(buf) => {
+                crate::bufpool::give(buf);
+                None
+            }
         }
     }
 

@@ -2,6 +2,10 @@
 //! AND WRITE, ORWRITE, WRITE ATOMIC, cache synchronisation and the capacity and provisioning
 //! reports.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use super::cdb::{
     BlockRange, be16, be32, be64, bit, block_range, check_range, op, sa, truncate, u8_at,
 };
@@ -12,7 +16,10 @@ use super::lu::{IoKind, LogicalUnit};
 use super::opcodes::CommandInfo;
 use super::sense::{Asc, Sense};
 use super::{Command, Response};
-use maas_pool::PoolError;
+use maas_pool::{AsyncRead, PoolError};
+
+/// A READ waiting for the device (see [`LogicalUnit::read_async`]).
+type ReadFuture = Pin<Box<dyn Future<Output = Result<Response, Sense>> + Send>>;
 
 /// FUA bit of READ/WRITE (10/12/16), COMPARE AND WRITE and ORWRITE.
 const FUA: u8 = 3;
@@ -137,6 +144,42 @@ impl LogicalUnit {
                 None
             }
             Err(e) => Some(Err(self.io_sense(&e, IoKind::Read))),
+        }
+    }
+
+    /// READ as [`LogicalUnit::read`], as a future that waits for the device without a blocking
+    /// thread (see [`maas_pool::BlockDevice::read_async`]); None (nothing done) if it cannot.
+    pub(super) fn read_async(self: &Arc<Self>, cdb: &[u8], capacity: u64) -> Option<ReadFuture> {
+        let ready = |r: Result<Response, Sense>| -> Option<ReadFuture> {
+            Some(Box::pin(std::future::ready(r)))
+        };
+        let r = block_range(cdb);
+        if let Err(s) = self.check_transfer(cdb, r, capacity) {
+            return ready(Err(s));
+        }
+        if r.blocks == 0 {
+            return ready(Ok(Response::good()));
+        }
+        let (offset, len) = match self.offset_and_len(r.lba, u64::from(r.blocks)) {
+            Ok(x) => x,
+            Err(s) => return ready(Err(s)),
+        };
+        // Filled whole by the read before it is sent (see bufpool).
+        match self.dev.read_async(offset, crate::bufpool::take(len)) {
+            AsyncRead::Done(Ok(buf)) => ready(Ok(Response::data(buf))),
+            AsyncRead::Done(Err(e)) => ready(Err(self.io_sense(&e, IoKind::Read))),
+            AsyncRead::Pending(read) => {
+                let lu = self.clone();
+                Some(Box::pin(async move {
+                    read.await
+                        .map(Response::data)
+                        .map_err(|e| lu.io_sense(&e, IoKind::Read))
+                }))
+            }
+            AsyncRead::Blocking(buf) => {
+                crate::bufpool::give(buf);
+                None
+            }
         }
     }
 

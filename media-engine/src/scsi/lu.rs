@@ -181,6 +181,42 @@ impl LogicalUnit {
         Some(response)
     }
 
+    /// Executes a READ as a future that waits for the device without a blocking thread (see
+    /// [`maas_pool::BlockDevice::read_async`]); None, having changed nothing, for every other
+    /// command and whenever the read cannot be done that way: then run it with
+    /// [`LogicalUnit::execute`] on a blocking thread.
+    pub fn execute_async(
+        self: &Arc<Self>,
+        cmd: &Command<'_>,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>> {
+        let opcode = *cmd.cdb.first()?;
+        if !matches!(opcode, op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16) {
+            return None;
+        }
+        let lookup = opcodes::lookup(cmd.cdb);
+        let spdtl = lookup
+            .as_ref()
+            .ok()
+            .map(|info| self.data_out_length(info, cmd.cdb));
+        let with_spdtl = move |mut r: Response| {
+            if let Some(n) = spdtl {
+                r.spdtl_out = n;
+            }
+            r
+        };
+        match self.admit(cmd, lookup) {
+            Ok((_, blocks)) => {
+                let read = self.read_async(cmd.cdb, blocks)?;
+                Some(Box::pin(async move {
+                    with_spdtl(read.await.unwrap_or_else(Response::check))
+                }))
+            }
+            // Admission refused (it took a unit attention, if that is the answer): that is the
+            // command's answer.
+            Err(response) => Some(Box::pin(std::future::ready(with_spdtl(response)))),
+        }
+    }
+
     /// LOGICAL UNIT RESET, or a target reset reaching this logical unit: RESERVE(6)
     /// reservations, medium removal prevention and mode parameters return to their initial
     /// state (persistent reservations stay), and every I_T nexus that has used the logical unit

@@ -25,7 +25,8 @@ use clap::Parser;
 use maas_engine::iscsi::{IscsiServer, Registry, TargetConfig};
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
 use maas_tests::bench::{
-    FioJob, Results, bench_pool, fio_bin, fio_iscsi, free_port, init_logging, repo_root,
+    FioJob, Results, bench_pool, fio_bin, fio_iscsi, free_port, init_logging, maasd_beside_me,
+    repo_root,
 };
 use maas_tests::maasd::{Maasd, export, volume};
 use serde_json::json;
@@ -63,33 +64,6 @@ struct Args {
     /// Also measure the real maasd on its defaults (see above).
     #[arg(long)]
     defaults: bool,
-}
-
-/// The `maasd` binary beside this one (built if missing), or `MAAS_MAASD_BIN`.
-fn maasd_beside_me() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MAAS_MAASD_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no directory above this binary")?;
-    let bin = dir.join("maasd");
-    if !bin.is_file() {
-        let target = dir
-            .parent()
-            .context("no target directory above this binary")?;
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.current_dir(repo_root())
-            .env("CARGO_TARGET_DIR", target)
-            .args(["build", "-q", "-p", "maas-manager", "--bin", "maasd"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().context("building maasd")?;
-        if !st.success() || !bin.is_file() {
-            bail!("building {} failed ({st})", bin.display());
-        }
-    }
-    Ok(bin)
 }
 
 const MAAS_IQN: &str = "iqn.2026-11.io.maas:bench";

@@ -10,7 +10,14 @@
 //! `--rounds N` each figure is the median of N runs. Loopback TCP's own limit (iperf3) is
 //! printed beside them.
 //!
-//! `--json` prints `{"nvme_tcp": {...}, "iscsi": {...}, "ratio": {...}, "loopback_tcp_gbit_s": x}`.
+//! `--defaults` adds, beside them, the real `maasd` started exactly as the README's first
+//! command starts it plus NVMe/TCP switched on (no chunk size, device size, cache or buffer
+//! settings), one volume exported through the REST API over both NVMe/TCP and iSCSI and filled
+//! once (sequential 1 MiB writes over all of it) before anything is measured.
+//!
+//! `--json` prints `{"nvme_tcp": {...}, "iscsi": {...}, "ratio": {...}, "loopback_tcp_gbit_s": x}`,
+//! with `--defaults` also `"maasd_nvme_tcp"`, `"maasd_iscsi"` and `"ratio_defaults"` (the same
+//! ratios between maasd's two targets on defaults).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -28,8 +35,10 @@ use maas_engine::nvme::{
 };
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
 use maas_tests::bench::{
-    FioJob, FioResult, Results, bench_pool, fio_bin, fio_iscsi, free_port, init_logging,
+    FioJob, FioResult, Results, bench_pool, bench_pool_ram, fio_bin, fio_file, fio_iscsi,
+    free_port, init_logging, maasd_beside_me,
 };
+use maas_tests::maasd::{Maasd, export, nvme_export, volume};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -61,6 +70,20 @@ struct Args {
     /// Working directory (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Reads that miss RAM: the measured pool's RAM tier off (every read goes to the device),
+    /// the volume filled once first, and fio's random read on a file of the same disk
+    /// (io_uring, O_DIRECT) printed beside, as the device's own limit.
+    #[arg(long)]
+    cold: bool,
+    /// Also measure the real maasd on its defaults, NVMe/TCP on (see above).
+    #[arg(long)]
+    defaults: bool,
+}
+
+/// How one side of the comparison is reached.
+enum Side {
+    Nvme { addr: String, nqn: String },
+    Iscsi { url: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,7 +210,11 @@ fn bench(args: &Args) -> Result<()> {
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
     let size = args.size_gib << 30;
-    let pool = bench_pool(&dir.join("pool"), size)?;
+    let pool = if args.cold {
+        bench_pool_ram(&dir.join("pool"), size, 0)?
+    } else {
+        bench_pool(&dir.join("pool"), size)?
+    };
     let info = pool.create_volume("bench", size, 512)?;
     let vol = Arc::new(pool.open_volume(info.id)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -244,6 +271,90 @@ fn bench(args: &Args) -> Result<()> {
         eprintln!("loopback TCP not measured: {e:#}");
         0.0
     });
+    // maasd as a user starts it (plus NVMe/TCP): one volume behind both of its targets.
+    let maasd = if args.defaults {
+        let m = Maasd::builder(maasd_beside_me()?, &dir.join("maasd"))
+            .pool_defaults()
+            .nvme_tcp()
+            .start();
+        let v = volume(&m, "bench", size, 512);
+        let n = nvme_export(&m, &v, &[HOSTNQN]);
+        let nqn = n["target"]
+            .as_str()
+            .context("NVMe export without a subsystem")?;
+        let port = m.nvme_port.context("maasd without an NVMe/TCP port")?;
+        let e = export(&m, &v, &[INITIATOR], None);
+        let target = e["target"].as_str().context("export without a target")?;
+        let lun = e["lun"].as_u64().unwrap_or(0);
+        let url = format!("iscsi://127.0.0.1:{}/{target}/{lun}", m.iscsi_port);
+        let fill = FioJob {
+            rw: "write",
+            bs: "1M",
+            depth: 32,
+            seconds: 0,
+            size,
+        };
+        fio_iscsi(&fio_path, &url, INITIATOR, fill).context("filling maasd's volume")?;
+        let sides = [
+            (
+                "maasd_nvme_tcp",
+                Side::Nvme {
+                    addr: format!("127.0.0.1:{port}"),
+                    nqn: nqn.to_string(),
+                },
+            ),
+            ("maasd_iscsi", Side::Iscsi { url }),
+        ];
+        Some((m, sides))
+    } else {
+        None
+    };
+    let mut sides: Vec<(&str, Side)> = vec![
+        (
+            "nvme_tcp",
+            Side::Nvme {
+                addr: nvme_addr.clone(),
+                nqn: SUBNQN.to_string(),
+            },
+        ),
+        (
+            "iscsi",
+            Side::Iscsi {
+                url: iscsi_url.clone(),
+            },
+        ),
+    ];
+    let maasd = maasd.map(|(m, extra)| {
+        sides.extend(extra);
+        m
+    });
+
+    let mut raw_rand_read = 0.0;
+    if args.cold {
+        let fill = FioJob {
+            rw: "write",
+            bs: "1M",
+            depth: 32,
+            seconds: 0,
+            size,
+        };
+        fio_iscsi(&fio_path, &iscsi_url, INITIATOR, fill).context("filling the volume")?;
+        let raw = fio_file(
+            &fio_path,
+            &dir.join("fio.raw"),
+            FioJob {
+                rw: "randread",
+                bs: "4k",
+                depth: 32,
+                seconds: args.seconds,
+                size,
+            },
+        )
+        .context("fio on the raw device")?;
+        std::fs::remove_file(dir.join("fio.raw"))?;
+        raw_rand_read = raw.iops;
+    }
+
     let me = std::env::current_exe()?;
     let mut results = Results::default();
     for _ in 0..args.rounds {
@@ -251,22 +362,23 @@ fn bench(args: &Args) -> Result<()> {
             if !args.only.is_empty() && !args.only.iter().any(|o| o == w.key) {
                 continue;
             }
-            for side in ["nvme_tcp", "iscsi"] {
-                let r = if side == "nvme_tcp" {
-                    run_load(&me, &nvme_addr, w, args, size)
-                } else {
-                    let job = FioJob {
-                        rw: w.rw,
-                        bs: if w.bs == 4096 { "4k" } else { "1M" },
-                        depth: w.depth,
-                        seconds: args.seconds,
-                        size,
-                    };
-                    fio_iscsi(&fio_path, &iscsi_url, INITIATOR, job)
+            for (name, side) in &sides {
+                let r = match side {
+                    Side::Nvme { addr, nqn } => run_load(&me, addr, nqn, w, args, size),
+                    Side::Iscsi { url } => {
+                        let job = FioJob {
+                            rw: w.rw,
+                            bs: if w.bs == 4096 { "4k" } else { "1M" },
+                            depth: w.depth,
+                            seconds: args.seconds,
+                            size,
+                        };
+                        fio_iscsi(&fio_path, url, INITIATOR, job)
+                    }
                 }
-                .with_context(|| format!("{side} {}", w.key))?;
+                .with_context(|| format!("{name} {}", w.key))?;
                 for (k, v) in figures(w, &r) {
-                    results.push(side, k, v, args.json);
+                    results.push(name, k, v, args.json);
                 }
             }
         }
@@ -276,28 +388,49 @@ fn bench(args: &Args) -> Result<()> {
     drop(rt);
     drop(vol);
     pool.close()?;
+    drop(maasd);
 
     let fig = |side: &str, key: &str| results.median(side, key);
     let round1 = |v: f64| (v * 10.0).round() / 10.0;
-    let mut out = json!({"nvme_tcp": {}, "iscsi": {}, "ratio": {}});
-    for k in KEYS {
-        let (n, i) = (fig("nvme_tcp", k), fig("iscsi", k));
-        out["nvme_tcp"][k] = json!(round1(n));
-        out["iscsi"][k] = json!(round1(i));
-        // Ratios read "NVMe/TCP is x times better": for latencies, iSCSI's over ours.
-        let ratio = if k.starts_with("qd1") {
+    // Ratios read "NVMe/TCP is x times better": for latencies, iSCSI's over ours.
+    let ratio = |k: &str, n: f64, i: f64| {
+        let r = if k.starts_with("qd1") {
             if n > 0.0 { i / n } else { 0.0 }
         } else if i > 0.0 {
             n / i
         } else {
             0.0
         };
-        out["ratio"][k] = json!((ratio * 100.0).round() / 100.0);
+        json!((r * 100.0).round() / 100.0)
+    };
+    let mut out = json!({"nvme_tcp": {}, "iscsi": {}, "ratio": {}});
+    for k in KEYS {
+        let (n, i) = (fig("nvme_tcp", k), fig("iscsi", k));
+        out["nvme_tcp"][k] = json!(round1(n));
+        out["iscsi"][k] = json!(round1(i));
+        out["ratio"][k] = ratio(k, n, i);
+        if args.defaults {
+            let (n, i) = (fig("maasd_nvme_tcp", k), fig("maasd_iscsi", k));
+            out["maasd_nvme_tcp"][k] = json!(round1(n));
+            out["maasd_iscsi"][k] = json!(round1(i));
+            out["ratio_defaults"][k] = ratio(k, n, i);
+        }
     }
     out["loopback_tcp_gbit_s"] = json!(round1(loopback));
+    if args.cold {
+        let of_raw = |side: &str| {
+            let v = fig(side, "rand_read_iops") / raw_rand_read.max(1.0);
+            json!((v * 100.0).round() / 100.0)
+        };
+        out["raw_device"] = json!({"rand_read_iops": round1(raw_rand_read)});
+        out["of_raw_device"] = json!({
+            "nvme_tcp_rand_read": of_raw("nvme_tcp"),
+            "iscsi_rand_read": of_raw("iscsi"),
+        });
+    }
     out["config"] = json!({
         "seconds": args.seconds, "rounds": args.rounds, "size_gib": args.size_gib,
-        "digests": args.digests, "queues": 1,
+        "digests": args.digests, "queues": 1, "cold": args.cold,
         "nvme_host": "nvme-bench load (our NVMe/TCP host codec)",
         "iscsi_initiator": "fio libiscsi engine",
     });
@@ -308,15 +441,41 @@ fn bench(args: &Args) -> Result<()> {
             "{:<18} {:>12} {:>12} {:>8}",
             "figure", "nvme_tcp", "iscsi", "ratio"
         );
-        for k in KEYS {
-            println!(
-                "{k:<18} {:>12.1} {:>12.1} {:>7.2}x",
-                fig("nvme_tcp", k),
-                fig("iscsi", k),
-                out["ratio"][k].as_f64().unwrap_or(0.0)
-            );
+        let mut groups = vec![("", "nvme_tcp", "iscsi", "ratio")];
+        if args.defaults {
+            groups.push((
+                "maasd on defaults:",
+                "maasd_nvme_tcp",
+                "maasd_iscsi",
+                "ratio_defaults",
+            ));
+        }
+        for (title, n, i, r) in groups {
+            if !title.is_empty() {
+                println!("{title}");
+            }
+            for k in KEYS {
+                println!(
+                    "{k:<18} {:>12.1} {:>12.1} {:>7.2}x",
+                    fig(n, k),
+                    fig(i, k),
+                    out[r][k].as_f64().unwrap_or(0.0)
+                );
+            }
         }
         println!("loopback TCP (iperf3): {loopback:.1} Gbit/s");
+        if args.cold {
+            println!(
+                "raw device random read (fio io_uring O_DIRECT, 4k x32): {raw_rand_read:.0} IOPS; \
+                 NVMe/TCP {:.2}x, iSCSI {:.2}x of it",
+                out["of_raw_device"]["nvme_tcp_rand_read"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+                out["of_raw_device"]["iscsi_rand_read"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }
@@ -325,6 +484,7 @@ fn bench(args: &Args) -> Result<()> {
 fn run_load(
     me: &std::path::Path,
     addr: &str,
+    nqn: &str,
     w: &Workload,
     args: &Args,
     size: u64,
@@ -335,7 +495,7 @@ fn run_load(
         "--addr",
         addr,
         "--nqn",
-        SUBNQN,
+        nqn,
         "--hostnqn",
         HOSTNQN,
         "--rw",

@@ -109,6 +109,13 @@ impl Job {
             Job::Auth(j) => (!j.costly()).then(|| j.run()),
         }
     }
+    /// See [`crate::flow::Job::run_async`]: reads only.
+    pub fn run_async(&self) -> Option<crate::flow::JobFuture<Completion>> {
+        match self {
+            Job::Io(j) => j.run_async(),
+            Job::Auth(_) => None,
+        }
+    }
     pub fn run(self) -> Completion {
         match self {
             Job::Io(j) => j.run(),

@@ -127,6 +127,10 @@ impl Job for Work {
         self.job.run_nowait()
     }
 
+    fn run_async(&self) -> Option<crate::flow::JobFuture<Completion>> {
+        self.job.run_async()
+    }
+
     fn run(self) -> Completion {
         self.job.run()
     }
