@@ -177,7 +177,11 @@ fn run_parallel(
 }
 
 fn fio(file: &Path, rw: &str, bs: &str, depth: u32, secs: u64) -> anyhow::Result<(f64, f64)> {
-    let out = Command::new("fio")
+    // The fio that scripts/iscsi-peers.sh builds (it has io_uring too), else the system's.
+    let fio = std::env::var_os("MAAS_FIO_LIBISCSI")
+        .filter(|p| Path::new(p).exists())
+        .unwrap_or_else(|| "fio".into());
+    let out = Command::new(fio)
         .args([
             "--name=raw",
             "--ioengine=io_uring",
@@ -279,7 +283,7 @@ fn main() -> anyhow::Result<()> {
         write_buffer_bytes: 0,
         ..OpenOptions::default()
     };
-    let pool = Pool::create(&pool_dir, create, opts)?;
+    let pool = Pool::create(&pool_dir, create, opts.clone())?;
 
     // Live volume: sequential then random.
     say("pool live volume: sequential 1 MiB, random 4 KiB x 32...");
@@ -356,8 +360,7 @@ fn main() -> anyhow::Result<()> {
         )?
     };
     v.flush()?;
-    pool.delete_volume(vi.id)?;
-    pool.checkpoint()?;
+    drop(v);
 
     // Seal throughput of freshly written mixed data.
     say("seal of freshly written data...");
@@ -384,7 +387,67 @@ fn main() -> anyhow::Result<()> {
     let read_snap = (2 * GIB / MIB) as f64 / t.elapsed().as_secs_f64();
     pool.delete_volume(c.id)?;
     pool.delete_volume(si.id)?;
+    drop((cv, sv));
+
+    // Reads that miss RAM: the same pool reopened with its RAM tier off, so every read goes to
+    // the device — the live volume's blocks from the write-ahead log, the snapshot's from
+    // sealed chunks.
+    say("reads that miss RAM: random 4 KiB x 32 from the log and from sealed chunks...");
+    pool.close()?;
+    drop(pool);
+    let cold_opts = OpenOptions {
+        cache_bytes: 0,
+        log_cache_bytes: 0,
+        write_buffer_bytes: 0,
+        ..opts.clone()
+    };
+    let pool = Pool::open(&pool_dir, cold_opts)?;
+    let lv = pool.open_volume(vi.id)?;
+    let rand_r_cold_log = {
+        let lv = lv.clone();
+        run_parallel(
+            "random 4 KiB reads from the log, RAM tier off",
+            32,
+            secs,
+            Arc::new(move |r, b| {
+                let off = (r.next() % (GIB / 4096)) * 4096;
+                lv.read(off, b)
+                    .with_context(|| format!("read of 4 KiB at {off}"))?;
+                // Every block written above carries its offset: the read returned its data.
+                let stamp = u64::from_le_bytes(b[..8].try_into()?);
+                if stamp != off && stamp != 0 {
+                    bail!("the block at {off} holds the block at {stamp}");
+                }
+                Ok(())
+            }),
+            4096,
+        )?
+    };
+    drop(lv);
+    let c = pool.clone_snapshot(snap.id, "cold-read")?;
+    let cv = pool.open_volume(c.id)?;
+    let rand_r_cold_sealed = {
+        let cv = cv.clone();
+        run_parallel(
+            "random 4 KiB reads from sealed chunks, RAM tier off",
+            32,
+            secs,
+            Arc::new(move |r, b| {
+                let off = (r.next() % (2 * GIB / 4096)) * 4096;
+                cv.read(off, b)
+                    .with_context(|| format!("read of 4 KiB at {off}"))
+            }),
+            4096,
+        )?
+    };
+    drop(cv);
+    pool.delete_volume(c.id)?;
+    pool.delete_volume(vi.id)?;
     pool.delete_snapshot(snap.id)?;
+    pool.checkpoint()?;
+    pool.close()?;
+    drop(pool);
+    let pool = Pool::open(&pool_dir, opts)?;
 
     // 10 GiB filled, sealed, 1% rewritten in random 64 KiB pieces, sealed again.
     say(&format!(
@@ -442,6 +505,8 @@ fn main() -> anyhow::Result<()> {
         "seq_read_mib_s": seq_r,
         "rand_write_iops": rand_w,
         "rand_read_iops": rand_r,
+        "rand_read_cold_log_iops": rand_r_cold_log,
+        "rand_read_cold_sealed_iops": rand_r_cold_sealed,
         "seal_changed_mib_s": seal_changed,
         "seal_10g_1pct_ms": seal_1pct,
         "seal_100g_nochange_ms": seal_100g,
@@ -456,6 +521,8 @@ fn main() -> anyhow::Result<()> {
         "ratio_seq_write": seq_w / raw_sw,
         "ratio_seq_read": seq_r / raw_sr,
         "ratio_rand_read": rand_r / raw_rr,
+        "ratio_rand_read_cold_log": rand_r_cold_log / raw_rr,
+        "ratio_rand_read_cold_sealed": rand_r_cold_sealed / raw_rr,
         "ratio_rand_write": rand_w / raw_rw,
         "big_gib": a.big_gib,
     });
@@ -470,6 +537,8 @@ fn main() -> anyhow::Result<()> {
             ("seq write MiB/s (1 MiB)", seq_w, raw_sw),
             ("seq read MiB/s (1 MiB)", seq_r, raw_sr),
             ("rand read IOPS (4K x32)", rand_r, raw_rr),
+            ("  ...log, RAM tier off", rand_r_cold_log, raw_rr),
+            ("  ...sealed, RAM tier off", rand_r_cold_sealed, raw_rr),
             ("rand write IOPS (4K x32)", rand_w, raw_rw),
         ] {
             println!("{name:<28} {p:>12.0} {r:>12.0} {:>7.2}", p / r);
