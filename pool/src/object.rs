@@ -155,7 +155,14 @@ fn zstd_err(e: std::io::Error) -> PoolError {
     PoolError::io("zstd compression", e)
 }
 
-fn encode_v1(kind: ObjectKind, digest: &Digest, raw: &[u8], zstd_level: i32) -> Result<Encoded> {
+/// Version 1: one payload. What index nodes are written as, and what data chunks were written
+/// as before version 2 (tests and tools make such chunks with it).
+pub fn encode_v1(
+    kind: ObjectKind,
+    digest: &Digest,
+    raw: &[u8],
+    zstd_level: i32,
+) -> Result<Encoded> {
     let compressed = if worth_compressing(raw, zstd_level)? {
         zstd::bulk::compress(raw, zstd_level).map_err(zstd_err)?
     } else {

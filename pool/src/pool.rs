@@ -300,6 +300,7 @@ impl Pool {
             chunk_cache_disabled: opts.cache_bytes == 0,
             log_sums: RwLock::new(BTreeMap::new()),
             retired_log_sums: Mutex::new(Vec::new()),
+            sealed_bytes_read: std::sync::atomic::AtomicU64::new(0),
         });
         let geo = Geometry {
             chunk_size: sb.chunk_size,
