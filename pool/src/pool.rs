@@ -293,6 +293,7 @@ impl Pool {
             chunk_size: sb.chunk_size,
             zstd_level: sb.zstd_level,
             chunk_cache: Mutex::new(ByteLru::new(opts.cache_bytes)),
+            table_cache: Mutex::new(ByteLru::new(crate::shared::TABLE_CACHE_BYTES)),
             node_cache: Mutex::new(ByteLru::new(64 << 20)),
             pin: RwLock::new(()),
             pending_free: Mutex::new(Vec::new()),

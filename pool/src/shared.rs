@@ -122,6 +122,9 @@ impl ChunkKey {
 /// where compressed frames are.
 const PARTIAL_READ_WHOLE_MAX: u64 = 128 << 10;
 
+/// Budget of [`Shared::table_cache`].
+pub const TABLE_CACHE_BYTES: usize = 4 << 20;
+
 /// Device slots; a device is added by filling the next empty slot, so lookups need no lock.
 pub const MAX_DEVICES: usize = 64;
 
@@ -162,6 +165,12 @@ pub struct Shared {
     pub zstd_level: i32,
     /// Whole data chunks and frames of them (see [`ChunkKey`]).
     pub chunk_cache: Mutex<ByteLru<Vec<u8>, ChunkKey>>,
+    /// Checked headers and frame tables of version 2 chunks (by digest, with the extent they
+    /// were read from), so that a partial read of a chunk read before needs one device request
+    /// for its frames, however they are compressed. About 400 bytes per 1 MiB chunk: a small
+    /// fixed budget ([`TABLE_CACHE_BYTES`], like the node cache's) covers many GiB of chunks,
+    /// and a separate LRU keeps tables from being evicted by the frames they locate.
+    pub table_cache: Mutex<ByteLru<(Extent, Vec<u8>)>>,
     pub node_cache: Mutex<ByteLru<Node>>,
     /// Readers and seals hold this shared while they may follow object or WAL locations; space
     /// is handed back to the allocator only under an exclusive (try-)lock, so nobody ever reads
@@ -262,7 +271,8 @@ impl Shared {
         }
         if !self.chunk_cache_disabled {
             let mut cache = self.chunk_cache.lock();
-            // Frames of it that partial reads cached are now dead weight.
+            // Frames of it that partial reads cached are now dead weight (its table is not:
+            // it is small, and the whole chunk may be evicted before its frames are read again).
             for f in 0..raw.len().div_ceil(FRAME_LEN) {
                 cache.remove(&ChunkKey::frame(*d, f));
             }
@@ -309,10 +319,12 @@ impl Shared {
 
     /// Raw bytes [within, within+dst.len()) of data chunk `d`, reading and decompressing only
     /// the frames they fall in. Served from the RAM cache when it holds the whole chunk or
-    /// those frames. Otherwise one submission reads the object's first blocks (header and frame
-    /// table) and, when every frame of the chunk is stored raw (incompressible data: the
-    /// object record's lengths say so), the blocks of the frames too; a chunk with compressed
-    /// frames learns where they are from the table and reads them next. Header, table and
+    /// those frames. Otherwise, when the table cache holds the chunk's header and frame table,
+    /// one request reads the blocks of the frames; else one submission reads the object's first
+    /// blocks (header and frame table) and, when every frame of the chunk is stored raw
+    /// (incompressible data: the object record's lengths say so), the blocks of the frames too,
+    /// while a chunk with compressed frames learns where they are from the table and reads them
+    /// next (objects of at most [`PARTIAL_READ_WHOLE_MAX`] are read whole at once). Header, table and
     /// every frame used are checked against their CRCs, so damage is reported, never returned;
     /// the whole-chunk digest is not checked (it needs the whole chunk: [`Shared::chunk`] and
     /// verify check it). The decoded frames go into the chunk cache (its byte budget), so that
@@ -372,25 +384,42 @@ impl Shared {
         let raw_len = rec.raw_len as usize;
         let n = raw_len.div_ceil(FRAME_LEN);
         let table_end = (OBJECT_HEADER_LEN + n * object::FRAME_ENTRY_LEN) as u64;
-        let head = align_up(table_end, BLOCK).min(obj_len);
-        // Byte ranges of the object to read in the first submission.
-        let mut ranges: Vec<(u64, u64)> = vec![(0, head)];
-        if obj_len <= PARTIAL_READ_WHOLE_MAX {
-            ranges[0].1 = obj_len;
-        } else if rec.stored_len as usize == n * object::FRAME_ENTRY_LEN + raw_len {
-            // Every frame raw: frame f is stored at table_end + f * FRAME_LEN.
-            let raw_s = within / FRAME_LEN * FRAME_LEN;
-            let raw_e = ((within + dst.len()).div_ceil(FRAME_LEN) * FRAME_LEN).min(raw_len);
-            let a = (table_end + raw_s as u64) / BLOCK * BLOCK;
-            let b = align_up(table_end + raw_e as u64, BLOCK).min(obj_len);
-            if a <= head {
-                ranges[0].1 = b.max(head);
-            } else {
-                ranges.push((a, b));
+        let cache = !self.chunk_cache_disabled;
+        // Header and frame table: from the table cache if it holds them for this very extent,
+        // else read in the first submission.
+        let cached = if cache {
+            self.table_cache.lock().get(d).filter(|t| t.0 == rec.extent)
+        } else {
+            None
+        };
+        let mut parts: Vec<(u64, AlignedBuf)> = Vec::new();
+        let head: Arc<(Extent, Vec<u8>)> = match &cached {
+            Some(t) => t.clone(),
+            None => {
+                let head = align_up(table_end, BLOCK).min(obj_len);
+                // Byte ranges of the object to read in the first submission.
+                let mut ranges: Vec<(u64, u64)> = vec![(0, head)];
+                if obj_len <= PARTIAL_READ_WHOLE_MAX {
+                    ranges[0].1 = obj_len;
+                } else if rec.stored_len as usize == n * object::FRAME_ENTRY_LEN + raw_len {
+                    // Every frame raw: frame f is stored at table_end + f * FRAME_LEN.
+                    let raw_s = within / FRAME_LEN * FRAME_LEN;
+                    let raw_e = ((within + dst.len()).div_ceil(FRAME_LEN) * FRAME_LEN).min(raw_len);
+                    let a = (table_end + raw_s as u64) / BLOCK * BLOCK;
+                    let b = align_up(table_end + raw_e as u64, BLOCK).min(obj_len);
+                    if a <= head {
+                        ranges[0].1 = b.max(head);
+                    } else {
+                        ranges.push((a, b));
+                    }
+                }
+                parts = self.read_object_ranges(dev, rec, &ranges)?;
+                let first = &parts[0].1;
+                let keep = (table_end as usize).min(first.len());
+                Arc::new((rec.extent, first[..keep].to_vec()))
             }
-        }
-        let mut parts = self.read_object_ranges(dev, rec, &ranges)?;
-        let h = object::parse_header(&parts[0].1, ObjectKind::Chunk, d, &what)?;
+        };
+        let h = object::parse_header(&head.1, ObjectKind::Chunk, d, &what)?;
         if h.version == OBJECT_FORMAT_V1 || h.frame_len() != FRAME_LEN {
             return Ok(false);
         }
@@ -400,11 +429,16 @@ impl Shared {
                 "header lengths disagree with the object record",
             ));
         }
-        let table = parts[0]
+        let table = head
             .1
             .get(OBJECT_HEADER_LEN..h.table_end())
             .ok_or_else(|| PoolError::corrupt(&what, "frame table beyond the first read"))?;
         let frames = object::parse_table(&h, table, &what)?;
+        // Only a table that passed its checks is kept.
+        if cache && cached.is_none() {
+            let size = head.1.len() + 64;
+            self.table_cache.lock().put(*d, head.clone(), size);
+        }
         let needed = object::frames_for(&frames, FRAME_LEN, within, dst.len());
         let (Some(first), Some(last)) = (needed.first(), needed.last()) else {
             return Err(PoolError::corrupt(&what, "range beyond its frames"));
@@ -418,7 +452,6 @@ impl Shared {
         let stored = find_range(&parts, s, e)
             .ok_or_else(|| PoolError::corrupt(&what, "frames beyond the object"))?;
         let mut dctx = None;
-        let cache = !self.chunk_cache_disabled;
         for f in needed {
             let at = f.offset - first.offset;
             let mut raw = vec![0u8; f.raw_len];
