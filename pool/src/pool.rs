@@ -293,6 +293,7 @@ impl Pool {
             chunk_size: sb.chunk_size,
             zstd_level: sb.zstd_level,
             chunk_cache: Mutex::new(ByteLru::new(opts.cache_bytes)),
+            table_cache: Mutex::new(ByteLru::new(crate::shared::TABLE_CACHE_BYTES)),
             node_cache: Mutex::new(ByteLru::new(64 << 20)),
             pin: Arc::new(RwLock::new(())),
             pending_free: Mutex::new(Vec::new()),
@@ -300,6 +301,7 @@ impl Pool {
             chunk_cache_disabled: opts.cache_bytes == 0,
             log_sums: RwLock::new(BTreeMap::new()),
             retired_log_sums: Mutex::new(Vec::new()),
+            sealed_bytes_read: std::sync::atomic::AtomicU64::new(0),
         });
         let geo = Geometry {
             chunk_size: sb.chunk_size,

@@ -2,6 +2,7 @@
 //! object-store operations built on them (read/write sealed objects through the RAM cache).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -13,18 +14,18 @@ use crate::error::{PoolError, Result};
 use crate::index::Node;
 use crate::io::{self, AlignedBuf, Op};
 use crate::meta::{Meta, ObjRec};
-use crate::object::{self, Keys, ObjectKind};
-use crate::types::{Digest, Extent};
+use crate::object::{self, FRAME_LEN, Keys, OBJECT_FORMAT_V1, OBJECT_HEADER_LEN, ObjectKind};
+use crate::types::{BLOCK, Digest, Extent, align_up};
 
 /// A byte-bounded LRU of decoded objects (the RAM tier's read cache).
 #[derive(Debug)]
-pub struct ByteLru<V> {
-    lru: LruCache<Digest, (Arc<V>, usize)>,
+pub struct ByteLru<V, K: std::hash::Hash + Eq = Digest> {
+    lru: LruCache<K, (Arc<V>, usize)>,
     bytes: usize,
     limit: usize,
 }
 
-impl<V> ByteLru<V> {
+impl<V, K: std::hash::Hash + Eq> ByteLru<V, K> {
     pub fn new(limit: usize) -> Self {
         ByteLru {
             lru: LruCache::unbounded(),
@@ -32,10 +33,19 @@ impl<V> ByteLru<V> {
             limit,
         }
     }
-    pub fn get(&mut self, d: &Digest) -> Option<Arc<V>> {
+    pub fn get(&mut self, d: &K) -> Option<Arc<V>> {
         self.lru.get(d).map(|(v, _)| v.clone())
     }
-    pub fn put(&mut self, d: Digest, v: Arc<V>, size: usize) {
+    /// Whether `d` is held, without making it more recently used.
+    pub fn contains(&self, d: &K) -> bool {
+        self.lru.contains(d)
+    }
+    pub fn remove(&mut self, d: &K) -> Option<Arc<V>> {
+        let (v, size) = self.lru.pop(d)?;
+        self.bytes -= size;
+        Some(v)
+    }
+    pub fn put(&mut self, d: K, v: Arc<V>, size: usize) {
         if size > self.limit {
             return;
         }
@@ -79,6 +89,42 @@ impl<V> ByteLru<V> {
     }
 }
 
+/// What the chunk cache holds: a whole data chunk, or one frame of one (what a partial read of
+/// a version 2 chunk decoded). Both share one byte budget, so partial reads add no memory the
+/// RAM tier does not govern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    pub digest: Digest,
+    /// [`ChunkKey::WHOLE`], or the frame's number (raw bytes from frame * FRAME_LEN).
+    pub frame: u32,
+}
+
+impl ChunkKey {
+    pub const WHOLE: u32 = u32::MAX;
+
+    pub fn whole(digest: Digest) -> Self {
+        ChunkKey {
+            digest,
+            frame: Self::WHOLE,
+        }
+    }
+
+    pub fn frame(digest: Digest, frame: usize) -> Self {
+        ChunkKey {
+            digest,
+            frame: frame as u32,
+        }
+    }
+}
+
+/// Objects at most this long on the device are read whole by a partial read: one request of a
+/// few blocks costs about what two of one block do, and it needs no second round trip to learn
+/// where compressed frames are.
+const PARTIAL_READ_WHOLE_MAX: u64 = 128 << 10;
+
+/// Budget of [`Shared::table_cache`].
+pub const TABLE_CACHE_BYTES: usize = 4 << 20;
+
 /// Device slots; a device is added by filling the next empty slot, so lookups need no lock.
 pub const MAX_DEVICES: usize = 64;
 
@@ -117,7 +163,14 @@ pub struct Shared {
     pub keys: Keys,
     pub chunk_size: u64,
     pub zstd_level: i32,
-    pub chunk_cache: Mutex<ByteLru<Vec<u8>>>,
+    /// Whole data chunks and frames of them (see [`ChunkKey`]).
+    pub chunk_cache: Mutex<ByteLru<Vec<u8>, ChunkKey>>,
+    /// Checked headers and frame tables of version 2 chunks (by digest, with the extent they
+    /// were read from), so that a partial read of a chunk read before needs one device request
+    /// for its frames, however they are compressed. About 400 bytes per 1 MiB chunk: a small
+    /// fixed budget ([`TABLE_CACHE_BYTES`], like the node cache's) covers many GiB of chunks,
+    /// and a separate LRU keeps tables from being evicted by the frames they locate.
+    pub table_cache: Mutex<ByteLru<(Extent, Vec<u8>)>>,
     pub node_cache: Mutex<ByteLru<Node>>,
     /// Readers and seals hold this shared while they may follow object or WAL locations; space
     /// is handed back to the allocator only under an exclusive (try-)lock, so nobody ever reads
@@ -134,6 +187,17 @@ pub struct Shared {
     /// LSN ranges of freed log segments whose CRCs go once the pin is free (a reader that
     /// resolved a block there before it was overwritten may still be reading it).
     pub retired_log_sums: Mutex<Vec<std::ops::RangeInclusive<u64>>>,
+    /// Bytes of sealed objects read from the devices (whole objects and partial reads), for
+    /// stats: what the read path really costs the devices.
+    pub sealed_bytes_read: AtomicU64,
+}
+
+/// Object bytes [s, e) if one of the read `parts` (start, bytes) holds all of them.
+fn find_range(parts: &[(u64, AlignedBuf)], s: u64, e: u64) -> Option<&[u8]> {
+    parts.iter().find_map(|(a, b)| {
+        let end = a + b.len() as u64;
+        (*a <= s && e <= end).then(|| &b[(s - a) as usize..(e - a) as usize])
+    })
 }
 
 impl Shared {
@@ -167,6 +231,7 @@ impl Shared {
             buf: &mut buf,
         }])
         .map_err(|e| dev.io_err(e))?;
+        self.sealed_bytes_read.fetch_add(len, Ordering::Relaxed);
         let what = match rec.kind {
             ObjectKind::Chunk => format!("chunk {d}"),
             ObjectKind::Node => format!("index node {d}"),
@@ -183,9 +248,9 @@ impl Shared {
         })
     }
 
-    /// A data chunk's bytes if the RAM cache holds them.
+    /// A data chunk's bytes if the RAM cache holds them whole.
     pub fn chunk_cached(&self, d: &Digest) -> Option<Arc<Vec<u8>>> {
-        self.chunk_cache.lock().get(d)
+        self.chunk_cache.lock().get(&ChunkKey::whole(*d))
     }
 
     /// An index node if the RAM cache holds it.
@@ -193,9 +258,10 @@ impl Shared {
         self.node_cache.lock().get(d)
     }
 
-    /// A data chunk's bytes (chunk_size long), through the RAM cache.
+    /// A data chunk's bytes (chunk_size long), through the RAM cache. Reads the whole object
+    /// and checks the digest over all of it.
     pub fn chunk(&self, d: &Digest) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.chunk_cache.lock().get(d) {
+        if let Some(c) = self.chunk_cached(d) {
             return Ok(c);
         }
         let rec = self.lookup(d)?;
@@ -204,9 +270,234 @@ impl Shared {
             return Err(PoolError::corrupt(format!("chunk {d}"), "wrong length"));
         }
         if !self.chunk_cache_disabled {
-            self.chunk_cache.lock().put(*d, raw.clone(), raw.len());
+            let mut cache = self.chunk_cache.lock();
+            // Frames of it that partial reads cached are now dead weight (its table is not:
+            // it is small, and the whole chunk may be evicted before its frames are read again).
+            for f in 0..raw.len().div_ceil(FRAME_LEN) {
+                cache.remove(&ChunkKey::frame(*d, f));
+            }
+            cache.put(ChunkKey::whole(*d), raw.clone(), raw.len());
         }
         Ok(raw)
+    }
+
+    /// Copies raw bytes [within, within+dst.len()) of data chunk `d` into `dst` if the RAM cache
+    /// holds them (the whole chunk, or every frame they fall in); false, `dst` then holding
+    /// anything, if it does not. Never touches a device.
+    pub fn read_chunk_range_cached(&self, d: &Digest, within: usize, dst: &mut [u8]) -> bool {
+        let Some(end) = within
+            .checked_add(dst.len())
+            .filter(|&e| e as u64 <= self.chunk_size)
+        else {
+            return false;
+        };
+        if dst.is_empty() {
+            return true;
+        }
+        let mut cache = self.chunk_cache.lock();
+        if let Some(c) = cache.get(&ChunkKey::whole(*d)) {
+            drop(cache);
+            dst.copy_from_slice(&c[within..end]);
+            return true;
+        }
+        let (first, last) = (within / FRAME_LEN, (end - 1) / FRAME_LEN);
+        if !(first..=last).all(|f| cache.contains(&ChunkKey::frame(*d, f))) {
+            return false;
+        }
+        let frames: Vec<Arc<Vec<u8>>> = (first..=last)
+            .filter_map(|f| cache.get(&ChunkKey::frame(*d, f)))
+            .collect();
+        drop(cache);
+        if frames.len() != last - first + 1 {
+            return false;
+        }
+        for (f, data) in (first..).zip(&frames) {
+            object::copy_overlap(data, f * FRAME_LEN, within, dst);
+        }
+        true
+    }
+
+    /// Raw bytes [within, within+dst.len()) of data chunk `d`, reading and decompressing only
+    /// the frames they fall in. Served from the RAM cache when it holds the whole chunk or
+    /// those frames. Otherwise, when the table cache holds the chunk's header and frame table,
+    /// one request reads the blocks of the frames; else one submission reads the object's first
+    /// blocks (header and frame table) and, when every frame of the chunk is stored raw
+    /// (incompressible data: the object record's lengths say so), the blocks of the frames too,
+    /// while a chunk with compressed frames learns where they are from the table and reads them
+    /// next (objects of at most [`PARTIAL_READ_WHOLE_MAX`] are read whole at once). Header, table and
+    /// every frame used are checked against their CRCs, so damage is reported, never returned;
+    /// the whole-chunk digest is not checked (it needs the whole chunk: [`Shared::chunk`] and
+    /// verify check it). The decoded frames go into the chunk cache (its byte budget), so that
+    /// re-reads of them hit RAM. A read that needs every frame, and a chunk stored in version 1
+    /// (one payload), is served by [`Shared::chunk`].
+    pub fn read_chunk_range(&self, d: &Digest, within: usize, dst: &mut [u8]) -> Result<()> {
+        let end = within
+            .checked_add(dst.len())
+            .filter(|&e| e as u64 <= self.chunk_size)
+            .ok_or_else(|| {
+                PoolError::InvalidArgument(format!(
+                    "range {within}+{} beyond a chunk of {}",
+                    dst.len(),
+                    self.chunk_size
+                ))
+            })?;
+        if self.read_chunk_range_cached(d, within, dst) {
+            return Ok(());
+        }
+        let frames = (self.chunk_size as usize).div_ceil(FRAME_LEN);
+        let needed = (end - 1) / FRAME_LEN - within / FRAME_LEN + 1;
+        if needed < frames {
+            let rec = self.lookup(d)?;
+            if self.read_frames_from_device(d, &rec, within, dst)? {
+                return Ok(());
+            }
+        }
+        let c = self.chunk(d)?;
+        dst.copy_from_slice(&c[within..end]);
+        Ok(())
+    }
+
+    /// The device part of [`Shared::read_chunk_range`]; false if the object is not framed
+    /// with [`FRAME_LEN`] frames (version 1), for the caller to read it whole.
+    fn read_frames_from_device(
+        &self,
+        d: &Digest,
+        rec: &ObjRec,
+        within: usize,
+        dst: &mut [u8],
+    ) -> Result<bool> {
+        let what = format!("chunk {d}");
+        if rec.kind != ObjectKind::Chunk {
+            return Err(PoolError::corrupt(
+                &what,
+                "object record is not a data chunk",
+            ));
+        }
+        let dev = self.device(rec.extent.device)?;
+        let obj_len = object::extent_len(rec.stored_len);
+        if obj_len != rec.extent.len || u64::from(rec.raw_len) != self.chunk_size {
+            return Err(PoolError::corrupt(
+                format!("object record {d}"),
+                "lengths disagree with the extent or the chunk size",
+            ));
+        }
+        let raw_len = rec.raw_len as usize;
+        let n = raw_len.div_ceil(FRAME_LEN);
+        let table_end = (OBJECT_HEADER_LEN + n * object::FRAME_ENTRY_LEN) as u64;
+        let cache = !self.chunk_cache_disabled;
+        // Header and frame table: from the table cache if it holds them for this very extent,
+        // else read in the first submission.
+        let cached = if cache {
+            self.table_cache.lock().get(d).filter(|t| t.0 == rec.extent)
+        } else {
+            None
+        };
+        let mut parts: Vec<(u64, AlignedBuf)> = Vec::new();
+        let head: Arc<(Extent, Vec<u8>)> = match &cached {
+            Some(t) => t.clone(),
+            None => {
+                let head = align_up(table_end, BLOCK).min(obj_len);
+                // Byte ranges of the object to read in the first submission.
+                let mut ranges: Vec<(u64, u64)> = vec![(0, head)];
+                if obj_len <= PARTIAL_READ_WHOLE_MAX {
+                    ranges[0].1 = obj_len;
+                } else if rec.stored_len as usize == n * object::FRAME_ENTRY_LEN + raw_len {
+                    // Every frame raw: frame f is stored at table_end + f * FRAME_LEN.
+                    let raw_s = within / FRAME_LEN * FRAME_LEN;
+                    let raw_e = ((within + dst.len()).div_ceil(FRAME_LEN) * FRAME_LEN).min(raw_len);
+                    let a = (table_end + raw_s as u64) / BLOCK * BLOCK;
+                    let b = align_up(table_end + raw_e as u64, BLOCK).min(obj_len);
+                    if a <= head {
+                        ranges[0].1 = b.max(head);
+                    } else {
+                        ranges.push((a, b));
+                    }
+                }
+                parts = self.read_object_ranges(dev, rec, &ranges)?;
+                let first = &parts[0].1;
+                let keep = (table_end as usize).min(first.len());
+                Arc::new((rec.extent, first[..keep].to_vec()))
+            }
+        };
+        let h = object::parse_header(&head.1, ObjectKind::Chunk, d, &what)?;
+        if h.version == OBJECT_FORMAT_V1 || h.frame_len() != FRAME_LEN {
+            return Ok(false);
+        }
+        if h.raw_len != raw_len || h.stored_len != rec.stored_len as usize {
+            return Err(PoolError::corrupt(
+                &what,
+                "header lengths disagree with the object record",
+            ));
+        }
+        let table = head
+            .1
+            .get(OBJECT_HEADER_LEN..h.table_end())
+            .ok_or_else(|| PoolError::corrupt(&what, "frame table beyond the first read"))?;
+        let frames = object::parse_table(&h, table, &what)?;
+        // Only a table that passed its checks is kept.
+        if cache && cached.is_none() {
+            let size = head.1.len() + 64;
+            self.table_cache.lock().put(*d, head.clone(), size);
+        }
+        let needed = object::frames_for(&frames, FRAME_LEN, within, dst.len());
+        let (Some(first), Some(last)) = (needed.first(), needed.last()) else {
+            return Err(PoolError::corrupt(&what, "range beyond its frames"));
+        };
+        let (s, e) = (first.offset as u64, last.end() as u64);
+        if find_range(&parts, s, e).is_none() {
+            let a = s / BLOCK * BLOCK;
+            let b = align_up(e, BLOCK).min(obj_len);
+            parts.extend(self.read_object_ranges(dev, rec, &[(a, b)])?);
+        }
+        let stored = find_range(&parts, s, e)
+            .ok_or_else(|| PoolError::corrupt(&what, "frames beyond the object"))?;
+        let mut dctx = None;
+        for f in needed {
+            let at = f.offset - first.offset;
+            let mut raw = vec![0u8; f.raw_len];
+            object::decode_frame(
+                f,
+                &stored[at..at + f.stored_len],
+                &mut raw,
+                &mut dctx,
+                &what,
+            )?;
+            object::copy_overlap(&raw, f.raw_offset, within, dst);
+            if cache {
+                let len = raw.len();
+                self.chunk_cache
+                    .lock()
+                    .put(ChunkKey::frame(*d, f.index), Arc::new(raw), len);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads byte ranges [a, b) (4 KiB aligned, or ending at the extent's end) of an object's
+    /// extent in one submission.
+    fn read_object_ranges(
+        &self,
+        dev: &Device,
+        rec: &ObjRec,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<(u64, AlignedBuf)>> {
+        let mut bufs: Vec<(u64, AlignedBuf)> = ranges
+            .iter()
+            .map(|&(a, b)| (a, AlignedBuf::zeroed(b.saturating_sub(a) as usize)))
+            .collect();
+        let mut ops: Vec<Op<'_>> = bufs
+            .iter_mut()
+            .map(|(a, buf)| Op::Read {
+                file: dev.file(),
+                offset: rec.extent.offset + *a,
+                buf: &mut buf[..],
+            })
+            .collect();
+        io::run_batch(&mut ops).map_err(|e| dev.io_err(e))?;
+        drop(ops);
+        let total: u64 = bufs.iter().map(|(_, b)| b.len() as u64).sum();
+        self.sealed_bytes_read.fetch_add(total, Ordering::Relaxed);
+        Ok(bufs)
     }
 
     pub fn node(&self, d: &Digest) -> Result<Arc<Node>> {

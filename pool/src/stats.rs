@@ -37,6 +37,10 @@ pub struct PoolStats {
     pub dedup_ratio: f64,
     /// unique / stored.
     pub compression_ratio: f64,
+    /// Bytes of sealed objects (chunks and index nodes) read from the devices since the pool
+    /// was opened: whole objects, and the blocks partial reads of chunks need.
+    #[serde(default)]
+    pub sealed_bytes_read: u64,
     /// The RAM tier: targets and what it holds now.
     #[serde(default)]
     pub ram_tier: crate::ramtier::RamTierStats,
@@ -199,6 +203,9 @@ impl Pool {
             free_bytes: free,
             used_bytes: capacity - free,
             wal_bytes,
+            sealed_bytes_read: shared
+                .sealed_bytes_read
+                .load(std::sync::atomic::Ordering::Relaxed),
             ram_tier: inner.ram_tier_stats(),
             ..Default::default()
         };
@@ -399,6 +406,7 @@ impl Pool {
     /// Drops the RAM caches (so a test or benchmark reads from the devices).
     pub fn drop_caches(&self) {
         self.inner.shared.chunk_cache.lock().clear();
+        self.inner.shared.table_cache.lock().clear();
         self.inner.shared.node_cache.lock().clear();
     }
 

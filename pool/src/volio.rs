@@ -397,15 +397,17 @@ impl Volume {
             match digest {
                 None => dst.fill(0),
                 Some(d) => {
-                    let data = match wait {
-                        Wait::Yes => shared.chunk(&d)?,
-                        Wait::No | Wait::Defer => match shared.chunk_cached(&d) {
-                            Some(c) => c,
-                            None => return Ok(Fetched::WouldBlock),
-                        },
-                    };
+                    // Only the frames the blocks fall in are read (and cached), unless the
+                    // cache holds them or the whole chunk.
                     let within = ((first + i as u64) % cb * BLOCK) as usize;
-                    dst.copy_from_slice(&data[within..within + dst.len()]);
+                    match wait {
+                        Wait::Yes => shared.read_chunk_range(&d, within, dst)?,
+                        Wait::No | Wait::Defer => {
+                            if !shared.read_chunk_range_cached(&d, within, dst) {
+                                return Ok(Fetched::WouldBlock);
+                            }
+                        }
+                    }
                 }
             }
             i = j;

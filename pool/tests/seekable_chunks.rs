@@ -1,0 +1,321 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Seekable sealed chunks: small reads of a sealed chunk that is not in the RAM cache read and
+//! decompress only the frames they need, checked by the frames' own CRCs.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use maas_pool::object::{self, FRAME_LEN, Frame, ObjectKind};
+use maas_pool::types::Digest;
+use maas_pool::{BlockDevice, Pool, PoolError, Volume};
+
+const KIB: usize = 1 << 10;
+
+/// Chunk `c` of the test volumes: incompressible, compressible, or alternating frames of each.
+fn chunk_data(c: u64, chunk: usize) -> Vec<u8> {
+    let mut d = pattern(c + 1, chunk);
+    match c % 3 {
+        0 => {}
+        1 => d
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i / 9 % 7) as u8 + c as u8),
+        _ => {
+            for f in d.chunks_mut(FRAME_LEN).skip(1).step_by(2) {
+                f.fill(c as u8 | 1);
+            }
+        }
+    }
+    d
+}
+
+/// A pool with one sealed volume of `chunks` chunks made by [`chunk_data`], caches dropped.
+fn sealed_volume(dir: &std::path::Path, chunk: u64, chunks: u64) -> (Pool, Volume, Vec<u8>) {
+    let pool = create_pool(dir, chunk * chunks * 2 + 64 * MIB, chunk);
+    let vi = pool.create_volume("s", chunk * chunks, 4096).unwrap();
+    let v = pool.open_volume(vi.id).unwrap();
+    let mut all = Vec::new();
+    for c in 0..chunks {
+        all.extend(chunk_data(c, chunk as usize));
+    }
+    v.write(0, &all, true).unwrap();
+    pool.seal(vi.id).unwrap();
+    pool.drop_caches();
+    (pool, v, all)
+}
+
+fn digest_of(hex: &str) -> Digest {
+    let mut d = [0u8; 32];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    Digest(d)
+}
+
+/// The stored object of the chunk at `offset` of `v`: device file, extent offset, and its
+/// frames as the table on the device says.
+fn object_frames(pool: &Pool, v: &Volume, offset: u64) -> (String, PathBuf, u64, Vec<Frame>) {
+    let hex = pool.chunk_of(v.id(), offset).unwrap().unwrap();
+    let (path, at, len) = pool.object_location(&hex).unwrap().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let obj = &bytes[at as usize..(at + len) as usize];
+    let d = digest_of(&hex);
+    let h = object::parse_header(obj, ObjectKind::Chunk, &d, "t").unwrap();
+    assert_eq!(h.version, object::OBJECT_FORMAT_V2);
+    let frames =
+        object::parse_table(&h, &obj[object::OBJECT_HEADER_LEN..h.table_end()], "t").unwrap();
+    (hex, path, at, frames)
+}
+
+fn sealed_read(pool: &Pool) -> u64 {
+    pool.stats().unwrap().sealed_bytes_read
+}
+
+/// Partial reads of sealed chunks return the right bytes after the caches are dropped, for
+/// every chunk size the pool uses, for incompressible, compressible and mixed chunks, single
+/// blocks and reads spanning frames; and again once their frames are cached.
+#[test]
+fn partial_reads_return_the_right_bytes_after_drop_caches() {
+    for chunk in [64 << 10, 256 << 10, MIB, 4 * MIB] {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, v, all) = sealed_volume(dir.path(), chunk, 6);
+        let cs = chunk as usize;
+        let mut reads: Vec<(usize, usize)> = Vec::new();
+        for c in 0..6 {
+            let base = c * cs;
+            reads.push((base, 4 * KIB));
+            reads.push((base + cs - 4 * KIB, 4 * KIB));
+            if cs > FRAME_LEN {
+                reads.push((base + FRAME_LEN - 4 * KIB, 8 * KIB));
+                reads.push((base + 3 * FRAME_LEN / 2, 4 * KIB));
+                reads.push((base + 4 * KIB, 3 * FRAME_LEN));
+            }
+        }
+        // Reads across two chunks.
+        reads.push((cs - 8 * KIB, 16 * KIB));
+        // Round 0 reads from the device, round 1 from the frames round 0 cached.
+        for round in 0..2 {
+            for &(at, n) in &reads {
+                assert!(
+                    read_all(&v, at as u64, n) == all[at..at + n],
+                    "chunk {chunk} read {at}+{n} round {round}"
+                );
+            }
+        }
+        pool.drop_caches();
+        for &(at, n) in reads.iter().rev() {
+            assert!(read_all(&v, at as u64, n) == all[at..at + n]);
+        }
+        // Whole volume, through whole-chunk reads.
+        pool.drop_caches();
+        assert!(read_all(&v, 0, all.len()) == all);
+        assert!(pool.verify().unwrap().is_clean());
+        pool.close().unwrap();
+    }
+}
+
+/// A block read from a device into the frame cache is then served without waiting
+/// (read_nowait), like one of a whole cached chunk.
+#[test]
+fn cached_frames_serve_reads_that_must_not_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, v, all) = sealed_volume(dir.path(), MIB, 3);
+    let at = (MIB + 5 * FRAME_LEN as u64 + 8192) as usize;
+    let mut buf = vec![0u8; 4096];
+    // Index nodes first (the nowait path does not read them either).
+    read_all(&v, 0, 4096);
+    assert!(!v.read_nowait(at as u64, &mut buf).unwrap());
+    assert!(read_all(&v, at as u64, 4096) == all[at..at + 4096]);
+    buf.fill(0);
+    assert!(v.read_nowait(at as u64, &mut buf).unwrap());
+    assert!(buf == all[at..at + 4096]);
+    // Another block of the same frame, too; one of another frame needs the device.
+    assert!(v.read_nowait(at as u64 + 4096, &mut buf).unwrap());
+    assert!(buf == all[at + 4096..at + 8192]);
+    assert!(
+        !v.read_nowait(at as u64 + FRAME_LEN as u64, &mut buf)
+            .unwrap()
+    );
+    pool.close().unwrap();
+}
+
+/// A 4 KiB read of an uncached 1 MiB chunk reads the header block and one frame from the
+/// device, not the chunk: about 72 KiB for an incompressible chunk, less for a compressed one;
+/// once the chunk's frame table is cached, only the frame's blocks.
+#[test]
+fn a_partial_read_reads_far_fewer_bytes_than_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, v, all) = sealed_volume(dir.path(), MIB, 6);
+    // Index nodes come in with the first read.
+    read_all(&v, 0, 4096);
+    for c in 1..6usize {
+        let at = c * MIB as usize + 7 * FRAME_LEN + 12 * KIB;
+        let before = sealed_read(&pool);
+        assert!(read_all(&v, at as u64, 4096) == all[at..at + 4096]);
+        let read = sealed_read(&pool) - before;
+        assert!(read > 0, "chunk {c} was read from a device");
+        assert!(
+            read <= (FRAME_LEN + 8 * KIB) as u64,
+            "chunk {c}: a 4 KiB read read {read} bytes"
+        );
+        // Again: the frame is cached now.
+        let before = sealed_read(&pool);
+        assert!(read_all(&v, at as u64 + 4096, 4096) == all[at + 4096..at + 8192]);
+        assert_eq!(
+            sealed_read(&pool),
+            before,
+            "chunk {c}: served from the frame cache"
+        );
+        // Another frame: the header and frame table are cached, only the frame's blocks are
+        // read, in one request, however the chunk is compressed.
+        let at = c * MIB as usize + 11 * FRAME_LEN + 20 * KIB;
+        let before = sealed_read(&pool);
+        assert!(read_all(&v, at as u64, 4096) == all[at..at + 4096]);
+        let read = sealed_read(&pool) - before;
+        assert!(
+            read > 0 && read <= (FRAME_LEN + 4 * KIB) as u64,
+            "chunk {c}: a 4 KiB read with a cached frame table read {read} bytes"
+        );
+    }
+    // A whole-chunk read reads the whole object and verifies its digest.
+    pool.drop_caches();
+    read_all(&v, 0, 4096);
+    let before = sealed_read(&pool);
+    assert!(read_all(&v, 3 * MIB, MIB as usize) == all[3 * MIB as usize..4 * MIB as usize]);
+    assert!(sealed_read(&pool) - before >= MIB);
+    pool.close().unwrap();
+}
+
+/// A flipped byte in one frame on the device fails partial reads of that frame with a checksum
+/// error, while reads of the chunk's other frames still succeed; a whole-chunk read and verify
+/// name the chunk. A flipped byte in the frame table fails every partial read of the chunk.
+#[test]
+fn a_damaged_frame_fails_its_reads_only_and_verify_names_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, v, all) = sealed_volume(dir.path(), MIB, 6);
+    // Incompressible chunk 3, compressible chunk 1, mixed chunk 2 (frame 3 of it compressed).
+    let mut damaged = Vec::new();
+    for c in [3u64, 1, 2] {
+        let (hex, path, at, frames) = object_frames(&pool, &v, c * MIB);
+        let f = &frames[3];
+        flip(&path, at + (f.offset + f.stored_len / 2) as u64);
+        damaged.push(hex);
+    }
+    pool.drop_caches();
+    let mut buf = vec![0u8; 4096];
+    for c in [3u64, 1, 2] {
+        let bad = c * MIB + 3 * FRAME_LEN as u64 + 4096;
+        let err = v.read(bad, &mut buf).unwrap_err();
+        assert!(
+            matches!(&err, PoolError::Checksum { what } if what.contains("frame 3")),
+            "chunk {c}: {err}"
+        );
+        for good in [
+            c * MIB,
+            c * MIB + 2 * FRAME_LEN as u64,
+            c * MIB + MIB - 4096,
+        ] {
+            v.read(good, &mut buf).unwrap();
+            assert!(
+                buf == all[good as usize..good as usize + 4096],
+                "chunk {c} at {good}"
+            );
+        }
+        // Still failing (nothing damaged was cached), and a whole-chunk read fails too.
+        assert!(v.read(bad, &mut buf).unwrap_err().is_integrity());
+        let mut whole = vec![0u8; MIB as usize];
+        assert!(v.read(c * MIB, &mut whole).unwrap_err().is_integrity());
+    }
+    // The frame table of chunk 4: every partial read of it fails.
+    let (hex, path, at, _) = object_frames(&pool, &v, 4 * MIB);
+    flip(&path, at + object::OBJECT_HEADER_LEN as u64 + 5);
+    damaged.push(hex);
+    pool.drop_caches();
+    for off in [4 * MIB, 4 * MIB + 9 * FRAME_LEN as u64] {
+        let err = v.read(off, &mut buf).unwrap_err();
+        assert!(
+            matches!(&err, PoolError::Checksum { what } if what.contains("frame table")),
+            "{err}"
+        );
+    }
+    // Undamaged chunks read.
+    v.read(5 * MIB + 4096, &mut buf).unwrap();
+    assert!(buf == all[(5 * MIB + 4096) as usize..(5 * MIB + 8192) as usize]);
+    let rep = pool.verify().unwrap();
+    let mut names: Vec<String> = rep.damaged.iter().map(|d| d.digest.clone()).collect();
+    names.sort();
+    damaged.sort();
+    assert_eq!(names, damaged, "verify names exactly the damaged chunks");
+    pool.close().unwrap();
+}
+
+/// Chunks stored in format version 1 (pools written before version 2) are still read, whole
+/// and in part: the object of a sealed chunk is overwritten on the device with its version 1
+/// encoding (same digest, same extent length for incompressible data).
+#[test]
+fn version_1_chunks_are_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, v, all) = sealed_volume(dir.path(), MIB, 3);
+    let (hex, path, at, _) = object_frames(&pool, &v, 0);
+    let raw = &all[..MIB as usize];
+    let enc = object::encode_v1(ObjectKind::Chunk, &digest_of(&hex), raw, 1).unwrap();
+    let (_, _, len) = pool.object_location(&hex).unwrap().unwrap();
+    assert_eq!(
+        enc.buf.len() as u64,
+        len,
+        "incompressible: same extent length"
+    );
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&enc.buf, at).unwrap();
+        f.sync_all().unwrap();
+    }
+    pool.drop_caches();
+    let off = 5 * FRAME_LEN + 4096;
+    assert!(read_all(&v, off as u64, 4096) == all[off..off + 4096]);
+    pool.drop_caches();
+    assert!(read_all(&v, 0, MIB as usize) == raw);
+    assert!(pool.verify().unwrap().is_clean());
+    pool.close().unwrap();
+}
+
+/// Random 4 KiB read IOPS on a sealed 1 GiB volume of incompressible data, caches dropped
+/// first (the RAM cache then holds 16 MiB of a 1 GiB working set). A measurement, not a check:
+/// `cargo test -p maas-pool --release --test seekable_chunks -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_random_4k_read_iops_after_drop_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1u64 << 30;
+    let pool = create_pool(dir.path(), size + 512 * MIB, MIB);
+    let vi = pool.create_volume("m", size, 4096).unwrap();
+    let v = pool.open_volume(vi.id).unwrap();
+    let step = 64 * MIB;
+    for off in (0..size).step_by(step as usize) {
+        v.write(off, &pattern(off, step as usize), false).unwrap();
+        v.flush().unwrap();
+        pool.seal(vi.id).unwrap();
+    }
+    pool.drop_caches();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut buf = vec![0u8; 4096];
+    let blocks = size / 4096;
+    let mut n = 0u64;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.read((x % blocks) * 4096, &mut buf).unwrap();
+        n += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "random 4 KiB reads after drop_caches: {n} in {secs:.2} s = {:.0} IOPS",
+        n as f64 / secs
+    );
+}
