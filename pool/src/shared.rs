@@ -386,12 +386,10 @@ impl Shared {
         let table_end = (OBJECT_HEADER_LEN + n * object::FRAME_ENTRY_LEN) as u64;
         let cache = !self.chunk_cache_disabled;
         // Header and frame table: from the table cache if it holds them for this very extent,
-        // else read in the first submission.
-        let cached = if cache {
-            self.table_cache.lock().get(d).filter(|t| t.0 == rec.extent)
-        } else {
-            None
-        };
+        // else read in the first submission. The table cache is metadata, like the index-node
+        // cache: it stays on when the chunk cache is off, or every small read of a compressed
+        // chunk would cost two device round trips.
+        let cached = self.table_cache.lock().get(d).filter(|t| t.0 == rec.extent);
         let mut parts: Vec<(u64, AlignedBuf)> = Vec::new();
         let head: Arc<(Extent, Vec<u8>)> = match &cached {
             Some(t) => t.clone(),
@@ -435,7 +433,7 @@ impl Shared {
             .ok_or_else(|| PoolError::corrupt(&what, "frame table beyond the first read"))?;
         let frames = object::parse_table(&h, table, &what)?;
         // Only a table that passed its checks is kept.
-        if cache && cached.is_none() {
+        if cached.is_none() {
             let size = head.1.len() + 64;
             self.table_cache.lock().put(*d, head.clone(), size);
         }
