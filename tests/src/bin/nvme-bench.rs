@@ -86,6 +86,22 @@ enum Side {
     Iscsi { url: String },
 }
 
+/// Which process serves a side: this one (the in-process targets) or a maasd.
+#[derive(Clone, Copy)]
+enum Server {
+    Me,
+    Pid(u32),
+}
+
+impl Server {
+    fn cpu_seconds(self) -> f64 {
+        match self {
+            Server::Me => rusage_seconds(libc::RUSAGE_SELF),
+            Server::Pid(p) => process_cpu_seconds(p),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// The NVMe/TCP load generator (run by the benchmark in its own process).
@@ -176,14 +192,46 @@ fn figures(w: &Workload, r: &FioResult) -> Vec<(&'static str, f64)> {
     }
 }
 
-const KEYS: [&str; 6] = [
+const KEYS: [&str; 8] = [
     "seq_write_mib_s",
     "seq_read_mib_s",
     "rand_read_iops",
     "rand_write_iops",
     "qd1_read_us_avg",
     "qd1_read_us_p99",
+    "rand_read_cpu_us_target",
+    "rand_read_cpu_us_initiator",
 ];
+
+/// CPU time (user + system), seconds, of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`: the
+/// children waited for so far, the load generator and fio).
+fn rusage_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage fills the struct we own; zeroed is a valid rusage.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable rusage.
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// CPU time, seconds, of process `pid` (from /proc; 0 if unreadable).
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name (which may hold spaces) follow its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat: 12th and 13th after the name.
+    (ticks(11) + ticks(12)) / hz
+}
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -295,23 +343,26 @@ fn bench(args: &Args) -> Result<()> {
             size,
         };
         fio_iscsi(&fio_path, &url, INITIATOR, fill).context("filling maasd's volume")?;
+        let pid = Server::Pid(m.pid().context("maasd without a pid")?);
         let sides = [
             (
                 "maasd_nvme_tcp",
+                pid,
                 Side::Nvme {
                     addr: format!("127.0.0.1:{port}"),
                     nqn: nqn.to_string(),
                 },
             ),
-            ("maasd_iscsi", Side::Iscsi { url }),
+            ("maasd_iscsi", pid, Side::Iscsi { url }),
         ];
         Some((m, sides))
     } else {
         None
     };
-    let mut sides: Vec<(&str, Side)> = vec![
+    let mut sides: Vec<(&str, Server, Side)> = vec![
         (
             "nvme_tcp",
+            Server::Me,
             Side::Nvme {
                 addr: nvme_addr.clone(),
                 nqn: SUBNQN.to_string(),
@@ -319,6 +370,7 @@ fn bench(args: &Args) -> Result<()> {
         ),
         (
             "iscsi",
+            Server::Me,
             Side::Iscsi {
                 url: iscsi_url.clone(),
             },
@@ -362,7 +414,9 @@ fn bench(args: &Args) -> Result<()> {
             if !args.only.is_empty() && !args.only.iter().any(|o| o == w.key) {
                 continue;
             }
-            for (name, side) in &sides {
+            for (name, server, side) in &sides {
+                let (target0, initiator0) =
+                    (server.cpu_seconds(), rusage_seconds(libc::RUSAGE_CHILDREN));
                 let r = match side {
                     Side::Nvme { addr, nqn } => run_load(&me, addr, nqn, w, args, size),
                     Side::Iscsi { url } => {
@@ -380,6 +434,17 @@ fn bench(args: &Args) -> Result<()> {
                 for (k, v) in figures(w, &r) {
                     results.push(name, k, v, args.json);
                 }
+                // CPU per I/O of the target's process and of the initiator's (the load
+                // generator or fio): on a machine where both share the cores, what bounds the
+                // IOPS of each protocol.
+                let ios = r.iops * args.seconds as f64;
+                if w.key == "rand_read" && ios > 0.0 {
+                    let target = server.cpu_seconds() - target0;
+                    let initiator = rusage_seconds(libc::RUSAGE_CHILDREN) - initiator0;
+                    results.push(name, "rand_read_cpu_us_target", target / ios * 1e6, args.json);
+                    let per = initiator / ios * 1e6;
+                    results.push(name, "rand_read_cpu_us_initiator", per, args.json);
+                }
             }
         }
     }
@@ -392,9 +457,10 @@ fn bench(args: &Args) -> Result<()> {
 
     let fig = |side: &str, key: &str| results.median(side, key);
     let round1 = |v: f64| (v * 10.0).round() / 10.0;
-    // Ratios read "NVMe/TCP is x times better": for latencies, iSCSI's over ours.
+    // Ratios read "NVMe/TCP is x times better": for latencies and CPU per I/O, iSCSI's over
+    // ours.
     let ratio = |k: &str, n: f64, i: f64| {
-        let r = if k.starts_with("qd1") {
+        let r = if k.contains("_us") {
             if n > 0.0 { i / n } else { 0.0 }
         } else if i > 0.0 {
             n / i
