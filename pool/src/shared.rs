@@ -433,6 +433,7 @@ impl Shared {
         // chunk would cost two device round trips.
         let cached = self.table_cache.lock().get(d).filter(|t| t.0 == rec.extent);
         let mut parts: Vec<(u64, AlignedBuf)> = Vec::new();
+        let mut read_whole = false;
         let head: Arc<(Extent, Vec<u8>)> = match &cached {
             Some(t) => t.clone(),
             None => {
@@ -448,6 +449,7 @@ impl Shared {
                 let mut ranges: Vec<(u64, u64)> = vec![(0, head)];
                 if obj_len <= PARTIAL_READ_WHOLE_MAX {
                     ranges[0].1 = obj_len;
+                    read_whole = true;
                 } else if let Some((fl, at)) = layout {
                     // Frame f is stored at at + f * fl.
                     let raw_s = within / fl * fl;
@@ -513,6 +515,29 @@ impl Shared {
             self.table_cache.lock().put(*d, head.clone(), size);
             object::frames_for(&frames, h.frame_len(), within, dst.len()).to_vec()
         };
+        if read_whole && raw_len as u64 <= PARTIAL_READ_WHOLE_MAX {
+            // A small chunk (64 KiB chunks, say) read whole: decode and check all of it (digest
+            // too) and keep it whole, as a whole-chunk read would, so its other blocks are in
+            // RAM now; it costs little more than its frame. (A large chunk that compressed
+            // small is not decompressed whole for a small read: that is what frames avoid.)
+            // Damage elsewhere in it must not fail this read: then only its frames are used.
+            let whole = parts.first().map_or(&[][..], |p| &p.1[..]);
+            match object::decode(&self.keys, whole, ObjectKind::Chunk, d, &what) {
+                Ok(raw) if raw.len() == raw_len => {
+                    dst.copy_from_slice(&raw[within..end]);
+                    if cache {
+                        let size = raw.len() + CACHE_ENTRY_OVERHEAD;
+                        self.chunk_cache
+                            .lock()
+                            .put(ChunkKey::whole(*d), Arc::new(raw), size);
+                    }
+                    return Ok(true);
+                }
+                Ok(_) => {}
+                Err(e) if e.is_integrity() => {}
+                Err(e) => return Err(e),
+            }
+        }
         let (Some(first), Some(last)) = (needed.first(), needed.last()) else {
             return Err(PoolError::corrupt(&what, "range beyond its frames"));
         };
