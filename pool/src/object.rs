@@ -35,7 +35,6 @@
 //!   4 KiB frames compresses badly, and a compressed frame is no longer one block) and keep
 //!   64 KiB frames.
 //!
-//!
 //! ```text
 //! offset size
 //!  0      8   magic "MAASOBJ\0"

@@ -287,6 +287,14 @@ fn a_4k_read_of_an_incompressible_chunk_reads_one_block() {
         pool.drop_caches();
         // Index nodes come in with a read of a compressible chunk.
         read_all(&v, chunk, 4096);
+        // The chunk cache counts a cached 4 KiB frame at its bytes plus its entry's overhead.
+        let cached = || pool.stats().unwrap().ram_tier.chunk_cache_bytes;
+        let before = cached();
+        read_all(&v, 3 * chunk + 4096, 4096);
+        let grew = cached() - before;
+        assert!(grew > 4096 && grew <= 4096 + 256, "{grew}");
+        pool.drop_caches();
+        read_all(&v, chunk, 4096);
         for c in [0usize, 3] {
             let at = c * cs + 37 * 4096;
             let before = sealed_read(&pool);
