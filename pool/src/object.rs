@@ -19,8 +19,21 @@
 //! 64      …   payload, then zero padding to 4 KiB
 //! ```
 //!
-//! Version 2 (data chunks) cuts the raw chunk into frames of 64 KiB (the last may be shorter),
-//! each compressed on its own, so that a small read decompresses one frame, not the chunk:
+//! Version 2 (data chunks) cuts the raw chunk into frames (the last may be shorter), each
+//! compressed on its own, so that a small read decompresses one frame, not the chunk. The frame
+//! length depends on the data:
+//!
+//! - chunks worth compressing (the sample check of [`worth_compressing`]) use 64 KiB frames:
+//!   zstd keeps close to its whole-chunk ratio, and a 1 MiB chunk's table is 256 bytes;
+//! - chunks not worth compressing (already-compressed or encrypted backups) use 4 KiB frames,
+//!   all raw, with the first frame at a 4 KiB boundary of the object: a 4 KiB read then reads
+//!   and checks one 4 KiB block (its own CRC), not a 64 KiB frame (16x read amplification that
+//!   caps random 4 KiB reads of such data at a fraction of the device's IOPS). The price is the
+//!   table: 16 bytes per 4 KiB (0.4%: 4 KiB of device space and of table cache per 1 MiB
+//!   chunk, against 256 bytes with 64 KiB frames), and a first uncached read of a 1 MiB chunk
+//!   reads two header blocks instead of one. Compressed chunks would not gain from it (zstd on
+//!   4 KiB frames compresses badly, and a compressed frame is no longer one block) and keep
+//!   64 KiB frames.
 //!
 //! ```text
 //! offset size
@@ -40,16 +53,24 @@
 //!               8  1  codec (0 = raw, 1 = zstd)
 //!               9  3  reserved (0)
 //!              12  4  CRC32C of the stored frame bytes
-//! 64+16n  …   the stored frames, back to back in frame order, then zero padding to 4 KiB
+//! 64+16n  …   zero padding to the next 4 KiB boundary of the object, or none (see below)
+//!   s     …   the stored frames, back to back in frame order, then zero padding to 4 KiB
 //! ```
 //!
 //! The table sits right after the header so that a reader gets both from the object's first
-//! 4 KiB (a 1 MiB chunk has 16 frames: 320 bytes). Frames are contiguous and in order, so the
-//! table is checked to describe exactly the stored bytes: no gaps, no overlaps, no frame beyond
-//! the stored length. A raw frame is stored exactly as long as it is raw, so a chunk of which
-//! every frame is raw has `stored length == 16*n + raw length` and every frame's position
-//! follows from its number without reading the table (what partial reads of incompressible
-//! chunks use to read header and frame in one submission).
+//! blocks (a 1 MiB chunk of 64 KiB frames: 320 bytes; of 4 KiB frames: 4160 bytes, two blocks).
+//! The frames start at `s`, the first entry's offset, which is either the end of the table or
+//! the next 4 KiB boundary (`align_up(64 + 16n, 4096)`; the writer pads so for 4 KiB frames, so
+//! that every raw 4 KiB frame is exactly one device block and a 4 KiB read is one 4 KiB
+//! request; the padding is zero and checked by whole-object decodes). From there frames are
+//! contiguous and in order, so the table is checked to describe exactly the stored bytes: no
+//! gaps, no overlaps, no frame beyond the stored length. A raw frame is stored exactly as long
+//! as it is raw, so a chunk of which every frame is raw has `stored length == s - 64 + raw
+//! length` and every frame's position follows from its number without reading the table
+//! ([`all_raw_layout`]: what partial reads of incompressible chunks use to read header, table
+//! and frame in one submission). (Readers of version 2 from before 4 KiB frames took the first
+//! frame only at the end of the table: they report an aligned object as damaged. Version 2
+//! had not left development then; once it has, a layout change takes a new version number.)
 //!
 //! A reader of the whole object checks both CRCs, every frame's CRC, decompresses, and re-hashes
 //! the raw bytes against the digest. A reader of some frames ([`read_frames`]) checks the header
@@ -68,17 +89,22 @@ pub const OBJECT_FORMAT_V2: u16 = 2;
 pub const OBJECT_HEADER_LEN: usize = 64;
 /// Largest raw object we accept when decoding (bounded allocation on hostile input).
 pub const MAX_OBJECT_RAW: usize = 64 << 20;
-/// log2 of the raw frame length version 2 objects are written with.
+/// log2 of the raw frame length version 2 objects worth compressing are written with.
 pub const FRAME_SHIFT: u8 = 16;
 /// Raw bytes per frame: a small read decompresses (and reads) at most this much per frame it
 /// touches. 64 KiB keeps zstd's ratio close to whole-chunk compression while a 4 KiB read
 /// costs a sixteenth of a 1 MiB chunk.
 pub const FRAME_LEN: usize = 1 << FRAME_SHIFT;
+/// log2 of the raw frame length of version 2 objects not worth compressing (all frames raw):
+/// one device block per frame, so a 4 KiB read reads and checks 4 KiB.
+pub const RAW_FRAME_SHIFT: u8 = 12;
+/// Raw bytes per frame of an incompressible chunk.
+pub const RAW_FRAME_LEN: usize = 1 << RAW_FRAME_SHIFT;
 /// Bytes per frame table entry.
 pub const FRAME_ENTRY_LEN: usize = 16;
 /// Frame lengths a version 2 decoder accepts (4 KiB..16 MiB), so a hostile header cannot ask
 /// for a huge table or huge frames.
-const FRAME_SHIFTS: std::ops::RangeInclusive<u8> = 12..=24;
+pub const FRAME_SHIFTS: std::ops::RangeInclusive<u8> = 12..=24;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -195,21 +221,35 @@ pub fn encode_v1(
     })
 }
 
-/// Version 2: every 64 KiB frame compressed on its own. Whether to try compression at all is
-/// judged once per chunk by [`worth_compressing`] (three samples), as in version 1, so that
-/// incompressible chunks cost a few KiB of compression, not 1 MiB; when it is tried, each frame
-/// that does not shrink by more than 64 bytes is stored raw, so a chunk that is part text, part
-/// already-compressed data keeps only the frames that pay compressed.
+/// Version 2: every frame compressed on its own. Whether to try compression at all is judged
+/// once per chunk by [`worth_compressing`] (three samples), as in version 1, so that
+/// incompressible chunks cost a few KiB of compression, not 1 MiB. When it is tried, frames are
+/// 64 KiB and each frame that does not shrink by more than 64 bytes is stored raw, so a chunk
+/// that is part text, part already-compressed data keeps only the frames that pay compressed.
+/// When it is not, frames are 4 KiB, all raw, starting at a 4 KiB boundary (module doc).
 fn encode_v2(digest: &Digest, raw: &[u8], zstd_level: i32) -> Result<Encoded> {
-    let n = raw.len().div_ceil(FRAME_LEN);
-    let table_len = n * FRAME_ENTRY_LEN;
     let mut compressor = if worth_compressing(raw, zstd_level)? {
         Some(zstd::bulk::Compressor::new(zstd_level).map_err(zstd_err)?)
     } else {
         None
     };
+    let shift = if compressor.is_some() {
+        FRAME_SHIFT
+    } else {
+        RAW_FRAME_SHIFT
+    };
+    let fl = 1usize << shift;
+    let n = raw.len().div_ceil(fl);
+    let table_len = n * FRAME_ENTRY_LEN;
+    let table_end = OBJECT_HEADER_LEN + table_len;
+    // Raw 4 KiB frames start at a block boundary: each is then one device block.
+    let frames_at = if compressor.is_some() {
+        table_end
+    } else {
+        align_up(table_end as u64, BLOCK) as usize
+    };
     let mut packed: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
-    for frame in raw.chunks(FRAME_LEN) {
+    for frame in raw.chunks(fl) {
         let p = match compressor.as_mut() {
             Some(c) => {
                 let z = c.compress(frame).map_err(zstd_err)?;
@@ -220,16 +260,16 @@ fn encode_v2(digest: &Digest, raw: &[u8], zstd_level: i32) -> Result<Encoded> {
         packed.push(p);
     }
     let frames_len: usize = raw
-        .chunks(FRAME_LEN)
+        .chunks(fl)
         .zip(&packed)
         .map(|(f, p)| p.as_ref().map_or(f.len(), Vec::len))
         .sum();
-    let stored_len = table_len + frames_len;
+    let stored_len = frames_at - OBJECT_HEADER_LEN + frames_len;
     let total = align_up((OBJECT_HEADER_LEN + stored_len) as u64, BLOCK) as usize;
     let mut buf = AlignedBuf::zeroed(total);
-    let mut at = OBJECT_HEADER_LEN + table_len;
+    let mut at = frames_at;
     let mut any_zstd = false;
-    for (i, (frame, p)) in raw.chunks(FRAME_LEN).zip(&packed).enumerate() {
+    for (i, (frame, p)) in raw.chunks(fl).zip(&packed).enumerate() {
         let (codec, bytes) = match p {
             Some(z) => (Codec::Zstd, &z[..]),
             None => (Codec::Raw, frame),
@@ -246,12 +286,12 @@ fn encode_v2(digest: &Digest, raw: &[u8], zstd_level: i32) -> Result<Encoded> {
     buf[0..8].copy_from_slice(OBJECT_MAGIC);
     buf[8..10].copy_from_slice(&OBJECT_FORMAT_V2.to_le_bytes());
     buf[10] = ObjectKind::Chunk as u8;
-    buf[11] = FRAME_SHIFT;
+    buf[11] = shift;
     buf[12..16].copy_from_slice(&(raw.len() as u32).to_le_bytes());
     buf[16..20].copy_from_slice(&(stored_len as u32).to_le_bytes());
     buf[20..52].copy_from_slice(&digest.0);
     buf[52..56].copy_from_slice(&(n as u32).to_le_bytes());
-    let tcrc = crc32c::crc32c(&buf[OBJECT_HEADER_LEN..OBJECT_HEADER_LEN + table_len]);
+    let tcrc = crc32c::crc32c(&buf[OBJECT_HEADER_LEN..table_end]);
     buf[56..60].copy_from_slice(&tcrc.to_le_bytes());
     let hcrc = crc32c::crc32c(&buf[..60]);
     buf[60..64].copy_from_slice(&hcrc.to_le_bytes());
@@ -315,6 +355,10 @@ impl Header {
         // Checked by parse_header for version 2; for version 1 the byte is a codec, and the
         // shift must not overflow whatever it holds.
         1usize.checked_shl(u32::from(self.byte11)).unwrap_or(0)
+    }
+    /// log2 of the frame length (version 2; checked to be in 12..=24).
+    pub fn frame_shift(&self) -> u8 {
+        self.byte11
     }
     /// Frames (version 2).
     pub fn frame_count(&self) -> usize {
@@ -430,47 +474,25 @@ pub fn parse_table(h: &Header, table: &[u8], what: &str) -> Result<Vec<Frame>> {
             what: format!("{what} (frame table)"),
         });
     }
-    let fl = h.frame_len();
     let end = h.object_len();
+    // The frames start right after the table or at the next block boundary (module doc).
     let mut at = h.table_end();
+    if let Some(first) = table.get(..4).map(|e| le32(e, 0) as usize)
+        && first == align_up(at as u64, BLOCK) as usize
+    {
+        at = first;
+    }
     let mut frames = Vec::with_capacity(n);
     for (index, e) in table.chunks_exact(FRAME_ENTRY_LEN).enumerate() {
-        let raw_offset = index * fl;
-        let raw_len = fl.min(h.raw_len - raw_offset);
-        let offset = le32(e, 0) as usize;
-        let stored_len = le32(e, 4) as usize;
-        let codec = match e[8] {
-            0 => Codec::Raw,
-            1 => Codec::Zstd,
-            c => {
-                return Err(PoolError::corrupt(
-                    what,
-                    format!("frame {index}: unknown codec {c}"),
-                ));
-            }
-        };
-        let bad = offset != at
-            || stored_len == 0
-            || stored_len > raw_len
-            || (codec == Codec::Raw && stored_len != raw_len)
-            || e[9..12] != [0, 0, 0]
-            || offset + stored_len > end;
-        if bad {
+        let f = parse_entry(h, e, index, what)?;
+        if f.offset != at {
             return Err(PoolError::corrupt(
                 what,
                 format!("frame {index}: table entry out of bounds"),
             ));
         }
-        at += stored_len;
-        frames.push(Frame {
-            index,
-            offset,
-            stored_len,
-            codec,
-            crc: le32(e, 12),
-            raw_offset,
-            raw_len,
-        });
+        at += f.stored_len;
+        frames.push(f);
     }
     if at != end {
         return Err(PoolError::corrupt(
@@ -479,6 +501,100 @@ pub fn parse_table(h: &Header, table: &[u8], what: &str) -> Result<Vec<Frame>> {
         ));
     }
     Ok(frames)
+}
+
+/// One table entry (`e`, 16 bytes) of frame `index`, checked on its own: known codec, reserved
+/// bytes zero, stored length within the frame's raw length (equal for a raw frame), stored
+/// bytes within the object. Whether it follows its predecessor is [`parse_table`]'s check.
+fn parse_entry(h: &Header, e: &[u8], index: usize, what: &str) -> Result<Frame> {
+    let fl = h.frame_len();
+    let raw_offset = index.saturating_mul(fl);
+    let bad = || PoolError::corrupt(what, format!("frame {index}: table entry out of bounds"));
+    if e.len() != FRAME_ENTRY_LEN || fl == 0 || raw_offset >= h.raw_len {
+        return Err(bad());
+    }
+    let raw_len = fl.min(h.raw_len - raw_offset);
+    let offset = le32(e, 0) as usize;
+    let stored_len = le32(e, 4) as usize;
+    let codec = match e[8] {
+        0 => Codec::Raw,
+        1 => Codec::Zstd,
+        c => {
+            return Err(PoolError::corrupt(
+                what,
+                format!("frame {index}: unknown codec {c}"),
+            ));
+        }
+    };
+    let out = offset < h.table_end()
+        || stored_len == 0
+        || stored_len > raw_len
+        || (codec == Codec::Raw && stored_len != raw_len)
+        || e[9..12] != [0, 0, 0]
+        || offset + stored_len > h.object_len();
+    if out {
+        return Err(bad());
+    }
+    Ok(Frame {
+        index,
+        offset,
+        stored_len,
+        codec,
+        crc: le32(e, 12),
+        raw_offset,
+        raw_len,
+    })
+}
+
+/// The frames raw bytes [within, within+len) fall in (len > 0), from a table that already
+/// passed [`parse_table`] (a cached one): only their entries are decoded, each still checked
+/// on its own, so a read of a 4 KiB-framed chunk does not re-check and decode 256 entries to
+/// use one. `table` as for [`parse_table`].
+pub fn checked_table_frames(
+    h: &Header,
+    table: &[u8],
+    within: usize,
+    len: usize,
+    what: &str,
+) -> Result<Vec<Frame>> {
+    let fl = h.frame_len();
+    let end = within
+        .checked_add(len)
+        .filter(|&e| e <= h.raw_len && len > 0);
+    let (Some(end), true) = (end, fl > 0) else {
+        return Err(PoolError::corrupt(what, "range beyond its frames"));
+    };
+    (within / fl..=(end - 1) / fl)
+        .map(|i| {
+            let e = table
+                .get(i * FRAME_ENTRY_LEN..(i + 1) * FRAME_ENTRY_LEN)
+                .ok_or_else(|| PoolError::corrupt(what, "range beyond its frames"))?;
+            parse_entry(h, e, i, what)
+        })
+        .collect()
+}
+
+/// Where the frames of a version 2 chunk of `raw_len` bytes stored in `stored_len` bytes are,
+/// if its lengths say every frame is raw: (frame length, offset of the first frame). Raw frames
+/// are stored exactly as long as they are raw, so `stored_len` is the table, any padding to a
+/// block boundary, and `raw_len`; the frame length is the one whose table fits. The writer's
+/// layouts (4 KiB frames aligned, 64 KiB frames packed) are tried first; a wrong guess (a
+/// damaged record, or a chunk of one frame) only costs the reader a second request, since the
+/// table it reads decides.
+pub fn all_raw_layout(raw_len: usize, stored_len: usize) -> Option<(usize, usize)> {
+    let shifts = [RAW_FRAME_SHIFT, FRAME_SHIFT]
+        .into_iter()
+        .chain(FRAME_SHIFTS.filter(|s| *s != RAW_FRAME_SHIFT && *s != FRAME_SHIFT));
+    for shift in shifts {
+        let fl = 1usize << shift;
+        let table_end = OBJECT_HEADER_LEN + raw_len.div_ceil(fl) * FRAME_ENTRY_LEN;
+        for at in [table_end, align_up(table_end as u64, BLOCK) as usize] {
+            if OBJECT_HEADER_LEN + stored_len == at + raw_len {
+                return Some((fl, at));
+            }
+        }
+    }
+    None
 }
 
 /// Checks one frame's stored bytes against its CRC and decodes them into `out` (exactly its raw
@@ -542,6 +658,11 @@ pub fn decode(
         OBJECT_FORMAT_V1 => decode_v1_payload(&h, buf, what)?,
         _ => {
             let frames = parse_table(&h, &buf[OBJECT_HEADER_LEN..h.table_end()], what)?;
+            // The padding between table and frames is covered by no CRC: it must be zero.
+            let first = frames.first().map_or(h.table_end(), |f| f.offset);
+            if buf[h.table_end()..first].iter().any(|&b| b != 0) {
+                return Err(PoolError::corrupt(what, "padding after the frame table"));
+            }
             let mut raw = vec![0u8; h.raw_len];
             let mut dctx = None;
             for f in &frames {
@@ -764,6 +885,12 @@ mod tests {
         // Partial decodes: single blocks, frame boundaries, spans of several frames.
         let len = raw.len();
         let mut ranges = vec![(0, len.min(4096)), (len - len.min(4096), len.min(4096))];
+        if len > 3 * RAW_FRAME_LEN {
+            // 4 KiB frame boundaries (incompressible chunks).
+            ranges.push((RAW_FRAME_LEN, RAW_FRAME_LEN));
+            ranges.push((RAW_FRAME_LEN - 100, 200));
+            ranges.push((RAW_FRAME_LEN + 1, 2 * RAW_FRAME_LEN));
+        }
         if len > FRAME_LEN + 4096 {
             ranges.push((FRAME_LEN - 4096, 8192));
             ranges.push((FRAME_LEN, 4096));
@@ -806,8 +933,19 @@ mod tests {
             let enc = check_roundtrip(&keys, &random_bytes(len as u32 | 1, len));
             if len >= 4096 {
                 assert_eq!(enc.codec, Codec::Raw, "len {len}");
-                let n = len.div_ceil(FRAME_LEN);
-                assert_eq!(enc.stored_len as usize, n * FRAME_ENTRY_LEN + len);
+                // Below the sample threshold compression is tried (and fails) frame by frame:
+                // 64 KiB frames, packed; from it on, 4 KiB frames from a block boundary.
+                let (fl, at) = if len < SAMPLE_FROM {
+                    (
+                        FRAME_LEN,
+                        OBJECT_HEADER_LEN + len.div_ceil(FRAME_LEN) * FRAME_ENTRY_LEN,
+                    )
+                } else {
+                    let te = OBJECT_HEADER_LEN + len.div_ceil(RAW_FRAME_LEN) * FRAME_ENTRY_LEN;
+                    (RAW_FRAME_LEN, align_up(te as u64, BLOCK) as usize)
+                };
+                assert_eq!(enc.stored_len as usize, at - OBJECT_HEADER_LEN + len);
+                assert_eq!(enc.buf[11] as usize, fl.trailing_zeros() as usize);
             }
             check_roundtrip(&keys, &mixed_bytes(len as u32 | 1, len));
         }
@@ -826,6 +964,114 @@ mod tests {
             };
             assert_eq!(f.codec, want, "frame {}", f.index);
         }
+    }
+
+    /// Chunks not worth compressing, of every chunk size the pool uses, are stored as 4 KiB raw
+    /// frames starting at a block boundary: every frame is one device block, the record's
+    /// lengths give the layout ([`all_raw_layout`]), every block decodes on its own, and the
+    /// trusted-table lookup agrees with the full table. Compressible chunks keep 64 KiB frames.
+    #[test]
+    fn incompressible_chunks_use_aligned_4k_frames() {
+        let keys = Keys::derive(&[5; 32]);
+        for len in [
+            64 << 10,
+            128 << 10,
+            256 << 10,
+            512 << 10,
+            1 << 20,
+            2 << 20,
+            4 << 20,
+        ] {
+            let raw = random_bytes(len as u32 ^ 0x5bd1_e995, len);
+            let d = keys.digest(ObjectKind::Chunk, &raw);
+            let enc = encode(ObjectKind::Chunk, &d, &raw, 1).unwrap();
+            let h = parse_header(&enc.buf, ObjectKind::Chunk, &d, "t").unwrap();
+            assert_eq!(h.frame_shift(), RAW_FRAME_SHIFT);
+            assert_eq!(h.frame_count(), len / RAW_FRAME_LEN);
+            let table = &enc.buf[OBJECT_HEADER_LEN..h.table_end()];
+            let frames = parse_table(&h, table, "t").unwrap();
+            let start = align_up(h.table_end() as u64, BLOCK) as usize;
+            for f in &frames {
+                assert_eq!(f.codec, Codec::Raw);
+                assert_eq!(f.offset, start + f.index * RAW_FRAME_LEN, "len {len}");
+                assert_eq!(f.offset % BLOCK as usize, 0);
+                assert_eq!(f.stored_len, RAW_FRAME_LEN);
+            }
+            assert_eq!(enc.buf.len(), start + len, "no padding after the frames");
+            assert_eq!(
+                all_raw_layout(len, enc.stored_len as usize),
+                Some((RAW_FRAME_LEN, start))
+            );
+            assert_eq!(
+                decode(&keys, &enc.buf, ObjectKind::Chunk, &d, "t").unwrap(),
+                raw
+            );
+            let step = if len <= 1 << 20 { 1 } else { 37 };
+            for b in (0..len / RAW_FRAME_LEN).step_by(step) {
+                let at = b * RAW_FRAME_LEN;
+                let mut dst = vec![0u8; RAW_FRAME_LEN];
+                read_range(&keys, &enc.buf, ObjectKind::Chunk, &d, "t", at, &mut dst).unwrap();
+                assert!(dst == raw[at..at + RAW_FRAME_LEN], "len {len} block {b}");
+            }
+            for (at, n) in [(0, 1), (4095, 2), (8192, 4096), (100, len - 200), (0, len)] {
+                let want = frames_for(&frames, RAW_FRAME_LEN, at, n);
+                let got = checked_table_frames(&h, table, at, n, "t").unwrap();
+                assert_eq!(got, want, "len {len} range {at}+{n}");
+            }
+            assert!(checked_table_frames(&h, table, len - 1, 2, "t").is_err());
+            // A compressible chunk of the same size keeps 64 KiB frames, packed.
+            let c = compressible_bytes(len);
+            let d = keys.digest(ObjectKind::Chunk, &c);
+            let enc = encode(ObjectKind::Chunk, &d, &c, 1).unwrap();
+            assert_eq!(enc.buf[11], FRAME_SHIFT, "len {len}");
+            assert_eq!(all_raw_layout(len, enc.stored_len as usize), None);
+        }
+        // 64 KiB frames all raw (a chunk below the sample threshold) are found packed.
+        let te = OBJECT_HEADER_LEN + FRAME_ENTRY_LEN;
+        assert_eq!(
+            all_raw_layout(FRAME_LEN - 1, te - OBJECT_HEADER_LEN + FRAME_LEN - 1),
+            Some((RAW_FRAME_LEN << 4, te))
+        );
+    }
+
+    /// A flipped byte in one 4 KiB block of an incompressible chunk fails reads of that block
+    /// only (its frame's CRC); its neighbours read. A flipped byte in the padding between
+    /// table and frames (no CRC covers it) fails the whole-object decode.
+    #[test]
+    fn a_damaged_4k_frame_fails_only_its_block() {
+        let keys = Keys::derive(&[1; 32]);
+        let raw = random_bytes(77, 1 << 20);
+        let d = keys.digest(ObjectKind::Chunk, &raw);
+        let enc = encode(ObjectKind::Chunk, &d, &raw, 1).unwrap();
+        let h = parse_header(&enc.buf, ObjectKind::Chunk, &d, "t").unwrap();
+        let frames = parse_table(&h, &enc.buf[OBJECT_HEADER_LEN..h.table_end()], "t").unwrap();
+        let mut b = enc.buf.to_vec();
+        b[frames[37].offset + 1000] ^= 4;
+        let mut dst = vec![0u8; RAW_FRAME_LEN];
+        let err =
+            read_range(&keys, &b, ObjectKind::Chunk, &d, "t", 37 * 4096, &mut dst).unwrap_err();
+        assert!(
+            matches!(&err, PoolError::Checksum { what } if what.contains("frame 37")),
+            "{err}"
+        );
+        for n in [36usize, 38] {
+            read_range(&keys, &b, ObjectKind::Chunk, &d, "t", n * 4096, &mut dst).unwrap();
+            assert!(dst == raw[n * 4096..(n + 1) * 4096]);
+        }
+        assert!(
+            decode(&keys, &b, ObjectKind::Chunk, &d, "t")
+                .unwrap_err()
+                .is_integrity()
+        );
+        let mut b = enc.buf.to_vec();
+        b[h.table_end() + 5] = 1;
+        assert!(
+            decode(&keys, &b, ObjectKind::Chunk, &d, "t")
+                .unwrap_err()
+                .is_integrity()
+        );
+        read_range(&keys, &b, ObjectKind::Chunk, &d, "t", 0, &mut dst).unwrap();
+        assert!(dst == raw[..4096]);
     }
 
     /// Objects written before version 2 (data chunks as one payload) still decode, whole and
@@ -937,15 +1183,21 @@ mod tests {
         #[test]
         fn hostile_bytes_never_panic_nor_lie(
             flips in proptest::collection::vec((0usize..(1 << 20), 1u8..=255), 0..6),
-            header_flips in proptest::collection::vec((0usize..(OBJECT_HEADER_LEN + 16 * 4), 1u8..=255), 0..3),
+            header_flips in proptest::collection::vec((0usize..(OBJECT_HEADER_LEN + 16 * 64), 1u8..=255), 0..3),
             truncate in proptest::option::of(0usize..(1 << 20)),
             resealed in proptest::bool::ANY,
             at in 0usize..(256 << 10),
             len in 1usize..(100 << 10),
             v1 in proptest::bool::ANY,
+            incompressible in proptest::bool::ANY,
         ) {
             let keys = Keys::derive(&[1; 32]);
-            let raw = mixed_bytes(11, 256 << 10);
+            // Incompressible: 4 KiB raw frames after a padded table.
+            let raw = if incompressible {
+                random_bytes(11, 256 << 10)
+            } else {
+                mixed_bytes(11, 256 << 10)
+            };
             let d = keys.digest(ObjectKind::Chunk, &raw);
             let enc = if v1 {
                 encode_v1(ObjectKind::Chunk, &d, &raw, 1).unwrap()
@@ -994,13 +1246,28 @@ mod tests {
             let stored = if stored_len % 2 == 0 { body.len() as u32 } else { stored_len };
             b[16..20].copy_from_slice(&stored.to_le_bytes());
             b[20..52].copy_from_slice(&d.0);
-            let n = if count % 2 == 0 { (raw_len as usize).div_ceil(FRAME_LEN) as u32 } else { count };
+            let fl = 1usize.checked_shl(u32::from(b[11])).unwrap_or(FRAME_LEN).max(1);
+            let n = if count % 2 == 0 { (raw_len as usize).div_ceil(fl) as u32 } else { count };
             b[52..56].copy_from_slice(&n.to_le_bytes());
+            // Often a first entry pointing at the block boundary (the 4 KiB layout).
+            let mut body = body;
+            if count % 3 == 0 && body.len() >= 4 {
+                let te = OBJECT_HEADER_LEN + (n as usize).saturating_mul(FRAME_ENTRY_LEN);
+                let s = align_up(te as u64, BLOCK) as u32;
+                body[..4].copy_from_slice(&s.to_le_bytes());
+            }
             b.extend_from_slice(&body);
             reseal(&mut b);
             let _ = decode(&keys, &b, ObjectKind::Chunk, &d, "t");
             let mut dst = vec![0u8; 4096];
             let _ = read_range(&keys, &b, ObjectKind::Chunk, &d, "t", at, &mut dst);
+            // What a partial read with a cached table does, on an unchecked table.
+            if let Ok(h) = parse_header(&b, ObjectKind::Chunk, &d, "t")
+                && let Some(table) = b.get(OBJECT_HEADER_LEN..h.table_end())
+            {
+                let _ = checked_table_frames(&h, table, at, 4096, "t");
+            }
+            let _ = all_raw_layout(raw_len as usize, stored as usize);
         }
     }
 }

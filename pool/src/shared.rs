@@ -14,7 +14,9 @@ use crate::error::{PoolError, Result};
 use crate::index::Node;
 use crate::io::{self, AlignedBuf, Op};
 use crate::meta::{Meta, ObjRec};
-use crate::object::{self, FRAME_LEN, Keys, OBJECT_FORMAT_V1, OBJECT_HEADER_LEN, ObjectKind};
+use crate::object::{
+    self, FRAME_SHIFT, Keys, OBJECT_FORMAT_V1, OBJECT_HEADER_LEN, ObjectKind, RAW_FRAME_SHIFT,
+};
 use crate::types::{BLOCK, Digest, Extent, align_up};
 
 /// A byte-bounded LRU of decoded objects (the RAM tier's read cache).
@@ -35,6 +37,10 @@ impl<V, K: std::hash::Hash + Eq> ByteLru<V, K> {
     }
     pub fn get(&mut self, d: &K) -> Option<Arc<V>> {
         self.lru.get(d).map(|(v, _)| v.clone())
+    }
+    /// `d`'s value if held, without making it more recently used.
+    pub fn peek(&self, d: &K) -> Option<Arc<V>> {
+        self.lru.peek(d).map(|(v, _)| v.clone())
     }
     /// Whether `d` is held, without making it more recently used.
     pub fn contains(&self, d: &K) -> bool {
@@ -91,29 +97,49 @@ impl<V, K: std::hash::Hash + Eq> ByteLru<V, K> {
 
 /// What the chunk cache holds: a whole data chunk, or one frame of one (what a partial read of
 /// a version 2 chunk decoded). Both share one byte budget, so partial reads add no memory the
-/// RAM tier does not govern.
+/// RAM tier does not govern. A frame is named by its length (shift) and number, so frames of
+/// 64 KiB and of 4 KiB never alias; the bytes are the raw chunk's (the digest fixes them), so
+/// a frame cached from one encoding of a chunk is right for any other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkKey {
     pub digest: Digest,
-    /// [`ChunkKey::WHOLE`], or the frame's number (raw bytes from frame * FRAME_LEN).
+    /// log2 of the frame length, or 0 for the whole chunk.
+    pub shift: u8,
+    /// The frame's number (raw bytes from frame << shift), or 0 for the whole chunk.
     pub frame: u32,
 }
 
 impl ChunkKey {
-    pub const WHOLE: u32 = u32::MAX;
-
     pub fn whole(digest: Digest) -> Self {
         ChunkKey {
             digest,
-            frame: Self::WHOLE,
+            shift: 0,
+            frame: 0,
         }
     }
 
-    pub fn frame(digest: Digest, frame: usize) -> Self {
+    /// Frame `frame` of `1 << shift` raw bytes (shift 12..=24, checked by the header parser).
+    pub fn frame(digest: Digest, shift: u8, frame: usize) -> Self {
         ChunkKey {
             digest,
+            shift,
             frame: frame as u32,
         }
+    }
+}
+
+/// What one chunk cache entry costs beyond its bytes (LRU node and hash slot, key, the Arc and
+/// Vec headers, two allocations), counted against the byte budget so that 4 KiB frames, whose
+/// overhead is a few percent of them, cannot make the cache hold more than it says.
+pub const CACHE_ENTRY_OVERHEAD: usize = 192;
+
+/// The frame lengths (shifts) whose frames of chunk `d` may be in the chunk cache: the one its
+/// cached table says, else the two the writer uses. (An array, not a Vec: this is on every
+/// cached read.)
+fn frame_shifts(table: Option<&Arc<(Extent, Vec<u8>)>>) -> [Option<u8>; 2] {
+    match table.and_then(|t| t.1.get(11).copied()) {
+        Some(s) if object::FRAME_SHIFTS.contains(&s) => [Some(s), None],
+        _ => [Some(FRAME_SHIFT), Some(RAW_FRAME_SHIFT)],
     }
 }
 
@@ -122,8 +148,10 @@ impl ChunkKey {
 /// where compressed frames are.
 const PARTIAL_READ_WHOLE_MAX: u64 = 128 << 10;
 
-/// Budget of [`Shared::table_cache`].
-pub const TABLE_CACHE_BYTES: usize = 4 << 20;
+/// Budget of [`Shared::table_cache`]: 16 MiB holds the tables of about 4 GiB of incompressible
+/// chunks (4 KiB frames: 4 KiB of header and table per MiB) and of far more compressible ones
+/// (64 KiB frames: about 400 bytes per MiB).
+pub const TABLE_CACHE_BYTES: usize = 16 << 20;
 
 /// Device slots; a device is added by filling the next empty slot, so lookups need no lock.
 pub const MAX_DEVICES: usize = 64;
@@ -167,8 +195,9 @@ pub struct Shared {
     pub chunk_cache: Mutex<ByteLru<Vec<u8>, ChunkKey>>,
     /// Checked headers and frame tables of version 2 chunks (by digest, with the extent they
     /// were read from), so that a partial read of a chunk read before needs one device request
-    /// for its frames, however they are compressed. About 400 bytes per 1 MiB chunk: a small
-    /// fixed budget ([`TABLE_CACHE_BYTES`], like the node cache's) covers many GiB of chunks,
+    /// for its frames, however they are compressed. About 400 bytes per 1 MiB
+    /// chunk with 64 KiB frames, 4 KiB with 4 KiB frames (incompressible chunks): a small
+    /// fixed budget ([`TABLE_CACHE_BYTES`], like the node cache's) covers GiBs of chunks,
     /// and a separate LRU keeps tables from being evicted by the frames they locate.
     pub table_cache: Mutex<ByteLru<(Extent, Vec<u8>)>>,
     pub node_cache: Mutex<ByteLru<Node>>,
@@ -270,13 +299,20 @@ impl Shared {
             return Err(PoolError::corrupt(format!("chunk {d}"), "wrong length"));
         }
         if !self.chunk_cache_disabled {
+            let shifts = frame_shifts(self.table_cache.lock().peek(d).as_ref());
             let mut cache = self.chunk_cache.lock();
             // Frames of it that partial reads cached are now dead weight (its table is not:
             // it is small, and the whole chunk may be evicted before its frames are read again).
-            for f in 0..raw.len().div_ceil(FRAME_LEN) {
-                cache.remove(&ChunkKey::frame(*d, f));
+            for shift in shifts.into_iter().flatten() {
+                for f in 0..raw.len().div_ceil(1 << shift) {
+                    cache.remove(&ChunkKey::frame(*d, shift, f));
+                }
             }
-            cache.put(ChunkKey::whole(*d), raw.clone(), raw.len());
+            cache.put(
+                ChunkKey::whole(*d),
+                raw.clone(),
+                raw.len() + CACHE_ENTRY_OVERHEAD,
+            );
         }
         Ok(raw)
     }
@@ -294,27 +330,33 @@ impl Shared {
         if dst.is_empty() {
             return true;
         }
+        // The frame length is the object's: its cached table says it (not locked together
+        // with the chunk cache, so the two locks are never nested).
+        let shifts = frame_shifts(self.table_cache.lock().peek(d).as_ref());
         let mut cache = self.chunk_cache.lock();
         if let Some(c) = cache.get(&ChunkKey::whole(*d)) {
             drop(cache);
             dst.copy_from_slice(&c[within..end]);
             return true;
         }
-        let (first, last) = (within / FRAME_LEN, (end - 1) / FRAME_LEN);
-        if !(first..=last).all(|f| cache.contains(&ChunkKey::frame(*d, f))) {
-            return false;
+        for shift in shifts.into_iter().flatten() {
+            let (first, last) = (within >> shift, (end - 1) >> shift);
+            if !(first..=last).all(|f| cache.contains(&ChunkKey::frame(*d, shift, f))) {
+                continue;
+            }
+            let frames: Vec<Arc<Vec<u8>>> = (first..=last)
+                .filter_map(|f| cache.get(&ChunkKey::frame(*d, shift, f)))
+                .collect();
+            if frames.len() != last - first + 1 {
+                continue;
+            }
+            drop(cache);
+            for (f, data) in (first..).zip(&frames) {
+                object::copy_overlap(data, f << shift, within, dst);
+            }
+            return true;
         }
-        let frames: Vec<Arc<Vec<u8>>> = (first..=last)
-            .filter_map(|f| cache.get(&ChunkKey::frame(*d, f)))
-            .collect();
-        drop(cache);
-        if frames.len() != last - first + 1 {
-            return false;
-        }
-        for (f, data) in (first..).zip(&frames) {
-            object::copy_overlap(data, f * FRAME_LEN, within, dst);
-        }
-        true
+        false
     }
 
     /// Raw bytes [within, within+dst.len()) of data chunk `d`, reading and decompressing only
@@ -344,9 +386,9 @@ impl Shared {
         if self.read_chunk_range_cached(d, within, dst) {
             return Ok(());
         }
-        let frames = (self.chunk_size as usize).div_ceil(FRAME_LEN);
-        let needed = (end - 1) / FRAME_LEN - within / FRAME_LEN + 1;
-        if needed < frames {
+        // A read of the whole chunk is a whole-chunk read (which checks the digest too);
+        // anything less reads frames, whatever their length.
+        if dst.len() as u64 != self.chunk_size {
             let rec = self.lookup(d)?;
             if self.read_frames_from_device(d, &rec, within, dst)? {
                 return Ok(());
@@ -358,7 +400,8 @@ impl Shared {
     }
 
     /// The device part of [`Shared::read_chunk_range`]; false if the object is not framed
-    /// with [`FRAME_LEN`] frames (version 1), for the caller to read it whole.
+    /// (version 1), for the caller to read it whole. Frames are of the object's own length
+    /// (its header says; 64 KiB, or 4 KiB for incompressible chunks).
     fn read_frames_from_device(
         &self,
         d: &Digest,
@@ -382,8 +425,7 @@ impl Shared {
             ));
         }
         let raw_len = rec.raw_len as usize;
-        let n = raw_len.div_ceil(FRAME_LEN);
-        let table_end = (OBJECT_HEADER_LEN + n * object::FRAME_ENTRY_LEN) as u64;
+        let end = within + dst.len();
         let cache = !self.chunk_cache_disabled;
         // Header and frame table: from the table cache if it holds them for this very extent,
         // else read in the first submission. The table cache is metadata, like the index-node
@@ -391,20 +433,29 @@ impl Shared {
         // chunk would cost two device round trips.
         let cached = self.table_cache.lock().get(d).filter(|t| t.0 == rec.extent);
         let mut parts: Vec<(u64, AlignedBuf)> = Vec::new();
+        let mut read_whole = false;
         let head: Arc<(Extent, Vec<u8>)> = match &cached {
             Some(t) => t.clone(),
             None => {
-                let head = align_up(table_end, BLOCK).min(obj_len);
+                // Every frame raw (incompressible data) shows in the record's lengths, and
+                // then where the frames are, so header, table and frames are read in one
+                // submission. Otherwise the chunk has compressed frames, which the writer
+                // makes 64 KiB: that gives the table's length to read first.
+                let layout = object::all_raw_layout(raw_len, rec.stored_len as usize);
+                let fl = layout.map_or(1 << FRAME_SHIFT, |(fl, _)| fl);
+                let table_end = OBJECT_HEADER_LEN + raw_len.div_ceil(fl) * object::FRAME_ENTRY_LEN;
+                let head = align_up(table_end as u64, BLOCK).min(obj_len);
                 // Byte ranges of the object to read in the first submission.
                 let mut ranges: Vec<(u64, u64)> = vec![(0, head)];
                 if obj_len <= PARTIAL_READ_WHOLE_MAX {
                     ranges[0].1 = obj_len;
-                } else if rec.stored_len as usize == n * object::FRAME_ENTRY_LEN + raw_len {
-                    // Every frame raw: frame f is stored at table_end + f * FRAME_LEN.
-                    let raw_s = within / FRAME_LEN * FRAME_LEN;
-                    let raw_e = ((within + dst.len()).div_ceil(FRAME_LEN) * FRAME_LEN).min(raw_len);
-                    let a = (table_end + raw_s as u64) / BLOCK * BLOCK;
-                    let b = align_up(table_end + raw_e as u64, BLOCK).min(obj_len);
+                    read_whole = true;
+                } else if let Some((fl, at)) = layout {
+                    // Frame f is stored at at + f * fl.
+                    let raw_s = within / fl * fl;
+                    let raw_e = (end.div_ceil(fl) * fl).min(raw_len);
+                    let a = (at + raw_s) as u64 / BLOCK * BLOCK;
+                    let b = align_up((at + raw_e) as u64, BLOCK).min(obj_len);
                     if a <= head {
                         ranges[0].1 = b.max(head);
                     } else {
@@ -412,13 +463,36 @@ impl Shared {
                     }
                 }
                 parts = self.read_object_ranges(dev, rec, &ranges)?;
-                let first = &parts[0].1;
-                let keep = (table_end as usize).min(first.len());
-                Arc::new((rec.extent, first[..keep].to_vec()))
+                let first: &[u8] = parts.first().map_or(&[], |p| &p.1[..]);
+                let h = object::parse_header(first, ObjectKind::Chunk, d, &what)?;
+                if h.version == OBJECT_FORMAT_V1 {
+                    return Ok(false);
+                }
+                // The header bounds the table (raw length <= MAX_OBJECT_RAW, frames of at
+                // least 4 KiB): if it is longer than guessed, read the rest of it.
+                let te = h.table_end();
+                let mut bytes = first[..te.min(first.len())].to_vec();
+                if te > first.len() {
+                    if te as u64 > obj_len {
+                        return Err(PoolError::corrupt(&what, "frame table beyond the object"));
+                    }
+                    // first.len() is a block multiple: it ends short of the extent's end.
+                    let from = first.len() as u64;
+                    let more = self.read_object_ranges(
+                        dev,
+                        rec,
+                        &[(from, align_up(te as u64, BLOCK).min(obj_len))],
+                    )?;
+                    for (_, b) in &more {
+                        bytes.extend_from_slice(&b[..(te - from as usize).min(b.len())]);
+                    }
+                    parts.extend(more);
+                }
+                Arc::new((rec.extent, bytes))
             }
         };
         let h = object::parse_header(&head.1, ObjectKind::Chunk, d, &what)?;
-        if h.version == OBJECT_FORMAT_V1 || h.frame_len() != FRAME_LEN {
+        if h.version == OBJECT_FORMAT_V1 {
             return Ok(false);
         }
         if h.raw_len != raw_len || h.stored_len != rec.stored_len as usize {
@@ -431,13 +505,39 @@ impl Shared {
             .1
             .get(OBJECT_HEADER_LEN..h.table_end())
             .ok_or_else(|| PoolError::corrupt(&what, "frame table beyond the first read"))?;
-        let frames = object::parse_table(&h, table, &what)?;
-        // Only a table that passed its checks is kept.
-        if cached.is_none() {
+        let needed: Vec<object::Frame> = if cached.is_some() {
+            // Checked whole when it was cached: decode only the entries this read uses.
+            object::checked_table_frames(&h, table, within, dst.len(), &what)?
+        } else {
+            let frames = object::parse_table(&h, table, &what)?;
+            // Only a table that passed its checks is kept.
             let size = head.1.len() + 64;
             self.table_cache.lock().put(*d, head.clone(), size);
+            object::frames_for(&frames, h.frame_len(), within, dst.len()).to_vec()
+        };
+        if read_whole && raw_len as u64 <= PARTIAL_READ_WHOLE_MAX {
+            // A small chunk (64 KiB chunks, say) read whole: decode and check all of it (digest
+            // too) and keep it whole, as a whole-chunk read would, so its other blocks are in
+            // RAM now; it costs little more than its frame. (A large chunk that compressed
+            // small is not decompressed whole for a small read: that is what frames avoid.)
+            // Damage elsewhere in it must not fail this read: then only its frames are used.
+            let whole = parts.first().map_or(&[][..], |p| &p.1[..]);
+            match object::decode(&self.keys, whole, ObjectKind::Chunk, d, &what) {
+                Ok(raw) if raw.len() == raw_len => {
+                    dst.copy_from_slice(&raw[within..end]);
+                    if cache {
+                        let size = raw.len() + CACHE_ENTRY_OVERHEAD;
+                        self.chunk_cache
+                            .lock()
+                            .put(ChunkKey::whole(*d), Arc::new(raw), size);
+                    }
+                    return Ok(true);
+                }
+                Ok(_) => {}
+                Err(e) if e.is_integrity() => {}
+                Err(e) => return Err(e),
+            }
         }
-        let needed = object::frames_for(&frames, FRAME_LEN, within, dst.len());
         let (Some(first), Some(last)) = (needed.first(), needed.last()) else {
             return Err(PoolError::corrupt(&what, "range beyond its frames"));
         };
@@ -449,8 +549,9 @@ impl Shared {
         }
         let stored = find_range(&parts, s, e)
             .ok_or_else(|| PoolError::corrupt(&what, "frames beyond the object"))?;
+        let shift = h.frame_shift();
         let mut dctx = None;
-        for f in needed {
+        for f in &needed {
             let at = f.offset - first.offset;
             let mut raw = vec![0u8; f.raw_len];
             object::decode_frame(
@@ -461,11 +562,15 @@ impl Shared {
                 &what,
             )?;
             object::copy_overlap(&raw, f.raw_offset, within, dst);
+            // 4 KiB frames are cached one by one too: a re-read block then costs no device
+            // request, and the budget counts each entry's overhead (about 5% of 4 KiB).
             if cache {
-                let len = raw.len();
-                self.chunk_cache
-                    .lock()
-                    .put(ChunkKey::frame(*d, f.index), Arc::new(raw), len);
+                let size = raw.len() + CACHE_ENTRY_OVERHEAD;
+                self.chunk_cache.lock().put(
+                    ChunkKey::frame(*d, shift, f.index),
+                    Arc::new(raw),
+                    size,
+                );
             }
         }
         Ok(true)

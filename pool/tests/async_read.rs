@@ -189,8 +189,11 @@ fn reads_in_flight_see_no_reclaimed_space() {
     let stable = pattern(3, 4 * MIB as usize);
     v.write(0, &stable, true).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // Rounds the writer has done: readers go on until it has folded a few times, however
+    // fast their reads are (sealed incompressible blocks are single 4 KiB reads now).
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
-        let (v, stop, pool) = (v.clone(), stop.clone(), pool.clone());
+        let (v, stop, pool, done) = (v.clone(), stop.clone(), pool.clone(), done.clone());
         let stable_w = stable.clone();
         std::thread::spawn(move || {
             let mut round = 0u64;
@@ -204,15 +207,22 @@ fn reads_in_flight_see_no_reclaimed_space() {
                     pool.checkpoint().unwrap();
                 }
                 round += 1;
+                done.store(round, Ordering::Relaxed);
             }
             round
         })
     };
     let readers: Vec<_> = (0..3u64)
         .map(|t| {
-            let (v, stable) = (v.clone(), stable.clone());
+            let (v, stable, done) = (v.clone(), stable.clone(), done.clone());
             std::thread::spawn(move || {
-                for i in 0..400u64 {
+                let t0 = std::time::Instant::now();
+                let mut i = 0u64;
+                while i < 400
+                    || (done.load(Ordering::Relaxed) < 16
+                        && t0.elapsed() < std::time::Duration::from_secs(60))
+                {
+                    i += 1;
                     let off = ((t * 7919 + i * 104_729) % 1000) * 4096;
                     let len = 4096 * (1 + (i % 8) as usize);
                     let len = len.min(stable.len() - off as usize);

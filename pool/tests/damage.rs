@@ -20,12 +20,15 @@ fn damaged_chunks_and_index_nodes_are_detected_and_named() {
     let clean = pool.verify().unwrap();
     assert!(clean.damaged.is_empty());
 
-    // Damage the payload of the chunk at 1 MiB and the header of the chunk at 3 MiB.
+    // Damage the payload of the chunk at 1 MiB and the header of the chunk at 3 MiB. The data
+    // is incompressible, so stored as 4 KiB frames from the object's second block, each with
+    // its own CRC: damage its first and last blocks, the two the reads below use.
     let c1 = pool.chunk_of(vi.id, MIB).unwrap().unwrap();
     let c3 = pool.chunk_of(vi.id, 3 * MIB).unwrap().unwrap();
-    let (p1, o1, _) = pool.object_location(&c1).unwrap().unwrap();
+    let (p1, o1, l1) = pool.object_location(&c1).unwrap().unwrap();
     let (p3, o3, _) = pool.object_location(&c3).unwrap().unwrap();
-    flip(&p1, o1 + 64 + 1000);
+    flip(&p1, o1 + 4096 + 1000);
+    flip(&p1, o1 + l1 - 4096 + 100);
     flip(&p3, o3 + 5);
     pool.drop_caches();
 
