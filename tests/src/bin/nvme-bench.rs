@@ -228,7 +228,12 @@ fn process_cpu_seconds(pid: u32) -> f64 {
         .unwrap_or_default();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of stat: 12th and 13th after the name.
     (ticks(11) + ticks(12)) / hz
 }
@@ -441,7 +446,12 @@ fn bench(args: &Args) -> Result<()> {
                 if w.key == "rand_read" && ios > 0.0 {
                     let target = server.cpu_seconds() - target0;
                     let initiator = rusage_seconds(libc::RUSAGE_CHILDREN) - initiator0;
-                    results.push(name, "rand_read_cpu_us_target", target / ios * 1e6, args.json);
+                    results.push(
+                        name,
+                        "rand_read_cpu_us_target",
+                        target / ios * 1e6,
+                        args.json,
+                    );
                     let per = initiator / ios * 1e6;
                     results.push(name, "rand_read_cpu_us_initiator", per, args.json);
                 }
