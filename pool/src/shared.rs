@@ -128,6 +128,21 @@ impl ChunkKey {
     }
 }
 
+/// A planned read of raw frames of a sealed chunk (see [`Shared::plan_raw_frames`]).
+#[derive(Debug)]
+pub struct FrameRead {
+    /// Device, offset (4 KiB aligned) and length (a multiple of 4 KiB) to read.
+    pub device: u16,
+    pub offset: u64,
+    pub len: usize,
+    /// Where the read starts in the object.
+    start: usize,
+    shift: u8,
+    digest: Digest,
+    within: usize,
+    frames: Vec<object::Frame>,
+}
+
 /// What one chunk cache entry costs beyond its bytes (LRU node and hash slot, key, the Arc and
 /// Vec headers, two allocations), counted against the byte budget so that 4 KiB frames, whose
 /// overhead is a few percent of them, cannot make the cache hold more than it says.
@@ -576,6 +591,74 @@ impl Shared {
         Ok(true)
     }
 
+    /// Plans a read of raw bytes [within, within+len) of data chunk `d` that needs nothing but
+    /// one device read: only when the table cache holds the chunk's checked header and frame
+    /// table (so no object-table lookup, no index walk) and every frame the range falls in is
+    /// stored raw (so no decompression, which belongs on a CPU pool). The caller reads
+    /// [`FrameRead::offset`]..+[`FrameRead::len`] of device [`FrameRead::device`] (asynchronously)
+    /// and hands the bytes to [`Shared::finish_raw_frames`]; it holds the pool's pin from before
+    /// this call until then, so the extent cannot be reclaimed meanwhile. None: read it with
+    /// [`Shared::read_chunk_range`].
+    pub fn plan_raw_frames(&self, d: &Digest, within: usize, len: usize) -> Option<FrameRead> {
+        let t = self.table_cache.lock().get(d)?;
+        let (extent, head) = (&t.0, &t.1);
+        let what = format!("chunk {d}");
+        let h = object::parse_header(head, ObjectKind::Chunk, d, &what).ok()?;
+        if h.version == OBJECT_FORMAT_V1 {
+            return None;
+        }
+        let table = head.get(OBJECT_HEADER_LEN..h.table_end())?;
+        let frames = object::checked_table_frames(&h, table, within, len, &what).ok()?;
+        if frames.iter().any(|f| f.codec != object::Codec::Raw) {
+            return None;
+        }
+        let (first, last) = (frames.first()?, frames.last()?);
+        let a = first.offset as u64 / BLOCK * BLOCK;
+        let b = align_up(last.end() as u64, BLOCK).min(extent.len);
+        if b <= a {
+            return None;
+        }
+        Some(FrameRead {
+            device: extent.device,
+            offset: extent.offset + a,
+            len: (b - a) as usize,
+            start: a as usize,
+            shift: h.frame_shift(),
+            digest: *d,
+            within,
+            frames,
+        })
+    }
+
+    /// Completes a [`Shared::plan_raw_frames`] read: checks every frame's CRC in `buf` (the
+    /// bytes read), copies the range into `dst` and caches the frames (as the blocking path
+    /// does). A frame that fails its CRC is reported, never returned.
+    pub fn finish_raw_frames(&self, plan: &FrameRead, buf: &[u8], dst: &mut [u8]) -> Result<()> {
+        let what = || format!("chunk {}", plan.digest);
+        self.sealed_bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        for f in &plan.frames {
+            let at = f.offset - plan.start;
+            let stored = buf
+                .get(at..at + f.stored_len)
+                .ok_or_else(|| PoolError::corrupt(what(), "frames beyond the read"))?;
+            if crc32c::crc32c(stored) != f.crc {
+                return Err(PoolError::Checksum {
+                    what: format!("{} (frame {})", what(), f.index),
+                });
+            }
+            object::copy_overlap(stored, f.raw_offset, plan.within, dst);
+            if !self.chunk_cache_disabled {
+                self.chunk_cache.lock().put(
+                    ChunkKey::frame(plan.digest, plan.shift, f.index),
+                    Arc::new(stored.to_vec()),
+                    stored.len() + CACHE_ENTRY_OVERHEAD,
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Reads byte ranges [a, b) (4 KiB aligned, or ending at the extent's end) of an object's
     /// extent in one submission.
     fn read_object_ranges(
@@ -657,6 +740,7 @@ impl Shared {
         let dead: Vec<Digest> = self.dead.lock().drain().collect();
         if !dead.is_empty() {
             let mut freed = Vec::new();
+            let mut swept = Vec::new();
             let tx = self.meta.begin_write()?;
             {
                 let mut t = tx.open_table(crate::meta::OBJECTS)?;
@@ -668,10 +752,20 @@ impl Shared {
                     if rec.refcount == 0 {
                         t.remove(&d.0)?;
                         freed.push(rec.extent);
+                        swept.push(*d);
                     }
                 }
             }
             tx.commit()?;
+            // A cached table names its object's extent, which is about to be free: were the
+            // same content stored again elsewhere, the entry would point at foreign bytes.
+            // (Readers that trust the cache without the object table, `plan_raw_frames`,
+            // rely on this; the pin keeps them out meanwhile.)
+            let mut tables = self.table_cache.lock();
+            for d in &swept {
+                tables.remove(d);
+            }
+            drop(tables);
             tracing::debug!(objects = freed.len(), "swept unreferenced objects");
             self.pending_free.lock().extend(freed);
         }

@@ -136,13 +136,30 @@ pub struct Volume {
 enum Wait {
     Yes,
     No,
-    /// Log blocks on the device are left for the caller to read asynchronously (see
-    /// [`Fetched::Deferred`]); anything else that needs the device is as with `No`.
+    /// Log blocks on the device, and raw frames of sealed chunks whose frame table is in RAM,
+    /// are left for the caller to read asynchronously (see [`Fetched::Deferred`]); anything
+    /// else that needs the device is as with `No`.
     Defer,
 }
 
 /// Log runs on a device: (device, offset, first block in the output, blocks).
 type LogRuns = Vec<(u16, u64, usize, usize)>;
+
+/// Raw frames of a sealed chunk to read for blocks [at, at+blocks) of the output.
+#[derive(Debug)]
+struct FrameRun {
+    plan: crate::shared::FrameRead,
+    at: usize,
+    blocks: usize,
+}
+
+// Fetched is compared in read_nowait only for Done; the plans inside are not comparable.
+impl PartialEq for FrameRun {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for FrameRun {}
 
 /// What [`Volume::fetch_as`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -151,9 +168,9 @@ enum Fetched {
     Done,
     /// It would have had to wait (`Wait::No`/`Wait::Defer`); the output is partial.
     WouldBlock,
-    /// `Wait::Defer`: everything is in the output but these log runs, still to be read from
-    /// their devices (and checked against their CRCs).
-    Deferred(LogRuns),
+    /// `Wait::Defer`: everything is in the output but these log runs and chunk frames, still
+    /// to be read from their devices (and checked against their CRCs).
+    Deferred(LogRuns, Vec<FrameRun>),
 }
 
 /// Reads coalesced WAL runs (device, offset, first block in `out`, blocks) straight into an
@@ -323,6 +340,7 @@ impl Volume {
         let shared = &self.pool.shared;
         // WAL blocks: from memory if there, else batched device reads (coalesced).
         let mut dev_reads: Vec<(u16, u64, usize, usize)> = Vec::new(); // device, offset, out index, blocks
+        let mut frame_reads: Vec<FrameRun> = Vec::new();
         let mut i = 0usize;
         while i < srcs.len() {
             let mut j = i + 1;
@@ -402,9 +420,21 @@ impl Volume {
                     let within = ((first + i as u64) % cb * BLOCK) as usize;
                     match wait {
                         Wait::Yes => shared.read_chunk_range(&d, within, dst)?,
-                        Wait::No | Wait::Defer => {
+                        Wait::No => {
                             if !shared.read_chunk_range_cached(&d, within, dst) {
                                 return Ok(Fetched::WouldBlock);
+                            }
+                        }
+                        Wait::Defer => {
+                            if !shared.read_chunk_range_cached(&d, within, dst) {
+                                match shared.plan_raw_frames(&d, within, dst.len()) {
+                                    Some(plan) => frame_reads.push(FrameRun {
+                                        plan,
+                                        at: i,
+                                        blocks: j - i,
+                                    }),
+                                    None => return Ok(Fetched::WouldBlock),
+                                }
                             }
                         }
                     }
@@ -412,11 +442,13 @@ impl Volume {
             }
             i = j;
         }
-        Ok(if dev_reads.is_empty() || wait == Wait::Yes {
-            Fetched::Done
-        } else {
-            Fetched::Deferred(dev_reads)
-        })
+        Ok(
+            if (dev_reads.is_empty() && frame_reads.is_empty()) || wait == Wait::Yes {
+                Fetched::Done
+            } else {
+                Fetched::Deferred(dev_reads, frame_reads)
+            },
+        )
     }
 
     /// Reads coalesced log runs (device, offset, first block in `out`, blocks) into `out`,
@@ -657,8 +689,9 @@ impl BlockDevice for Volume {
     }
 
     /// Resolves and copies what is in memory right here (under the same brief, non-waiting
-    /// lock holds as [`Volume::read_nowait`]); log blocks on the device go to the
-    /// [`crate::aio`] reactor, and the future copies them in and checks their CRCs. The pool's
+    /// lock holds as [`Volume::read_nowait`]); log blocks on the device, and raw frames of
+    /// sealed chunks whose frame table is in RAM, go to the [`crate::aio`] reactor, and the
+    /// future copies them in and checks their CRCs. The pool's
     /// pin is held until then, so no extent it reads can be reclaimed and reused meanwhile.
     fn read_async(&self, offset: u64, mut buf: Vec<u8>) -> AsyncRead {
         let len = buf.len() as u64;
@@ -680,19 +713,29 @@ impl BlockDevice for Volume {
             }
             (self.resolve(&ov, offset / BLOCK, len / BLOCK), ov.base_root)
         };
-        let runs = match self.fetch_as(&srcs, base_root, offset / BLOCK, &mut buf, Wait::Defer) {
-            Err(e) => return AsyncRead::Done(Err(e)),
-            Ok(Fetched::Done) => return AsyncRead::Done(Ok(buf)),
-            Ok(Fetched::WouldBlock) => return AsyncRead::Blocking(buf),
-            Ok(Fetched::Deferred(runs)) => runs,
-        };
-        let mut reqs = Vec::with_capacity(runs.len());
-        for &(d, off, _, cnt) in &runs {
+        let (runs, frames) =
+            match self.fetch_as(&srcs, base_root, offset / BLOCK, &mut buf, Wait::Defer) {
+                Err(e) => return AsyncRead::Done(Err(e)),
+                Ok(Fetched::Done) => return AsyncRead::Done(Ok(buf)),
+                Ok(Fetched::WouldBlock) => return AsyncRead::Blocking(buf),
+                Ok(Fetched::Deferred(runs, frames)) => (runs, frames),
+            };
+        // Log runs first, then chunk frames: the batch's buffers come back in this order.
+        let mut reqs = Vec::with_capacity(runs.len() + frames.len());
+        let wanted = runs
+            .iter()
+            .map(|&(d, off, _, cnt)| (d, off, cnt * 4096))
+            .chain(
+                frames
+                    .iter()
+                    .map(|f| (f.plan.device, f.plan.offset, f.plan.len)),
+            );
+        for (d, off, len) in wanted {
             match self.pool.shared.device(d) {
                 Ok(dev) => reqs.push(crate::aio::ReadReq {
                     file: dev.file(),
                     offset: off,
-                    len: cnt * 4096,
+                    len,
                 }),
                 Err(e) => return AsyncRead::Done(Err(e)),
             }
@@ -704,13 +747,16 @@ impl BlockDevice for Volume {
         let vol = self.clone();
         AsyncRead::Pending(Box::pin(async move {
             let _pin = pin;
-            let bufs = batch
-                .await
-                .map_err(|e| PoolError::io("read of write-ahead log", e))?;
-            for (&(_, _, idx, cnt), b) in runs.iter().zip(&bufs) {
+            let bufs = batch.await.map_err(|e| PoolError::io("device read", e))?;
+            let (log_bufs, frame_bufs) = bufs.split_at(runs.len().min(bufs.len()));
+            for (&(_, _, idx, cnt), b) in runs.iter().zip(log_bufs) {
                 buf[idx * 4096..(idx + cnt) * 4096].copy_from_slice(&b[..cnt * 4096]);
             }
             vol.check_log_runs(&srcs, &runs, &buf)?;
+            for (f, b) in frames.iter().zip(frame_bufs) {
+                let dst = &mut buf[f.at * 4096..(f.at + f.blocks) * 4096];
+                vol.pool.shared.finish_raw_frames(&f.plan, b, dst)?;
+            }
             Ok(buf)
         }))
     }

@@ -7,31 +7,11 @@
 
 mod common;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
 
 use common::*;
 use maas_pool::{AsyncRead, BlockDevice, OpenOptions, Pool, PoolError, Volume};
-
-fn block_on<F: Future>(f: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark()
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park_timeout(std::time::Duration::from_millis(100));
-    }
-}
 
 /// No RAM tier for log blocks: every read of a written block goes to the device.
 fn opts() -> OpenOptions {
@@ -40,23 +20,6 @@ fn opts() -> OpenOptions {
         write_buffer_bytes: 0,
         cache_bytes: 0,
         ..test_open_opts()
-    }
-}
-
-#[derive(Debug, PartialEq)]
-enum How {
-    Done,
-    Pending,
-    Blocking,
-}
-
-/// Reads through `read_async`, falling back to a blocking read where it says so (as the
-/// front-ends do); returns the data and how it was read.
-fn read_async(v: &Volume, offset: u64, len: usize) -> (maas_pool::Result<Vec<u8>>, How) {
-    match v.read_async(offset, vec![0xAA; len]) {
-        AsyncRead::Done(r) => (r, How::Done),
-        AsyncRead::Pending(f) => (block_on(f), How::Pending),
-        AsyncRead::Blocking(mut buf) => (v.read(offset, &mut buf).map(|()| buf), How::Blocking),
     }
 }
 

@@ -410,3 +410,53 @@ fn measure_random_4k_reads(threads: u64) {
         sealed_read(&pool)
     );
 }
+
+/// A network front-end's read (`read_async`) of a sealed chunk not in RAM: the first goes to a
+/// blocking thread (the frame table is not in RAM yet); after that a read of raw frames is one
+/// asynchronous device read, checked against the frames' CRCs (a flipped byte is a medium
+/// error, not data) and cached; a compressed frame needs decompression, on a blocking thread.
+#[test]
+fn raw_frames_are_read_asynchronously_once_their_table_is_in_ram() {
+    if !maas_pool::aio::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Chunk 0 incompressible (4 KiB raw frames), chunk 1 compressible (64 KiB zstd frames).
+    let (pool, v, all) = sealed_volume(dir.path(), MIB, 2);
+    let at = |off: u64, len: usize| all[off as usize..off as usize + len].to_vec();
+    let (got, how) = read_async(&v, 4096, 4096);
+    assert_eq!((got.unwrap(), how), (at(4096, 4096), How::Blocking));
+    let before = sealed_read(&pool);
+    let (got, how) = read_async(&v, 64 << 10, 8192);
+    assert_eq!((got.unwrap(), how), (at(64 << 10, 8192), How::Pending));
+    assert_eq!(
+        sealed_read(&pool) - before,
+        8192,
+        "exactly the two blocks were read"
+    );
+    let (got, how) = read_async(&v, 64 << 10, 8192);
+    assert_eq!(
+        (got.unwrap(), how),
+        (at(64 << 10, 8192), How::Done),
+        "cached now"
+    );
+
+    let (got, how) = read_async(&v, MIB + 4096, 4096);
+    assert_eq!((got.unwrap(), how), (at(MIB + 4096, 4096), How::Blocking));
+    let (got, how) = read_async(&v, MIB + (256 << 10), 4096);
+    assert_eq!(
+        (got.unwrap(), how),
+        (at(MIB + (256 << 10), 4096), How::Blocking),
+        "a compressed frame is decompressed on a blocking thread"
+    );
+
+    // Damage in a raw frame whose table is in RAM: the asynchronous read checks it.
+    let (_, path, obj_at, frames) = object_frames(&pool, &v, 0);
+    let victim = frames.iter().find(|f| f.raw_offset == 512 << 10).unwrap();
+    flip(&path, obj_at + victim.offset as u64 + 100);
+    let (got, how) = read_async(&v, 512 << 10, 4096);
+    assert_eq!(how, How::Pending);
+    assert!(matches!(got, Err(PoolError::Checksum { .. })), "{got:?}");
+    let (got, _) = read_async(&v, (512 << 10) + 4096, 4096);
+    assert_eq!(got.unwrap(), at((512 << 10) + 4096, 4096));
+}

@@ -96,3 +96,47 @@ pub fn find_block(path: &Path, block: &[u8]) -> Option<u64> {
         base += n as u64;
     }
 }
+
+/// Polls a future to completion on this thread (the pool's futures need no runtime).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark()
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(100));
+    }
+}
+
+/// How [`read_async`] read.
+#[derive(Debug, PartialEq)]
+pub enum How {
+    Done,
+    Pending,
+    Blocking,
+}
+
+/// Reads through `read_async`, falling back to a blocking read where it says so (as the
+/// front-ends do); returns the data and how it was read.
+pub fn read_async(
+    v: &maas_pool::Volume,
+    offset: u64,
+    len: usize,
+) -> (maas_pool::Result<Vec<u8>>, How) {
+    use maas_pool::AsyncRead;
+    match v.read_async(offset, vec![0xAA; len]) {
+        AsyncRead::Done(r) => (r, How::Done),
+        AsyncRead::Pending(f) => (block_on(f), How::Pending),
+        AsyncRead::Blocking(mut buf) => (v.read(offset, &mut buf).map(|()| buf), How::Blocking),
+    }
+}
