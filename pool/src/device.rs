@@ -224,6 +224,52 @@ impl Device {
         }
     }
 
+    /// Gives the blocks of a freed extent back to the host filesystem (punches a hole), so a
+    /// file device holds about what the pool uses rather than every block it ever touched: a
+    /// sparse device sized to the filesystem's free space (maasd's default) would otherwise
+    /// grow, write by write, until the filesystem is full, as a thin LUN does without TRIM.
+    /// Best effort: where it fails the space only stays with the file. Block devices keep
+    /// their blocks.
+    pub fn release(&self, offset: u64, len: u64) {
+        if len == 0
+            || self
+                .file
+                .metadata()
+                .map(|m| !m.file_type().is_file())
+                .unwrap_or(true)
+        {
+            return;
+        }
+        // The power-loss simulation sees a punched hole as the write of zeroes it is.
+        let tickets = if crate::powerloss::active() {
+            match crate::powerloss::before_write(&self.file, offset, len as usize) {
+                Ok(t) => t,
+                Err(_) => return,
+            }
+        } else {
+            Vec::new()
+        };
+        // SAFETY: plain syscall on our open fd; the range lies in the file.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::unix::io::AsRawFd::as_raw_fd(&self.file),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+        };
+        crate::powerloss::landed(&tickets);
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
+                tracing::debug!(device = %self.path.display(), error = %e, "could not give freed space back to the filesystem");
+            }
+        }
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }

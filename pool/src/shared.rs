@@ -734,7 +734,7 @@ impl Shared {
     /// Sweeps unreferenced objects and hands pending extents back to the allocator, if no
     /// reader or seal is in flight; false if it has to be retried later.
     pub fn reclaim(&self) -> Result<bool> {
-        let Some(_w) = self.pin.try_write() else {
+        let Some(w) = self.pin.try_write() else {
             return Ok(false);
         };
         let dead: Vec<Digest> = self.dead.lock().drain().collect();
@@ -779,9 +779,17 @@ impl Shared {
                 }
             }
         }
-        let mut pend = self.pending_free.lock();
+        let released: Vec<Extent> = self.pending_free.lock().drain(..).collect();
+        // Readers may go on: nothing they can reach points into `released` any more, and no
+        // allocation hands it out before it is in the free map below.
+        drop(w);
+        for e in &released {
+            if let Ok(dev) = self.device(e.device) {
+                dev.release(e.offset, e.len);
+            }
+        }
         let mut a = self.alloc.lock();
-        for e in pend.drain(..) {
+        for e in released {
             a.free(e);
         }
         Ok(true)
