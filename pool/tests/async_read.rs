@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
-use maas_pool::{AsyncRead, BlockDevice, OpenOptions, Pool, PoolError, Volume};
+use maas_pool::{AsyncRead, BlockDevice, OpenOptions, Pool, PoolError};
 
 /// No RAM tier for log blocks: every read of a written block goes to the device.
 fn opts() -> OpenOptions {
