@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use common::*;
 use maas_pool::object::{self, FRAME_LEN, Frame, ObjectKind};
@@ -349,66 +348,6 @@ fn version_1_chunks_are_still_read() {
     assert!(read_all(&v, 0, MIB as usize) == raw);
     assert!(pool.verify().unwrap().is_clean());
     pool.close().unwrap();
-}
-
-/// Random 4 KiB read IOPS on a sealed 1 GiB volume of incompressible data, caches dropped
-/// first (the RAM cache then holds 16 MiB of a 1 GiB working set). A measurement, not a check:
-/// `cargo test -p maas-pool --release --test seekable_chunks -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn measure_random_4k_read_iops_after_drop_caches() {
-    measure_random_4k_reads(1);
-}
-
-/// The same with 8 threads reading at once (blocking reads: queue depth 8).
-#[test]
-#[ignore]
-fn measure_random_4k_read_iops_after_drop_caches_8_threads() {
-    measure_random_4k_reads(8);
-}
-
-fn measure_random_4k_reads(threads: u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let size = 1u64 << 30;
-    let pool = create_pool(dir.path(), size + 512 * MIB, MIB);
-    let vi = pool.create_volume("m", size, 4096).unwrap();
-    let v = pool.open_volume(vi.id).unwrap();
-    let step = 64 * MIB;
-    for off in (0..size).step_by(step as usize) {
-        v.write(off, &pattern(off, step as usize), false).unwrap();
-        v.flush().unwrap();
-        pool.seal(vi.id).unwrap();
-    }
-    pool.drop_caches();
-    let blocks = size / 4096;
-    let t = Instant::now();
-    let n: u64 = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|i| {
-                let v = &v;
-                s.spawn(move || {
-                    let mut x = 0x2545_f491_4f6c_dd1du64 ^ (i << 32);
-                    let mut buf = vec![0u8; 4096];
-                    let mut n = 0u64;
-                    while t.elapsed() < Duration::from_secs(5) {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        v.read((x % blocks) * 4096, &mut buf).unwrap();
-                        n += 1;
-                    }
-                    n
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).sum()
-    });
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "random 4 KiB reads after drop_caches, {threads} thread(s): {n} in {secs:.2} s = {:.0} IOPS, {} bytes of sealed chunks read",
-        n as f64 / secs,
-        sealed_read(&pool)
-    );
 }
 
 /// A network front-end's read (`read_async`) of a sealed chunk not in RAM: the first goes to a
