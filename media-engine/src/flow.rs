@@ -522,53 +522,18 @@ mod tests {
         assert_eq!(run_inline(&mut f), 1);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn blocking_commands_are_counted_until_they_complete_and_panics_are_answered() {
-        let (mut f, ran) = flow();
-        for tag in 0..10 {
-            f.submit(Read {
-                tag,
-                len: 1000,
-                inline: false,
-                asynch: false,
-                ran: ran.clone(),
-            });
-        }
-        f.submit(Read {
-            tag: 666,
-            len: 1,
-            inline: false,
-            asynch: false,
-            ran: ran.clone(),
-        });
-        // At most `commands` (4) run at once.
-        assert!(f.next_inline().is_none());
-        assert_eq!(f.running, 4);
-        let mut done = Vec::new();
-        while done.len() < 11 {
-            let (tag, data) = tokio::time::timeout(Duration::from_secs(10), f.completed())
-                .await
-                .unwrap();
-            assert!(f.running < 4);
-            done.push((tag, data));
-            assert!(f.next_inline().is_none());
-        }
-        assert_eq!(f.commands(), 0);
-        assert_eq!(f.in_flight(), 0);
-        assert_eq!(ran.load(Ordering::SeqCst), 10);
-        let p = done.iter().find(|(t, _)| *t == 666).unwrap();
-        assert_eq!(p.1, b"panicked");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn asynchronous_commands_run_as_tasks_within_the_budget_and_panics_are_answered() {
+    /// Eleven commands that do not complete inline (one of them panics) under a budget of four
+    /// running at once: at most four run, each completes through `completed` with its data,
+    /// the panic is answered, and nothing is left counted. `asynch`: as tasks (`run_async`),
+    /// else on blocking threads.
+    async fn commands_off_the_connection_task(asynch: bool) {
         let (mut f, ran) = flow();
         for tag in (0..10).chain([666]) {
             f.submit(Read {
                 tag,
                 len: 1000,
                 inline: false,
-                asynch: true,
+                asynch,
                 ran: ran.clone(),
             });
         }
@@ -592,5 +557,15 @@ mod tests {
                 assert_eq!(data, &vec![*tag as u8; 1000]);
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_commands_are_counted_until_they_complete_and_panics_are_answered() {
+        commands_off_the_connection_task(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn asynchronous_commands_run_as_tasks_within_the_budget_and_panics_are_answered() {
+        commands_off_the_connection_task(true).await;
     }
 }

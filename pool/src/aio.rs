@@ -139,6 +139,8 @@ impl Reactor {
         let mut slots: Vec<Option<Req>> = Vec::new();
         let mut free: Vec<usize> = Vec::new();
         let mut backlog: VecDeque<Req> = VecDeque::new();
+        // Swapped with the shared queue each turn, so neither side reallocates per turn.
+        let mut incoming: Vec<Req> = Vec::new();
         let mut wake_buf = [0u8; 8];
         let mut wake_armed = false;
         let mut in_flight = 0usize;
@@ -156,7 +158,8 @@ impl Reactor {
             }
             let paused = PAUSED.load(Ordering::SeqCst);
             if !paused {
-                backlog.extend(std::mem::take(&mut *self.queue.lock()));
+                std::mem::swap(&mut *self.queue.lock(), &mut incoming);
+                backlog.extend(incoming.drain(..));
             } else if in_flight == 0 {
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 continue;
@@ -346,28 +349,31 @@ impl Future for ReadBatch {
     }
 }
 
+/// Waits on this thread for a future of this module's kind (they need no runtime): for
+/// synchronous callers and tests.
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark()
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        // A wake before this park makes it return at once; a spurious return polls again.
+        std::thread::park();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        struct Unpark(std::thread::Thread);
-        impl std::task::Wake for Unpark {
-            fn wake(self: Arc<Self>) {
-                self.0.unpark()
-            }
-        }
-        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-        let mut cx = Context::from_waker(&waker);
-        let mut f = std::pin::pin!(f);
-        loop {
-            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-                return v;
-            }
-            std::thread::park();
-        }
-    }
 
     #[test]
     fn many_batches_from_many_threads_read_what_is_there() {

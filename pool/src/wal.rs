@@ -290,6 +290,22 @@ struct LogCache {
     bytes: usize,
 }
 
+impl LogCache {
+    /// Takes out the oldest batches until the cache holds at most `limit` bytes; the caller
+    /// recycles them outside the lock.
+    fn evict_to(&mut self, limit: usize) -> Vec<Arc<Batch>> {
+        let mut evicted = Vec::new();
+        while self.bytes > limit {
+            let Some((_, old)) = self.batches.pop_first() else {
+                break;
+            };
+            self.bytes -= old.buf.capacity();
+            evicted.push(old);
+        }
+        evicted
+    }
+}
+
 #[derive(Debug)]
 pub struct Wal {
     shared: Arc<Shared>,
@@ -1363,17 +1379,7 @@ impl Wal {
         }
         let limit = limit.max(1);
         self.cache_limit.store(limit, Ordering::Relaxed);
-        let mut evicted = Vec::new();
-        {
-            let mut c = self.cache.write();
-            while c.bytes > limit {
-                let Some((_, old)) = c.batches.pop_first() else {
-                    break;
-                };
-                c.bytes -= old.buf.capacity();
-                evicted.push(old);
-            }
-        }
+        let evicted = self.cache.write().evict_to(limit);
         for b in evicted {
             self.recycle(b);
         }
@@ -1409,8 +1415,7 @@ impl Wal {
         if limit == 0 {
             return;
         }
-        let mut evicted = Vec::new();
-        {
+        let evicted = {
             let mut c = self.cache.write();
             for b in batches.iter().cloned() {
                 c.bytes += b.buf.capacity();
@@ -1418,14 +1423,8 @@ impl Wal {
                     c.bytes -= old.buf.capacity();
                 }
             }
-            while c.bytes > limit {
-                let Some((_, old)) = c.batches.pop_first() else {
-                    break;
-                };
-                c.bytes -= old.buf.capacity();
-                evicted.push(old);
-            }
-        }
+            c.evict_to(limit)
+        };
         // Buffers are recycled or freed outside the lock.
         for b in evicted {
             self.recycle(b);

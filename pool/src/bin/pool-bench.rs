@@ -181,6 +181,30 @@ fn run_parallel(
     Ok(count.load(Ordering::Relaxed) as f64 / elapsed)
 }
 
+/// Random 4 KiB reads at queue depth 32 (32 threads) over the first `span` bytes of `v`, for
+/// `secs`; IOPS. With `stamped`, every block read must carry its offset in its first 8 bytes
+/// (as the live volume's writes stamp them) or be unwritten: the read returned its data.
+fn random_reads(
+    what: &str,
+    v: &Volume,
+    span: u64,
+    secs: u64,
+    stamped: bool,
+) -> anyhow::Result<f64> {
+    let v = v.clone();
+    let op: BenchOp = Arc::new(move |r, b| {
+        let off = (r.next() % (span / 4096)) * 4096;
+        v.read(off, b)
+            .with_context(|| format!("read of 4 KiB at {off}"))?;
+        let stamp = u64::from_le_bytes(b[..8].try_into()?);
+        if stamped && stamp != off && stamp != 0 {
+            bail!("the block at {off} holds the block at {stamp}");
+        }
+        Ok(())
+    });
+    run_parallel(what, 32, secs, op, 4096)
+}
+
 fn fio(file: &Path, rw: &str, bs: &str, depth: u32, secs: u64) -> anyhow::Result<(f64, f64)> {
     // The fio that scripts/iscsi-peers.sh builds (it has io_uring too), else the system's.
     let fio = std::env::var_os("MAAS_FIO_LIBISCSI")
@@ -331,20 +355,7 @@ fn main() -> anyhow::Result<()> {
             MIB as usize,
         )?
     };
-    let rand_r = {
-        let v = v.clone();
-        run_parallel(
-            "pool live volume: random 4 KiB reads",
-            32,
-            secs,
-            Arc::new(move |r, b| {
-                let off = (r.next() % (GIB / 4096)) * 4096;
-                v.read(off, b)
-                    .with_context(|| format!("read of 4 KiB at {off}"))
-            }),
-            4096,
-        )?
-    };
+    let rand_r = random_reads("pool live volume: random 4 KiB reads", &v, GIB, secs, false)?;
     let rand_w = {
         let v = v.clone();
         run_parallel(
@@ -411,69 +422,22 @@ fn main() -> anyhow::Result<()> {
     std::fs::remove_file(&raw_file).with_context(|| format!("removing {}", raw_file.display()))?;
     let pool = Pool::open(&pool_dir, cold_opts)?;
     let lv = pool.open_volume(vi.id)?;
-    let rand_r_cold_log = {
-        let lv = lv.clone();
-        run_parallel(
-            "random 4 KiB reads from the log, RAM tier off",
-            32,
-            secs,
-            Arc::new(move |r, b| {
-                let off = (r.next() % (GIB / 4096)) * 4096;
-                lv.read(off, b)
-                    .with_context(|| format!("read of 4 KiB at {off}"))?;
-                // Every block written above carries its offset: the read returned its data.
-                let stamp = u64::from_le_bytes(b[..8].try_into()?);
-                if stamp != off && stamp != 0 {
-                    bail!("the block at {off} holds the block at {stamp}");
-                }
-                Ok(())
-            }),
-            4096,
-        )?
-    };
+    let what = "random 4 KiB reads from the log, RAM tier off";
+    let rand_r_cold_log = random_reads(what, &lv, GIB, secs, true)?;
     drop(lv);
     // The live volume's data sealed: incompressible, stored as 4 KiB raw frames.
     let rand_snap = pool.seal(vi.id)?;
     let rc = pool.clone_snapshot(rand_snap.id, "cold-read-random")?;
     let rcv = pool.open_volume(rc.id)?;
-    let rand_r_cold_sealed_raw = {
-        let rcv = rcv.clone();
-        run_parallel(
-            "random 4 KiB reads from sealed incompressible chunks, RAM tier off",
-            32,
-            secs,
-            Arc::new(move |r, b| {
-                let off = (r.next() % (GIB / 4096)) * 4096;
-                rcv.read(off, b)
-                    .with_context(|| format!("read of 4 KiB at {off}"))?;
-                let stamp = u64::from_le_bytes(b[..8].try_into()?);
-                if stamp != off && stamp != 0 {
-                    bail!("the block at {off} holds the block at {stamp}");
-                }
-                Ok(())
-            }),
-            4096,
-        )?
-    };
+    let what = "random 4 KiB reads from sealed incompressible chunks, RAM tier off";
+    let rand_r_cold_sealed_raw = random_reads(what, &rcv, GIB, secs, true)?;
     drop(rcv);
     pool.delete_volume(rc.id)?;
     pool.delete_snapshot(rand_snap.id)?;
     let c = pool.clone_snapshot(snap.id, "cold-read")?;
     let cv = pool.open_volume(c.id)?;
-    let rand_r_cold_sealed = {
-        let cv = cv.clone();
-        run_parallel(
-            "random 4 KiB reads from sealed chunks, RAM tier off",
-            32,
-            secs,
-            Arc::new(move |r, b| {
-                let off = (r.next() % (2 * GIB / 4096)) * 4096;
-                cv.read(off, b)
-                    .with_context(|| format!("read of 4 KiB at {off}"))
-            }),
-            4096,
-        )?
-    };
+    let what = "random 4 KiB reads from sealed chunks, RAM tier off";
+    let rand_r_cold_sealed = random_reads(what, &cv, 2 * GIB, secs, false)?;
     drop(cv);
     pool.delete_volume(c.id)?;
     pool.delete_volume(vi.id)?;

@@ -97,26 +97,7 @@ pub fn find_block(path: &Path, block: &[u8]) -> Option<u64> {
     }
 }
 
-/// Polls a future to completion on this thread (the pool's futures need no runtime).
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    use std::sync::Arc;
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark()
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park_timeout(std::time::Duration::from_millis(100));
-    }
-}
+pub use maas_pool::aio::block_on;
 
 /// How [`read_async`] read.
 #[derive(Debug, PartialEq)]

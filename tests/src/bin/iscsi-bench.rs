@@ -25,10 +25,10 @@ use clap::Parser;
 use maas_engine::iscsi::{IscsiServer, Registry, TargetConfig};
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
 use maas_tests::bench::{
-    FioJob, Results, bench_pool, fio_bin, fio_iscsi, free_port, init_logging, maasd_beside_me,
-    repo_root,
+    FioJob, Results, bench_pool, fill_iscsi, fio_bin, fio_iscsi, free_port, init_logging,
+    maasd_beside_me, maasd_iscsi_url, repo_root,
 };
-use maas_tests::maasd::{Maasd, export, volume};
+use maas_tests::maasd::{Maasd, volume};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -181,10 +181,7 @@ fn main() -> Result<()> {
             .pool_defaults()
             .start();
         let vol = volume(&m, "bench", size, 512);
-        let e = export(&m, &vol, &[INITIATOR], None);
-        let target = e["target"].as_str().context("export without a target")?;
-        let lun = e["lun"].as_u64().unwrap_or(0);
-        let url = format!("iscsi://127.0.0.1:{}/{target}/{lun}", m.iscsi_port);
+        let url = maasd_iscsi_url(&m, &vol, INITIATOR)?;
         Some((m, url))
     } else {
         None
@@ -201,14 +198,7 @@ fn main() -> Result<()> {
 
     // Every volume filled once: reads then read data, not holes.
     for (name, url) in &sides {
-        let fill = FioJob {
-            rw: "write",
-            bs: "1M",
-            depth: 32,
-            seconds: 0,
-            size,
-        };
-        fio_iscsi(&fio_path, url, INITIATOR, fill).with_context(|| format!("filling {name}"))?;
+        fill_iscsi(&fio_path, url, INITIATOR, size).with_context(|| format!("filling {name}"))?;
     }
 
     let mut results = Results::default();

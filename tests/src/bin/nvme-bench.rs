@@ -35,10 +35,10 @@ use maas_engine::nvme::{
 };
 use maas_engine::scsi::{LogicalUnit, LuIdentity};
 use maas_tests::bench::{
-    FioJob, FioResult, Results, bench_pool, bench_pool_ram, fio_bin, fio_file, fio_iscsi,
-    free_port, init_logging, maasd_beside_me,
+    FioJob, FioResult, Results, bench_pool, bench_pool_ram, fill_iscsi, fio_bin, fio_file,
+    fio_iscsi, free_port, init_logging, maasd_beside_me, maasd_iscsi_url,
 };
-use maas_tests::maasd::{Maasd, export, nvme_export, volume};
+use maas_tests::maasd::{Maasd, nvme_export, volume};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -336,18 +336,8 @@ fn bench(args: &Args) -> Result<()> {
             .as_str()
             .context("NVMe export without a subsystem")?;
         let port = m.nvme_port.context("maasd without an NVMe/TCP port")?;
-        let e = export(&m, &v, &[INITIATOR], None);
-        let target = e["target"].as_str().context("export without a target")?;
-        let lun = e["lun"].as_u64().unwrap_or(0);
-        let url = format!("iscsi://127.0.0.1:{}/{target}/{lun}", m.iscsi_port);
-        let fill = FioJob {
-            rw: "write",
-            bs: "1M",
-            depth: 32,
-            seconds: 0,
-            size,
-        };
-        fio_iscsi(&fio_path, &url, INITIATOR, fill).context("filling maasd's volume")?;
+        let url = maasd_iscsi_url(&m, &v, INITIATOR)?;
+        fill_iscsi(&fio_path, &url, INITIATOR, size).context("filling maasd's volume")?;
         let pid = Server::Pid(m.pid().context("maasd without a pid")?);
         let sides = [
             (
@@ -388,14 +378,7 @@ fn bench(args: &Args) -> Result<()> {
 
     let mut raw_rand_read = 0.0;
     if args.cold {
-        let fill = FioJob {
-            rw: "write",
-            bs: "1M",
-            depth: 32,
-            seconds: 0,
-            size,
-        };
-        fio_iscsi(&fio_path, &iscsi_url, INITIATOR, fill).context("filling the volume")?;
+        fill_iscsi(&fio_path, &iscsi_url, INITIATOR, size).context("filling the volume")?;
         let raw = fio_file(
             &fio_path,
             &dir.join("fio.raw"),
