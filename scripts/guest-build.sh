@@ -91,7 +91,7 @@ else
     # authentication (CONFIG_NVME_AUTH, CONFIG_NVME_TARGET_AUTH) off; 6.12 has both.
     resolve_kernel() {
         apt-cache pkgnames linux-image-6.12. 2>/dev/null \
-            | grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64$' | sort -V | tail -n1
+            | grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64$' | sort -V | tail -n1 || true
     }
     KPKG="${MAAS_GUEST_KERNEL_PACKAGE:-$(resolve_kernel)}"
     if [ -z "$KPKG" ]; then apt_update_once; KPKG="$(resolve_kernel)"; fi

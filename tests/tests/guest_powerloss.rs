@@ -24,6 +24,7 @@ use maas_tests::TestDir;
 use maas_tests::dmlog::Log;
 use maas_tests::guest::Guest;
 use maas_tests::guest::workflow::one_at_a_time;
+use rand::distributions::{Distribution, WeightedIndex};
 use rand::{Rng, SeedableRng};
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_kernel-powerloss");
@@ -173,11 +174,35 @@ fn pool_survives_power_cuts_replayed_from_a_real_kernel_write_log() {
     );
 
     // Cut points: right before a flush (the most in flight), right after an acknowledgement
-    // (the least slack), anywhere, and the end of the run.
+    // (the least slack), anywhere, and the end of the run. The cuts before a flush are drawn in
+    // proportion to the writes that flush would have made durable: a cut there decides the fate
+    // of the most cached writes, and the guard at the end needs cuts that drop some.
+    let at_risk: Vec<usize> = flushes
+        .iter()
+        .map(|&f| {
+            let prev = (0..f)
+                .rev()
+                .find(|&i| log.entries[i].is_flush())
+                .unwrap_or(0);
+            (prev..f)
+                .filter(|&i| log.entries[i].changes_data() && !log.entries[i].is_fua())
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "flushes with cached writes before them: {} of {} ({} writes at risk)",
+        at_risk.iter().filter(|&&n| n > 0).count(),
+        flushes.len(),
+        at_risk.iter().sum::<usize>()
+    );
+    let before_flush = WeightedIndex::new(&at_risk).ok();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut cuts: Vec<usize> = (0..points)
         .map(|k| match k % 3 {
-            0 => flushes[rng.gen_range(0..flushes.len())],
+            0 => match &before_flush {
+                Some(w) => flushes[w.sample(&mut rng)],
+                None => flushes[rng.gen_range(0..flushes.len())],
+            },
             1 => acks[rng.gen_range(0..acks.len())] + 1,
             _ => rng.gen_range(created + 1..=done),
         })
