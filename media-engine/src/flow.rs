@@ -1,6 +1,6 @@
 //! What one connection has in flight, under one budget, for every TCP front-end: the commands
-//! it runs (right on the connection's task when they need no waiting; as tasks awaiting the
-//! device when they only wait for device reads; else on blocking threads) and the output
+//! it runs (right on the connection's task when they need no waiting; as futures that task
+//! polls when they only wait for device reads; else on blocking threads) and the output
 //! waiting for its socket ([`OutQueue`]).
 //!
 //! The budget is what bounds a connection's memory whatever its peer does. A command is
@@ -20,6 +20,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -53,6 +55,10 @@ pub trait Job: Send + 'static {
 
 /// A command running as a future.
 pub type JobFuture<D> = Pin<Box<dyn Future<Output = D> + Send>>;
+
+/// A running command's future as the flow keeps it: tag, cost and result.
+type TaskFuture<J> =
+    Pin<Box<dyn Future<Output = (<J as Job>::Tag, usize, <J as Job>::Done)> + Send>>;
 
 /// A future whose panics are caught (as `std::panic::catch_unwind` does for a closure), so a
 /// bug in one command answers that command with an error instead of killing a runtime worker's
@@ -101,6 +107,12 @@ pub struct Flow<J: Job> {
     waiting_bytes: usize,
     running: usize,
     running_bytes: usize,
+    /// Commands running as futures, polled by the connection's own task (through
+    /// [`Flow::completed`]): a batch of device reads completing together wakes that task once
+    /// and leaves with one socket write, where a task per command woke it once per command.
+    tasks: FuturesUnordered<TaskFuture<J>>,
+    /// Completions taken by [`Flow::completed`] beyond the one it returned.
+    ready: VecDeque<(J::Tag, usize, J::Done)>,
     /// Completions from blocking threads: (tag, cost, result).
     tx: mpsc::UnboundedSender<(J::Tag, usize, J::Done)>,
     rx: mpsc::UnboundedReceiver<(J::Tag, usize, J::Done)>,
@@ -134,6 +146,8 @@ impl<J: Job> Flow<J> {
             waiting_bytes: 0,
             running: 0,
             running_bytes: 0,
+            tasks: FuturesUnordered::new(),
+            ready: VecDeque::new(),
             tx,
             rx,
             peak: 0,
@@ -199,7 +213,8 @@ impl<J: Job> Flow<J> {
     /// Starts waiting commands, in order, while the budget allows: those that need no waiting
     /// run right here, and the first of them to complete is returned, for the state machine
     /// (whose answer may change what the budget allows: call again until `None`); those that
-    /// wait only for device reads become tasks; the others go to blocking threads. The
+    /// wait only for device reads become futures the connection's task polls (through
+    /// [`Flow::completed`]); the others go to blocking threads. The
     /// completions of both come from [`Flow::completed`].
     pub fn next_inline(&mut self) -> Option<(J::Tag, J::Done)> {
         while self.may_start() {
@@ -218,19 +233,19 @@ impl<J: Job> Flow<J> {
             };
             self.running += 1;
             self.running_bytes += cost;
-            let tx = self.tx.clone();
             if let Some(future) = future {
                 // The job's own resources (a write's buffer) go now; the future owns what the
                 // read needs.
                 drop(job);
-                tokio::spawn(async move {
+                self.tasks.push(Box::pin(async move {
                     let done = CatchUnwind(future)
                         .await
                         .unwrap_or_else(|_| J::panicked(tag));
-                    let _ = tx.send((tag, cost, done));
-                });
+                    (tag, cost, done)
+                }));
                 continue;
             }
+            let tx = self.tx.clone();
             tokio::task::spawn_blocking(move || {
                 let done = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()))
                     .unwrap_or_else(|_| J::panicked(tag));
@@ -240,17 +255,37 @@ impl<J: Job> Flow<J> {
         None
     }
 
-    /// The next command completed as a task or on a blocking thread (cancel-safe; pending
-    /// while none runs).
+    /// The next command completed as a future or on a blocking thread (cancel-safe; pending
+    /// while none runs). Every other completion ready now is kept for
+    /// [`Flow::take_completed`], so that a driver answers them all before it writes.
     pub async fn completed(&mut self) -> (J::Tag, J::Done) {
-        loop {
-            // The sender lives in `self`, so the channel never closes.
-            if let Some((tag, cost, done)) = self.rx.recv().await {
-                self.running -= 1;
-                self.running_bytes -= cost;
-                return (tag, done);
+        let (tag, cost, done) = std::future::poll_fn(|cx| {
+            if self.ready.is_empty() {
+                while let Poll::Ready(Some(c)) = self.tasks.poll_next_unpin(cx) {
+                    self.ready.push_back(c);
+                }
+                // The sender lives in `self`, so the channel never closes.
+                while let Poll::Ready(Some(c)) = self.rx.poll_recv(cx) {
+                    self.ready.push_back(c);
+                }
             }
-        }
+            match self.ready.pop_front() {
+                Some(c) => Poll::Ready(c),
+                None => Poll::Pending,
+            }
+        })
+        .await;
+        self.running -= 1;
+        self.running_bytes -= cost;
+        (tag, done)
+    }
+
+    /// A completion [`Flow::completed`] took beyond the one it returned.
+    pub fn take_completed(&mut self) -> Option<(J::Tag, J::Done)> {
+        let (tag, cost, done) = self.ready.pop_front()?;
+        self.running -= 1;
+        self.running_bytes -= cost;
+        Some((tag, done))
     }
 
     /// Writes as much queued output as `write` takes without waiting (`try_write_vectored` of
@@ -524,7 +559,7 @@ mod tests {
 
     /// Eleven commands that do not complete inline (one of them panics) under a budget of four
     /// running at once: at most four run, each completes through `completed` with its data,
-    /// the panic is answered, and nothing is left counted. `asynch`: as tasks (`run_async`),
+    /// the panic is answered, and nothing is left counted. `asynch`: as futures (`run_async`),
     /// else on blocking threads.
     async fn commands_off_the_connection_task(asynch: bool) {
         let (mut f, ran) = flow();
@@ -565,7 +600,43 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn asynchronous_commands_run_as_tasks_within_the_budget_and_panics_are_answered() {
+    async fn asynchronous_commands_run_as_futures_within_the_budget_and_panics_are_answered() {
         commands_off_the_connection_task(true).await;
+    }
+
+    /// Asynchronous commands whose device reads complete together are answered from one wake
+    /// of the connection's task: `completed` returns one, `take_completed` the others, so the
+    /// driver writes all the answers with one socket write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn completions_ready_together_are_taken_together() {
+        let mut tags = Vec::new();
+        let (mut f, ran) = flow();
+        for tag in 0..4 {
+            f.submit(Read {
+                tag,
+                len: 1000,
+                inline: false,
+                asynch: true,
+                ran: ran.clone(),
+            });
+        }
+        assert!(f.next_inline().is_none());
+        // One poll starts the four 5 ms timers (none can be done yet); then they all expire
+        // while nobody polls.
+        assert!(
+            futures_util::FutureExt::now_or_never(f.completed()).is_none(),
+            "a 5 ms read completed at its first poll"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (t, data) = f.completed().await;
+        tags.push(t);
+        assert_eq!(data, vec![t as u8; 1000]);
+        while let Some((t, data)) = f.take_completed() {
+            assert_eq!(data, vec![t as u8; 1000]);
+            tags.push(t);
+        }
+        tags.sort_unstable();
+        assert_eq!(tags, vec![0, 1, 2, 3], "all four from one wake");
+        assert_eq!((f.commands(), f.in_flight()), (0, 0));
     }
 }

@@ -12,4 +12,5 @@ pub mod iscsi;
 pub mod listener;
 pub mod nvme;
 pub mod outq;
+pub mod read_completions;
 pub mod scsi;

@@ -173,6 +173,7 @@ impl Listener {
     {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
+        crate::read_completions::drive_on_this_runtime();
         if let Some(nofile) = open_files_limit()
             && limits.max_connections as u64 + 256 > nofile
         {

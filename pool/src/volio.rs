@@ -690,7 +690,7 @@ impl BlockDevice for Volume {
 
     /// Resolves and copies what is in memory right here (under the same brief, non-waiting
     /// lock holds as [`Volume::read_nowait`]); log blocks on the device, and raw frames of
-    /// sealed chunks whose frame table is in RAM, go to the [`crate::aio`] reactor, and the
+    /// sealed chunks whose frame table is in RAM, are queued on the [`crate::aio`] ring, and the
     /// future copies them in and checks their CRCs. The pool's
     /// pin is held until then, so no extent it reads can be reclaimed and reused meanwhile.
     fn read_async(&self, offset: u64, mut buf: Vec<u8>) -> AsyncRead {

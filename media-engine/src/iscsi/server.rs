@@ -311,7 +311,12 @@ async fn full_feature(
                 Ok(n) => rx.received(n, &mut session),
                 Err(e) => { closing = Some(format!("read: {e}")); }
             },
-            (itt, resp) = flow.completed() => session.on_complete(itt, resp),
+            (itt, resp) = flow.completed() => {
+                session.on_complete(itt, resp);
+                while let Some((itt, resp)) = flow.take_completed() {
+                    session.on_complete(itt, resp);
+                }
+            }
             w = wr.writable(), if flow.has_output() => {
                 if let Err(e) = w {
                     closing = Some(format!("write: {e}"));

@@ -307,7 +307,12 @@ async fn connection(
                     Err(e) => { closing = Some(format!("read: {e}")); }
                 }
             }
-            (cid, c) = flow.completed() => queue.on_complete(cid, c, flow.out()),
+            (cid, c) = flow.completed() => {
+                queue.on_complete(cid, c, flow.out());
+                while let Some((cid, c)) = flow.take_completed() {
+                    queue.on_complete(cid, c, flow.out());
+                }
+            }
             w = stream.writable(), if flow.has_output() => {
                 if let Err(e) = w {
                     closing = Some(format!("write: {e}"));
