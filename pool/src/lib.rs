@@ -37,6 +37,6 @@ pub use config::{CreateOptions, DeviceSpec, OpenOptions};
 pub use error::{PoolError, Result};
 pub use pool::{Pool, SnapshotInfo, VolumeInfo};
 pub use ramtier::{AutoParts, AutoRamTier, RamPolicy, RamTierStats};
-pub use stats::{DamagedBlock, DamagedObject, ImageStats, PoolStats, VerifyReport};
+pub use stats::{AsyncReadStats, DamagedBlock, DamagedObject, ImageStats, PoolStats, VerifyReport};
 pub use types::{SnapshotId, Tier, VolumeId};
 pub use volio::{AsyncRead, BlockDevice, ProvisioningRun, Volume};

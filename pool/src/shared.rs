@@ -234,6 +234,26 @@ pub struct Shared {
     /// Bytes of sealed objects read from the devices (whole objects and partial reads), for
     /// stats: what the read path really costs the devices.
     pub sealed_bytes_read: AtomicU64,
+    /// How `read_async` served its reads, for stats.
+    pub async_reads: AsyncReadCounters,
+}
+
+/// Counters behind [`crate::stats::AsyncReadStats`].
+#[derive(Debug, Default)]
+pub struct AsyncReadCounters {
+    pub in_memory: AtomicU64,
+    pub device: AtomicU64,
+    pub blocking: AtomicU64,
+}
+
+impl AsyncReadCounters {
+    pub fn snapshot(&self) -> crate::stats::AsyncReadStats {
+        crate::stats::AsyncReadStats {
+            in_memory: self.in_memory.load(Ordering::Relaxed),
+            device: self.device.load(Ordering::Relaxed),
+            blocking: self.blocking.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Object bytes [s, e) if one of the read `parts` (start, bytes) holds all of them.

@@ -44,6 +44,22 @@ pub struct PoolStats {
     /// The RAM tier: targets and what it holds now.
     #[serde(default)]
     pub ram_tier: crate::ramtier::RamTierStats,
+    /// How the network targets' reads were served since the pool was opened.
+    #[serde(default)]
+    pub async_reads: AsyncReadStats,
+}
+
+/// How [`crate::BlockDevice::read_async`] served its reads: what tells whether reads that miss
+/// RAM avoid blocking threads.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AsyncReadStats {
+    /// Read whole from memory, on the caller's thread.
+    pub in_memory: u64,
+    /// Waited for the device on the shared io_uring (log blocks, raw frames of sealed chunks).
+    pub device: u64,
+    /// Sent to a blocking thread: a compressed frame, a chunk whose frame table was not in RAM,
+    /// a lock held by a writer, or asynchronous reads unavailable.
+    pub blocking: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -207,6 +223,7 @@ impl Pool {
                 .sealed_bytes_read
                 .load(std::sync::atomic::Ordering::Relaxed),
             ram_tier: inner.ram_tier_stats(),
+            async_reads: shared.async_reads.snapshot(),
             ..Default::default()
         };
         // Multiplicity of every node and chunk: roots count their volumes and snapshots.

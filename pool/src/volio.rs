@@ -219,6 +219,79 @@ enum Prov {
 }
 
 impl Volume {
+    /// Resolves and copies what is in memory right here (under the same brief, non-waiting
+    /// lock holds as [`Volume::read_nowait`]); log blocks on the device, and raw frames of
+    /// sealed chunks whose frame table is in RAM, are queued on the [`crate::aio`] ring, and the
+    /// future copies them in and checks their CRCs. The pool's
+    /// pin is held until then, so no extent it reads can be reclaimed and reused meanwhile.
+    fn start_read(&self, offset: u64, mut buf: Vec<u8>) -> AsyncRead {
+        let len = buf.len() as u64;
+        if let Err(e) = self.pool.check_open() {
+            return AsyncRead::Done(Err(e));
+        }
+        if len == 0 || offset % BLOCK != 0 || len % BLOCK != 0 || !crate::aio::available() {
+            return AsyncRead::Blocking(buf);
+        }
+        let Some(pin) = self.pool.shared.pin.try_read_arc_for(NOWAIT_LOCK_WAIT) else {
+            return AsyncRead::Blocking(buf);
+        };
+        let (srcs, base_root) = {
+            let Some(ov) = self.vol.ov.try_read_for(NOWAIT_LOCK_WAIT) else {
+                return AsyncRead::Blocking(buf);
+            };
+            if let Err(e) = self.check_in(&ov, offset, len) {
+                return AsyncRead::Done(Err(e));
+            }
+            (self.resolve(&ov, offset / BLOCK, len / BLOCK), ov.base_root)
+        };
+        let (runs, frames) =
+            match self.fetch_as(&srcs, base_root, offset / BLOCK, &mut buf, Wait::Defer) {
+                Err(e) => return AsyncRead::Done(Err(e)),
+                Ok(Fetched::Done) => return AsyncRead::Done(Ok(buf)),
+                Ok(Fetched::WouldBlock) => return AsyncRead::Blocking(buf),
+                Ok(Fetched::Deferred(runs, frames)) => (runs, frames),
+            };
+        // Log runs first, then chunk frames: the batch's buffers come back in this order.
+        let mut reqs = Vec::with_capacity(runs.len() + frames.len());
+        let wanted = runs
+            .iter()
+            .map(|&(d, off, _, cnt)| (d, off, cnt * 4096))
+            .chain(
+                frames
+                    .iter()
+                    .map(|f| (f.plan.device, f.plan.offset, f.plan.len)),
+            );
+        for (d, off, len) in wanted {
+            match self.pool.shared.device(d) {
+                Ok(dev) => reqs.push(crate::aio::ReadReq {
+                    file: dev.file(),
+                    offset: off,
+                    len,
+                }),
+                Err(e) => return AsyncRead::Done(Err(e)),
+            }
+        }
+        let Some(batch) = crate::aio::read_batch(&reqs) else {
+            return AsyncRead::Blocking(buf);
+        };
+        // The future owns a handle on the pool: the device files stay open until it is done.
+        let vol = self.clone();
+        AsyncRead::Pending(Box::pin(async move {
+            let _pin = pin;
+            let bufs = batch.await.map_err(|e| PoolError::io("device read", e))?;
+            let (log_bufs, frame_bufs) = bufs.split_at(runs.len().min(bufs.len()));
+            for (&(_, _, idx, cnt), b) in runs.iter().zip(log_bufs) {
+                buf[idx * 4096..(idx + cnt) * 4096].copy_from_slice(&b[..cnt * 4096]);
+            }
+            vol.check_log_runs(&srcs, &runs, &buf)?;
+            for (f, b) in frames.iter().zip(frame_bufs) {
+                let dst = &mut buf[f.at * 4096..(f.at + f.blocks) * 4096];
+                vol.pool.shared.finish_raw_frames(&f.plan, b, dst)?;
+            }
+            Ok(buf)
+        }))
+    }
+
     pub fn id(&self) -> VolumeId {
         VolumeId(self.vol.id)
     }
@@ -688,77 +761,16 @@ impl BlockDevice for Volume {
         Ok(self.fetch_as(&srcs, base_root, offset / BLOCK, buf, Wait::No)? == Fetched::Done)
     }
 
-    /// Resolves and copies what is in memory right here (under the same brief, non-waiting
-    /// lock holds as [`Volume::read_nowait`]); log blocks on the device, and raw frames of
-    /// sealed chunks whose frame table is in RAM, are queued on the [`crate::aio`] ring, and the
-    /// future copies them in and checks their CRCs. The pool's
-    /// pin is held until then, so no extent it reads can be reclaimed and reused meanwhile.
-    fn read_async(&self, offset: u64, mut buf: Vec<u8>) -> AsyncRead {
-        let len = buf.len() as u64;
-        if let Err(e) = self.pool.check_open() {
-            return AsyncRead::Done(Err(e));
+    fn read_async(&self, offset: u64, buf: Vec<u8>) -> AsyncRead {
+        let read = self.start_read(offset, buf);
+        let c = &self.pool.shared.async_reads;
+        match &read {
+            AsyncRead::Done(_) => &c.in_memory,
+            AsyncRead::Pending(_) => &c.device,
+            AsyncRead::Blocking(_) => &c.blocking,
         }
-        if len == 0 || offset % BLOCK != 0 || len % BLOCK != 0 || !crate::aio::available() {
-            return AsyncRead::Blocking(buf);
-        }
-        let Some(pin) = self.pool.shared.pin.try_read_arc_for(NOWAIT_LOCK_WAIT) else {
-            return AsyncRead::Blocking(buf);
-        };
-        let (srcs, base_root) = {
-            let Some(ov) = self.vol.ov.try_read_for(NOWAIT_LOCK_WAIT) else {
-                return AsyncRead::Blocking(buf);
-            };
-            if let Err(e) = self.check_in(&ov, offset, len) {
-                return AsyncRead::Done(Err(e));
-            }
-            (self.resolve(&ov, offset / BLOCK, len / BLOCK), ov.base_root)
-        };
-        let (runs, frames) =
-            match self.fetch_as(&srcs, base_root, offset / BLOCK, &mut buf, Wait::Defer) {
-                Err(e) => return AsyncRead::Done(Err(e)),
-                Ok(Fetched::Done) => return AsyncRead::Done(Ok(buf)),
-                Ok(Fetched::WouldBlock) => return AsyncRead::Blocking(buf),
-                Ok(Fetched::Deferred(runs, frames)) => (runs, frames),
-            };
-        // Log runs first, then chunk frames: the batch's buffers come back in this order.
-        let mut reqs = Vec::with_capacity(runs.len() + frames.len());
-        let wanted = runs
-            .iter()
-            .map(|&(d, off, _, cnt)| (d, off, cnt * 4096))
-            .chain(
-                frames
-                    .iter()
-                    .map(|f| (f.plan.device, f.plan.offset, f.plan.len)),
-            );
-        for (d, off, len) in wanted {
-            match self.pool.shared.device(d) {
-                Ok(dev) => reqs.push(crate::aio::ReadReq {
-                    file: dev.file(),
-                    offset: off,
-                    len,
-                }),
-                Err(e) => return AsyncRead::Done(Err(e)),
-            }
-        }
-        let Some(batch) = crate::aio::read_batch(&reqs) else {
-            return AsyncRead::Blocking(buf);
-        };
-        // The future owns a handle on the pool: the device files stay open until it is done.
-        let vol = self.clone();
-        AsyncRead::Pending(Box::pin(async move {
-            let _pin = pin;
-            let bufs = batch.await.map_err(|e| PoolError::io("device read", e))?;
-            let (log_bufs, frame_bufs) = bufs.split_at(runs.len().min(bufs.len()));
-            for (&(_, _, idx, cnt), b) in runs.iter().zip(log_bufs) {
-                buf[idx * 4096..(idx + cnt) * 4096].copy_from_slice(&b[..cnt * 4096]);
-            }
-            vol.check_log_runs(&srcs, &runs, &buf)?;
-            for (f, b) in frames.iter().zip(frame_bufs) {
-                let dst = &mut buf[f.at * 4096..(f.at + f.blocks) * 4096];
-                vol.pool.shared.finish_raw_frames(&f.plan, b, dst)?;
-            }
-            Ok(buf)
-        }))
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        read
     }
 
     fn write_nowait(&self, offset: u64, data: &[u8]) -> Result<bool> {

@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `read_async`, the read a network front-end starts on its own thread: blocks in memory are
-//! served at once, log blocks on the device are read by the io_uring reactor and checked
+//! served at once, log blocks on the device are read on the shared io_uring and checked
 //! against their batch CRCs when the future completes, and what it cannot do without blocking
 //! (a sealed chunk not in RAM) comes back to be read on a blocking thread. Meanwhile nothing
 //! it reads may be reclaimed and reused under it.
@@ -43,7 +43,8 @@ fn log_blocks_on_the_device_are_read_asynchronously_and_match() {
     let mut want = a.clone();
     want[64 << 10..128 << 10].copy_from_slice(&b);
     want.extend(vec![0u8; 64 << 10]); // never written: zeroes
-    let mut pending = 0;
+    let before = pool.stats().unwrap().async_reads;
+    let (mut pending, mut done, mut blocking) = (0, 0, 0);
     for (off, len) in [
         (0u64, 4096usize),
         (60 << 10, 16 << 10),
@@ -56,16 +57,29 @@ fn log_blocks_on_the_device_are_read_asynchronously_and_match() {
             want[off as usize..off as usize + len],
             "at {off}+{len}"
         );
-        if how == How::Pending {
-            pending += 1;
+        match how {
+            How::Pending => pending += 1,
+            How::Done => done += 1,
+            How::Blocking => blocking += 1,
         }
     }
     if maas_pool::aio::available() {
         assert!(
             pending >= 3,
-            "log blocks on the device went through the reactor"
+            "log blocks on the device were not read asynchronously"
         );
     }
+    // The pool's stats count what the reads did.
+    let after = pool.stats().unwrap().async_reads;
+    assert_eq!(
+        (
+            after.device - before.device,
+            after.in_memory - before.in_memory,
+            after.blocking - before.blocking
+        ),
+        (pending, done, blocking),
+        "{after:?}"
+    );
     // Only zeroes: no device read at all.
     let (got, how) = read_async(&v, 8 * MIB, 8192);
     assert_eq!(got.unwrap(), vec![0u8; 8192]);

@@ -486,6 +486,14 @@ fn bench(args: &Args) -> Result<()> {
             json!((v * 100.0).round() / 100.0)
         };
         out["raw_device"] = json!({"rand_read_iops": round1(raw_rand_read)});
+        // How the targets' reads were served: a read that misses RAM should wait for the
+        // device asynchronously, not on a blocking thread.
+        let served = pool.stats()?.async_reads;
+        out["async_reads"] = json!({
+            "in_memory": served.in_memory,
+            "device": served.device,
+            "blocking": served.blocking,
+        });
         out["of_raw_device"] = json!({
             "nvme_tcp_rand_read": of_raw("nvme_tcp"),
             "iscsi_rand_read": of_raw("iscsi"),
@@ -537,6 +545,12 @@ fn bench(args: &Args) -> Result<()> {
                 out["of_raw_device"]["iscsi_rand_read"]
                     .as_f64()
                     .unwrap_or(0.0)
+            );
+            let r = &out["async_reads"];
+            println!(
+                "reads the targets served: {} from memory, {} waiting for the device \
+                 asynchronously, {} on blocking threads",
+                r["in_memory"], r["device"], r["blocking"]
             );
         }
     }
