@@ -10,8 +10,8 @@
 //! `io_uring_enter`, the same cost as the `pread` it replaces, with no wait), and completions
 //! come back through the eventfd the ring signals: a runtime registers it with its own poller
 //! ([`CompletionSource`], the media engine does so with tokio) and reaps on the thread that is
-//! awake anyway. Where nothing registered it (the pool's tests and benchmarks, synchronous
-//! callers), a fallback thread waits on the eventfd instead. The same fallback thread checks
+//! awake anyway. Where nothing registered it (the pool's tests, synchronous callers), a
+//! fallback thread waits on the eventfd instead. The same fallback thread checks
 //! every [`WATCHDOG`] that reads in flight are being reaped, so a registered runtime that stops
 //! polling (blocked, or shut down without dropping its source) delays reads, never hangs them.
 //! The futures are runtime-agnostic (a [`std::task::Waker`]).
@@ -24,9 +24,9 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -90,9 +90,8 @@ struct Shared {
     ring_fd: RawFd,
     /// Signalled by the kernel for every completion (`IORING_REGISTER_EVENTFD`); nonblocking.
     event: OwnedFd,
-    /// Registered [`CompletionSource`]s (0 or 1): while one is, the fallback thread only
-    /// watches.
-    drivers: AtomicUsize,
+    /// A [`CompletionSource`] is registered: the fallback thread only watches.
+    driven: AtomicBool,
     /// When completions were last reaped (ms since `epoch`), for the watchdog.
     last_reap_ms: AtomicU64,
     epoch: Instant,
@@ -166,7 +165,7 @@ fn start() -> io::Result<Arc<Shared>> {
         }),
         ring_fd,
         event,
-        drivers: AtomicUsize::new(0),
+        driven: AtomicBool::new(false),
         last_reap_ms: AtomicU64::new(0),
         epoch: Instant::now(),
         fallback: OnceLock::new(),
@@ -183,12 +182,11 @@ fn start() -> io::Result<Arc<Shared>> {
 }
 
 impl RingState {
-    /// Moves queued requests into the submission queue while there is room; how many.
-    fn issue(&mut self) -> usize {
+    /// Moves queued requests into the submission queue while there is room.
+    fn issue(&mut self) {
         if PAUSED.load(Ordering::SeqCst) {
-            return 0;
+            return;
         }
-        let mut pushed = 0;
         while self.in_flight < RING_DEPTH as usize {
             let Some(mut req) = self.backlog.pop_front() else {
                 break;
@@ -211,15 +209,12 @@ impl RingState {
             }
             self.slots[slot] = Some(req);
             self.in_flight += 1;
-            pushed += 1;
         }
-        pushed
     }
 
     /// Takes every completion the kernel posted; short or interrupted reads go back to the
-    /// backlog, the rest into `out`. Whether any went back.
-    fn reap(&mut self, out: &mut Vec<Finished>) -> bool {
-        let mut requeued = false;
+    /// backlog (the next `issue` sends them again), the rest into `out`.
+    fn reap(&mut self, out: &mut Vec<Finished>) {
         let done: Vec<(u64, i32)> = self
             .ring
             .completion()
@@ -235,7 +230,6 @@ impl RingState {
             self.in_flight -= 1;
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 self.backlog.push_back(req);
-                requeued = true;
                 continue;
             }
             if res < 0 {
@@ -256,7 +250,6 @@ impl RingState {
             } else if req.done < req.buf.len() {
                 // Short read: the rest goes in again.
                 self.backlog.push_back(req);
-                requeued = true;
             } else {
                 let Req {
                     buf, batch, index, ..
@@ -264,7 +257,6 @@ impl RingState {
                 out.push((batch, index, Ok(buf)));
             }
         }
-        requeued
     }
 }
 
@@ -278,7 +270,7 @@ impl Shared {
             st.backlog.extend(reqs);
             st.issue();
         }
-        if self.drivers.load(Ordering::SeqCst) > 0 {
+        if self.driven.load(Ordering::SeqCst) {
             if !self.kicked.swap(true, Ordering::SeqCst)
                 && let Some(w) = self.driver.lock().as_ref()
             {
@@ -357,12 +349,11 @@ impl Shared {
         }
     }
 
-    /// Empties the eventfd's counter; true if it held something.
-    fn drain_event(&self) -> bool {
+    /// Empties the eventfd's counter (nonblocking: nothing to read is fine).
+    fn drain_event(&self) {
         let mut buf = [0u8; 8];
         // SAFETY: reads at most 8 bytes into a live local buffer from our own descriptor.
-        let n = unsafe { libc::read(self.event.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-        n == 8
+        unsafe { libc::read(self.event.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
     }
 
     fn in_flight(&self) -> usize {
@@ -373,7 +364,7 @@ impl Shared {
     /// Reaps when no runtime does; watches that reads get reaped when one does.
     fn fallback_loop(&self) {
         loop {
-            if self.drivers.load(Ordering::SeqCst) > 0 {
+            if self.driven.load(Ordering::SeqCst) {
                 // Every period, idle or not (an atomic load): a read queued for a runtime that
                 // stopped polling has nothing else to wake this thread.
                 std::thread::park_timeout(WATCHDOG);
@@ -414,7 +405,8 @@ impl Shared {
 }
 
 /// The ring's completion signal, for a runtime that polls it beside its own I/O (the media
-/// engine registers it with tokio): when [`fd`](Self::fd) is readable, call
+/// engine registers it with tokio): when its descriptor ([`AsRawFd`], a nonblocking eventfd;
+/// edge-triggered polling is fine, `reap` empties it first) is readable, call
 /// [`reap`](Self::reap). At most one exists at a time; dropping it hands reaping back to the
 /// fallback thread.
 pub struct CompletionSource {
@@ -432,19 +424,13 @@ impl std::fmt::Debug for CompletionSource {
 pub fn completion_source() -> Option<CompletionSource> {
     let shared = ring()?;
     shared
-        .drivers
-        .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+        .driven
+        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
         .ok()?;
     Some(CompletionSource { shared })
 }
 
 impl CompletionSource {
-    /// The eventfd: readable when completions wait (nonblocking; edge-triggered polling is
-    /// fine, [`reap`](Self::reap) empties it first).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.shared.event.as_fd()
-    }
-
     /// Registers the task that calls [`reap`](Self::reap), woken when reads are queued; then
     /// whether some already are (call `reap` now).
     pub fn watch_submissions(&self, task: &Waker) -> bool {
@@ -475,7 +461,7 @@ impl AsRawFd for CompletionSource {
 impl Drop for CompletionSource {
     fn drop(&mut self) {
         self.shared.driver.lock().take();
-        self.shared.drivers.store(0, Ordering::SeqCst);
+        self.shared.driven.store(false, Ordering::SeqCst);
         if let Some(t) = self.shared.fallback.get() {
             t.unpark();
         }
