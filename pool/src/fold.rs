@@ -323,7 +323,6 @@ impl PoolInner {
                 let d = self.store(ObjectKind::Node, &raw, new)?;
                 self.shared
                     .node_cache
-                    .lock()
                     .put(d, Arc::new(node), raw.len() + 64);
                 Some(d)
             };
@@ -351,7 +350,6 @@ impl PoolInner {
                 let d = self.store(ObjectKind::Node, &raw, new)?;
                 self.shared
                     .node_cache
-                    .lock()
                     .put(d, Arc::new(root), raw.len() + 64);
                 Some(d)
             }

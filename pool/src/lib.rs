@@ -11,6 +11,7 @@
 
 pub mod aio;
 pub mod alloc;
+mod cache;
 pub mod config;
 pub mod device;
 pub mod error;

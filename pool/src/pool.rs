@@ -13,6 +13,7 @@ use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::Allocator;
+use crate::cache::ShardedLru;
 use crate::config::{
     CreateOptions, DeviceSpec, META_FILE, OpenOptions, POOL_FORMAT_VERSION, POOL_MAGIC, Superblock,
 };
@@ -27,7 +28,7 @@ use crate::object::Keys;
 use crate::overlay::Overlay;
 use crate::ramtier::{AutoRamTier, RamTierStats};
 use crate::refs::{self, RefDelta};
-use crate::shared::{ByteLru, Shared};
+use crate::shared::Shared;
 use crate::types::{BLOCK, Digest, SnapshotId, Tier, VolumeId};
 use crate::wal::{EntryKind, Wal, WalOptions};
 
@@ -292,9 +293,9 @@ impl Pool {
             keys: Keys::derive(&secret),
             chunk_size: sb.chunk_size,
             zstd_level: sb.zstd_level,
-            chunk_cache: Mutex::new(ByteLru::new(opts.cache_bytes)),
-            table_cache: Mutex::new(ByteLru::new(crate::shared::TABLE_CACHE_BYTES)),
-            node_cache: Mutex::new(ByteLru::new(64 << 20)),
+            chunk_cache: ShardedLru::new(opts.cache_bytes),
+            table_cache: ShardedLru::new(crate::shared::TABLE_CACHE_BYTES),
+            node_cache: ShardedLru::new(64 << 20),
             pin: Arc::new(RwLock::new(())),
             pending_free: Mutex::new(Vec::new()),
             dead: Mutex::new(dead),
@@ -1392,7 +1393,7 @@ impl PoolInner {
     /// What the auto parts of the RAM tier hold now.
     fn ram_usage(&self, parts: &crate::ramtier::AutoParts) -> u64 {
         let (log, buf) = self.wal.ram_usage();
-        let chunks = self.shared.chunk_cache.lock().bytes();
+        let chunks = self.shared.chunk_cache.bytes();
         let on = |b: bool, v: usize| if b { v as u64 } else { 0 };
         on(parts.chunk_cache, chunks) + on(parts.log_cache, log) + on(parts.write_buffer, buf)
     }
@@ -1457,11 +1458,7 @@ impl PoolInner {
         self.ram.target.store(next, Ordering::Relaxed);
         let t = p.split(next, &auto.parts);
         if auto.parts.chunk_cache {
-            let evicted = self
-                .shared
-                .chunk_cache
-                .lock()
-                .set_limit(t.chunk_cache as usize);
+            let evicted = self.shared.chunk_cache.set_limit(t.chunk_cache as usize);
             drop(evicted);
         }
         if auto.parts.log_cache {
@@ -1475,7 +1472,7 @@ impl PoolInner {
     pub(crate) fn ram_tier_stats(&self) -> RamTierStats {
         let (log_bytes, buf_bytes) = self.wal.ram_usage();
         let (chunk_limit, chunk_bytes) = {
-            let c = self.shared.chunk_cache.lock();
+            let c = &self.shared.chunk_cache;
             (c.limit(), c.bytes())
         };
         let chunk_limit = if self.shared.chunk_cache_disabled {

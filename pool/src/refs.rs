@@ -59,7 +59,7 @@ pub fn apply(shared: &Shared, tx: &WriteTransaction, delta: RefDelta) -> Result<
         if rec.kind != ObjectKind::Node {
             return Ok(Vec::new());
         }
-        let node: std::sync::Arc<Node> = match shared.node_cache.lock().get(d) {
+        let node: std::sync::Arc<Node> = match shared.node_cache.get(d) {
             Some(n) => n,
             None => std::sync::Arc::new(Node::decode(&shared.read_object(d, rec)?)?),
         };

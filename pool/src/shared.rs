@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use redb::ReadableTable;
 
 use crate::alloc::{Allocator, Placement};
+use crate::cache::{ByDigest, ShardedLru};
 use crate::device::Device;
 use crate::error::{PoolError, Result};
 use crate::index::Node;
@@ -18,82 +18,6 @@ use crate::object::{
     self, FRAME_SHIFT, Keys, OBJECT_FORMAT_V1, OBJECT_HEADER_LEN, ObjectKind, RAW_FRAME_SHIFT,
 };
 use crate::types::{BLOCK, Digest, Extent, align_up};
-
-/// A byte-bounded LRU of decoded objects (the RAM tier's read cache).
-#[derive(Debug)]
-pub struct ByteLru<V, K: std::hash::Hash + Eq = Digest> {
-    lru: LruCache<K, (Arc<V>, usize)>,
-    bytes: usize,
-    limit: usize,
-}
-
-impl<V, K: std::hash::Hash + Eq> ByteLru<V, K> {
-    pub fn new(limit: usize) -> Self {
-        ByteLru {
-            lru: LruCache::unbounded(),
-            bytes: 0,
-            limit,
-        }
-    }
-    pub fn get(&mut self, d: &K) -> Option<Arc<V>> {
-        self.lru.get(d).map(|(v, _)| v.clone())
-    }
-    /// `d`'s value if held, without making it more recently used.
-    pub fn peek(&self, d: &K) -> Option<Arc<V>> {
-        self.lru.peek(d).map(|(v, _)| v.clone())
-    }
-    /// Whether `d` is held, without making it more recently used.
-    pub fn contains(&self, d: &K) -> bool {
-        self.lru.contains(d)
-    }
-    pub fn remove(&mut self, d: &K) -> Option<Arc<V>> {
-        let (v, size) = self.lru.pop(d)?;
-        self.bytes -= size;
-        Some(v)
-    }
-    pub fn put(&mut self, d: K, v: Arc<V>, size: usize) {
-        if size > self.limit {
-            return;
-        }
-        if let Some((_, old)) = self.lru.put(d, (v, size)) {
-            self.bytes -= old;
-        }
-        self.bytes += size;
-        while self.bytes > self.limit {
-            match self.lru.pop_lru() {
-                Some((_, (_, s))) => self.bytes -= s,
-                None => break,
-            }
-        }
-    }
-    pub fn clear(&mut self) {
-        self.lru.clear();
-        self.bytes = 0;
-    }
-    /// Changes the byte budget; a smaller one evicts, least recently used first, at once.
-    /// Returns the evicted values so the caller can drop them outside its lock.
-    pub fn set_limit(&mut self, limit: usize) -> Vec<Arc<V>> {
-        self.limit = limit;
-        let mut evicted = Vec::new();
-        while self.bytes > self.limit {
-            match self.lru.pop_lru() {
-                Some((_, (v, s))) => {
-                    self.bytes -= s;
-                    evicted.push(v);
-                }
-                None => break,
-            }
-        }
-        evicted
-    }
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-    /// Bytes held now.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
 
 /// What the chunk cache holds: a whole data chunk, or one frame of one (what a partial read of
 /// a version 2 chunk decoded). Both share one byte budget, so partial reads add no memory the
@@ -107,6 +31,12 @@ pub struct ChunkKey {
     pub shift: u8,
     /// The frame's number (raw bytes from frame << shift), or 0 for the whole chunk.
     pub frame: u32,
+}
+
+impl ByDigest for ChunkKey {
+    fn digest(&self) -> &Digest {
+        &self.digest
+    }
 }
 
 impl ChunkKey {
@@ -168,35 +98,39 @@ const PARTIAL_READ_WHOLE_MAX: u64 = 128 << 10;
 /// (64 KiB frames: about 400 bytes per MiB).
 pub const TABLE_CACHE_BYTES: usize = 16 << 20;
 
-/// Device slots; a device is added by filling the next empty slot, so lookups need no lock.
-pub const MAX_DEVICES: usize = 64;
+/// "chunk 0123456789abcdef" (a chunk as errors name it) without a heap allocation: every
+/// partial read builds one for the errors it might report, and with many readers the heap's
+/// locks were a third of what they waited for.
+struct ChunkLabel([u8; 22]);
 
-#[cfg(test)]
-mod lru_tests {
-    use super::*;
-
-    #[test]
-    fn set_limit_evicts_down_at_once_and_raising_it_keeps_everything() {
-        let mut c: ByteLru<u32> = ByteLru::new(100);
-        for i in 0..10u8 {
-            c.put(Digest([i; 32]), Arc::new(u32::from(i)), 10);
+impl ChunkLabel {
+    fn new(d: &Digest) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut b = *b"chunk 0000000000000000";
+        for (i, x) in d.0[..8].iter().enumerate() {
+            b[6 + 2 * i] = HEX[usize::from(x >> 4)];
+            b[7 + 2 * i] = HEX[usize::from(x & 15)];
         }
-        assert_eq!(c.bytes(), 100);
-        c.get(&Digest([0; 32]));
-        let gone = c.set_limit(35);
-        assert_eq!(gone.len(), 7);
-        assert_eq!(c.bytes(), 30);
-        // The most recently used survive (0 was touched).
-        assert!(c.get(&Digest([0; 32])).is_some());
-        assert!(c.get(&Digest([9; 32])).is_some());
-        assert!(c.get(&Digest([1; 32])).is_none());
-        assert!(c.set_limit(1000).is_empty());
-        for i in 10..40u8 {
-            c.put(Digest([i; 32]), Arc::new(u32::from(i)), 10);
-        }
-        assert_eq!(c.bytes(), 330);
+        ChunkLabel(b)
+    }
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("chunk")
     }
 }
+
+#[cfg(test)]
+#[test]
+fn chunk_labels_name_chunks_as_errors_always_did() {
+    for seed in [0u8, 1, 0x5a, 0xff] {
+        let d = Digest(std::array::from_fn(|i| {
+            seed.wrapping_mul(31).wrapping_add(i as u8 * 17)
+        }));
+        assert_eq!(ChunkLabel::new(&d).as_str(), format!("chunk {d}"));
+    }
+}
+
+/// Device slots; a device is added by filling the next empty slot, so lookups need no lock.
+pub const MAX_DEVICES: usize = 64;
 
 #[derive(Debug)]
 pub struct Shared {
@@ -207,15 +141,15 @@ pub struct Shared {
     pub chunk_size: u64,
     pub zstd_level: i32,
     /// Whole data chunks and frames of them (see [`ChunkKey`]).
-    pub chunk_cache: Mutex<ByteLru<Vec<u8>, ChunkKey>>,
+    pub chunk_cache: ShardedLru<Vec<u8>, ChunkKey>,
     /// Checked headers and frame tables of version 2 chunks (by digest, with the extent they
     /// were read from), so that a partial read of a chunk read before needs one device request
     /// for its frames, however they are compressed. About 400 bytes per 1 MiB
     /// chunk with 64 KiB frames, 4 KiB with 4 KiB frames (incompressible chunks): a small
     /// fixed budget ([`TABLE_CACHE_BYTES`], like the node cache's) covers GiBs of chunks,
     /// and a separate LRU keeps tables from being evicted by the frames they locate.
-    pub table_cache: Mutex<ByteLru<(Extent, Vec<u8>)>>,
-    pub node_cache: Mutex<ByteLru<Node>>,
+    pub table_cache: ShardedLru<(Extent, Vec<u8>)>,
+    pub node_cache: ShardedLru<Node>,
     /// Readers and seals hold this shared while they may follow object or WAL locations; space
     /// is handed back to the allocator only under an exclusive (try-)lock, so nobody ever reads
     /// an extent that was freed and reused under them.
@@ -312,14 +246,32 @@ impl Shared {
         })
     }
 
+    /// Data chunk `d`'s object record as its cached header and table give it (the extent
+    /// they were read from, the lengths the header states), if the table cache holds them.
+    /// The reference count is not known (0): for reads only.
+    fn cached_chunk_rec(&self, d: &Digest) -> Option<ObjRec> {
+        let t = self.table_cache.peek(d)?;
+        let h = object::parse_header(&t.1, ObjectKind::Chunk, d, "cached chunk table").ok()?;
+        if h.version == OBJECT_FORMAT_V1 {
+            return None;
+        }
+        Some(ObjRec {
+            kind: ObjectKind::Chunk,
+            extent: t.0,
+            raw_len: u32::try_from(h.raw_len).ok()?,
+            stored_len: u32::try_from(h.stored_len).ok()?,
+            refcount: 0,
+        })
+    }
+
     /// A data chunk's bytes if the RAM cache holds them whole.
     pub fn chunk_cached(&self, d: &Digest) -> Option<Arc<Vec<u8>>> {
-        self.chunk_cache.lock().get(&ChunkKey::whole(*d))
+        self.chunk_cache.get(&ChunkKey::whole(*d))
     }
 
     /// An index node if the RAM cache holds it.
     pub fn node_cached(&self, d: &Digest) -> Option<Arc<Node>> {
-        self.node_cache.lock().get(d)
+        self.node_cache.get(d)
     }
 
     /// A data chunk's bytes (chunk_size long), through the RAM cache. Reads the whole object
@@ -334,8 +286,8 @@ impl Shared {
             return Err(PoolError::corrupt(format!("chunk {d}"), "wrong length"));
         }
         if !self.chunk_cache_disabled {
-            let shifts = frame_shifts(self.table_cache.lock().peek(d).as_ref());
-            let mut cache = self.chunk_cache.lock();
+            let shifts = frame_shifts(self.table_cache.peek(d).as_ref());
+            let cache = &self.chunk_cache;
             // Frames of it that partial reads cached are now dead weight (its table is not:
             // it is small, and the whole chunk may be evicted before its frames are read again).
             for shift in shifts.into_iter().flatten() {
@@ -365,12 +317,16 @@ impl Shared {
         if dst.is_empty() {
             return true;
         }
+        if self.chunk_cache_disabled {
+            return false; // nothing is ever put in it
+        }
         // The frame length is the object's: its cached table says it (not locked together
         // with the chunk cache, so the two locks are never nested).
-        let shifts = frame_shifts(self.table_cache.lock().peek(d).as_ref());
-        let mut cache = self.chunk_cache.lock();
-        if let Some(c) = cache.get(&ChunkKey::whole(*d)) {
+        let shifts = frame_shifts(self.table_cache.peek(d).as_ref());
+        let cache = self.chunk_cache.shard(d);
+        if let Some(c) = cache.peek(&ChunkKey::whole(*d)) {
             drop(cache);
+            self.chunk_cache.touch(&ChunkKey::whole(*d));
             dst.copy_from_slice(&c[within..end]);
             return true;
         }
@@ -380,12 +336,15 @@ impl Shared {
                 continue;
             }
             let frames: Vec<Arc<Vec<u8>>> = (first..=last)
-                .filter_map(|f| cache.get(&ChunkKey::frame(*d, shift, f)))
+                .filter_map(|f| cache.peek(&ChunkKey::frame(*d, shift, f)))
                 .collect();
             if frames.len() != last - first + 1 {
                 continue;
             }
             drop(cache);
+            for f in first..=last {
+                self.chunk_cache.touch(&ChunkKey::frame(*d, shift, f));
+            }
             for (f, data) in (first..).zip(&frames) {
                 object::copy_overlap(data, f << shift, within, dst);
             }
@@ -424,7 +383,15 @@ impl Shared {
         // A read of the whole chunk is a whole-chunk read (which checks the digest too);
         // anything less reads frames, whatever their length.
         if dst.len() as u64 != self.chunk_size {
-            let rec = self.lookup(d)?;
+            // A chunk whose table is cached needs no object-table lookup: the table was checked
+            // against the chunk's record when it was cached, an object never moves while it
+            // exists, and the sweep drops the table before its extent is freed (under the pin
+            // the caller holds). The lookup was a metadata read transaction per block read:
+            // under many readers, its locks were half of what they waited for.
+            let rec = match self.cached_chunk_rec(d) {
+                Some(rec) => rec,
+                None => self.lookup(d)?,
+            };
             if self.read_frames_from_device(d, &rec, within, dst)? {
                 return Ok(());
             }
@@ -444,10 +411,11 @@ impl Shared {
         within: usize,
         dst: &mut [u8],
     ) -> Result<bool> {
-        let what = format!("chunk {d}");
+        let label = ChunkLabel::new(d);
+        let what = label.as_str();
         if rec.kind != ObjectKind::Chunk {
             return Err(PoolError::corrupt(
-                &what,
+                what,
                 "object record is not a data chunk",
             ));
         }
@@ -466,7 +434,7 @@ impl Shared {
         // else read in the first submission. The table cache is metadata, like the index-node
         // cache: it stays on when the chunk cache is off, or every small read of a compressed
         // chunk would cost two device round trips.
-        let cached = self.table_cache.lock().get(d).filter(|t| t.0 == rec.extent);
+        let cached = self.table_cache.get(d).filter(|t| t.0 == rec.extent);
         let mut parts: Vec<(u64, AlignedBuf)> = Vec::new();
         let mut read_whole = false;
         let head: Arc<(Extent, Vec<u8>)> = match &cached {
@@ -499,7 +467,7 @@ impl Shared {
                 }
                 parts = self.read_object_ranges(dev, rec, &ranges)?;
                 let first: &[u8] = parts.first().map_or(&[], |p| &p.1[..]);
-                let h = object::parse_header(first, ObjectKind::Chunk, d, &what)?;
+                let h = object::parse_header(first, ObjectKind::Chunk, d, what)?;
                 if h.version == OBJECT_FORMAT_V1 {
                     return Ok(false);
                 }
@@ -509,7 +477,7 @@ impl Shared {
                 let mut bytes = first[..te.min(first.len())].to_vec();
                 if te > first.len() {
                     if te as u64 > obj_len {
-                        return Err(PoolError::corrupt(&what, "frame table beyond the object"));
+                        return Err(PoolError::corrupt(what, "frame table beyond the object"));
                     }
                     // first.len() is a block multiple: it ends short of the extent's end.
                     let from = first.len() as u64;
@@ -526,28 +494,28 @@ impl Shared {
                 Arc::new((rec.extent, bytes))
             }
         };
-        let h = object::parse_header(&head.1, ObjectKind::Chunk, d, &what)?;
+        let h = object::parse_header(&head.1, ObjectKind::Chunk, d, what)?;
         if h.version == OBJECT_FORMAT_V1 {
             return Ok(false);
         }
         if h.raw_len != raw_len || h.stored_len != rec.stored_len as usize {
             return Err(PoolError::corrupt(
-                &what,
+                what,
                 "header lengths disagree with the object record",
             ));
         }
         let table = head
             .1
             .get(OBJECT_HEADER_LEN..h.table_end())
-            .ok_or_else(|| PoolError::corrupt(&what, "frame table beyond the first read"))?;
+            .ok_or_else(|| PoolError::corrupt(what, "frame table beyond the first read"))?;
         let needed: Vec<object::Frame> = if cached.is_some() {
             // Checked whole when it was cached: decode only the entries this read uses.
-            object::checked_table_frames(&h, table, within, dst.len(), &what)?
+            object::checked_table_frames(&h, table, within, dst.len(), what)?
         } else {
-            let frames = object::parse_table(&h, table, &what)?;
+            let frames = object::parse_table(&h, table, what)?;
             // Only a table that passed its checks is kept.
             let size = head.1.len() + 64;
-            self.table_cache.lock().put(*d, head.clone(), size);
+            self.table_cache.put(*d, head.clone(), size);
             object::frames_for(&frames, h.frame_len(), within, dst.len()).to_vec()
         };
         if read_whole && raw_len as u64 <= PARTIAL_READ_WHOLE_MAX {
@@ -557,13 +525,12 @@ impl Shared {
             // small is not decompressed whole for a small read: that is what frames avoid.)
             // Damage elsewhere in it must not fail this read: then only its frames are used.
             let whole = parts.first().map_or(&[][..], |p| &p.1[..]);
-            match object::decode(&self.keys, whole, ObjectKind::Chunk, d, &what) {
+            match object::decode(&self.keys, whole, ObjectKind::Chunk, d, what) {
                 Ok(raw) if raw.len() == raw_len => {
                     dst.copy_from_slice(&raw[within..end]);
                     if cache {
                         let size = raw.len() + CACHE_ENTRY_OVERHEAD;
                         self.chunk_cache
-                            .lock()
                             .put(ChunkKey::whole(*d), Arc::new(raw), size);
                     }
                     return Ok(true);
@@ -574,7 +541,7 @@ impl Shared {
             }
         }
         let (Some(first), Some(last)) = (needed.first(), needed.last()) else {
-            return Err(PoolError::corrupt(&what, "range beyond its frames"));
+            return Err(PoolError::corrupt(what, "range beyond its frames"));
         };
         let (s, e) = (first.offset as u64, last.end() as u64);
         if find_range(&parts, s, e).is_none() {
@@ -583,29 +550,20 @@ impl Shared {
             parts.extend(self.read_object_ranges(dev, rec, &[(a, b)])?);
         }
         let stored = find_range(&parts, s, e)
-            .ok_or_else(|| PoolError::corrupt(&what, "frames beyond the object"))?;
+            .ok_or_else(|| PoolError::corrupt(what, "frames beyond the object"))?;
         let shift = h.frame_shift();
         let mut dctx = None;
         for f in &needed {
             let at = f.offset - first.offset;
             let mut raw = vec![0u8; f.raw_len];
-            object::decode_frame(
-                f,
-                &stored[at..at + f.stored_len],
-                &mut raw,
-                &mut dctx,
-                &what,
-            )?;
+            object::decode_frame(f, &stored[at..at + f.stored_len], &mut raw, &mut dctx, what)?;
             object::copy_overlap(&raw, f.raw_offset, within, dst);
             // 4 KiB frames are cached one by one too: a re-read block then costs no device
             // request, and the budget counts each entry's overhead (about 5% of 4 KiB).
             if cache {
                 let size = raw.len() + CACHE_ENTRY_OVERHEAD;
-                self.chunk_cache.lock().put(
-                    ChunkKey::frame(*d, shift, f.index),
-                    Arc::new(raw),
-                    size,
-                );
+                self.chunk_cache
+                    .put(ChunkKey::frame(*d, shift, f.index), Arc::new(raw), size);
             }
         }
         Ok(true)
@@ -620,15 +578,16 @@ impl Shared {
     /// this call until then, so the extent cannot be reclaimed meanwhile. None: read it with
     /// [`Shared::read_chunk_range`].
     pub fn plan_raw_frames(&self, d: &Digest, within: usize, len: usize) -> Option<FrameRead> {
-        let t = self.table_cache.lock().get(d)?;
+        let t = self.table_cache.get(d)?;
         let (extent, head) = (&t.0, &t.1);
-        let what = format!("chunk {d}");
-        let h = object::parse_header(head, ObjectKind::Chunk, d, &what).ok()?;
+        let label = ChunkLabel::new(d);
+        let what = label.as_str();
+        let h = object::parse_header(head, ObjectKind::Chunk, d, what).ok()?;
         if h.version == OBJECT_FORMAT_V1 {
             return None;
         }
         let table = head.get(OBJECT_HEADER_LEN..h.table_end())?;
-        let frames = object::checked_table_frames(&h, table, within, len, &what).ok()?;
+        let frames = object::checked_table_frames(&h, table, within, len, what).ok()?;
         if frames.iter().any(|f| f.codec != object::Codec::Raw) {
             return None;
         }
@@ -669,7 +628,7 @@ impl Shared {
             }
             object::copy_overlap(stored, f.raw_offset, plan.within, dst);
             if !self.chunk_cache_disabled {
-                self.chunk_cache.lock().put(
+                self.chunk_cache.put(
                     ChunkKey::frame(plan.digest, plan.shift, f.index),
                     Arc::new(stored.to_vec()),
                     stored.len() + CACHE_ENTRY_OVERHEAD,
@@ -707,13 +666,13 @@ impl Shared {
     }
 
     pub fn node(&self, d: &Digest) -> Result<Arc<Node>> {
-        if let Some(n) = self.node_cache.lock().get(d) {
+        if let Some(n) = self.node_cache.get(d) {
             return Ok(n);
         }
         let rec = self.lookup(d)?;
         let raw = self.read_object(d, &rec)?;
         let node = Arc::new(Node::decode(&raw)?);
-        self.node_cache.lock().put(*d, node.clone(), raw.len() + 64);
+        self.node_cache.put(*d, node.clone(), raw.len() + 64);
         Ok(node)
     }
 
@@ -781,11 +740,9 @@ impl Shared {
             // same content stored again elsewhere, the entry would point at foreign bytes.
             // (Readers that trust the cache without the object table, `plan_raw_frames`,
             // rely on this; the pin keeps them out meanwhile.)
-            let mut tables = self.table_cache.lock();
             for d in &swept {
-                tables.remove(d);
+                self.table_cache.remove(d);
             }
-            drop(tables);
             tracing::debug!(objects = freed.len(), "swept unreferenced objects");
             self.pending_free.lock().extend(freed);
         }

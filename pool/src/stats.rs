@@ -422,9 +422,9 @@ impl Pool {
 
     /// Drops the RAM caches (so a test or benchmark reads from the devices).
     pub fn drop_caches(&self) {
-        self.inner.shared.chunk_cache.lock().clear();
-        self.inner.shared.table_cache.lock().clear();
-        self.inner.shared.node_cache.lock().clear();
+        self.inner.shared.chunk_cache.clear();
+        self.inner.shared.table_cache.clear();
+        self.inner.shared.node_cache.clear();
     }
 
     /// The LSN up to which the WAL is durable (diagnostics).
