@@ -249,6 +249,11 @@ fn pool_out(st: &AppState) -> ApiResult<api::Pool> {
             mem_total_bytes: s.ram_tier.mem_total_bytes,
             mem_available_bytes: s.ram_tier.mem_available_bytes,
         },
+        reads: api::PoolReads {
+            from_memory: s.async_reads.in_memory,
+            device_async: s.async_reads.device,
+            blocking: s.async_reads.blocking,
+        },
     })
 }
 

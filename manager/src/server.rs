@@ -32,7 +32,7 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         api::list_jobs, api::get_job, api::list_tokens, api::create_token, api::delete_token,
     ),
     components(schemas(
-        maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::Device, maas_api::Volume,
+        maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::PoolReads, maas_api::Device, maas_api::Volume,
         maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
         maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,

@@ -114,6 +114,10 @@ fn default_start_sizes_the_ram_tier_from_memory() {
         .env("MAAS_TEST_MEMINFO", mem.to_str().unwrap())
         .start();
     let p = m.ok("GET", "/pools/default", None);
+    // No target has read anything yet.
+    for k in ["from_memory", "device_async", "blocking"] {
+        assert_eq!(p["reads"][k], 0, "{p}");
+    }
     let r = &p["ram_tier"];
     assert_eq!(r["auto"], true, "{p}");
     assert_eq!(r["max_bytes"], 4 * GIB, "{p}");

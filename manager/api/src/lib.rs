@@ -83,6 +83,23 @@ pub struct Pool {
     /// The RAM tier (decompressed chunks, log cache, write buffer): targets and usage now.
     #[serde(default)]
     pub ram_tier: RamTier,
+    /// How the targets' reads that missed memory waited, since maasd started.
+    #[serde(default)]
+    pub reads: PoolReads,
+}
+
+/// The targets' reads (iSCSI, NVMe/TCP) that memory could not answer at once, by how they
+/// waited, since maasd started (reads answered from the RAM tier at once are not counted).
+/// What tells whether reads that miss RAM wait for the device asynchronously, as they should,
+/// or hold a blocking thread each (compressed frames, chunks whose frame table is not in RAM).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct PoolReads {
+    /// In memory after all by the time they started (written meanwhile).
+    pub from_memory: u64,
+    /// Waited for the device on the shared io_uring, no thread held.
+    pub device_async: u64,
+    /// Read on a blocking thread.
+    pub blocking: u64,
 }
 
 /// The RAM tier's targets and usage. Parts configured `"auto"` size themselves from the

@@ -5,7 +5,9 @@
 //!
 //! Reads that miss RAM are measured on the same pool reopened with its RAM tier off: random
 //! 4 KiB reads from the write-ahead log, from sealed incompressible chunks (4 KiB raw frames)
-//! and from sealed mixed, compressible chunks (64 KiB zstd frames).
+//! and from sealed mixed, compressible chunks (64 KiB zstd frames); by 32 threads of
+//! synchronous reads, and (log and incompressible chunks) 32 in flight from one thread through
+//! `read_async`, the path the targets take.
 //!
 //! The figures the goals are judged on (sequential write and the reads that miss RAM) are
 //! measured in `--rounds` alternating rounds, fio then the pool, and each is the median of its
