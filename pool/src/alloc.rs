@@ -48,9 +48,30 @@ impl DevSpace {
     }
 
     fn free(&mut self, mut start: u64, mut len: u64) {
+        // Space freed twice would be handed out twice, and one owner would overwrite the
+        // other's data: a range that is already (partly) free is refused and leaked, loudly.
+        let overlaps_before = self
+            .free
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(&ps, &pl)| ps + pl > start);
+        let overlaps_after = self
+            .free
+            .range(start..)
+            .next()
+            .is_some_and(|(&ns, _)| ns < start + len);
+        if len == 0 || overlaps_before || overlaps_after {
+            if len > 0 {
+                tracing::error!(
+                    start,
+                    len,
+                    "refused to free space that is already free (a bug: it is leaked until the next open rebuilds the free map)"
+                );
+            }
+            return;
+        }
         self.free_bytes += len;
         if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
-            debug_assert!(ps + pl <= start, "double free at {start}");
             if ps + pl == start {
                 self.free.remove(&ps);
                 start = ps;
@@ -198,6 +219,32 @@ mod tests {
         a.free(y);
         assert_eq!(a.free_bytes(), 64 * BLOCK);
         assert!(a.alloc(64 * BLOCK, Placement::Object).is_some());
+    }
+
+    #[test]
+    fn space_freed_twice_is_never_handed_out_twice() {
+        let mut a = Allocator::new(&[(0, Tier::Ssd, DEVICE_RESERVED + 64 * BLOCK)]);
+        let x = a.alloc(8 * BLOCK, Placement::Object).unwrap();
+        let _y = a.alloc(8 * BLOCK, Placement::Object).unwrap();
+        a.free(x);
+        let free = a.free_bytes();
+        // The same extent again, and one overlapping it from either side: all refused.
+        a.free(x);
+        for (off, len) in [(4, 8), (-4i64, 8)] {
+            a.free(Extent {
+                device: x.device,
+                offset: (x.offset as i64 + off * BLOCK as i64) as u64,
+                len: len * BLOCK,
+            });
+        }
+        assert_eq!(a.free_bytes(), free);
+        // What is free is allocated once: the two 8-block allocations do not overlap.
+        let p = a.alloc(8 * BLOCK, Placement::Object).unwrap();
+        let q = a.alloc(8 * BLOCK, Placement::Object).unwrap();
+        assert!(
+            p.offset + p.len <= q.offset || q.offset + q.len <= p.offset,
+            "{p:?} {q:?}"
+        );
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! at half the log's rate, the difference being futex waits and `sched_yield` on these locks.
 //! Sixteen shards make a reader wait only for writers of the same shard, and lookups share
 //! their shard's lock: every read of a volume walks the same root index node, so one key is
-//! as hot as all the others together. A lookup marks its entry recently used only if it can
-//! take the shard exclusively at once; under contention some of these marks are skipped, which
-//! costs the LRU a little precision on entries that are, by being contended, hot anyway.
+//! as hot as all the others together. A lookup therefore does not reorder the LRU (that needs
+//! the shard exclusively); it sets the entry's referenced bit, and eviction gives an entry with
+//! the bit set a second chance (clears it and moves it to the recently used end), as the
+//! CLOCK algorithm of page caches does.
 //!
 //! Keys are spread by their digest (keyed BLAKE3: uniform), so every key of one chunk — the
 //! whole chunk and each of its frames — lands in the same shard, and a reader can look at all
@@ -17,7 +18,7 @@
 //! Recency is per shard, which with uniform keys approximates one global LRU.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use lru::LruCache;
 use parking_lot::{RwLock, RwLockReadGuard};
@@ -27,7 +28,7 @@ use crate::types::Digest;
 const SHARDS: usize = 16;
 
 /// Keys that name the digest they belong to (the shard they go to).
-pub trait ByDigest: std::hash::Hash + Eq {
+pub trait ByDigest: std::hash::Hash + Eq + Clone {
     fn digest(&self) -> &Digest;
 }
 
@@ -43,20 +44,43 @@ fn shard_of(d: &Digest) -> usize {
     (u64::from_le_bytes(b) % SHARDS as u64) as usize
 }
 
+/// A cached value, its accounted size, and whether it was used since eviction last looked.
+type Entry<V> = (Arc<V>, usize, AtomicBool);
+
 /// One shard: an LRU of values with their accounted sizes.
 #[derive(Debug)]
 pub struct Shard<V, K: ByDigest> {
-    lru: LruCache<K, (Arc<V>, usize)>,
+    lru: LruCache<K, Entry<V>>,
 }
 
 impl<V, K: ByDigest> Shard<V, K> {
-    /// `k`'s value if held, without making it more recently used.
-    pub fn peek(&self, k: &K) -> Option<Arc<V>> {
-        self.lru.peek(k).map(|(v, _)| v.clone())
+    /// `k`'s value, marked as used (it gets a second chance before eviction).
+    pub fn get(&self, k: &K) -> Option<Arc<V>> {
+        self.lru.peek(k).map(|(v, _, used)| {
+            used.store(true, Ordering::Relaxed);
+            v.clone()
+        })
     }
-    /// Whether `k` is held, without making it more recently used.
+    /// `k`'s value if held, without marking it used.
+    pub fn peek(&self, k: &K) -> Option<Arc<V>> {
+        self.lru.peek(k).map(|(v, _, _)| v.clone())
+    }
+    /// Whether `k` is held, without marking it used.
     pub fn contains(&self, k: &K) -> bool {
         self.lru.contains(k)
+    }
+    /// Takes the least recently used entry not used since it was last looked at; used ones
+    /// move to the recently used end with their mark cleared (so this ends within one pass).
+    fn pop_victim(&mut self) -> Option<(K, Entry<V>)> {
+        for _ in 0..=self.lru.len() {
+            let (k, e) = self.lru.pop_lru()?;
+            if e.2.swap(false, Ordering::Relaxed) {
+                self.lru.push(k, e);
+            } else {
+                return Some((k, e));
+            }
+        }
+        self.lru.pop_lru()
     }
 }
 
@@ -85,23 +109,14 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
     }
 
     /// The shard holding every key of digest `d`, locked shared: for several lookups under
-    /// one lock ([`ShardedLru::touch`] then marks the ones used).
+    /// one lock.
     pub fn shard(&self, d: &Digest) -> RwLockReadGuard<'_, Shard<V, K>> {
         self.shards[shard_of(d)].read()
     }
 
-    /// `k`'s value, marked recently used (see the module docs).
+    /// `k`'s value, marked as used.
     pub fn get(&self, k: &K) -> Option<Arc<V>> {
-        let v = self.shard(k.digest()).peek(k)?;
-        self.touch(k);
-        Some(v)
-    }
-
-    /// Marks `k` recently used, if its shard is free right now.
-    pub fn touch(&self, k: &K) {
-        if let Some(mut s) = self.shards[shard_of(k.digest())].try_write() {
-            s.lru.promote(k);
-        }
+        self.shard(k.digest()).get(k)
     }
 
     /// `k`'s value if held, without making it more recently used.
@@ -110,7 +125,7 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
     }
 
     pub fn remove(&self, k: &K) -> Option<Arc<V>> {
-        let (v, size) = self.shards[shard_of(k.digest())].write().lru.pop(k)?;
+        let (v, size, _) = self.shards[shard_of(k.digest())].write().lru.pop(k)?;
         self.bytes.fetch_sub(size, Ordering::Relaxed);
         Some(v)
     }
@@ -125,14 +140,19 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
         let mut evicted = Vec::new();
         {
             let mut s = self.shards[home].write();
-            if let Some((_, (_, old))) = s.lru.push(k, (v, size)) {
-                // Replaced (same key) or nothing: push only hands back an entry it displaced.
+            let new_key = k.clone();
+            if let Some((_, (_, old, _))) = s.lru.push(k, (v, size, AtomicBool::new(false))) {
+                // The same key replaced (unbounded: push hands back nothing else).
                 self.bytes.fetch_sub(old, Ordering::Relaxed);
             }
             self.bytes.fetch_add(size, Ordering::Relaxed);
             // Its own shard first, never the entry just put.
             while self.over() && s.lru.len() > 1 {
-                match s.lru.pop_lru() {
+                match s.pop_victim() {
+                    Some((vk, e)) if vk == new_key => {
+                        s.lru.push(vk, e);
+                        break;
+                    }
                     Some(e) => evicted.push(self.account_evicted(e)),
                     None => break,
                 }
@@ -145,7 +165,18 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
             }
             let mut s = self.shards[(home + i) % SHARDS].write();
             while self.over() {
-                match s.lru.pop_lru() {
+                match s.pop_victim() {
+                    Some(e) => evicted.push(self.account_evicted(e)),
+                    None => break,
+                }
+            }
+        }
+        if self.over() {
+            // Still over: the budget shrank meanwhile below what is left here, this entry
+            // included.
+            let mut s = self.shards[home].write();
+            while self.over() {
+                match s.pop_victim() {
                     Some(e) => evicted.push(self.account_evicted(e)),
                     None => break,
                 }
@@ -158,7 +189,7 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
         self.bytes.load(Ordering::Relaxed) > self.limit()
     }
 
-    fn account_evicted(&self, (_, (v, size)): (K, (Arc<V>, usize))) -> Arc<V> {
+    fn account_evicted(&self, (_, (v, size, _)): (K, Entry<V>)) -> Arc<V> {
         self.bytes.fetch_sub(size, Ordering::Relaxed);
         v
     }
@@ -166,14 +197,14 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
     pub fn clear(&self) {
         for s in &self.shards {
             let mut s = s.write();
-            let held: usize = s.lru.iter().map(|(_, (_, size))| size).sum();
+            let held: usize = s.lru.iter().map(|(_, (_, size, _))| size).sum();
             s.lru.clear();
             self.bytes.fetch_sub(held, Ordering::Relaxed);
         }
     }
 
     /// Changes the byte budget; a smaller one evicts at once, each shard's least recently used
-    /// first, taking from the shards in turn. Returns the evicted values so the caller can drop
+    /// (and not since used) first, taking from the shards in turn. Returns the evicted values so the caller can drop
     /// them outside its own locks.
     pub fn set_limit(&self, limit: usize) -> Vec<Arc<V>> {
         self.limit.store(limit, Ordering::Relaxed);
@@ -184,7 +215,7 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
                 if !self.over() {
                     break;
                 }
-                if let Some(e) = s.write().lru.pop_lru() {
+                if let Some(e) = s.write().pop_victim() {
                     evicted.push(self.account_evicted(e));
                     took = true;
                 }
@@ -282,6 +313,29 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_in_use_outlives_entries_put_after_it() {
+        // The hot-key case: a volume's root node, read by every reader, must not be what goes.
+        let c: ShardedLru<u32> = ShardedLru::new(30);
+        let k = |i: u8| {
+            let mut d = [0u8; 32];
+            d[31] = i;
+            Digest(d)
+        };
+        c.put(k(0), Arc::new(0), 10);
+        for i in 1..50u8 {
+            assert!(c.get(&k(0)).is_some(), "the entry in use went at put {i}");
+            c.put(k(i), Arc::new(u32::from(i)), 10);
+            assert!(c.bytes() <= 30);
+        }
+        assert!(c.peek(&k(0)).is_some());
+        // Once nobody uses it, it goes like any other.
+        for i in 50..56u8 {
+            c.put(k(i), Arc::new(u32::from(i)), 10);
+        }
+        assert!(c.peek(&k(0)).is_none());
+    }
+
+    #[test]
     fn concurrent_puts_keep_the_account_exact() {
         let c: Arc<ShardedLru<u32>> = Arc::new(ShardedLru::new(1000));
         let hs: Vec<_> = (0..4u8)
@@ -292,6 +346,15 @@ mod tests {
                         let mut d = [0u8; 32];
                         d[..4].copy_from_slice(&(i * 4 + u32::from(t)).to_le_bytes());
                         c.put(Digest(d), Arc::new(i), 7 + (i % 5) as usize);
+                        if i % 3 == 0 {
+                            c.get(&Digest(d));
+                        }
+                        if i % 7 == 0 {
+                            c.remove(&Digest(d));
+                        }
+                        if t == 0 && i % 100 == 0 {
+                            c.set_limit(if i % 200 == 0 { 500 } else { 1000 });
+                        }
                     }
                 })
             })
@@ -302,9 +365,9 @@ mod tests {
         let held: usize = c
             .shards
             .iter()
-            .map(|s| s.read().lru.iter().map(|(_, (_, n))| n).sum::<usize>())
+            .map(|s| s.read().lru.iter().map(|(_, (_, n, _))| n).sum::<usize>())
             .sum();
         assert_eq!(held, c.bytes());
-        assert!(c.bytes() <= 1000);
+        assert!(c.bytes() <= c.limit(), "{} over {}", c.bytes(), c.limit());
     }
 }

@@ -375,18 +375,20 @@ impl PoolInner {
                 }
             }
         }
+        // Objects a concurrent fold stored first: their copies here are freed once this commits.
+        // Not before: should anything fail until then, the caller frees every extent this fold
+        // wrote, these too, and freeing them twice would hand the same space out twice.
+        let mut dup = Vec::new();
         {
             let mut t = tx.open_table(OBJECTS)?;
-            let mut dup = Vec::new();
             for (d, rec) in new.map.lock().iter() {
                 let Some(rec) = rec else { continue };
                 if t.get(&d.0)?.is_some() {
-                    dup.push(rec.extent); // a concurrent fold stored it first
+                    dup.push(rec.extent);
                 } else {
                     t.insert(&d.0, rec.encode().as_slice())?;
                 }
             }
-            self.shared.pending_free.lock().extend(dup);
         }
         let mut delta = RefDelta::default();
         if let Some(r) = new_root {
@@ -421,6 +423,7 @@ impl PoolInner {
             None
         };
         tx.commit()?;
+        self.shared.pending_free.lock().extend(dup);
         if !new_damaged.is_empty() {
             tracing::warn!(
                 damaged_blocks = new_damaged.len(),

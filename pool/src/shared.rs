@@ -123,7 +123,8 @@ impl ChunkLabel {
 fn chunk_labels_name_chunks_as_errors_always_did() {
     for seed in [0u8, 1, 0x5a, 0xff] {
         let d = Digest(std::array::from_fn(|i| {
-            seed.wrapping_mul(31).wrapping_add(i as u8 * 17)
+            seed.wrapping_mul(31)
+                .wrapping_add((i as u8).wrapping_mul(17))
         }));
         assert_eq!(ChunkLabel::new(&d).as_str(), format!("chunk {d}"));
     }
@@ -324,9 +325,8 @@ impl Shared {
         // with the chunk cache, so the two locks are never nested).
         let shifts = frame_shifts(self.table_cache.peek(d).as_ref());
         let cache = self.chunk_cache.shard(d);
-        if let Some(c) = cache.peek(&ChunkKey::whole(*d)) {
+        if let Some(c) = cache.get(&ChunkKey::whole(*d)) {
             drop(cache);
-            self.chunk_cache.touch(&ChunkKey::whole(*d));
             dst.copy_from_slice(&c[within..end]);
             return true;
         }
@@ -336,15 +336,12 @@ impl Shared {
                 continue;
             }
             let frames: Vec<Arc<Vec<u8>>> = (first..=last)
-                .filter_map(|f| cache.peek(&ChunkKey::frame(*d, shift, f)))
+                .filter_map(|f| cache.get(&ChunkKey::frame(*d, shift, f)))
                 .collect();
             if frames.len() != last - first + 1 {
                 continue;
             }
             drop(cache);
-            for f in first..=last {
-                self.chunk_cache.touch(&ChunkKey::frame(*d, shift, f));
-            }
             for (f, data) in (first..).zip(&frames) {
                 object::copy_overlap(data, f << shift, within, dst);
             }
