@@ -626,21 +626,28 @@ fn main() -> anyhow::Result<()> {
         );
         Ok(())
     };
+    // Stamped random reads of `v`, by 32 threads and then 32 in flight from one thread.
+    let both = |figures: &mut Rounds,
+                what: &str,
+                keys: [&'static str; 2],
+                v: &Volume|
+     -> anyhow::Result<()> {
+        say(&format!("  {what}..."));
+        figures.push(keys[0], random_reads(what, v, GIB, secs, true)?);
+        say(&format!("  {what}, asynchronous..."));
+        figures.push(keys[1], random_reads_async(what, v, GIB, secs, true)?);
+        Ok(())
+    };
     let pool = Pool::open(&pool_dir, cold_opts)?;
     let lv = pool.open_volume(vi.id)?;
     for _ in 0..rounds {
         raw_cold(&mut figures)?;
-        let what = "random 4 KiB reads from the log, RAM tier off";
-        say(&format!("  {what}..."));
-        figures.push(
-            "rand_read_cold_log_iops",
-            random_reads(what, &lv, GIB, secs, true)?,
-        );
-        say(&format!("  {what}, asynchronous..."));
-        figures.push(
-            "rand_read_cold_log_async_iops",
-            random_reads_async(what, &lv, GIB, secs, true)?,
-        );
+        both(
+            &mut figures,
+            "random 4 KiB reads from the log, RAM tier off",
+            ["rand_read_cold_log_iops", "rand_read_cold_log_async_iops"],
+            &lv,
+        )?;
     }
     drop(lv);
     // The live volume's data sealed: incompressible, stored as 4 KiB raw frames; and the
@@ -652,17 +659,15 @@ fn main() -> anyhow::Result<()> {
     let cv = pool.open_volume(c.id)?;
     for _ in 0..rounds {
         raw_cold(&mut figures)?;
-        let what = "random 4 KiB reads from sealed incompressible chunks, RAM tier off";
-        say(&format!("  {what}..."));
-        figures.push(
-            "rand_read_cold_sealed_incompressible_iops",
-            random_reads(what, &rcv, GIB, secs, true)?,
-        );
-        say(&format!("  {what}, asynchronous..."));
-        figures.push(
-            "rand_read_cold_sealed_incompressible_async_iops",
-            random_reads_async(what, &rcv, GIB, secs, true)?,
-        );
+        both(
+            &mut figures,
+            "random 4 KiB reads from sealed incompressible chunks, RAM tier off",
+            [
+                "rand_read_cold_sealed_incompressible_iops",
+                "rand_read_cold_sealed_incompressible_async_iops",
+            ],
+            &rcv,
+        )?;
         let what = "random 4 KiB reads from sealed mixed chunks, RAM tier off";
         say(&format!("  {what}..."));
         figures.push(
