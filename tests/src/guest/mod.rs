@@ -258,25 +258,30 @@ impl Guest {
         self
     }
 
-    /// Boots the guest, runs `script` and waits for the power-off (or the timeout).
-    /// Boots the guest, runs `script` and waits for the power-off. A guest that died before
-    /// its script started (TCG occasionally oopses while patching the kernel's text at boot)
-    /// is booted once more: that is the emulator failing, not the test.
+    /// Boots the guest, runs `script` and waits for the power-off (or the timeout); booted
+    /// once more if it dies before its script starts (see [`Guest::spawn`]).
     pub fn run(&self, script: &str) -> GuestRun {
-        let run = self.spawn(script).wait();
-        if run.died_before_the_script() {
-            eprintln!(
-                "guest {}: died before its script started (console tail below); booting it again\n{}",
-                self.name,
-                tail(&run.console, 15)
-            );
-            return self.spawn(script).wait();
-        }
-        run
+        self.spawn(script).wait()
     }
 
-    /// Boots the guest with `script` and returns while it runs.
+    /// Boots the guest with `script` and returns once the script has started. A guest that
+    /// died before its script started (TCG occasionally oopses while patching the kernel's
+    /// text at boot) is booted once more: that is the emulator failing, not the test.
     pub fn spawn(&self, script: &str) -> RunningGuest {
+        let mut first = self.spawn_once(script);
+        let Some(st) = first.died_before_starting() else {
+            return first;
+        };
+        let run = first.finish(Some(st), false);
+        eprintln!(
+            "guest {}: died before its script started (console tail below); booting it again\n{}",
+            self.name,
+            tail(&run.console, 15)
+        );
+        self.spawn_once(script)
+    }
+
+    fn spawn_once(&self, script: &str) -> RunningGuest {
         let image = GuestImage::locate();
         let private = match &self.exchange {
             Some(_) => None,
@@ -431,6 +436,21 @@ impl RunningGuest {
     /// QEMU's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits until the script has started; QEMU's exit status if the guest ended before it did
+    /// (None once it started, or once the run's timeout passed: the caller's wait reports that).
+    fn died_before_starting(&mut self) -> Option<ExitStatus> {
+        loop {
+            if self.run_dir.join("started").exists() || self.started.elapsed() > self.timeout {
+                return None;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                // It may have started just before it ended.
+                return (!self.run_dir.join("started").exists()).then_some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until the script printed `@@MAAS-MARK <mark>` (with the `mark` shell function).
