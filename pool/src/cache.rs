@@ -241,6 +241,13 @@ impl<V, K: ByDigest> ShardedLru<V, K> {
 mod tests {
     use super::*;
 
+    /// Keys that all fall in one shard (same first bytes).
+    fn one_shard_key(i: u8) -> Digest {
+        let mut d = [0u8; 32];
+        d[31] = i;
+        Digest(d)
+    }
+
     fn key(i: u8) -> Digest {
         // Spread over the shards as digests are: the shard comes from the first 8 bytes.
         let mut d = [0u8; 32];
@@ -296,11 +303,7 @@ mod tests {
     fn within_a_shard_the_least_recently_used_goes_first() {
         let c: ShardedLru<u32> = ShardedLru::new(30);
         // Same first bytes: one shard.
-        let k = |i: u8| {
-            let mut d = [0u8; 32];
-            d[31] = i;
-            Digest(d)
-        };
+        let k = one_shard_key;
         c.put(k(1), Arc::new(1), 10);
         c.put(k(2), Arc::new(2), 10);
         c.put(k(3), Arc::new(3), 10);
@@ -316,11 +319,7 @@ mod tests {
     fn an_entry_in_use_outlives_entries_put_after_it() {
         // The hot-key case: a volume's root node, read by every reader, must not be what goes.
         let c: ShardedLru<u32> = ShardedLru::new(30);
-        let k = |i: u8| {
-            let mut d = [0u8; 32];
-            d[31] = i;
-            Digest(d)
-        };
+        let k = one_shard_key;
         c.put(k(0), Arc::new(0), 10);
         for i in 1..50u8 {
             assert!(c.get(&k(0)).is_some(), "the entry in use went at put {i}");

@@ -239,13 +239,19 @@ fn random_reads(
         let off = (r.next() % (span / 4096)) * 4096;
         v.read(off, b)
             .with_context(|| format!("read of 4 KiB at {off}"))?;
-        let stamp = u64::from_le_bytes(b[..8].try_into()?);
-        if stamped && stamp != off && stamp != 0 {
-            bail!("the block at {off} holds the block at {stamp}");
-        }
-        Ok(())
+        check_stamp(off, b, stamped)
     });
     run_parallel(what, 32, secs, op, 4096)
+}
+
+/// With `stamped`, the block read at `off` must carry `off` in its first 8 bytes (as the live
+/// volume's writes stamp them) or be unwritten: the read returned its own data.
+fn check_stamp(off: u64, b: &[u8], stamped: bool) -> anyhow::Result<()> {
+    let stamp = u64::from_le_bytes(b[..8].try_into()?);
+    if stamped && stamp != off && stamp != 0 {
+        bail!("the block at {off} holds the block at {stamp}");
+    }
+    Ok(())
 }
 
 /// Random 4 KiB reads kept 32 in flight from ONE thread through [`BlockDevice::read_async`],
@@ -291,13 +297,7 @@ fn random_reads_async(
         .map(|i| Waker::from(Arc::new(SlotWaker(ready.clone(), i))))
         .collect();
     let mut rng = Rng(0x5eed_1234);
-    let check = |off: u64, b: &[u8]| -> anyhow::Result<()> {
-        let stamp = u64::from_le_bytes(b[..8].try_into()?);
-        if stamped && stamp != off && stamp != 0 {
-            bail!("the block at {off} holds the block at {stamp}");
-        }
-        Ok(())
-    };
+    let check = |off: u64, b: &[u8]| check_stamp(off, b, stamped);
     let mut slots: Vec<Option<(u64, Pending)>> = (0..DEPTH).map(|_| None).collect();
     let mut done = 0u64;
     let start = Instant::now();
