@@ -274,6 +274,9 @@ impl Pool {
                 ));
             }
         }
+        // The WAL cycles through about its fold threshold of space: that much of its freed
+        // segments stays warm for the next ones.
+        alloc.set_warm_limit(opts.wal_fold_threshold);
         let slots: Vec<std::sync::OnceLock<Device>> = (0..crate::shared::MAX_DEVICES)
             .map(|_| std::sync::OnceLock::new())
             .collect();
@@ -298,6 +301,7 @@ impl Pool {
             node_cache: ShardedLru::new(64 << 20),
             pin: Arc::new(RwLock::new(())),
             pending_free: Mutex::new(Vec::new()),
+            pending_free_log: Mutex::new(Vec::new()),
             dead: Mutex::new(dead),
             chunk_cache_disabled: opts.cache_bytes == 0,
             log_sums: RwLock::new(BTreeMap::new()),
@@ -1062,7 +1066,7 @@ impl PoolInner {
         tx.commit()?;
         tracing::debug!(segments = dead.len(), "freed WAL segments");
         self.shared
-            .pending_free
+            .pending_free_log
             .lock()
             .extend(dead.iter().map(|(_, r)| r.extent));
         Ok(())

@@ -157,6 +157,9 @@ pub struct Shared {
     pub pin: std::sync::Arc<RwLock<()>>,
     /// Extents whose records are gone, waiting for the pin to be free.
     pub pending_free: Mutex<Vec<Extent>>,
+    /// Freed WAL segments' extents, waiting for the pin to be free; they go to warm space
+    /// (see [`crate::alloc`]) while there is room for them, else as `pending_free`.
+    pub pending_free_log: Mutex<Vec<Extent>>,
     /// Objects whose reference count reached zero, to be swept when the pin is free.
     pub dead: Mutex<std::collections::HashSet<Digest>>,
     pub chunk_cache_disabled: bool,
@@ -753,10 +756,15 @@ impl Shared {
                 }
             }
         }
-        let released: Vec<Extent> = self.pending_free.lock().drain(..).collect();
-        // Readers may go on: nothing they can reach points into `released` any more, and no
-        // allocation hands it out before it is in the free map below.
+        let mut released: Vec<Extent> = self.pending_free.lock().drain(..).collect();
+        let segments: Vec<Extent> = self.pending_free_log.lock().drain(..).collect();
+        // Readers may go on: nothing they can reach points into `released` (or the segments)
+        // any more, and no allocation hands it out before it is in the free map below.
         drop(w);
+        if !segments.is_empty() {
+            let mut a = self.alloc.lock();
+            released.extend(segments.into_iter().filter(|e| !a.free_warm(*e)));
+        }
         for e in &released {
             if let Ok(dev) = self.device(e.device) {
                 dev.release(e.offset, e.len);

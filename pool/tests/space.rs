@@ -2,7 +2,8 @@
 //! Space on the host: a file device gives the space the pool frees back to its filesystem
 //! (holes), so it holds about what the pool uses, not every block it ever wrote. maasd's
 //! default device is a sparse file sized to the filesystem's free space: without this it grew
-//! with every write until the filesystem was full.
+//! with every write until the filesystem was full. Freed log segments stay written for the
+//! next ones, up to the WAL's fold threshold (64 MiB here): that much more it may hold.
 
 mod common;
 

@@ -49,6 +49,9 @@ struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Only the sequential-write rounds (for profiling the write path).
+    #[arg(long)]
+    seq_write_only: bool,
 }
 
 /// Every round's figure of each measurement, in the order measured.
@@ -535,6 +538,29 @@ fn main() -> anyhow::Result<()> {
     let v = pool.open_volume(vi.id)?;
     let seq_w = figures.median("seq_write_mib_s");
     let raw_sw = figures.median("raw_seq_write_mib_s");
+    if a.seq_write_only {
+        let result = json!({
+            "seq_write_mib_s": seq_w,
+            "raw_seq_write_mib_s": raw_sw,
+            "ratio_seq_write": seq_w / raw_sw,
+            "rounds": rounds,
+            "per_round": figures.to_json(),
+        });
+        if a.json {
+            println!("{result}");
+        } else {
+            println!(
+                "seq write MiB/s (1 MiB): pool {seq_w:.0}, raw (fio) {raw_sw:.0}, ratio {:.2}",
+                seq_w / raw_sw
+            );
+        }
+        drop(v);
+        pool.close()?;
+        drop(pool);
+        std::fs::remove_dir_all(&pool_dir)
+            .with_context(|| format!("removing {}", pool_dir.display()))?;
+        return Ok(());
+    }
 
     say("raw device: sequential read, random read and write (fio)...");
     let (raw_sr, _) = fio(&raw_file, "read", "1M", 16, secs)?;
