@@ -45,8 +45,8 @@ pub use crate::walfmt::{
 /// How long a non-blocking call waits for a lock another thread holds for a moment (the
 /// flusher taking batches, another append) before it declines.
 pub const NOWAIT_LOCK_WAIT: Duration = Duration::from_micros(50);
-/// Size of a batch buffer: the header block and the most data a batch holds.
-const BATCH_BUF_LEN: usize = 4096 + MAX_BATCH_DATA;
+/// Size of a batch buffer: the header block, the most data a batch holds, the footer block.
+const BATCH_BUF_LEN: usize = 4096 + MAX_BATCH_DATA + 4096;
 /// Spare batch buffers kept for reuse: as many as can be in flight at once. The flusher hands
 /// batches to the device, and the log cache evicts them, in groups of up to that many; a
 /// smaller reserve freed part of every group only to allocate (page-fault and zero) as many
@@ -139,59 +139,60 @@ impl OpenBatch {
 #[derive(Debug)]
 struct Batch {
     lsn: u64,
-    seg_seq: u64,
+    data_len: usize,
     device: u16,
     offset: u64,
-    entries: Vec<Entry>,
-    /// The header block's room (bytes 0..4096, unused: the header is written from its own
-    /// buffer) followed by the data blocks.
+    /// The batch as it lands on its device, written in one request: the header block, the
+    /// data blocks, the footer block.
     buf: AlignedBuf,
-    /// CRC32C of each data block (see [`OpenBatch::crcs`]).
-    crcs: Vec<u32>,
+    /// Its data blocks' CRCs, to check reads of them from the device once it is written.
+    sums: Arc<BatchSums>,
 }
 
 impl Batch {
-    fn from_buffered(ob: OpenBatch) -> Batch {
-        let mut buf = ob.buf;
-        buf.set_len(4096 + ob.data_len);
-        Batch {
-            lsn: ob.lsn,
-            seg_seq: ob.seg_seq,
-            device: ob.device,
-            offset: ob.offset,
-            entries: ob.entries,
-            buf,
-            crcs: ob.crcs,
-        }
-    }
-
-    /// The header and footer blocks, from the data as it is now, claiming `durable_lsn`.
-    fn encode(&self, durable_lsn: u64) -> (AlignedBuf, AlignedBuf, Vec<u32>) {
-        let crcs = self.crcs.clone();
+    /// Seals a buffered batch for its device: header and footer encoded around its data,
+    /// claiming `durable_lsn` (the highest LSN a completed sync covers now: still true when
+    /// the batch lands later).
+    fn from_buffered(ob: OpenBatch, durable_lsn: u64) -> Batch {
         debug_assert_eq!(
-            crcs,
-            self.buf[4096..]
+            ob.crcs,
+            ob.buf[4096..4096 + ob.data_len]
                 .chunks_exact(4096)
                 .map(crc32c::crc32c)
                 .collect::<Vec<u32>>(),
             "a batch's CRCs follow every change of its data"
         );
         let h = BatchHeader {
-            seg_seq: self.seg_seq,
-            lsn: self.lsn,
+            seg_seq: ob.seg_seq,
+            lsn: ob.lsn,
             durable_lsn,
-            entries: self.entries.clone(),
-            crcs,
+            entries: ob.entries,
+            crcs: ob.crcs,
         };
-        let mut head = AlignedBuf::zeroed(4096);
-        walfmt::encode(&mut head, &h, false);
-        let mut foot = AlignedBuf::zeroed(4096);
-        walfmt::encode(&mut foot, &h, true);
-        (head, foot, h.crcs)
+        let mut buf = ob.buf;
+        // Every batch buffer has room for the footer (BATCH_BUF_LEN, or a tight copy's).
+        buf.set_len(4096 + ob.data_len + 4096);
+        walfmt::encode(&mut buf[..4096], &h, false);
+        walfmt::encode(&mut buf[4096 + ob.data_len..], &h, true);
+        Batch {
+            lsn: ob.lsn,
+            data_len: ob.data_len,
+            device: ob.device,
+            offset: ob.offset,
+            buf,
+            sums: Arc::new(BatchSums {
+                device: ob.device,
+                data_offset: ob.offset + 4096,
+                crcs: h.crcs.into_boxed_slice(),
+            }),
+        }
     }
 
-    fn data_len(&self) -> usize {
-        self.buf.len() - 4096
+    /// Raises the durable LSN its header and footer claim (see [`walfmt::restamp_durable`]).
+    fn restamp_durable(&mut self, durable_lsn: u64) {
+        let footer = 4096 + self.data_len;
+        walfmt::restamp_durable(&mut self.buf[..4096], durable_lsn);
+        walfmt::restamp_durable(&mut self.buf[footer..footer + 4096], durable_lsn);
     }
 }
 
@@ -578,7 +579,10 @@ impl Wal {
             // a tight copy holds it from now on, in the write buffer and then the log cache,
             // so their budgets count data rather than empty space, and the large buffer serves
             // the next batch at once.
-            let tight = AlignedBuf::copy_of(&ob.buf[..used]);
+            // Room for the footer the batch gets when it goes to its device.
+            let mut tight = AlignedBuf::zeroed(used + 4096);
+            tight[..used].copy_from_slice(&ob.buf[..used]);
+            tight.set_len(used);
             st.buffered_bytes = st.buffered_bytes - ob.buf.capacity() + tight.capacity();
             self.give_back(std::mem::replace(&mut ob.buf, tight));
         }
@@ -609,7 +613,7 @@ impl Wal {
             }
             let ob = first.remove();
             st.buffered_bytes -= ob.buf.capacity();
-            let batch = Batch::from_buffered(ob);
+            let batch = Batch::from_buffered(ob, self.synced.load(Ordering::SeqCst));
             st.inflight_bytes += batch.buf.len();
             st.inflight.insert(batch.lsn, Arc::new(batch));
         }
@@ -1271,10 +1275,20 @@ impl Wal {
                         continue;
                     }
                     if pending || want_sync {
+                        // Each batch claims the durable LSN of now, not of when it was sealed
+                        // (a sync may have completed since): the fresher the claims, the
+                        // smaller replay's window of judging damage as a torn write. Only
+                        // `inflight` holds a batch that is not yet being written.
+                        let durable = self.synced.load(Ordering::SeqCst);
                         let batches: Vec<Arc<Batch>> = st
                             .inflight
-                            .range(written + 1..)
-                            .map(|(_, b)| b.clone())
+                            .range_mut(written + 1..)
+                            .map(|(_, b)| {
+                                if let Some(b) = Arc::get_mut(b) {
+                                    b.restamp_durable(durable);
+                                }
+                                b.clone()
+                            })
                             .collect();
                         for b in &batches {
                             st.dirty_devices.insert(b.device);
@@ -1431,50 +1445,25 @@ impl Wal {
         }
     }
 
-    /// Writes each batch: its header block and footer (encoded now, from the data as it is,
-    /// claiming the current durable LSN) and its data blocks. Returns the batches' block CRCs.
+    /// Writes each batch (header, data and footer: one request each). Returns the batches'
+    /// block CRCs.
     fn write_batches(&self, batches: &[Arc<Batch>]) -> Result<Vec<(u64, Arc<BatchSums>)>> {
         let mut devs = Vec::with_capacity(batches.len());
         for b in batches {
             devs.push(self.shared.device(b.device)?);
         }
-        let durable = self.synced.load(Ordering::SeqCst);
-        let encoded: Vec<(AlignedBuf, AlignedBuf, Vec<u32>)> =
-            batches.iter().map(|b| b.encode(durable)).collect();
-        let mut ops: Vec<Op<'_>> = Vec::with_capacity(3 * batches.len());
-        for ((b, d), (head, foot, _)) in batches.iter().zip(&devs).zip(&encoded) {
-            ops.push(Op::Write {
+        let mut ops: Vec<Op<'_>> = batches
+            .iter()
+            .zip(&devs)
+            .map(|(b, d)| Op::Write {
                 file: d.file(),
                 offset: b.offset,
-                buf: head,
-            });
-            if b.data_len() > 0 {
-                ops.push(Op::Write {
-                    file: d.file(),
-                    offset: b.offset + 4096,
-                    buf: &b.buf[4096..],
-                });
-            }
-            ops.push(Op::Write {
-                file: d.file(),
-                offset: b.offset + 4096 + b.data_len() as u64,
-                buf: foot,
-            });
-        }
+                buf: &b.buf,
+            })
+            .collect();
         io::run_batch(&mut ops).map_err(|e| PoolError::io("write-ahead log", e))?;
         drop(ops);
-        Ok(batches
-            .iter()
-            .zip(encoded)
-            .map(|(b, (_, _, crcs))| {
-                let sums = BatchSums {
-                    device: b.device,
-                    data_offset: b.offset + 4096,
-                    crcs: crcs.into_boxed_slice(),
-                };
-                (b.lsn, Arc::new(sums))
-            })
-            .collect())
+        Ok(batches.iter().map(|b| (b.lsn, b.sums.clone())).collect())
     }
 
     /// Waits until a sync has made LSNs durable that the metadata store does not yet record as

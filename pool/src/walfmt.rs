@@ -113,6 +113,24 @@ pub fn encode(b: &mut [u8], h: &BatchHeader, footer: bool) {
     b[60..64].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Raises the durable LSN an encoded header or footer block claims to `durable_lsn` (never
+/// lowers it), keeping the block's CRC right. The writer stamps a batch once when it is
+/// sealed and again just before it goes to its device, so its claim is as fresh as a sync
+/// allows.
+pub fn restamp_durable(b: &mut [u8], durable_lsn: u64) {
+    if b.len() < BLOCK {
+        return;
+    }
+    let claimed = u64::from_le_bytes(b[40..48].try_into().unwrap_or([0; 8]));
+    if durable_lsn <= claimed {
+        return;
+    }
+    b[40..48].copy_from_slice(&durable_lsn.to_le_bytes());
+    b[60..64].fill(0);
+    let crc = crc32c::crc32c(&b[..BLOCK]);
+    b[60..64].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// What a 4 KiB block is, as far as the log is concerned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
@@ -233,6 +251,30 @@ mod tests {
             assert_eq!(parse(&b), Parsed::Header(h.clone()));
             encode(&mut b, &h, true);
             assert_eq!(parse(&b), Parsed::Footer(h));
+        }
+    }
+
+    #[test]
+    fn restamping_raises_the_durable_claim_and_keeps_the_block_valid() {
+        let h = sample(3, 2);
+        for footer in [false, true] {
+            let mut b = vec![0u8; 4096];
+            encode(&mut b, &h, footer);
+            restamp_durable(&mut b, 120);
+            let want = BatchHeader {
+                durable_lsn: 120,
+                ..h.clone()
+            };
+            let got = parse(&b);
+            match (&got, footer) {
+                (Parsed::Header(g), false) | (Parsed::Footer(g), true) => assert_eq!(g, &want),
+                _ => panic!("{got:?}"),
+            }
+            // Never lowered.
+            restamp_durable(&mut b, 5);
+            assert!(
+                matches!(parse(&b), Parsed::Header(g) | Parsed::Footer(g) if g.durable_lsn == 120)
+            );
         }
     }
 
