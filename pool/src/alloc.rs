@@ -285,10 +285,16 @@ impl Allocator {
 
     /// Gives all warm space back to the free maps (an allocation found no other room).
     fn cool_all(&mut self) {
-        self.warm_bytes = 0;
-        for w in std::mem::take(&mut self.warm) {
+        for w in self.take_warm_all() {
             self.free(w);
         }
+    }
+
+    /// Takes all warm space out of the allocator, for the caller to give back to the host
+    /// filesystem and then [`Allocator::free`]; until then it is neither warm nor free.
+    pub fn take_warm_all(&mut self) -> Vec<Extent> {
+        self.warm_bytes = 0;
+        std::mem::take(&mut self.warm)
     }
 
     /// Marks an extent in use while rebuilding; false if it overlaps used space or is off-device

@@ -676,6 +676,30 @@ impl Shared {
         Ok(node)
     }
 
+    /// Gives warm log space (see [`crate::alloc`]) back to the host filesystem: a write found
+    /// the filesystem under a thin device full. False if there was none.
+    pub fn release_warm(&self) -> bool {
+        let warm = self.alloc.lock().take_warm_all();
+        if warm.is_empty() {
+            return false;
+        }
+        let bytes: u64 = warm.iter().map(|e| e.len).sum();
+        for e in &warm {
+            if let Ok(dev) = self.device(e.device) {
+                dev.release(e.offset, e.len);
+            }
+        }
+        let mut a = self.alloc.lock();
+        for e in warm {
+            a.free(e);
+        }
+        tracing::warn!(
+            bytes,
+            "the filesystem under a device is full: warm log space was given back to it"
+        );
+        true
+    }
+
     /// Encodes and writes a new object to freshly allocated space. The caller records it in a
     /// metadata transaction; until then the space is free again after a crash.
     pub fn write_object(&self, kind: ObjectKind, d: &Digest, raw: &[u8]) -> Result<ObjRec> {
@@ -686,11 +710,20 @@ impl Shared {
             .alloc(enc.buf.len() as u64, Placement::Object)
             .ok_or_else(|| PoolError::NoSpace("no room for sealed data".into()))?;
         let dev = self.device(extent.device)?;
-        if let Err(e) = io::run_batch(&mut [Op::Write {
-            file: dev.file(),
-            offset: extent.offset,
-            buf: &enc.buf,
-        }]) {
+        let write = || {
+            io::run_batch(&mut [Op::Write {
+                file: dev.file(),
+                offset: extent.offset,
+                buf: &enc.buf,
+            }])
+        };
+        let mut res = write();
+        if matches!(&res, Err(e) if e.raw_os_error() == Some(libc::ENOSPC)) && self.release_warm() {
+            // The host filesystem under a thin device filled: warm log space was holding
+            // some of it, and holds none now.
+            res = write();
+        }
+        if let Err(e) = res {
             self.alloc.lock().free(extent);
             return Err(dev.io_err(e));
         }

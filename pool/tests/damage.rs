@@ -163,24 +163,13 @@ fn full_pool_fails_writes_cleanly_and_keeps_acknowledged_data() {
     );
 }
 
-/// A thin device file larger than its filesystem: when the host filesystem fills, writes fail
-/// with NoSpace before they are acknowledged (WAL segments are reserved when allocated), the
-/// pool keeps serving what it acknowledged, and it reopens intact. Uses a 48 MiB tmpfs (which
-/// also exercises the buffered fallback: tmpfs refuses O_DIRECT).
-#[test]
-fn host_filesystem_full_under_a_thin_device() {
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
+/// Mounts a tmpfs of `mib` MiB at `dir/small`; unmounted when the guard drops.
+fn small_tmpfs(dir: &std::path::Path, mib: u64) -> (std::path::PathBuf, impl Drop) {
+    let mnt = dir.join("small");
     std::fs::create_dir(&mnt).unwrap();
     let st = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=48m",
-            "maas-test",
-            mnt.to_str().unwrap(),
-        ])
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "maas-test"])
+        .arg(&mnt)
         .status()
         .expect("mount(8) runs: the suite runs as root");
     assert!(
@@ -196,7 +185,78 @@ fn host_filesystem_full_under_a_thin_device() {
                 .status();
         }
     }
-    let _u = Unmount(mnt.clone());
+    (mnt.clone(), Unmount(mnt))
+}
+
+/// A pool on a 1 GiB thin device file in `mnt` (a small filesystem).
+fn thin_pool(mnt: &std::path::Path, opts: &OpenOptions) -> (std::path::PathBuf, Pool) {
+    let pool_dir = mnt.join("pool");
+    let pool = Pool::create(
+        &pool_dir,
+        small_pool_opts(&pool_dir, 1 << 30, 64 << 10),
+        opts.clone(),
+    )
+    .unwrap();
+    (pool_dir, pool)
+}
+
+/// Freed log segments stay written on the host for the next ones (warm space): when the host
+/// filesystem under a thin device fills, the pool gives that space back and the fold that
+/// needed it goes on, instead of failing where it would not have without warm space.
+#[test]
+fn warm_log_space_is_given_back_when_the_host_filesystem_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, _unmount) = small_tmpfs(dir.path(), 64);
+    let opts = OpenOptions {
+        cache_bytes: 0,
+        log_cache_bytes: 0,
+        wal_segment_bytes: 4 * MIB,
+        // Up to 32 MiB of freed segments may stay warm.
+        wal_fold_threshold: 32 * MIB,
+        background: false,
+        ..Default::default()
+    };
+    let (pool_dir, pool) = thin_pool(&mnt, &opts);
+    let vi = pool.create_volume("v", 256 * MIB, 4096).unwrap();
+    let v = pool.open_volume(vi.id).unwrap();
+    // Each round writes incompressible data through the log and folds it into sealed chunks;
+    // the log's segments are freed and stay warm. The first round leaves about 28 MiB of
+    // warm segments, the later small ones reuse few of them: sealed data grows until sealed
+    // plus warm no longer fit in 64 MiB (by the third round), while sealed plus the log in
+    // use (what the filesystem held before warm space) always do.
+    let rounds = [28 * MIB, 4 * MIB, 4 * MIB, 4 * MIB];
+    let mut at = 0;
+    let mut written = Vec::new();
+    for (r, &len) in rounds.iter().enumerate() {
+        let data = pattern(100 + r as u64, len as usize);
+        v.write(at, &data, false).unwrap();
+        v.flush().unwrap();
+        pool.checkpoint()
+            .unwrap_or_else(|e| panic!("fold of round {r}: {e}"));
+        written.push((at, data));
+        at += len;
+    }
+    for (at, data) in &written {
+        assert_eq!(read_all(&v, *at, data.len()), *data, "at {at}");
+    }
+    assert!(pool.verify().unwrap().damaged_blocks.is_empty());
+    pool.close().unwrap();
+    drop((v, pool));
+    let pool = Pool::open(&pool_dir, opts).unwrap();
+    let v = pool.open_volume(vi.id).unwrap();
+    for (at, data) in &written {
+        assert_eq!(read_all(&v, *at, data.len()), *data, "at {at} after reopen");
+    }
+}
+
+/// A thin device file larger than its filesystem: when the host filesystem fills, writes fail
+/// with NoSpace before they are acknowledged (WAL segments are reserved when allocated), the
+/// pool keeps serving what it acknowledged, and it reopens intact. Uses a 48 MiB tmpfs (which
+/// also exercises the buffered fallback: tmpfs refuses O_DIRECT).
+#[test]
+fn host_filesystem_full_under_a_thin_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt, _unmount) = small_tmpfs(dir.path(), 48);
     let opts = OpenOptions {
         cache_bytes: 0,
         // Reads must reach the (damaged) device.
@@ -206,13 +266,7 @@ fn host_filesystem_full_under_a_thin_device() {
         background: false,
         ..Default::default()
     };
-    let pool_dir = mnt.join("pool");
-    let pool = Pool::create(
-        &pool_dir,
-        small_pool_opts(&pool_dir, 1 << 30, 64 << 10),
-        opts.clone(),
-    )
-    .unwrap();
+    let (pool_dir, pool) = thin_pool(&mnt, &opts);
     let vi = pool.create_volume("v", 512 * MIB, 4096).unwrap();
     let v = pool.open_volume(vi.id).unwrap();
     let mut off = 0;
