@@ -165,3 +165,33 @@ fn explicit_ram_tier_sizes_are_fixed() {
     m.stop();
     assert!(m.log().contains("every size fixed by configuration"));
 }
+
+/// A restart is prompt even while clients hold connections: an idle kept-alive one (as every
+/// HTTP client's pool keeps), and one that connected and never sent a byte. maasd's graceful
+/// stop waits for open connections up to its 30 s shutdown timeout; its connection timeouts
+/// must stay short enough that a stop does not sit out that limit.
+#[test]
+fn sigterm_stops_promptly_while_clients_hold_idle_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Maasd::start(dir.path(), None);
+    m.ok(
+        "POST",
+        "/volumes",
+        serde_json::json!({"name": "idle", "size": 1u64 << 20}).into(),
+    );
+    let addr = m
+        .base_url()
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_string();
+    let _silent = std::net::TcpStream::connect(&addr).unwrap();
+    let t = std::time::Instant::now();
+    m.stop();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(12),
+        "maasd took {:?} to stop",
+        t.elapsed()
+    );
+}
