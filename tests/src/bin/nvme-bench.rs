@@ -78,6 +78,9 @@ struct Args {
     /// Also measure the real maasd on its defaults, NVMe/TCP on (see above).
     #[arg(long)]
     defaults: bool,
+    /// Worker threads of the in-process targets' runtime (default: one per core, as maasd's).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    target_workers: Option<u16>,
 }
 
 /// How one side of the comparison is reached.
@@ -270,9 +273,11 @@ fn bench(args: &Args) -> Result<()> {
     };
     let info = pool.create_volume("bench", size, 512)?;
     let vol = Arc::new(pool.open_volume(info.id)?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rtb = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.target_workers {
+        rtb.worker_threads(usize::from(n));
+    }
+    let rt = rtb.enable_all().build()?;
 
     // The same volume behind both targets.
     let iscsi_reg = Arc::new(maas_engine::iscsi::Registry::new(None));
@@ -501,7 +506,7 @@ fn bench(args: &Args) -> Result<()> {
     }
     out["config"] = json!({
         "seconds": args.seconds, "rounds": args.rounds, "size_gib": args.size_gib,
-        "digests": args.digests, "queues": 1, "cold": args.cold,
+        "digests": args.digests, "queues": 1, "cold": args.cold, "target_workers": args.target_workers,
         "nvme_host": "nvme-bench load (our NVMe/TCP host codec)",
         "iscsi_initiator": "fio libiscsi engine",
     });
