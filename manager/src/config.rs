@@ -361,7 +361,7 @@ pub const DOCS: &[(&str, &str, &str)] = &[
     (
         "pool",
         "wal_fold_threshold",
-        "Fold live data into sealed chunks once the WAL holds this much.",
+        "Fold live data into sealed chunks once the WAL holds this much. As much freed log space stays written on a file device for the next segments (given back if the filesystem fills).",
     ),
     ("iscsi", "", "The iSCSI target."),
     ("iscsi", "listen", "host:port the iSCSI target listens on."),
