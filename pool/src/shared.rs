@@ -684,15 +684,7 @@ impl Shared {
             return false;
         }
         let bytes: u64 = warm.iter().map(|e| e.len).sum();
-        for e in &warm {
-            if let Ok(dev) = self.device(e.device) {
-                dev.release(e.offset, e.len);
-            }
-        }
-        let mut a = self.alloc.lock();
-        for e in warm {
-            a.free(e);
-        }
+        self.give_back(warm);
         tracing::warn!(
             bytes,
             "the filesystem under a device is full: warm log space was given back to it"
@@ -798,15 +790,21 @@ impl Shared {
             let mut a = self.alloc.lock();
             released.extend(segments.into_iter().filter(|e| !a.free_warm(*e)));
         }
-        for e in &released {
+        self.give_back(released);
+        Ok(true)
+    }
+
+    /// Gives free extents back to the host filesystem (holes in a file device), then to the
+    /// allocator. Nothing may still point into them.
+    fn give_back(&self, extents: Vec<Extent>) {
+        for e in &extents {
             if let Ok(dev) = self.device(e.device) {
                 dev.release(e.offset, e.len);
             }
         }
         let mut a = self.alloc.lock();
-        for e in released {
+        for e in extents {
             a.free(e);
         }
-        Ok(true)
     }
 }

@@ -139,7 +139,6 @@ impl OpenBatch {
 #[derive(Debug)]
 struct Batch {
     lsn: u64,
-    data_len: usize,
     device: u16,
     offset: u64,
     /// The batch as it lands on its device, written in one request: the header block, the
@@ -176,7 +175,6 @@ impl Batch {
         walfmt::encode(&mut buf[4096 + ob.data_len..], &h, true);
         Batch {
             lsn: ob.lsn,
-            data_len: ob.data_len,
             device: ob.device,
             offset: ob.offset,
             buf,
@@ -190,9 +188,9 @@ impl Batch {
 
     /// Raises the durable LSN its header and footer claim (see [`walfmt::restamp_durable`]).
     fn restamp_durable(&mut self, durable_lsn: u64) {
-        let footer = 4096 + self.data_len;
+        let footer = self.buf.len() - 4096;
         walfmt::restamp_durable(&mut self.buf[..4096], durable_lsn);
-        walfmt::restamp_durable(&mut self.buf[footer..footer + 4096], durable_lsn);
+        walfmt::restamp_durable(&mut self.buf[footer..], durable_lsn);
     }
 }
 

@@ -109,6 +109,12 @@ pub fn encode(b: &mut [u8], h: &BatchHeader, footer: bool) {
         b[o..o + 4].copy_from_slice(&c.to_le_bytes());
         o += 4;
     }
+    seal_crc(b);
+}
+
+/// Stores the CRC32C of the block (computed with its CRC field zero) in that field.
+fn seal_crc(b: &mut [u8]) {
+    b[60..64].fill(0);
     let crc = crc32c::crc32c(&b[..BLOCK]);
     b[60..64].copy_from_slice(&crc.to_le_bytes());
 }
@@ -126,9 +132,7 @@ pub fn restamp_durable(b: &mut [u8], durable_lsn: u64) {
         return;
     }
     b[40..48].copy_from_slice(&durable_lsn.to_le_bytes());
-    b[60..64].fill(0);
-    let crc = crc32c::crc32c(&b[..BLOCK]);
-    b[60..64].copy_from_slice(&crc.to_le_bytes());
+    seal_crc(b);
 }
 
 /// What a 4 KiB block is, as far as the log is concerned.

@@ -430,6 +430,13 @@ fn fio(file: &Path, rw: &str, bs: &str, depth: u32, secs: u64) -> anyhow::Result
     Ok((figure("bw_bytes")? / MIB as f64, figure("iops")?))
 }
 
+/// Closes the benchmark's pool and removes its directory (devices and metadata).
+fn close_and_remove(pool: Pool, dir: &Path) -> anyhow::Result<()> {
+    pool.close()?;
+    drop(pool);
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
 fn fill(v: &Volume, size: u64, seed: u64) -> anyhow::Result<()> {
     let mut m = Mixed::new(seed);
     let mut buf = aligned(MIB as usize);
@@ -555,10 +562,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         drop(v);
-        pool.close()?;
-        drop(pool);
-        std::fs::remove_dir_all(&pool_dir)
-            .with_context(|| format!("removing {}", pool_dir.display()))?;
+        close_and_remove(pool, &pool_dir)?;
         return Ok(());
     }
 
@@ -770,10 +774,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     pool.clone_snapshot(ts.id, "tera-clone")?;
     let clone_1t = t.elapsed().as_secs_f64() * 1000.0;
-    pool.close()?;
-    drop(pool);
-    std::fs::remove_dir_all(&pool_dir)
-        .with_context(|| format!("removing {}", pool_dir.display()))?;
+    close_and_remove(pool, &pool_dir)?;
 
     let result = json!({
         "seq_write_mib_s": seq_w,
