@@ -14,7 +14,17 @@ pub struct Config {
     pub pool: PoolConfig,
     pub iscsi: IscsiConfig,
     pub nvme_tcp: NvmeTcpConfig,
+    pub engine: EngineConfig,
     pub log: LogConfig,
+}
+
+/// How the block targets (iSCSI, NVMe/TCP) run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Threads serving the block targets' connections, each a single-threaded runtime with
+    /// its own io_uring; 0 = one per core.
+    pub io_threads: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -441,6 +451,19 @@ pub const DOCS: &[(&str, &str, &str)] = &[
         "A connection whose host reads none of the output waiting for it this long is closed \
          (in_flight_bytes bounds what it holds meanwhile).",
     ),
+    (
+        "engine",
+        "",
+        "The block targets' threads: each runs the connections dealt to it (in turn, as they \
+         connect) and their device reads on its own io_uring, so a command never waits for \
+         another core.",
+    ),
+    (
+        "engine",
+        "io_threads",
+        "Threads serving iSCSI and NVMe/TCP connections; 0 = one per core. One connection \
+         (an iSCSI session, an NVMe/TCP queue) runs on one thread.",
+    ),
     ("log", "", "Logging."),
     ("log", "format", "human or json."),
     (
@@ -603,6 +626,12 @@ impl Config {
                     );
                 }
             }
+        }
+        if self.engine.io_threads > 1024 {
+            return bad(
+                "engine.io_threads",
+                "must be at most 1024 (0 = one per core)",
+            );
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return bad("log.format", "must be human or json");

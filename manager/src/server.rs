@@ -326,8 +326,12 @@ pub async fn serve(cfg: Config, start: StartOptions) -> anyhow::Result<()> {
     let listen = cfg.api.listen.clone();
     let workers = cfg.api.workers as usize;
     let state = web::Data::new(open_state(cfg, start)?);
-    // The block front-ends run beside the REST API in the same runtime; a manager restart
-    // is a process restart, so data sessions and the API share its lifetime here.
+    // The block front-ends accept beside the REST API and serve their connections on their own
+    // threads (maas_engine::io_runtimes); a manager restart is a process restart, so data
+    // sessions and the API share its lifetime here.
+    if !maas_engine::io_runtimes::set_threads(state.cfg.engine.io_threads as usize) {
+        tracing::warn!("engine.io_threads: the block targets' threads were already running");
+    }
     let iscsi_listen = state.cfg.iscsi.listen.clone();
     let iscsi = if iscsi_listen.is_empty() {
         tracing::info!("iSCSI target disabled (iscsi.listen is empty)");

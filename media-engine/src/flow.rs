@@ -37,15 +37,12 @@ pub trait Job: Send + 'static {
     fn tag(&self) -> Self::Tag;
     /// Most bytes the command holds while it runs and queues when it completes.
     fn cost(&self) -> usize;
-    /// Runs the command if it can complete without waiting; `None` sends it to
-    /// [`Job::run`] on a blocking thread.
-    fn run_nowait(&self) -> Option<Self::Done>;
-    /// Starts the command as a future if all it waits for is the device (see
-    /// [`maas_pool::BlockDevice::read_async`]): no blocking thread is involved. `None` sends it
-    /// to [`Job::run`] on a blocking thread. Called only after [`Job::run_nowait`] said `None`.
-    fn run_async(&self) -> Option<JobFuture<Self::Done>> {
-        None
-    }
+    /// Starts the command on the connection's task: its result if it completes without
+    /// waiting, a future if all it waits for is the device (see
+    /// [`maas_pool::BlockDevice::read_async`]), or [`Start::Blocking`], having changed nothing,
+    /// to send it to [`Job::run`] on a blocking thread. One call decides, so a read that misses
+    /// RAM resolves its blocks once.
+    fn start(&self) -> Start<Self::Done>;
     /// Runs the command (blocking).
     fn run(self) -> Self::Done;
     /// The result of a command whose execution panicked (a bug: the peer gets an error
@@ -55,6 +52,26 @@ pub trait Job: Send + 'static {
 
 /// A command running as a future.
 pub type JobFuture<D> = Pin<Box<dyn Future<Output = D> + Send>>;
+
+/// How a command started ([`Job::start`]).
+pub enum Start<D> {
+    /// It completed without waiting.
+    Done(D),
+    /// It waits for the device only: a future the connection's task polls.
+    Future(JobFuture<D>),
+    /// It may wait for anything else: [`Job::run`] on a blocking thread.
+    Blocking,
+}
+
+impl<D> std::fmt::Debug for Start<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Start::Done(_) => "Start::Done",
+            Start::Future(_) => "Start::Future",
+            Start::Blocking => "Start::Blocking",
+        })
+    }
+}
 
 /// A running command's future as the flow keeps it: tag, cost and result.
 type TaskFuture<J> =
@@ -221,30 +238,28 @@ impl<J: Job> Flow<J> {
             let (job, cost) = self.waiting.pop_front()?;
             self.waiting_bytes -= cost;
             let tag = job.tag();
-            let inline = std::panic::catch_unwind(AssertUnwindSafe(|| job.run_nowait()))
-                .unwrap_or_else(|_| Some(J::panicked(tag)));
-            if let Some(done) = inline {
-                return Some((tag, done));
+            let started = std::panic::catch_unwind(AssertUnwindSafe(|| job.start()))
+                .unwrap_or_else(|_| Start::Done(J::panicked(tag)));
+            match started {
+                Start::Done(done) => return Some((tag, done)),
+                Start::Future(future) => {
+                    self.running += 1;
+                    self.running_bytes += cost;
+                    // The job's own resources (a write's buffer) go now; the future owns what
+                    // the read needs.
+                    drop(job);
+                    self.tasks.push(Box::pin(async move {
+                        let done = CatchUnwind(future)
+                            .await
+                            .unwrap_or_else(|_| J::panicked(tag));
+                        (tag, cost, done)
+                    }));
+                    continue;
+                }
+                Start::Blocking => {}
             }
-            let started = std::panic::catch_unwind(AssertUnwindSafe(|| job.run_async()));
-            let future = match started {
-                Ok(f) => f,
-                Err(_) => return Some((tag, J::panicked(tag))),
-            };
             self.running += 1;
             self.running_bytes += cost;
-            if let Some(future) = future {
-                // The job's own resources (a write's buffer) go now; the future owns what the
-                // read needs.
-                drop(job);
-                self.tasks.push(Box::pin(async move {
-                    let done = CatchUnwind(future)
-                        .await
-                        .unwrap_or_else(|_| J::panicked(tag));
-                    (tag, cost, done)
-                }));
-                continue;
-            }
             let tx = self.tx.clone();
             tokio::task::spawn_blocking(move || {
                 let done = std::panic::catch_unwind(AssertUnwindSafe(|| job.run()))
@@ -371,7 +386,7 @@ mod tests {
         tag: u32,
         len: usize,
         inline: bool,
-        /// Runs as a future (see [`Job::run_async`]).
+        /// Runs as a future (see [`Job::start`]).
         asynch: bool,
         ran: Arc<AtomicUsize>,
     }
@@ -385,19 +400,19 @@ mod tests {
         fn cost(&self) -> usize {
             self.len
         }
-        fn run_nowait(&self) -> Option<Vec<u8>> {
-            self.inline.then(|| self.read())
-        }
-        fn run_async(&self) -> Option<JobFuture<Vec<u8>>> {
+        fn start(&self) -> Start<Vec<u8>> {
+            if self.inline {
+                return Start::Done(self.read());
+            }
             if !self.asynch {
-                return None;
+                return Start::Blocking;
             }
             let me = Read {
                 asynch: false,
                 ran: self.ran.clone(),
                 ..*self
             };
-            Some(Box::pin(async move {
+            Start::Future(Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 me.read()
             }))
@@ -559,7 +574,7 @@ mod tests {
 
     /// Eleven commands that do not complete inline (one of them panics) under a budget of four
     /// running at once: at most four run, each completes through `completed` with its data,
-    /// the panic is answered, and nothing is left counted. `asynch`: as futures (`run_async`),
+    /// the panic is answered, and nothing is left counted. `asynch`: as futures (`Start::Future`),
     /// else on blocking threads.
     async fn commands_off_the_connection_task(asynch: bool) {
         let (mut f, ran) = flow();

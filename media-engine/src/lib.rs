@@ -8,6 +8,7 @@ pub use maas_pool::BlockDevice;
 
 pub mod bufpool;
 pub mod flow;
+pub mod io_runtimes;
 pub mod iscsi;
 pub mod listener;
 pub mod nvme;

@@ -1,5 +1,5 @@
 //! The listening side every TCP front-end shares: binds, accepts connections and hands each
-//! to its own task, backs off when accepting fails (out of file descriptors and the like)
+//! to its own task on one of the block targets' runtimes ([`crate::io_runtimes`]), backs off when accepting fails (out of file descriptors and the like)
 //! instead of spinning, and stops on shutdown, which the connection tasks also see.
 //!
 //! It also admits connections ([`Limits`]): at most `max_connections` at once, and at most
@@ -142,6 +142,43 @@ fn open_files_limit() -> Option<u64> {
     (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
 }
 
+/// Runs an admitted connection on the next block-target runtime (the stream moves to that
+/// runtime's reactor), or here if none runs; its place is freed when it ends.
+fn spawn_connection<F, Fut>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    connection: Arc<F>,
+    shutdown: watch::Receiver<bool>,
+) where
+    F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(runtime) = crate::io_runtimes::next() else {
+        let conn = connection(stream, peer, shutdown);
+        tokio::spawn(async move {
+            conn.await;
+            drop(slot);
+        });
+        return;
+    };
+    // Leaves this runtime's reactor nonblocking, to join the other's.
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot hand the connection to a block-target runtime; closed");
+            return;
+        }
+    };
+    runtime.spawn(async move {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => connection(stream, peer, shutdown).await,
+            Err(e) => tracing::warn!(%peer, error = %e, "cannot register the connection; closed"),
+        }
+        drop(slot);
+    });
+}
+
 /// A running listener.
 #[derive(Debug)]
 pub struct Listener {
@@ -154,26 +191,30 @@ impl Listener {
     /// Binds `listen` with the default [`Limits`]; see [`Listener::bind_with`].
     pub async fn bind<F, Fut>(listen: &str, connection: F) -> std::io::Result<Listener>
     where
-        F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + 'static,
+        F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         Listener::bind_with(listen, Limits::default(), connection).await
     }
 
     /// Binds `listen` and runs `connection(stream, peer, shutdown)` in a new task for every
-    /// connection `limits` admit, on the current tokio runtime.
+    /// connection `limits` admit: the listener accepts on the current tokio runtime, the
+    /// connections run on the block targets' runtimes, dealt in turn (on the current runtime
+    /// if those could not be started).
     pub async fn bind_with<F, Fut>(
         listen: &str,
         limits: Limits,
         connection: F,
     ) -> std::io::Result<Listener>
     where
-        F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + 'static,
+        F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
-        crate::read_completions::drive_on_this_runtime();
+        let connection = Arc::new(connection);
+        // Started now, not at the first connection: a failure is logged at startup.
+        crate::io_runtimes::threads();
         if let Some(nofile) = open_files_limit()
             && limits.max_connections as u64 + 256 > nofile
         {
@@ -196,11 +237,7 @@ impl Listener {
                                 drop(stream);
                                 continue;
                             };
-                            let conn = connection(stream, peer, rx.clone());
-                            tokio::spawn(async move {
-                                conn.await;
-                                drop(slot);
-                            });
+                            spawn_connection(stream, peer, slot, connection.clone(), rx.clone());
                         }
                         Err(e) => {
                             tracing::warn!("accept failed: {e}");
@@ -239,6 +276,40 @@ mod tests {
             max_connections_per_source: per_source,
             ..Limits::default()
         }
+    }
+
+    /// Accepted connections run on the block targets' threads, dealt in turn: four
+    /// connections over two threads land on both, never on the listener's runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_are_dealt_to_the_io_threads_in_turn() {
+        crate::io_runtimes::set_threads(2);
+        let n = crate::io_runtimes::threads();
+        assert!(n >= 1, "no io thread started");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let listener = Listener::bind("127.0.0.1:0", move |_stream, _peer, _shutdown| {
+            let tx = tx.clone();
+            async move {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                let _ = tx.send(name);
+            }
+        })
+        .await
+        .unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(TcpStream::connect(listener.local_addr()).await.unwrap());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            let name = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(name.starts_with("maas-io-"), "served on {name:?}");
+            names.insert(name);
+        }
+        assert_eq!(names.len(), n.min(4), "connections not spread: {names:?}");
+        listener.shutdown().await;
     }
 
     #[test]

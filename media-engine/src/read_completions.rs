@@ -1,23 +1,26 @@
-//! Reaps the pool's asynchronous device reads on the tokio runtime that serves the
-//! connections: the ring's completion eventfd is polled beside the sockets, so a read that
-//! completes wakes the worker that is awake (or about to be) anyway, instead of a thread of its
-//! own that would then have to wake a worker (`maas_pool::aio`).
+//! Reaps the pool's asynchronous device reads on the single-threaded runtime that serves the
+//! connections ([`crate::io_runtimes`]): the thread's own ring's completion eventfd is polled
+//! beside the sockets, so a read that completes wakes the thread that is awake (or about to
+//! be) anyway, instead of a thread of its own that would then have to wake it
+//! (`maas_pool::aio`).
 
 use std::task::Poll;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// Starts reaping on the current runtime unless a runtime already does (or asynchronous reads
-/// are unavailable). The task lives as long as the runtime: when that shuts down, the pool's
-/// own thread takes reaping back.
+/// Gives this thread its own ring and reaps it on the current runtime, which must be a
+/// single-threaded one running on this thread: reads submitted from this thread go to that
+/// ring. Does nothing if asynchronous reads are unavailable or the thread already has a ring.
+/// The task lives as long as the runtime: when that shuts down, the pool's own thread finishes
+/// the reads still in flight.
 pub fn drive_on_this_runtime() {
     let Some(source) = maas_pool::aio::completion_source() else {
         return;
     };
-    // SAFETY: the descriptor is the ring's eventfd, which the pool opens once per process
-    // and never closes (the ring lives in a static), so it stays open and the same for the
-    // whole life of this AsyncFd.
+    // SAFETY: the descriptor is the ring's eventfd, which the source owns (through the ring)
+    // and the AsyncFd owns the source, so it stays open and the same for the whole life of
+    // this AsyncFd.
     let fd = match unsafe { AsyncFd::register_with_interest(source, Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {

@@ -1,6 +1,6 @@
-//! Asynchronous device reads for callers that must not block: one shared io_uring that any
-//! thread submits to directly, completions announced on an eventfd that the caller's runtime
-//! polls beside its sockets, and each caller's future woken when all of its reads are done.
+//! Asynchronous device reads for callers that must not block: io_urings that any thread
+//! submits to directly, completions announced on an eventfd that the caller's runtime polls
+//! beside its sockets, and each caller's future woken when all of its reads are done.
 //!
 //! Why this shape: a network front-end that sent each read to a blocking thread paid two thread
 //! hand-offs per command and issued one lone request per thread. A reactor thread of its own
@@ -10,16 +10,24 @@
 //! `io_uring_enter`, the same cost as the `pread` it replaces, with no wait), and completions
 //! come back through the eventfd the ring signals: a runtime registers it with its own poller
 //! ([`CompletionSource`], the media engine does so with tokio) and reaps on the thread that is
-//! awake anyway. Where nothing registered it (the pool's tests, synchronous callers), a
-//! fallback thread waits on the eventfd instead. The same fallback thread checks
-//! every [`WATCHDOG`] that reads in flight are being reaped, so a registered runtime that stops
-//! polling (blocked, or shut down without dropping its source) delays reads, never hangs them.
+//! awake anyway.
+//!
+//! Rings: a thread that takes a [`CompletionSource`] (a single-threaded runtime's thread: the
+//! media engine runs one per core) gets a ring of its own, and every read submitted from that
+//! thread goes to it. A connection, its reads' submission and their completions then stay on
+//! one thread: no wake-up crosses cores per command. Every other thread (the pool's tests,
+//! synchronous callers, multi-threaded runtimes) shares the process's ring, which a fallback
+//! thread reaps by waiting on its eventfd. The same fallback thread checks every [`WATCHDOG`]
+//! that reads in flight on the threads' rings are being reaped, so a runtime that stops polling
+//! (blocked, or shut down without dropping its source) delays reads, never hangs them, and it
+//! finishes the reads of a ring whose source was dropped before letting the ring go.
 //! The futures are runtime-agnostic (a [`std::task::Waker`]).
 //!
 //! Buffers belong to the ring while the kernel may write into them: a future dropped early (a
 //! connection closed mid-read) leaves its reads to finish into buffers nobody reads, which the
 //! reaper then frees. Nothing is ever freed under the kernel.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::future::Future;
@@ -41,7 +49,7 @@ const RING_DEPTH: u32 = 256;
 /// How often the fallback thread makes sure reads in flight are reaped while a runtime's
 /// [`CompletionSource`] is registered (and how late a read can be if that runtime stops).
 const WATCHDOG: Duration = Duration::from_millis(50);
-/// How often the fallback thread looks when no read is in flight.
+/// How often the fallback thread looks when no read is in flight and no thread has a ring.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// One read of a batch: `len` bytes at `offset` of `fd` into `buf` (capacity >= len).
@@ -90,19 +98,29 @@ struct Shared {
     ring_fd: RawFd,
     /// Signalled by the kernel for every completion (`IORING_REGISTER_EVENTFD`); nonblocking.
     event: OwnedFd,
-    /// A [`CompletionSource`] is registered: the fallback thread only watches.
+    /// A [`CompletionSource`] reaps this ring (a thread's own ring while its source lives;
+    /// never the process's ring): the fallback thread only watches it.
     driven: AtomicBool,
     /// When completions were last reaped (ms since `epoch`), for the watchdog.
     last_reap_ms: AtomicU64,
     epoch: Instant,
-    fallback: OnceLock<std::thread::Thread>,
     /// Reads wait in the submission queue for the registered runtime to enter them.
     kicked: AtomicBool,
     /// The registered runtime's task that enters and reaps.
     driver: Mutex<Option<Waker>>,
 }
 
+/// The process's ring, reaped by the fallback thread.
 static RING: OnceLock<Option<Arc<Shared>>> = OnceLock::new();
+
+/// The threads' own rings (see [`CompletionSource`]), for the fallback thread's watch; a ring
+/// leaves this list once its source is gone and its last read finished.
+static THREAD_RINGS: Mutex<Vec<Arc<Shared>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// This thread's own ring, while its [`CompletionSource`] lives.
+    static OWN_RING: RefCell<Option<Arc<Shared>>> = const { RefCell::new(None) };
+}
 
 /// Test hook: while set, new reads stay queued (submitted, not yet issued).
 static PAUSED: AtomicBool = AtomicBool::new(false);
@@ -114,12 +132,17 @@ pub fn pause_for_test(paused: bool) {
     PAUSED.store(paused, Ordering::SeqCst);
     if !paused && let Some(r) = ring() {
         r.pump();
+        let rings: Vec<Arc<Shared>> = THREAD_RINGS.lock().clone();
+        for r in rings {
+            r.pump();
+        }
     }
 }
 
-/// The ring, set up on first use; None where io_uring is unavailable (or the process uses the
-/// pread fallback, or the power-loss simulation watches every read, or `MAAS_ASYNC_READS=off`
-/// asks so, to compare): callers then read on a blocking thread.
+/// The process's ring, set up on first use with its fallback thread; None where io_uring is
+/// unavailable (or the process uses the pread fallback, or the power-loss simulation watches
+/// every read, or `MAAS_ASYNC_READS=off` asks so, to compare): callers then read on a blocking
+/// thread.
 fn ring() -> Option<&'static Arc<Shared>> {
     if crate::io::engine() != crate::io::IoEngine::Uring || crate::powerloss::active() {
         return None;
@@ -138,12 +161,38 @@ fn ring() -> Option<&'static Arc<Shared>> {
     .as_ref()
 }
 
+/// The ring a read submitted from this thread goes to: the thread's own while its source
+/// lives, else the process's.
+fn ring_for_this_thread() -> Option<Arc<Shared>> {
+    let own = OWN_RING
+        .try_with(|o| {
+            o.borrow()
+                .as_ref()
+                .filter(|r| r.driven.load(Ordering::SeqCst))
+                .cloned()
+        })
+        .ok()
+        .flatten();
+    own.or_else(|| ring().cloned())
+}
+
 /// Whether [`read_batch`] is available in this process.
 pub fn available() -> bool {
     ring().is_some()
 }
 
 fn start() -> io::Result<Arc<Shared>> {
+    let shared = new_ring(false)?;
+    let me = shared.clone();
+    std::thread::Builder::new()
+        .name("maas-aio".into())
+        .spawn(move || me.fallback_loop())?;
+    tracing::info!("asynchronous device reads: io_uring, submitted by the reading thread");
+    Ok(shared)
+}
+
+/// A ring with its completion eventfd; `driven`: a thread's own, reaped by its source.
+fn new_ring(driven: bool) -> io::Result<Arc<Shared>> {
     let ring = IoUring::new(RING_DEPTH)?;
     // SAFETY: eventfd returns a new descriptor that nothing else owns, or -1.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -165,19 +214,12 @@ fn start() -> io::Result<Arc<Shared>> {
         }),
         ring_fd,
         event,
-        driven: AtomicBool::new(false),
+        driven: AtomicBool::new(driven),
         last_reap_ms: AtomicU64::new(0),
         epoch: Instant::now(),
-        fallback: OnceLock::new(),
         kicked: AtomicBool::new(false),
         driver: Mutex::new(None),
     });
-    let me = shared.clone();
-    let t = std::thread::Builder::new()
-        .name("maas-aio".into())
-        .spawn(move || me.fallback_loop())?;
-    let _ = shared.fallback.set(t.thread().clone());
-    tracing::info!("asynchronous device reads: io_uring, submitted by the reading thread");
     Ok(shared)
 }
 
@@ -349,6 +391,13 @@ impl Shared {
         }
     }
 
+    /// Makes the eventfd readable, as a completion does: wakes whoever polls it.
+    fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to our own descriptor.
+        unsafe { libc::write(self.event.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
     /// Empties the eventfd's counter (nonblocking: nothing to read is fine).
     fn drain_event(&self) {
         let mut buf = [0u8; 8];
@@ -361,34 +410,22 @@ impl Shared {
         st.in_flight + st.backlog.len()
     }
 
-    /// Reaps when no runtime does; watches that reads get reaped when one does.
+    /// The process's ring: reaps it (nothing else does). The threads' rings: watches that
+    /// their runtimes reap them, and finishes those whose source is gone.
     fn fallback_loop(&self) {
         loop {
-            if self.driven.load(Ordering::SeqCst) {
-                // Every period, idle or not (an atomic load): a read queued for a runtime that
-                // stopped polling has nothing else to wake this thread.
-                std::thread::park_timeout(WATCHDOG);
-                let now = self.epoch.elapsed().as_millis() as u64;
-                let last = self.last_reap_ms.load(Ordering::Relaxed);
-                if now.saturating_sub(last) >= WATCHDOG.as_millis() as u64 && self.in_flight() > 0 {
-                    tracing::debug!(
-                        "read completions not reaped by the runtime for {WATCHDOG:?}; reaping them here"
-                    );
-                    self.pump();
-                }
-                continue;
-            }
+            let watching = !THREAD_RINGS.lock().is_empty();
             let mut pfd = libc::pollfd {
                 fd: self.event.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // Idle (nothing in flight), it looks rarely: a completion signals the eventfd, and
-            // only an enter that failed can leave work that none will announce.
-            let timeout = if self.in_flight() == 0 {
-                IDLE_CHECK
-            } else {
+            // Idle (nothing in flight, no ring to watch), it looks rarely: a completion signals
+            // the eventfd, and only an enter that failed can leave work that none will announce.
+            let timeout = if watching || self.in_flight() > 0 {
                 WATCHDOG
+            } else {
+                IDLE_CHECK
             };
             // SAFETY: one valid pollfd for the duration of the call.
             let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
@@ -400,17 +437,48 @@ impl Shared {
             if n > 0 || self.in_flight() > 0 {
                 self.pump();
             }
+            if watching {
+                watch_thread_rings();
+            }
         }
+    }
+
+    /// Nobody reaped it for a whole watchdog period while reads are in flight.
+    fn stalled(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_reap_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= WATCHDOG.as_millis() as u64 && self.in_flight() > 0
     }
 }
 
-/// The ring's completion signal, for a runtime that polls it beside its own I/O (the media
-/// engine registers it with tokio): when its descriptor ([`AsRawFd`], a nonblocking eventfd;
-/// edge-triggered polling is fine, `reap` empties it first) is readable, call
-/// [`reap`](Self::reap). At most one exists at a time; dropping it hands reaping back to the
-/// fallback thread.
+/// Reaps the threads' rings that their runtimes do not (stalled, or source dropped), and lets
+/// go of those with no source and no read left.
+fn watch_thread_rings() {
+    let rings: Vec<Arc<Shared>> = THREAD_RINGS.lock().clone();
+    for r in &rings {
+        if !r.driven.load(Ordering::SeqCst) {
+            r.drain_event();
+            r.pump();
+        } else if r.stalled() {
+            tracing::debug!(
+                "read completions not reaped by their runtime for {WATCHDOG:?}; reaping them here"
+            );
+            r.pump();
+        }
+    }
+    THREAD_RINGS
+        .lock()
+        .retain(|r| r.driven.load(Ordering::SeqCst) || r.in_flight() > 0);
+}
+
+/// The completion signal of a ring of the thread that took it, for a runtime that polls it
+/// beside its own I/O (the media engine registers it with tokio on each of its single-threaded
+/// runtimes): when its descriptor ([`AsRawFd`], a nonblocking eventfd; edge-triggered polling
+/// is fine, `reap` empties it first) is readable, call [`reap`](Self::reap). Reads submitted
+/// from that thread go to this ring while the source lives; dropping it sends that thread's
+/// reads back to the process's ring, and the fallback thread finishes those still in flight.
 pub struct CompletionSource {
-    shared: &'static Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for CompletionSource {
@@ -419,14 +487,34 @@ impl std::fmt::Debug for CompletionSource {
     }
 }
 
-/// Takes the ring's completion signal; None if asynchronous reads are unavailable or another
-/// runtime holds it (its reads are reaped for everyone).
+/// Gives this thread a ring of its own and returns its completion signal; None if
+/// asynchronous reads are unavailable, the ring cannot be set up (this thread's reads then go
+/// to the process's ring), or this thread already has a source.
 pub fn completion_source() -> Option<CompletionSource> {
-    let shared = ring()?;
-    shared
-        .driven
-        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+    let process = ring()?;
+    let taken = OWN_RING
+        .try_with(|o| {
+            o.borrow()
+                .as_ref()
+                .is_some_and(|r| r.driven.load(Ordering::SeqCst))
+        })
         .ok()?;
+    if taken {
+        return None;
+    }
+    let shared = match new_ring(true) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set up this thread's io_uring; its reads share the process's ring");
+            return None;
+        }
+    };
+    OWN_RING
+        .try_with(|o| *o.borrow_mut() = Some(shared.clone()))
+        .ok()?;
+    THREAD_RINGS.lock().push(shared.clone());
+    // The fallback thread's watch starts now, not after an idle second.
+    process.signal();
     Some(CompletionSource { shared })
 }
 
@@ -461,10 +549,16 @@ impl AsRawFd for CompletionSource {
 impl Drop for CompletionSource {
     fn drop(&mut self) {
         self.shared.driver.lock().take();
+        // From now on this thread's reads go to the process's ring; the fallback thread
+        // finishes this ring's reads in flight (it stays in THREAD_RINGS until they are done).
         self.shared.driven.store(false, Ordering::SeqCst);
-        if let Some(t) = self.shared.fallback.get() {
-            t.unpark();
-        }
+        let _ = OWN_RING.try_with(|o| {
+            if let Ok(mut o) = o.try_borrow_mut()
+                && o.as_ref().is_some_and(|r| Arc::ptr_eq(r, &self.shared))
+            {
+                *o = None;
+            }
+        });
     }
 }
 
@@ -520,7 +614,7 @@ impl std::fmt::Debug for ReadBatch {
 /// Submits the reads to the ring; None if asynchronous reads are unavailable (see
 /// [`available`]), and then nothing was submitted.
 pub fn read_batch(reqs: &[ReadReq<'_>]) -> Option<ReadBatch> {
-    let shared = ring()?;
+    let shared = ring_for_this_thread()?;
     let batch = Arc::new(Batch {
         state: Mutex::new(BatchState {
             bufs: (0..reqs.len()).map(|_| None).collect(),
@@ -728,6 +822,82 @@ mod tests {
             "5 reads took {took:?} with the source never polled"
         );
         drop(source);
+    }
+
+    /// Each thread that takes a source gets its own ring: its reads are announced to its own
+    /// source only, and a second thread's source does not see them.
+    #[test]
+    fn each_thread_with_a_source_has_its_own_ring() {
+        if !available() {
+            return;
+        }
+        let (f, data) = file_of(1 << 20);
+        let f = Arc::new(f);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            let source = completion_source().expect("the other thread's source");
+            assert!(!source.watch_submissions(Waker::noop()));
+            tx.send(()).expect("tell the test thread");
+            // The test thread queues its reads meanwhile: none of them are announced here.
+            go_rx.recv().expect("wait for the test thread");
+            assert!(
+                !source.watch_submissions(Waker::noop()),
+                "another thread's reads were announced to this thread's source"
+            );
+        });
+        rx.recv().expect("the other thread took its source");
+        let source = completion_source().expect("this thread's source, beside the other's");
+        assert!(!source.watch_submissions(Waker::noop()));
+        let r = [ReadReq {
+            file: &f,
+            offset: 12288,
+            len: 4096,
+        }];
+        let mut batch = std::pin::pin!(read_batch(&r).expect("ring"));
+        assert!(
+            source.watch_submissions(Waker::noop()),
+            "not announced to its own source"
+        );
+        go_tx.send(()).expect("tell the other thread");
+        other.join().expect("the other thread");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let b = loop {
+            source.reap();
+            if let Poll::Ready(r) = batch.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                break r.expect("read");
+            }
+            assert!(Instant::now() < deadline, "the read never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(&b[0][..], &data[12288..16384]);
+    }
+
+    /// A source dropped while its ring still has reads queued and in flight: the fallback
+    /// thread finishes them, and this thread's next reads go to the process's ring.
+    #[test]
+    fn reads_left_on_a_dropped_source_still_complete() {
+        if !available() {
+            return;
+        }
+        let (f, data) = file_of(1 << 20);
+        let source = completion_source().expect("source");
+        let reqs: Vec<ReadReq<'_>> = (0..8u64)
+            .map(|k| ReadReq {
+                file: &f,
+                offset: k * 8192,
+                len: 4096,
+            })
+            .collect();
+        let batch = read_batch(&reqs).expect("ring");
+        drop(source);
+        let bufs = block_on(batch).expect("reads finished by the fallback thread");
+        for (r, b) in reqs.iter().zip(&bufs) {
+            let o = r.offset as usize;
+            assert_eq!(&b[..], &data[o..o + 4096]);
+        }
+        let b = block_on(read_batch(&reqs[..1]).expect("ring")).expect("read");
+        assert_eq!(&b[0][..], &data[..4096]);
     }
 
     struct Flag(AtomicBool);

@@ -57,10 +57,14 @@ pub trait BlockDevice: Send + Sync {
     /// done at once if the blocks are in memory, else device reads submitted asynchronously
     /// and a future that completes them, or — where that cannot be done (a sealed chunk not
     /// in RAM, a lock held, no io_uring) — the buffer back, for [`BlockDevice::read`] on a
-    /// blocking thread. For front-ends that run their commands on network threads.
-    fn read_async(&self, offset: u64, buf: Vec<u8>) -> AsyncRead {
-        let _ = offset;
-        AsyncRead::Blocking(buf)
+    /// blocking thread. For front-ends that run their commands on network threads: it answers
+    /// everything [`BlockDevice::read_nowait`] does. By default, that is all it does.
+    fn read_async(&self, offset: u64, mut buf: Vec<u8>) -> AsyncRead {
+        match self.read_nowait(offset, &mut buf) {
+            Ok(true) => AsyncRead::Done(Ok(buf)),
+            Ok(false) => AsyncRead::Blocking(buf),
+            Err(e) => AsyncRead::Done(Err(e)),
+        }
     }
 
     /// Writes like [`BlockDevice::write`] without FUA if that needs no device I/O and no
@@ -229,9 +233,15 @@ impl Volume {
         if let Err(e) = self.pool.check_open() {
             return AsyncRead::Done(Err(e));
         }
-        if len == 0 || offset % BLOCK != 0 || len % BLOCK != 0 || !crate::aio::available() {
+        if len == 0 || offset % BLOCK != 0 || len % BLOCK != 0 {
             return AsyncRead::Blocking(buf);
         }
+        // Without the ring, what is in memory is still answered here (as `read_nowait`).
+        let wait = if crate::aio::available() {
+            Wait::Defer
+        } else {
+            Wait::No
+        };
         let Some(pin) = self.pool.shared.pin.try_read_arc_for(NOWAIT_LOCK_WAIT) else {
             return AsyncRead::Blocking(buf);
         };
@@ -244,13 +254,12 @@ impl Volume {
             }
             (self.resolve(&ov, offset / BLOCK, len / BLOCK), ov.base_root)
         };
-        let (runs, frames) =
-            match self.fetch_as(&srcs, base_root, offset / BLOCK, &mut buf, Wait::Defer) {
-                Err(e) => return AsyncRead::Done(Err(e)),
-                Ok(Fetched::Done) => return AsyncRead::Done(Ok(buf)),
-                Ok(Fetched::WouldBlock) => return AsyncRead::Blocking(buf),
-                Ok(Fetched::Deferred(runs, frames)) => (runs, frames),
-            };
+        let (runs, frames) = match self.fetch_as(&srcs, base_root, offset / BLOCK, &mut buf, wait) {
+            Err(e) => return AsyncRead::Done(Err(e)),
+            Ok(Fetched::Done) => return AsyncRead::Done(Ok(buf)),
+            Ok(Fetched::WouldBlock) => return AsyncRead::Blocking(buf),
+            Ok(Fetched::Deferred(runs, frames)) => (runs, frames),
+        };
         // Log runs first, then chunk frames: the batch's buffers come back in this order.
         let mut reqs = Vec::with_capacity(runs.len() + frames.len());
         let wanted = runs

@@ -63,6 +63,9 @@ pub struct FioResult {
     /// Completion latency, microseconds.
     pub lat_avg_us: f64,
     pub lat_p99_us: f64,
+    /// CPU time fio's own process spent per I/O (user + system, as fio reports it),
+    /// microseconds; 0 where not measured.
+    pub cpu_us_per_io: f64,
 }
 
 /// Runs one fio job with the libiscsi engine against `url` as `initiator`.
@@ -154,11 +157,19 @@ fn fio_run(fio: &Path, engine: &[String], job: FioJob<'_>) -> Result<FioResult> 
         &j["read"]
     };
     let clat = &side["clat_ns"];
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let ios = f(&side["total_ios"]);
+    let cpu_seconds = (f(&j["usr_cpu"]) + f(&j["sys_cpu"])) / 100.0 * f(&j["job_runtime"]) / 1000.0;
     Ok(FioResult {
-        mib_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
-        iops: side["iops"].as_f64().unwrap_or(0.0),
-        lat_avg_us: clat["mean"].as_f64().unwrap_or(0.0) / 1000.0,
-        lat_p99_us: clat["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+        mib_s: f(&side["bw_bytes"]) / (1024.0 * 1024.0),
+        iops: f(&side["iops"]),
+        lat_avg_us: f(&clat["mean"]) / 1000.0,
+        lat_p99_us: f(&clat["percentile"]["99.000000"]) / 1000.0,
+        cpu_us_per_io: if ios > 0.0 {
+            cpu_seconds / ios * 1e6
+        } else {
+            0.0
+        },
     })
 }
 

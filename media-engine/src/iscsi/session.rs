@@ -69,20 +69,13 @@ impl Exec {
         }
     }
 
-    /// Runs the command now if it can complete without blocking (see
-    /// [`LogicalUnit::execute_nowait`]); None if it must go to [`Exec::run`] on a blocking
-    /// thread.
-    pub fn run_nowait(&self) -> Option<scsi::Response> {
-        if self.cdb.first() == Some(&REPORT_LUNS) {
-            return None;
+    /// Starts the command on the connection's task (see [`LogicalUnit::execute_start`]);
+    /// REPORT LUNS and commands for no LU go to [`Exec::run`].
+    pub fn start(&self) -> crate::flow::Start<scsi::Response> {
+        match &self.lu {
+            Some(lu) if self.cdb.first() != Some(&REPORT_LUNS) => lu.execute_start(&self.command()),
+            _ => crate::flow::Start::Blocking,
         }
-        self.lu.as_ref()?.execute_nowait(&self.command())
-    }
-
-    /// Starts a READ as a future that waits for the device on no thread (see
-    /// [`LogicalUnit::execute_async`]); None if it must go to [`Exec::run`].
-    pub fn run_async(&self) -> Option<crate::flow::JobFuture<scsi::Response>> {
-        self.lu.as_ref()?.execute_async(&self.command())
     }
 
     fn command(&self) -> scsi::Command<'_> {
@@ -113,12 +106,8 @@ impl crate::flow::Job for Exec {
         self.data_out.len() + data_in
     }
 
-    fn run_nowait(&self) -> Option<scsi::Response> {
-        Exec::run_nowait(self)
-    }
-
-    fn run_async(&self) -> Option<crate::flow::JobFuture<scsi::Response>> {
-        Exec::run_async(self)
+    fn start(&self) -> crate::flow::Start<scsi::Response> {
+        Exec::start(self)
     }
 
     fn run(self) -> scsi::Response {

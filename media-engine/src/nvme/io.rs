@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use crate::flow::Start;
 use maas_pool::{AsyncRead, PoolError};
 
 use super::MAX_TRANSFER;
@@ -96,60 +97,40 @@ impl IoJob {
         }
     }
 
-    /// Runs the command if that needs no waiting (a read from memory, a write the log takes
-    /// in memory); `None` means it must go to [`IoJob::run`] on a blocking thread.
-    pub fn run_nowait(&self) -> Option<Completion> {
-        let ns = self.ns().ok()?;
+    /// Starts the command on the connection's task (see [`crate::flow::Job::start`]): a read
+    /// answered from memory or a write the log takes in memory completes here, a read that
+    /// waits only for the device becomes a future; everything else goes to [`IoJob::run`].
+    pub fn start(&self) -> Start<Completion> {
+        let Ok(ns) = self.ns() else {
+            return Start::Blocking;
+        };
         match self.sqe.opcode() {
-            io::READ => {
-                let r = match lba_range(ns, &self.sqe) {
-                    Ok(r) if r.len <= MAX_TRANSFER as u64 => r,
-                    _ => return None,
-                };
-                // Filled whole by the read before it is sent (see bufpool).
-                let mut buf = crate::bufpool::take(r.len as usize);
-                match ns.dev.read_nowait(r.offset, &mut buf) {
-                    Ok(true) => {
-                        ns.stats.read(buf.len());
-                        Some(Completion::data(buf))
-                    }
-                    _ => {
-                        crate::bufpool::give(buf);
-                        None
-                    }
-                }
-            }
+            io::READ if self.sqe.fuse() == 0 => self.start_read(ns),
             io::WRITE if self.write_cache && !fua(&self.sqe) && !ns.read_only => {
-                let r = lba_range(ns, &self.sqe).ok()?;
+                let Ok(r) = lba_range(ns, &self.sqe) else {
+                    return Start::Blocking;
+                };
                 if r.len != self.data.len() as u64 {
-                    return None;
+                    return Start::Blocking;
                 }
                 match ns.dev.write_nowait(r.offset, &self.data) {
                     Ok(true) => {
                         ns.stats.wrote(self.data.len());
-                        Some(Completion::ok())
+                        Start::Done(Completion::ok())
                     }
-                    _ => None,
+                    _ => Start::Blocking,
                 }
             }
-            _ => None,
+            _ => Start::Blocking,
         }
     }
 
-    /// Starts a read as a future that waits for the device on no thread (see
-    /// [`maas_pool::BlockDevice::read_async`]); `None` means it must go to [`IoJob::run`] on a
-    /// blocking thread. Called after [`IoJob::run_nowait`] said `None`.
-    pub fn run_async(&self) -> Option<crate::flow::JobFuture<Completion>> {
-        let ns = self.ns().ok()?.clone();
-        if self.sqe.opcode() != io::READ || self.sqe.fuse() != 0 {
-            return None;
-        }
-        let r = match lba_range(&ns, &self.sqe) {
+    fn start_read(&self, ns: &Arc<Namespace>) -> Start<Completion> {
+        let r = match lba_range(ns, &self.sqe) {
             Ok(r) if r.len <= MAX_TRANSFER as u64 => r,
-            _ => return None,
+            _ => return Start::Blocking,
         };
-        let dev = ns.dev.clone();
-        let finish = move |res: maas_pool::Result<Vec<u8>>| match res {
+        let finish = |ns: &Namespace, res: maas_pool::Result<Vec<u8>>| match res {
             Ok(buf) => {
                 ns.stats.read(buf.len());
                 Completion::data(buf)
@@ -158,12 +139,15 @@ impl IoJob {
         };
         // Filled whole by the read before it is sent (see bufpool).
         let buf = crate::bufpool::take(r.len as usize);
-        match dev.read_async(r.offset, buf) {
-            AsyncRead::Done(res) => Some(Box::pin(std::future::ready(finish(res)))),
-            AsyncRead::Pending(read) => Some(Box::pin(async move { finish(read.await) })),
+        match ns.dev.read_async(r.offset, buf) {
+            AsyncRead::Done(res) => Start::Done(finish(ns, res)),
+            AsyncRead::Pending(read) => {
+                let ns = ns.clone();
+                Start::Future(Box::pin(async move { finish(&ns, read.await) }))
+            }
             AsyncRead::Blocking(buf) => {
                 crate::bufpool::give(buf);
-                None
+                Start::Blocking
             }
         }
     }

@@ -2,8 +2,6 @@
 //! AND WRITE, ORWRITE, WRITE ATOMIC, cache synchronisation and the capacity and provisioning
 //! reports.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use super::cdb::{
@@ -18,8 +16,7 @@ use super::sense::{Asc, Sense};
 use super::{Command, Response};
 use maas_pool::{AsyncRead, PoolError};
 
-/// A READ waiting for the device (see [`LogicalUnit::read_async`]).
-type ReadFuture = Pin<Box<dyn Future<Output = Result<Response, Sense>> + Send>>;
+use crate::flow::Start;
 
 /// FUA bit of READ/WRITE (10/12/16), COMPARE AND WRITE and ORWRITE.
 const FUA: u8 = 3;
@@ -147,30 +144,33 @@ impl LogicalUnit {
         }
     }
 
-    /// READ as [`LogicalUnit::read`], as a future that waits for the device without a blocking
-    /// thread (see [`maas_pool::BlockDevice::read_async`]); None (nothing done) if it cannot.
-    pub(super) fn read_async(self: &Arc<Self>, cdb: &[u8], capacity: u64) -> Option<ReadFuture> {
-        let ready = |r: Result<Response, Sense>| -> Option<ReadFuture> {
-            Some(Box::pin(std::future::ready(r)))
-        };
+    /// READ as [`LogicalUnit::read`], started on the caller's thread: answered here from
+    /// memory (or with an error found before any I/O), a future that waits for the device
+    /// without a blocking thread (see [`maas_pool::BlockDevice::read_async`]), or
+    /// [`Start::Blocking`] (nothing done) if it cannot be done either way.
+    pub(super) fn read_start(
+        self: &Arc<Self>,
+        cdb: &[u8],
+        capacity: u64,
+    ) -> Start<Result<Response, Sense>> {
         let r = block_range(cdb);
         if let Err(s) = self.check_transfer(cdb, r, capacity) {
-            return ready(Err(s));
+            return Start::Done(Err(s));
         }
         if r.blocks == 0 {
-            return ready(Ok(Response::good()));
+            return Start::Done(Ok(Response::good()));
         }
         let (offset, len) = match self.offset_and_len(r.lba, u64::from(r.blocks)) {
             Ok(x) => x,
-            Err(s) => return ready(Err(s)),
+            Err(s) => return Start::Done(Err(s)),
         };
         // Filled whole by the read before it is sent (see bufpool).
         match self.dev.read_async(offset, crate::bufpool::take(len)) {
-            AsyncRead::Done(Ok(buf)) => ready(Ok(Response::data(buf))),
-            AsyncRead::Done(Err(e)) => ready(Err(self.io_sense(&e, IoKind::Read))),
+            AsyncRead::Done(Ok(buf)) => Start::Done(Ok(Response::data(buf))),
+            AsyncRead::Done(Err(e)) => Start::Done(Err(self.io_sense(&e, IoKind::Read))),
             AsyncRead::Pending(read) => {
                 let lu = self.clone();
-                Some(Box::pin(async move {
+                Start::Future(Box::pin(async move {
                     read.await
                         .map(Response::data)
                         .map_err(|e| lu.io_sense(&e, IoKind::Read))
@@ -178,7 +178,7 @@ impl LogicalUnit {
             }
             AsyncRead::Blocking(buf) => {
                 crate::bufpool::give(buf);
-                None
+                Start::Blocking
             }
         }
     }

@@ -21,6 +21,7 @@ use super::sense::{Asc, Sense, SenseKey};
 use super::ua::UnitAttentions;
 use super::xcopy::CopyResults;
 use super::{Command, Nexus, Response, Status};
+use crate::flow::Start;
 
 pub use super::ident::{DEFAULT_COMPANY_ID, LuIdentity};
 
@@ -181,17 +182,21 @@ impl LogicalUnit {
         Some(response)
     }
 
-    /// Executes a READ as a future that waits for the device without a blocking thread (see
-    /// [`maas_pool::BlockDevice::read_async`]); None, having changed nothing, for every other
-    /// command and whenever the read cannot be done that way: then run it with
+    /// Starts a command on the caller's (network) thread: a READ answered from memory or a
+    /// WRITE the cache takes without waiting completes here (as [`LogicalUnit::execute_nowait`]),
+    /// a READ that waits only for the device becomes a future that waits without a blocking
+    /// thread (see [`maas_pool::BlockDevice::read_async`]); every other command, and any that
+    /// cannot be done that way, is [`Start::Blocking`], having changed nothing: run it with
     /// [`LogicalUnit::execute`] on a blocking thread.
-    pub fn execute_async(
-        self: &Arc<Self>,
-        cmd: &Command<'_>,
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>> {
-        let opcode = *cmd.cdb.first()?;
+    pub fn execute_start(self: &Arc<Self>, cmd: &Command<'_>) -> Start<Response> {
+        let Some(&opcode) = cmd.cdb.first() else {
+            return Start::Blocking;
+        };
         if !matches!(opcode, op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16) {
-            return None;
+            return match self.execute_nowait(cmd) {
+                Some(r) => Start::Done(r),
+                None => Start::Blocking,
+            };
         }
         let lookup = opcodes::lookup(cmd.cdb);
         let spdtl = lookup
@@ -205,15 +210,16 @@ impl LogicalUnit {
             r
         };
         match self.admit(cmd, lookup) {
-            Ok((_, blocks)) => {
-                let read = self.read_async(cmd.cdb, blocks)?;
-                Some(Box::pin(async move {
+            Ok((_, blocks)) => match self.read_start(cmd.cdb, blocks) {
+                Start::Done(r) => Start::Done(with_spdtl(r.unwrap_or_else(Response::check))),
+                Start::Future(read) => Start::Future(Box::pin(async move {
                     with_spdtl(read.await.unwrap_or_else(Response::check))
-                }))
-            }
+                })),
+                Start::Blocking => Start::Blocking,
+            },
             // Admission refused (it took a unit attention, if that is the answer): that is the
             // command's answer.
-            Err(response) => Some(Box::pin(std::future::ready(with_spdtl(response)))),
+            Err(response) => Start::Done(with_spdtl(response)),
         }
     }
 

@@ -102,18 +102,22 @@ pub enum Job {
 }
 
 impl Job {
-    /// The completion, if it can be had without blocking or heavy computation.
-    pub fn run_nowait(&self) -> Option<Completion> {
+    /// Starts the work on the connection's task (see [`crate::flow::Job::start`]): an
+    /// authentication step completes here unless it is costly (modular exponentiation).
+    pub fn start(&self) -> crate::flow::Start<Completion> {
         match self {
-            Job::Io(j) => j.run_nowait(),
-            Job::Auth(j) => (!j.costly()).then(|| j.run()),
+            Job::Io(j) => j.start(),
+            Job::Auth(j) if !j.costly() => crate::flow::Start::Done(j.run()),
+            Job::Auth(_) => crate::flow::Start::Blocking,
         }
     }
-    /// See [`crate::flow::Job::run_async`]: reads only.
-    pub fn run_async(&self) -> Option<crate::flow::JobFuture<Completion>> {
-        match self {
-            Job::Io(j) => j.run_async(),
-            Job::Auth(_) => None,
+    /// Runs the work here, whatever it waits for (tests and tools).
+    #[cfg(test)]
+    pub fn run_here(self) -> Completion {
+        match self.start() {
+            crate::flow::Start::Done(c) => c,
+            crate::flow::Start::Future(f) => maas_pool::aio::block_on(f),
+            crate::flow::Start::Blocking => self.run(),
         }
     }
     pub fn run(self) -> Completion {
@@ -1101,7 +1105,7 @@ mod tests {
             for p in pdus {
                 let r = q.on_pdu(p, &mut out);
                 for (cid, job) in q.take_work() {
-                    let c = job.run_nowait().unwrap_or_else(|| job.run());
+                    let c = job.run_here();
                     q.on_complete(cid, c, &mut out);
                 }
                 prop_assert!(out.len() < 16 << 20);
@@ -1132,7 +1136,7 @@ mod tests {
                 let r = q.on_pdu(p, &mut out);
                 for (cid, job) in q.take_work() {
                     prop_assert!(matches!(job, Job::Auth(_)), "{job:?} before authentication");
-                    let c = job.run_nowait().unwrap_or_else(|| job.run());
+                    let c = job.run_here();
                     q.on_complete(cid, c, &mut out);
                 }
                 prop_assert!(!q.is_ready() || q.controller().is_none());

@@ -123,12 +123,8 @@ impl Job for Work {
         io.data.len() + data_in
     }
 
-    fn run_nowait(&self) -> Option<Completion> {
-        self.job.run_nowait()
-    }
-
-    fn run_async(&self) -> Option<crate::flow::JobFuture<Completion>> {
-        self.job.run_async()
+    fn start(&self) -> crate::flow::Start<Completion> {
+        self.job.start()
     }
 
     fn run(self) -> Completion {
