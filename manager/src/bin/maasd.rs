@@ -38,11 +38,6 @@ struct Args {
     create_pool: bool,
 }
 
-/// mimalloc: per-command buffers and futures are allocated and freed on the I/O threads at
-/// every command; glibc malloc cost a noticeable share of their CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_default_config {

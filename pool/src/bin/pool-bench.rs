@@ -450,11 +450,6 @@ fn fill(v: &Volume, size: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// mimalloc: per-command buffers and futures are allocated and freed on the I/O threads at
-/// every command; glibc malloc cost a noticeable share of their CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     tracing_subscriber::fmt()

@@ -133,11 +133,6 @@ impl Drop for Tgt {
     }
 }
 
-/// mimalloc: per-command buffers and futures are allocated and freed on the I/O threads at
-/// every command; glibc malloc cost a noticeable share of their CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     let args = Args::parse();
     init_logging();

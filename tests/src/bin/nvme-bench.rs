@@ -242,11 +242,6 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-/// mimalloc: per-command buffers and futures are allocated and freed on the I/O threads at
-/// every command; glibc malloc cost a noticeable share of their CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     let args = Args::parse();
     init_logging();
