@@ -1111,9 +1111,15 @@ impl PoolInner {
         }
         let (bytes, _) = self.wal.usage();
         // Fold at the configured size, and early enough that the fold always has room for the
-        // chunks it writes: the log never takes more than half of what is free.
+        // chunks it writes: the log never takes more than half of what is free. Segments the
+        // cleaner is about to free (every block overwritten; the overwrites wait in the write
+        // buffer or for a sync) do not count towards the size: folding for them would hash and
+        // compress a volume's worth of data that is dead anyway. They still count against the
+        // free space, and they go within `write_back_delay` and a sync, so the log stays
+        // bounded by the threshold plus what the write buffer holds.
+        let live_log = bytes.saturating_sub(self.wal.awaiting_cleaner_bytes());
         let free = self.shared.alloc.lock().free_bytes();
-        if bytes > self.opts.wal_fold_threshold || bytes > free / 2 {
+        if live_log > self.opts.wal_fold_threshold || bytes > free / 2 {
             for vid in self.wal.oldest_pinning_volumes(&self.folded_map()) {
                 let Ok(v) = self.vol(VolumeId(vid)) else {
                     continue;

@@ -1570,6 +1570,18 @@ impl Wal {
         self.segment_bytes.load(Ordering::SeqCst)
     }
 
+    /// Bytes of the log segments the cleaner will free without a fold: every block of them was
+    /// overwritten, and they wait only for the overwrites to be durable (the write buffer
+    /// writes them back within `write_back_delay`; `maintain` syncs when that would clean).
+    pub fn awaiting_cleaner_bytes(&self) -> u64 {
+        let st = self.st.lock();
+        st.segments
+            .values()
+            .filter(|s| s.overwritten())
+            .map(|s| s.rec.extent.len)
+            .sum()
+    }
+
     /// Bytes of device space held by log segments, and their count.
     pub fn usage(&self) -> (u64, usize) {
         let st = self.st.lock();

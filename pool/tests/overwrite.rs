@@ -96,3 +96,56 @@ fn overwritten_segments_are_freed_without_a_fold() {
         );
     }
 }
+
+/// Rewrites held in the write buffer: the segments they overwrote wait until the buffer writes
+/// them back (within `write_back_delay`) and a sync makes them durable; then the cleaner frees
+/// them. Those waiting segments are not a reason to fold: a fold would hash and compress a
+/// whole volume of data that is dead anyway (what made maasd's defaults write sequentially at
+/// half tgt's speed). Here the log of one pass plus the buffer's waiting pass is over the fold
+/// threshold, the live log is under it: nothing may be folded, and every pass reads back.
+#[test]
+fn segments_waiting_for_buffered_overwrites_do_not_start_a_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OpenOptions {
+        wal_segment_bytes: MIB,
+        // One pass (16 MiB) and some room, but less than a pass plus the buffer's.
+        wal_fold_threshold: 24 * MIB,
+        write_buffer_bytes: 16 * MIB as usize,
+        write_back_delay: std::time::Duration::from_millis(300),
+        background: true,
+        ..test_open_opts()
+    };
+    let pool = Pool::create(
+        dir.path(),
+        small_pool_opts(dir.path(), 512 * MIB, 64 << 10),
+        opts.clone(),
+    )
+    .unwrap();
+    let info = pool.create_volume("v", 16 * MIB, 4096).unwrap();
+    let v = pool.open_volume(info.id).unwrap();
+    for pass in 0..30u64 {
+        for i in 0..16u64 {
+            v.write(i * MIB, &pattern(pass * 100 + i, MIB as usize), false)
+                .unwrap_or_else(|e| panic!("pass {pass}, MiB {i}: {e}"));
+        }
+        // The background sweep (every 200 ms) sees the log between passes.
+        std::thread::sleep(std::time::Duration::from_millis(60));
+    }
+    v.flush().unwrap();
+    assert_eq!(
+        pool.stats().unwrap().chunks,
+        0,
+        "a fold started for segments the cleaner was about to free"
+    );
+    pool.close().unwrap();
+    drop((v, pool));
+    let pool = Pool::open(dir.path(), opts).unwrap();
+    let v = pool.open_volume(info.id).unwrap();
+    for i in 0..16u64 {
+        assert_eq!(
+            read_all(&v, i * MIB, MIB as usize),
+            pattern(2900 + i, MIB as usize),
+            "MiB {i} after reopen"
+        );
+    }
+}
