@@ -371,7 +371,7 @@ pub const DOCS: &[(&str, &str, &str)] = &[
     (
         "pool",
         "wal_fold_threshold",
-        "Fold live data into sealed chunks once the WAL holds this much. As much freed log space stays written on a file device for the next segments (given back if the filesystem fills).",
+        "Fold live data into sealed chunks once the WAL holds this much (not counting segments whose blocks were all overwritten: the cleaner frees those without a fold). As much freed log space stays written on a file device for the next segments (given back if the filesystem fills).",
     ),
     ("iscsi", "", "The iSCSI target."),
     ("iscsi", "listen", "host:port the iSCSI target listens on."),
