@@ -1,6 +1,7 @@
 //! The listening side every TCP front-end shares: binds, accepts connections and hands each
-//! to its own task on one of the block targets' runtimes ([`crate::io_runtimes`]), backs off when accepting fails (out of file descriptors and the like)
-//! instead of spinning, and stops on shutdown, which the connection tasks also see.
+//! to its own task on one of the block targets' runtimes ([`crate::io_runtimes`]), backs off
+//! when accepting fails (out of file descriptors and the like) instead of spinning, and stops
+//! on shutdown, which the connection tasks also see.
 //!
 //! It also admits connections ([`Limits`]): at most `max_connections` at once, and at most
 //! `max_connections_per_source` from one source address (one IPv6 /64), so that a flood of

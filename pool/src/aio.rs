@@ -161,10 +161,9 @@ fn ring() -> Option<&'static Arc<Shared>> {
     .as_ref()
 }
 
-/// The ring a read submitted from this thread goes to: the thread's own while its source
-/// lives, else the process's.
-fn ring_for_this_thread() -> Option<Arc<Shared>> {
-    let own = OWN_RING
+/// This thread's own ring, while its source lives.
+fn own_ring() -> Option<Arc<Shared>> {
+    OWN_RING
         .try_with(|o| {
             o.borrow()
                 .as_ref()
@@ -172,8 +171,13 @@ fn ring_for_this_thread() -> Option<Arc<Shared>> {
                 .cloned()
         })
         .ok()
-        .flatten();
-    own.or_else(|| ring().cloned())
+        .flatten()
+}
+
+/// The ring a read submitted from this thread goes to: the thread's own while its source
+/// lives, else the process's.
+fn ring_for_this_thread() -> Option<Arc<Shared>> {
+    own_ring().or_else(|| ring().cloned())
 }
 
 /// Whether [`read_batch`] is available in this process.
@@ -492,14 +496,7 @@ impl std::fmt::Debug for CompletionSource {
 /// to the process's ring), or this thread already has a source.
 pub fn completion_source() -> Option<CompletionSource> {
     let process = ring()?;
-    let taken = OWN_RING
-        .try_with(|o| {
-            o.borrow()
-                .as_ref()
-                .is_some_and(|r| r.driven.load(Ordering::SeqCst))
-        })
-        .ok()?;
-    if taken {
+    if own_ring().is_some() {
         return None;
     }
     let shared = match new_ring(true) {

@@ -8,6 +8,33 @@ mod common;
 use common::*;
 use maas_pool::{BlockDevice, OpenOptions, Pool};
 
+/// Writes pass `pass` over the first 16 MiB of `v`, 1 MiB at a time.
+fn write_pass(v: &maas_pool::Volume, pass: u64) {
+    for i in 0..16u64 {
+        v.write(i * MIB, &pattern(pass * 100 + i, MIB as usize), false)
+            .unwrap_or_else(|e| panic!("pass {pass}, MiB {i}: {e}"));
+    }
+}
+
+/// Reopens the pool and checks that volume `id` holds pass `pass` (replay with whatever
+/// segments the cleaner freed gone from the middle of the log).
+fn reopened_holds_pass(
+    dir: &std::path::Path,
+    opts: OpenOptions,
+    id: maas_pool::VolumeId,
+    pass: u64,
+) {
+    let pool = Pool::open(dir, opts).unwrap();
+    let v = pool.open_volume(id).unwrap();
+    for i in 0..16u64 {
+        assert_eq!(
+            read_all(&v, i * MIB, MIB as usize),
+            pattern(pass * 100 + i, MIB as usize),
+            "MiB {i} after reopen"
+        );
+    }
+}
+
 #[test]
 fn sustained_overwrites_never_fill_the_pool() {
     let dir = tempfile::tempdir().unwrap();
@@ -27,10 +54,7 @@ fn sustained_overwrites_never_fill_the_pool() {
     let v = pool.open_volume(info.id).unwrap();
     // 20 passes over the volume: 320 MiB through a 96 MiB pool.
     for pass in 0..20u64 {
-        for i in 0..16u64 {
-            v.write(i * MIB, &pattern(pass * 100 + i, MIB as usize), false)
-                .unwrap_or_else(|e| panic!("pass {pass}, MiB {i}: {e}"));
-        }
+        write_pass(&v, pass);
         v.flush().unwrap();
     }
     for i in 0..16u64 {
@@ -66,10 +90,7 @@ fn overwritten_segments_are_freed_without_a_fold() {
     let v = pool.open_volume(info.id).unwrap();
     // 30 passes: 480 MiB of writes; a fold would start once the log took half the free space.
     for pass in 0..30u64 {
-        for i in 0..16u64 {
-            v.write(i * MIB, &pattern(pass * 100 + i, MIB as usize), false)
-                .unwrap_or_else(|e| panic!("pass {pass}, MiB {i}: {e}"));
-        }
+        write_pass(&v, pass);
         v.flush().unwrap();
     }
     assert_eq!(pool.stats().unwrap().chunks, 0, "nothing was folded");
@@ -86,15 +107,7 @@ fn overwritten_segments_are_freed_without_a_fold() {
     assert!(wal <= 20 * MIB, "the log still holds {} MiB", wal / MIB);
     pool.close().unwrap();
     drop((v, pool));
-    let pool = Pool::open(dir.path(), opts).unwrap();
-    let v = pool.open_volume(info.id).unwrap();
-    for i in 0..16u64 {
-        assert_eq!(
-            read_all(&v, i * MIB, MIB as usize),
-            pattern(2900 + i, MIB as usize),
-            "MiB {i} after reopen"
-        );
-    }
+    reopened_holds_pass(dir.path(), opts, info.id, 29);
 }
 
 /// Rewrites held in the write buffer: the segments they overwrote wait until the buffer writes
@@ -124,10 +137,7 @@ fn segments_waiting_for_buffered_overwrites_do_not_start_a_fold() {
     let info = pool.create_volume("v", 16 * MIB, 4096).unwrap();
     let v = pool.open_volume(info.id).unwrap();
     for pass in 0..30u64 {
-        for i in 0..16u64 {
-            v.write(i * MIB, &pattern(pass * 100 + i, MIB as usize), false)
-                .unwrap_or_else(|e| panic!("pass {pass}, MiB {i}: {e}"));
-        }
+        write_pass(&v, pass);
         // The background sweep (every 200 ms) sees the log between passes.
         std::thread::sleep(std::time::Duration::from_millis(60));
     }
@@ -139,13 +149,5 @@ fn segments_waiting_for_buffered_overwrites_do_not_start_a_fold() {
     );
     pool.close().unwrap();
     drop((v, pool));
-    let pool = Pool::open(dir.path(), opts).unwrap();
-    let v = pool.open_volume(info.id).unwrap();
-    for i in 0..16u64 {
-        assert_eq!(
-            read_all(&v, i * MIB, MIB as usize),
-            pattern(2900 + i, MIB as usize),
-            "MiB {i} after reopen"
-        );
-    }
+    reopened_holds_pass(dir.path(), opts, info.id, 29);
 }
