@@ -20,6 +20,10 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
 fi
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 command -v st >/dev/null 2>&1 || python3 -m pip install -q 'schemathesis>=4,<5'
+# S3 servers and a third-party S3 client for the archive tier's tests.
+command -v s3s-fs >/dev/null 2>&1 || cargo install --locked s3s-fs@0.14.1 --features binary
+command -v moto_server >/dev/null 2>&1 || python3 -m pip install -q 'moto[server]>=5,<6'
+command -v aws >/dev/null 2>&1 || python3 -m pip install -q awscli
 echo "== iSCSI peers (libiscsi, tgt, QEMU 7.2, fio with libiscsi)"
 eval "$(./scripts/iscsi-peers.sh)"
 echo "== guest VM (Debian's kernel and an initramfs for QEMU TCG; open-iscsi, nvme-cli)"

@@ -11,6 +11,7 @@
 
 pub mod aio;
 pub mod alloc;
+pub mod archive;
 mod cache;
 pub mod config;
 pub mod device;

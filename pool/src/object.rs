@@ -113,6 +113,16 @@ pub enum ObjectKind {
     Node = 2,
 }
 
+impl ObjectKind {
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(ObjectKind::Chunk),
+            2 => Some(ObjectKind::Node),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Codec {

@@ -218,6 +218,17 @@ impl Shared {
 
     /// Reads and verifies an object's bytes.
     pub fn read_object(&self, d: &Digest, rec: &ObjRec) -> Result<Vec<u8>> {
+        let buf = self.read_object_bytes(d, rec)?;
+        let what = match rec.kind {
+            ObjectKind::Chunk => format!("chunk {d}"),
+            ObjectKind::Node => format!("index node {d}"),
+        };
+        object::decode(&self.keys, &buf, rec.kind, d, &what)
+    }
+
+    /// An object's extent as stored on its device (padded to 4 KiB), unchecked: the caller
+    /// decodes it.
+    pub fn read_object_bytes(&self, d: &Digest, rec: &ObjRec) -> Result<AlignedBuf> {
         let dev = self.device(rec.extent.device)?;
         let len = object::extent_len(rec.stored_len);
         if len != rec.extent.len {
@@ -234,11 +245,7 @@ impl Shared {
         }])
         .map_err(|e| dev.io_err(e))?;
         self.sealed_bytes_read.fetch_add(len, Ordering::Relaxed);
-        let what = match rec.kind {
-            ObjectKind::Chunk => format!("chunk {d}"),
-            ObjectKind::Node => format!("index node {d}"),
-        };
-        object::decode(&self.keys, &buf, rec.kind, d, &what)
+        Ok(buf)
     }
 
     pub fn lookup(&self, d: &Digest) -> Result<ObjRec> {

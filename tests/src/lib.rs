@@ -9,6 +9,7 @@ pub mod guest;
 pub mod maasd;
 pub mod peers;
 pub mod relay;
+pub mod s3;
 
 use std::path::Path;
 

@@ -1,0 +1,54 @@
+//! Checking a target before it is stored: the endpoint answers, the credentials are good,
+//! the bucket exists, accepts writes and deletes, holds nothing but a MaaS archive under the
+//! prefix, and has object lock when a lock is asked for. Each failure is an [`ArchiveError`]
+//! naming what to fix.
+
+use crate::bucket::Bucket;
+use crate::error::{ArchiveError, Result};
+use crate::manifest::{BUCKET_MANIFEST, BucketManifest};
+
+/// What the check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetCheck {
+    /// The prefix already held a MaaS archive (an import can find snapshots there).
+    pub existing_archive: bool,
+    /// Object lock asked for and enabled on the bucket.
+    pub object_lock: bool,
+}
+
+pub async fn check(
+    bucket: &Bucket,
+    pool_uuid: &str,
+    want_object_lock: bool,
+) -> Result<TargetCheck> {
+    bucket.head_bucket().await?;
+    let object_lock = want_object_lock && bucket.object_lock_enabled().await?;
+    if want_object_lock && !object_lock {
+        return Err(ArchiveError::ObjectLockUnavailable {
+            bucket: bucket.config().bucket.clone(),
+        });
+    }
+    let existing_archive = match bucket.get(BUCKET_MANIFEST).await? {
+        Some(b) => {
+            BucketManifest::parse(&b)?;
+            true
+        }
+        None => {
+            let m = BucketManifest::new(pool_uuid, crate::now_rfc3339());
+            let body = serde_json::to_vec_pretty(&m)
+                .map_err(|e| ArchiveError::Internal(format!("bucket manifest: {e}")))?;
+            bucket.put(BUCKET_MANIFEST, body.into()).await?;
+            false
+        }
+    };
+    // Deletes are needed to reclaim space; find out now, not at the first cleanup.
+    let probe = format!("probe/{:016x}", rand::random::<u64>());
+    bucket
+        .put(&probe, bytes::Bytes::from_static(b"maas write probe"))
+        .await?;
+    bucket.delete(&probe).await?;
+    Ok(TargetCheck {
+        existing_archive,
+        object_lock,
+    })
+}
