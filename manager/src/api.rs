@@ -84,7 +84,7 @@ pub struct Page {
 }
 
 impl Page {
-    fn limit(&self) -> ApiResult<i64> {
+    pub(crate) fn limit(&self) -> ApiResult<i64> {
         match self.limit {
             None => Ok(100),
             Some(l) if (1..=1000).contains(&l) => Ok(l as i64),
@@ -98,7 +98,7 @@ impl Page {
 
 /// One page from `rows`, fetched as `limit + 1` rows of exactly the rows listed (filtered in
 /// the query, never after it): the extra row says whether a next page exists.
-fn page<T, R>(
+pub(crate) fn page<T, R>(
     rows: Vec<R>,
     limit: i64,
     id: impl Fn(&R) -> String,
@@ -112,7 +112,7 @@ fn page<T, R>(
     }
 }
 
-fn validate_name(field: &str, name: &str) -> ApiResult<()> {
+pub(crate) fn validate_name(field: &str, name: &str) -> ApiResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name
@@ -175,14 +175,14 @@ fn pool_volume(st: &AppState, id: &str) -> ApiResult<VolumeId> {
         .id)
 }
 
-fn snapshot_row(st: &AppState, id: &str) -> ApiResult<SnapshotRow> {
+pub(crate) fn snapshot_row(st: &AppState, id: &str) -> ApiResult<SnapshotRow> {
     match st.catalog.snapshot(id)? {
         Some(r) if r.state == "ready" => Ok(r),
         _ => Err(ApiError::not_found("SNAPSHOT_NOT_FOUND", "snapshot", id)),
     }
 }
 
-fn accepted(job: &crate::catalog::JobRow) -> HttpResponse {
+pub(crate) fn accepted(job: &crate::catalog::JobRow) -> HttpResponse {
     HttpResponse::Accepted()
         .insert_header(("location", format!("/api/v1/jobs/{}", job.id)))
         .json(job_out(job))
@@ -620,8 +620,13 @@ pub async fn get_snapshot(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
-    let row = blocking(&state, move |st| snapshot_row(st, &id)).await?;
-    Ok(HttpResponse::Ok().json(snapshot_out(&row)))
+    let (row, copies) = blocking(&state, move |st| {
+        let row = snapshot_row(st, &id)?;
+        let copies = st.catalog.archives_of(&id)?;
+        Ok((row, copies))
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(crate::state::snapshot_with_archives(&row, &copies)))
 }
 
 #[utoipa::path(patch, path = "/api/v1/snapshots/{id}", params(("id" = String, Path, description = "Resource id")), tag = "snapshots", request_body = api::UpdateSnapshot, security(("bearer" = [])),
@@ -690,6 +695,24 @@ pub async fn delete_snapshot(
                 format!("snapshot is locked until {}", crate::state::rfc3339(ms)),
             ));
         }
+        // Deleting a snapshot deletes all its copies; until deletion from archive targets
+        // exists, one with copies there is refused rather than half deleted.
+        let copies = st.catalog.archives_of(&id2)?;
+        if let Some(c) = copies.iter().find(|c| c.state == "pushing") {
+            return Err(ApiError::conflict(
+                "ARCHIVE_IN_PROGRESS",
+                format!("snapshot is being pushed to archive target {}", c.target),
+            ));
+        }
+        if let Some(c) = copies.iter().find(|c| c.state == "archived") {
+            return Err(ApiError::conflict(
+                "SNAPSHOT_ARCHIVED",
+                format!(
+                    "snapshot has a copy in archive target {}; deleting archived snapshots is not available yet",
+                    c.target
+                ),
+            ));
+        }
         row.state = "deleting".into();
         st.catalog.update_snapshot(&row)?;
         Ok(row)
@@ -713,6 +736,7 @@ pub async fn delete_snapshot(
                 }
             }
             st.catalog.delete_snapshot_row(&id)?;
+            st.catalog.delete_archives_of(&id)?;
             Ok(serde_json::json!({ "snapshot": id }))
         },
     )

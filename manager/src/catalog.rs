@@ -63,6 +63,37 @@ pub mod schema {
             result -> Nullable<Text>,
             created_ms -> BigInt,
             updated_ms -> BigInt,
+            progress_detail -> Nullable<Text>,
+        }
+    }
+    diesel::table! {
+        archive_targets (id) {
+            id -> Text,
+            name -> Text,
+            endpoint -> Text,
+            region -> Text,
+            bucket -> Text,
+            prefix -> Text,
+            access_key_id -> Text,
+            secret -> Text,
+            path_style -> BigInt,
+            storage_class -> Nullable<Text>,
+            object_lock_mode -> Nullable<Text>,
+            object_lock_days -> Nullable<BigInt>,
+            encryption -> Text,
+            created_ms -> BigInt,
+        }
+    }
+    diesel::table! {
+        snapshot_archives (snapshot, target) {
+            snapshot -> Text,
+            target -> Text,
+            state -> Text,
+            job -> Nullable<Text>,
+            archived_ms -> Nullable<BigInt>,
+            bytes -> BigInt,
+            objects -> BigInt,
+            updated_ms -> BigInt,
         }
     }
     diesel::table! {
@@ -154,6 +185,53 @@ pub struct JobRow {
     pub error: Option<String>,
     pub result: Option<String>,
     pub created_ms: i64,
+    pub updated_ms: i64,
+    pub progress_detail: Option<String>,
+}
+
+#[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
+#[diesel(table_name = archive_targets)]
+pub struct ArchiveTargetRow {
+    pub id: String,
+    pub name: String,
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub access_key_id: String,
+    /// The secret access key, sealed by the vault.
+    pub secret: String,
+    pub path_style: i64,
+    pub storage_class: Option<String>,
+    pub object_lock_mode: Option<String>,
+    pub object_lock_days: Option<i64>,
+    pub encryption: String,
+    pub created_ms: i64,
+}
+
+/// The sealed secret stays out of logs.
+impl std::fmt::Debug for ArchiveTargetRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveTargetRow")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, Queryable, Selectable, Insertable, AsChangeset, PartialEq)]
+#[diesel(table_name = snapshot_archives, treat_none_as_null = true)]
+pub struct SnapshotArchiveRow {
+    pub snapshot: String,
+    pub target: String,
+    pub state: String,
+    pub job: Option<String>,
+    pub archived_ms: Option<i64>,
+    pub bytes: i64,
+    pub objects: i64,
     pub updated_ms: i64,
 }
 
@@ -430,6 +508,123 @@ impl Catalog {
     }
     pub fn all_snapshots(&self) -> CResult<Vec<SnapshotRow>> {
         self.with(|c| Ok(snapshots::table.select(SnapshotRow::as_select()).load(c)?))
+    }
+
+    // ---- archive targets ----
+    pub fn insert_archive_target(&self, r: &ArchiveTargetRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::insert_into(archive_targets::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn archive_target(&self, id: &str) -> CResult<Option<ArchiveTargetRow>> {
+        self.with(|c| {
+            Ok(archive_targets::table
+                .find(id)
+                .select(ArchiveTargetRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn archive_target_by_name(&self, name: &str) -> CResult<Option<ArchiveTargetRow>> {
+        self.with(|c| {
+            Ok(archive_targets::table
+                .filter(archive_targets::name.eq(name))
+                .select(ArchiveTargetRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn archive_targets(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> CResult<Vec<ArchiveTargetRow>> {
+        self.with(|c| {
+            let mut q = archive_targets::table
+                .select(ArchiveTargetRow::as_select())
+                .order(archive_targets::id.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(a) = after {
+                q = q.filter(archive_targets::id.gt(a.to_string()));
+            }
+            Ok(q.load(c)?)
+        })
+    }
+    /// Deletes a target that no snapshot copy refers to; false if one does (nothing deleted).
+    pub fn delete_archive_target(&self, id: &str) -> CResult<bool> {
+        self.tx(|c| {
+            let used: i64 = snapshot_archives::table
+                .filter(snapshot_archives::target.eq(id))
+                .count()
+                .get_result(c)?;
+            if used > 0 {
+                return Ok(false);
+            }
+            diesel::delete(archive_targets::table.find(id)).execute(c)?;
+            Ok(true)
+        })
+    }
+
+    // ---- snapshot copies in archive targets ----
+    pub fn upsert_snapshot_archive(&self, r: &SnapshotArchiveRow) -> CResult<()> {
+        self.tx(|c| {
+            let n = diesel::update(
+                snapshot_archives::table.find((r.snapshot.clone(), r.target.clone())),
+            )
+            .set(r)
+            .execute(c)?;
+            if n == 0 {
+                diesel::insert_into(snapshot_archives::table)
+                    .values(r)
+                    .execute(c)?;
+            }
+            Ok(())
+        })
+    }
+    pub fn snapshot_archive(
+        &self,
+        snapshot: &str,
+        target: &str,
+    ) -> CResult<Option<SnapshotArchiveRow>> {
+        self.with(|c| {
+            Ok(snapshot_archives::table
+                .find((snapshot.to_string(), target.to_string()))
+                .select(SnapshotArchiveRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn archives_of(&self, snapshot: &str) -> CResult<Vec<SnapshotArchiveRow>> {
+        self.with(|c| {
+            Ok(snapshot_archives::table
+                .filter(snapshot_archives::snapshot.eq(snapshot))
+                .select(SnapshotArchiveRow::as_select())
+                .order(snapshot_archives::target.asc())
+                .load(c)?)
+        })
+    }
+    /// Forgets the copy records of a deleted snapshot (failed pushes: nothing was published).
+    pub fn delete_archives_of(&self, snapshot: &str) -> CResult<()> {
+        self.with(|c| {
+            diesel::delete(
+                snapshot_archives::table.filter(snapshot_archives::snapshot.eq(snapshot)),
+            )
+            .execute(c)?;
+            Ok(())
+        })
+    }
+    /// Copies whose push was interrupted (maasd stopped during it): resumed at start-up.
+    pub fn pushing_archives(&self) -> CResult<Vec<SnapshotArchiveRow>> {
+        self.with(|c| {
+            Ok(snapshot_archives::table
+                .filter(snapshot_archives::state.eq("pushing"))
+                .select(SnapshotArchiveRow::as_select())
+                .load(c)?)
+        })
     }
 
     // ---- exports ----

@@ -131,4 +131,24 @@ impl From<PoolError> for ApiError {
     }
 }
 
+impl From<maas_s3::ArchiveError> for ApiError {
+    fn from(e: maas_s3::ArchiveError) -> Self {
+        use maas_s3::ArchiveError as A;
+        let status = match &e {
+            A::Pool(_) => {
+                let A::Pool(p) = e else {
+                    return ApiError::internal("unreachable");
+                };
+                return p.into();
+            }
+            A::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // What the bucket holds is not what MaaS recorded: the request cannot be served.
+            A::Missing { .. } | A::Damaged { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            // The target's configuration or the bucket's state: the user can fix it.
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -38,6 +38,36 @@ impl Progress<'_> {
             tracing::warn!(error = %e, "cannot record job progress");
         }
     }
+
+    /// Progress with what the job has done so far (bytes, objects...), recorded at most every
+    /// 250 ms, or at once when `force`.
+    pub fn set_detail(&self, fraction: f64, detail: serde_json::Value, force: bool) {
+        let Ok(mut g) = self.row.lock() else { return };
+        if !force && g.1.elapsed() < std::time::Duration::from_millis(250) {
+            return;
+        }
+        let milli = (fraction.clamp(0.0, 1.0) * 1000.0) as i64;
+        g.0.progress_milli = g.0.progress_milli.max(milli);
+        g.0.progress_detail = Some(detail.to_string());
+        g.0.updated_ms = now_ms();
+        g.1 = std::time::Instant::now();
+        if let Err(e) = self.st.catalog.update_job(&g.0) {
+            tracing::warn!(error = %e, "cannot record job progress");
+        }
+    }
+
+    /// The job's id.
+    pub fn job_id(&self) -> String {
+        self.row.lock().map(|g| g.0.id.clone()).unwrap_or_default()
+    }
+
+    /// The detail last recorded.
+    pub fn detail(&self) -> Option<String> {
+        self.row
+            .lock()
+            .ok()
+            .and_then(|g| g.0.progress_detail.clone())
+    }
 }
 
 pub async fn start(
@@ -57,6 +87,7 @@ pub async fn start(
         result: None,
         created_ms: now,
         updated_ms: now,
+        progress_detail: None,
     };
     let r2 = row.clone();
     crate::state::blocking(state, move |st| Ok(st.catalog.insert_job(&r2)?)).await?;
@@ -76,6 +107,7 @@ pub async fn start(
             row: std::sync::Mutex::new((job.clone(), std::time::Instant::now())),
         };
         let outcome = work(&st, &progress);
+        job.progress_detail = progress.detail();
         drop(progress);
         job.updated_ms = now_ms();
         match outcome {

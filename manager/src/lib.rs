@@ -3,6 +3,7 @@
 //! The manager never touches backup data on the data path: it asks the pool and the engine.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod catalog;
 pub mod config;

@@ -30,12 +30,16 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         api::seal, api::list_snapshots, api::get_snapshot, api::patch_snapshot, api::delete_snapshot, api::clone_snapshot,
         api::list_exports, api::create_export, api::get_export, api::delete_export,
         api::list_jobs, api::get_job, api::list_tokens, api::create_token, api::delete_token,
+        crate::archive::create_target, crate::archive::list_targets, crate::archive::get_target,
+        crate::archive::delete_target, crate::archive::archive_snapshot,
     ),
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::PoolReads, maas_api::Device, maas_api::Volume,
         maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
         maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
+        maas_api::ArchiveTarget, maas_api::CreateArchiveTarget, maas_api::ObjectLock, maas_api::ArchiveSnapshot,
+        maas_api::SnapshotArchive,
     )),
     modifiers(&Security),
 )]
@@ -97,6 +101,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             )
             .route("/exports/{id}", web::get().to(api::get_export))
             .route("/exports/{id}", web::delete().to(api::delete_export))
+            .route(
+                "/archive-targets",
+                web::get().to(crate::archive::list_targets),
+            )
+            .route(
+                "/archive-targets",
+                web::post().to(crate::archive::create_target),
+            )
+            .route(
+                "/archive-targets/{id}",
+                web::get().to(crate::archive::get_target),
+            )
+            .route(
+                "/archive-targets/{id}",
+                web::delete().to(crate::archive::delete_target),
+            )
+            .route(
+                "/snapshots/{id}/archive",
+                web::post().to(crate::archive::archive_snapshot),
+            )
             .route("/jobs", web::get().to(api::list_jobs))
             .route("/jobs/{id}", web::get().to(api::get_job))
             .route("/tokens", web::get().to(api::list_tokens))
@@ -310,6 +334,7 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
         engine,
         vault,
         token_use: std::sync::Mutex::new(HashMap::new()),
+        archive: maas_s3::Archive::new(2).map_err(|e| anyhow::anyhow!("{e}"))?,
     };
     let interrupted = crate::jobs::fail_interrupted(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
     if interrupted > 0 {
@@ -363,6 +388,11 @@ pub async fn serve(cfg: Config, start: StartOptions) -> anyhow::Result<()> {
             .with_context(|| format!("binding the NVMe/TCP target to {nvme_listen}"))?,
         )
     };
+    match crate::archive::resume_pushes(&state).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(pushes = n, "interrupted archive pushes resumed"),
+        Err(e) => tracing::warn!(error = %e.message, "cannot resume interrupted archive pushes"),
+    }
     let st = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()

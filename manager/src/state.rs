@@ -8,7 +8,10 @@ use actix_web::web;
 use maas_api as api;
 
 use crate::auth::{Caller, Role};
-use crate::catalog::{Catalog, ExportRow, JobRow, SnapshotRow, TokenRow, VolumeRow};
+use crate::catalog::{
+    ArchiveTargetRow, Catalog, ExportRow, JobRow, SnapshotArchiveRow, SnapshotRow, TokenRow,
+    VolumeRow,
+};
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
 
@@ -31,6 +34,8 @@ pub struct AppState {
     pub vault: crate::secrets::Vault,
     /// Token id -> latest use (ms) not yet written to the catalog ([`TOKEN_USE_FLUSH`]).
     pub token_use: Mutex<HashMap<String, i64>>,
+    /// The archive tier's runtime (S3 requests).
+    pub archive: maas_s3::Archive,
 }
 
 /// Token hashes stay out of logs: only their number is shown.
@@ -197,6 +202,49 @@ pub fn snapshot_out(r: &SnapshotRow) -> api::Snapshot {
         created_at: rfc3339(r.created_ms),
         starred: r.starred != 0,
         locked_until: r.locked_until_ms.map(rfc3339),
+        location: "local".into(),
+        archives: Vec::new(),
+    }
+}
+
+/// A snapshot with where its copies are.
+pub fn snapshot_with_archives(r: &SnapshotRow, archives: &[SnapshotArchiveRow]) -> api::Snapshot {
+    let mut s = snapshot_out(r);
+    s.archives = archives.iter().map(snapshot_archive_out).collect();
+    s
+}
+
+pub fn snapshot_archive_out(r: &SnapshotArchiveRow) -> api::SnapshotArchive {
+    api::SnapshotArchive {
+        target: r.target.clone(),
+        state: r.state.clone(),
+        archived_at: r.archived_ms.map(rfc3339),
+        bytes: r.bytes.max(0) as u64,
+        objects: r.objects.max(0) as u64,
+        job: r.job.clone(),
+    }
+}
+
+pub fn archive_target_out(r: &ArchiveTargetRow) -> api::ArchiveTarget {
+    api::ArchiveTarget {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        endpoint: r.endpoint.clone(),
+        region: r.region.clone(),
+        bucket: r.bucket.clone(),
+        prefix: r.prefix.clone(),
+        access_key_id: r.access_key_id.clone(),
+        path_style: r.path_style != 0,
+        storage_class: r.storage_class.clone(),
+        object_lock: match (&r.object_lock_mode, r.object_lock_days) {
+            (Some(mode), Some(days)) => Some(api::ObjectLock {
+                mode: mode.clone(),
+                days: days.clamp(0, u32::MAX as i64) as u32,
+            }),
+            _ => None,
+        },
+        encryption: r.encryption.clone(),
+        created_at: rfc3339(r.created_ms),
     }
 }
 
@@ -268,6 +316,10 @@ pub fn job_out(r: &JobRow) -> api::Job {
             .as_deref()
             .and_then(|e| serde_json::from_str(e).ok()),
         target: r.target.clone(),
+        progress_detail: r
+            .progress_detail
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok()),
         created_at: rfc3339(r.created_ms),
         updated_at: rfc3339(r.updated_ms),
     }

@@ -29,6 +29,30 @@ pub struct TargetConfig {
     pub secret_access_key: String,
     pub path_style: bool,
     pub storage_class: Option<String>,
+    /// Retention every written object gets (needs a bucket with object lock enabled).
+    pub object_lock: Option<ObjectLockRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    Governance,
+    Compliance,
+}
+
+impl LockMode {
+    pub fn parse(s: &str) -> Option<LockMode> {
+        match s {
+            "GOVERNANCE" => Some(LockMode::Governance),
+            "COMPLIANCE" => Some(LockMode::Compliance),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectLockRule {
+    pub mode: LockMode,
+    pub days: u32,
 }
 
 impl std::fmt::Debug for TargetConfig {
@@ -42,6 +66,7 @@ impl std::fmt::Debug for TargetConfig {
             .field("secret_access_key", &"<redacted>")
             .field("path_style", &self.path_style)
             .field("storage_class", &self.storage_class)
+            .field("object_lock", &self.object_lock)
             .finish()
     }
 }
@@ -325,6 +350,18 @@ impl Bucket {
             if let Some(sc) = &self.cfg.storage_class {
                 req = req.storage_class(sc.as_str().into());
             }
+            if let Some(lock) = self.cfg.object_lock {
+                use md5::Digest as _;
+                let until = std::time::SystemTime::now()
+                    + Duration::from_secs(u64::from(lock.days) * 86_400);
+                req = req
+                    .object_lock_mode(match lock.mode {
+                        LockMode::Governance => aws_sdk_s3::types::ObjectLockMode::Governance,
+                        LockMode::Compliance => aws_sdk_s3::types::ObjectLockMode::Compliance,
+                    })
+                    .object_lock_retain_until_date(aws_smithy_types::DateTime::from(until))
+                    .content_md5(aws_smithy_types::base64::encode(md5::Md5::digest(&body)));
+            }
             req.send()
                 .await
                 .map(|_| ())
@@ -498,6 +535,7 @@ mod tests {
             secret_access_key: "very-secret".into(),
             path_style: true,
             storage_class: None,
+            object_lock: None,
         }
     }
 

@@ -37,6 +37,7 @@ fn cfg(s: &S3Server, bucket: &str) -> TargetConfig {
         secret_access_key: SECRET_KEY.into(),
         path_style: true,
         storage_class: None,
+        object_lock: None,
     }
 }
 

@@ -177,6 +177,101 @@ pub struct Snapshot {
     pub starred: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_until: Option<String>,
+    /// Where the snapshot's data is: `local` (in the pool).
+    #[serde(default = "local")]
+    pub location: String,
+    /// Copies of the snapshot in archive targets.
+    #[serde(default)]
+    pub archives: Vec<SnapshotArchive>,
+}
+
+fn local() -> String {
+    "local".into()
+}
+
+/// A snapshot's copy in an archive target.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct SnapshotArchive {
+    /// Archive target id.
+    pub target: String,
+    /// `pushing`, `archived` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<String>,
+    /// Bytes of the snapshot's data as stored in the bucket (compressed; shared with other
+    /// snapshots where they hold the same data).
+    pub bytes: u64,
+    /// Bucket objects the snapshot's copy uses (packs and its manifest).
+    pub objects: u64,
+    /// The job that last pushed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+/// An S3-compatible bucket (and prefix) that snapshots are archived to.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ArchiveTarget {
+    pub id: String,
+    pub name: String,
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    /// The key id (the secret key is never returned).
+    pub access_key_id: String,
+    pub path_style: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLock>,
+    /// `none`: objects are stored as the pool stores them (compressed, not encrypted).
+    pub encryption: String,
+    pub created_at: String,
+}
+
+/// S3 Object Lock retention applied to every object MaaS writes to the target.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectLock {
+    /// `GOVERNANCE` or `COMPLIANCE`.
+    pub mode: String,
+    /// Retention from the time each object is written, 1..36500.
+    pub days: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateArchiveTarget {
+    pub name: String,
+    /// `https://s3.eu-west-1.amazonaws.com`, `http://10.0.0.5:7480`...
+    pub endpoint: String,
+    /// Default `us-east-1`.
+    #[serde(default)]
+    pub region: Option<String>,
+    pub bucket: String,
+    /// Lets several MaaS installations share a bucket. Default: none.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Path-style addressing; default true for endpoints that are IP addresses or localhost.
+    #[serde(default)]
+    pub path_style: Option<bool>,
+    /// Storage class of the objects written, e.g. `STANDARD_IA`.
+    #[serde(default)]
+    pub storage_class: Option<String>,
+    #[serde(default)]
+    pub object_lock: Option<ObjectLock>,
+    /// `none` (the default).
+    #[serde(default)]
+    pub encryption: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSnapshot {
+    /// Archive target id.
+    pub target: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
@@ -360,6 +455,10 @@ pub struct Job {
     /// The resource the job works on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// What the job has done so far, by kind; `archive`: `objects_total`, `objects_to_send`,
+    /// `objects_sent`, `bytes_to_send`, `bytes_sent`, `packs_sent`, `bytes_per_second`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_detail: Option<serde_json::Value>,
     pub created_at: String,
     pub updated_at: String,
 }

@@ -71,6 +71,9 @@ enum Cmd {
     /// Exports (how hosts reach a volume).
     #[command(subcommand)]
     Export(ExportCmd),
+    /// S3 buckets snapshots are archived to.
+    #[command(subcommand)]
+    ArchiveTarget(ArchiveTargetCmd),
     /// Long-running operations.
     #[command(subcommand)]
     Job(JobCmd),
@@ -153,6 +156,117 @@ enum SnapshotCmd {
         id: String,
         name: String,
     },
+    /// Push a snapshot to an archive target (only what the bucket does not hold yet).
+    Archive {
+        id: String,
+        /// Archive target id.
+        #[arg(long)]
+        target: String,
+    },
+}
+
+/// Environment variable holding an archive target's secret access key.
+const S3_SECRET_ENV: &str = "MAAS_S3_SECRET_ACCESS_KEY";
+
+#[derive(Subcommand)]
+// Parsed once per run: the size of the Create variant does not matter.
+#[allow(clippy::large_enum_variant)]
+enum ArchiveTargetCmd {
+    List,
+    Get {
+        id: String,
+    },
+    /// Add an S3-compatible bucket. maasd checks that it is reachable and writable first.
+    /// The secret access key comes from --secret-key-file, else MAAS_S3_SECRET_ACCESS_KEY,
+    /// else a prompt; never from the command line.
+    Create {
+        name: String,
+        /// e.g. https://s3.eu-west-1.amazonaws.com or http://10.0.0.5:7480
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        bucket: String,
+        #[arg(long)]
+        access_key_id: String,
+        /// File holding the secret access key (one line; `-`: standard input).
+        #[arg(long)]
+        secret_key_file: Option<PathBuf>,
+        /// Default us-east-1.
+        #[arg(long)]
+        region: Option<String>,
+        /// Lets several installations share a bucket.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Path-style addressing (default: on for IP addresses and localhost).
+        #[arg(long)]
+        path_style: Option<bool>,
+        /// e.g. STANDARD_IA, GLACIER_IR.
+        #[arg(long)]
+        storage_class: Option<String>,
+        /// GOVERNANCE or COMPLIANCE (needs a bucket with object lock, and --object-lock-days).
+        #[arg(long)]
+        object_lock_mode: Option<String>,
+        #[arg(long)]
+        object_lock_days: Option<u32>,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+/// An archive target's secret: the file flag, the environment, the terminal.
+fn s3_secret(file: Option<&PathBuf>) -> R<Zeroizing<String>> {
+    if let Some(p) = file {
+        let text = read_secret_file(p, "a secret access key", "secret key file")?;
+        let secret = text.trim_end_matches(['\n', '\r']);
+        if secret.is_empty() || secret.contains('\n') {
+            return Err(CliError::Other(format!(
+                "secret key file {} must hold the key on one line",
+                p.display()
+            )));
+        }
+        return Ok(Zeroizing::new(secret.to_string()));
+    }
+    if let Some(v) = std::env::var_os(S3_SECRET_ENV) {
+        let v = v
+            .into_string()
+            .map_err(|_| CliError::Other(format!("{S3_SECRET_ENV} is not valid UTF-8")))?;
+        if !v.is_empty() {
+            return Ok(Zeroizing::new(v));
+        }
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err(CliError::Other(format!(
+            "no secret access key: use --secret-key-file FILE or {S3_SECRET_ENV}"
+        )));
+    }
+    rpassword::prompt_password("secret access key: ")
+        .map(Zeroizing::new)
+        .map_err(|e| CliError::Other(format!("reading the secret access key: {e}")))
+}
+
+fn print_archive_targets(v: &[api::ArchiveTarget]) {
+    table(
+        &[
+            "ID", "NAME", "ENDPOINT", "BUCKET", "PREFIX", "LOCK", "CREATED",
+        ],
+        v.iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    t.name.clone(),
+                    t.endpoint.clone(),
+                    t.bucket.clone(),
+                    t.prefix.clone(),
+                    t.object_lock
+                        .as_ref()
+                        .map(|l| format!("{} {}d", l.mode, l.days))
+                        .unwrap_or_default(),
+                    t.created_at.clone(),
+                ]
+            })
+            .collect(),
+    );
 }
 
 #[derive(Subcommand)]
@@ -811,7 +925,20 @@ fn wait_job(c: &Client, id: &str, bar: bool) -> R<api::Job> {
     loop {
         let j: api::Job = c.get(&format!("/jobs/{id}"))?;
         if let Some(pb) = &pb {
-            pb.set_message(format!("{} {}", j.kind, j.state));
+            let mut msg = format!("{} {}", j.kind, j.state);
+            if let Some(d) = &j.progress_detail
+                && let (Some(sent), Some(total)) =
+                    (d["bytes_sent"].as_u64(), d["bytes_to_send"].as_u64())
+            {
+                msg.push_str(&format!(
+                    " {} of {}, {} objects, {}/s",
+                    human(sent),
+                    human(total),
+                    d["packs_sent"].as_u64().unwrap_or(0),
+                    human(d["bytes_per_second"].as_u64().unwrap_or(0))
+                ));
+            }
+            pb.set_message(msg);
             pb.set_position((j.progress * 1000.0) as u64);
             pb.tick();
         }
@@ -1032,6 +1159,15 @@ fn run(cli: &Cli) -> R<()> {
                 &c,
                 c.call("DELETE", &format!("/snapshots/{id}"), None)?,
             )?,
+            SnapshotCmd::Archive { id, target } => job_result(
+                cli,
+                &c,
+                c.call(
+                    "POST",
+                    &format!("/snapshots/{id}/archive"),
+                    Some(json!({"target": target})),
+                )?,
+            )?,
             SnapshotCmd::Clone { id, name } => job_result(
                 cli,
                 &c,
@@ -1075,6 +1211,69 @@ fn run(cli: &Cli) -> R<()> {
                 c.call("DELETE", &format!("/exports/{id}"), None)?;
                 if !j {
                     println!("export {id} deleted");
+                }
+            }
+        },
+        Cmd::ArchiveTarget(a) => match a {
+            ArchiveTargetCmd::List => {
+                let v: Vec<api::ArchiveTarget> = c.list("/archive-targets")?;
+                emit(j, &v, || print_archive_targets(&v));
+            }
+            ArchiveTargetCmd::Get { id } => {
+                let t: api::ArchiveTarget = c.get(&format!("/archive-targets/{id}"))?;
+                emit(j, &t, || print_archive_targets(std::slice::from_ref(&t)));
+            }
+            ArchiveTargetCmd::Create {
+                name,
+                endpoint,
+                bucket,
+                access_key_id,
+                secret_key_file,
+                region,
+                prefix,
+                path_style,
+                storage_class,
+                object_lock_mode,
+                object_lock_days,
+            } => {
+                let secret = s3_secret(secret_key_file.as_ref())?;
+                let mut body = json!({
+                    "name": name,
+                    "endpoint": endpoint,
+                    "bucket": bucket,
+                    "access_key_id": access_key_id,
+                    "secret_access_key": secret.as_str(),
+                });
+                if let Some(r) = region {
+                    body["region"] = json!(r);
+                }
+                if let Some(p) = prefix {
+                    body["prefix"] = json!(p);
+                }
+                if let Some(p) = path_style {
+                    body["path_style"] = json!(p);
+                }
+                if let Some(sc) = storage_class {
+                    body["storage_class"] = json!(sc);
+                }
+                match (object_lock_mode, object_lock_days) {
+                    (Some(m), Some(d)) => body["object_lock"] = json!({"mode": m, "days": d}),
+                    (None, None) => {}
+                    _ => {
+                        return Err(CliError::Other(
+                            "object lock needs both --object-lock-mode and --object-lock-days"
+                                .into(),
+                        ));
+                    }
+                }
+                let t: api::ArchiveTarget =
+                    typed(c.call("POST", "/archive-targets", Some(body))?)?;
+                emit(j, &t, || print_archive_targets(std::slice::from_ref(&t)));
+            }
+            ArchiveTargetCmd::Delete { id } => {
+                c.call("DELETE", &format!("/archive-targets/{id}"), None)?;
+                if !j {
+                    println!("deleted {id}");
                 }
             }
         },

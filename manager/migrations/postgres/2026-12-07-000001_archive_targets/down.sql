@@ -1,0 +1,3 @@
+ALTER TABLE jobs DROP COLUMN progress_detail;
+DROP TABLE snapshot_archives;
+DROP TABLE archive_targets;

@@ -1,0 +1,459 @@
+//! REST API of the archive tier: archive targets (S3 buckets, checked before they are stored,
+//! secrets sealed and never returned) and pushing snapshots to them as jobs with progress.
+//! The bytes move in maas-s3; this module keeps the intent (targets, copies, jobs) in the
+//! catalog.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, web};
+use maas_api as api;
+use maas_pool::SnapshotId;
+use maas_s3::bucket::{LockMode, ObjectLockRule, normalise_prefix, path_style_default};
+use maas_s3::{Bucket, TargetConfig};
+
+use crate::api::{Body, Page, accepted, page, snapshot_row, validate_name};
+use crate::auth::{Caller, Role};
+use crate::catalog::{ArchiveTargetRow, SnapshotArchiveRow, SnapshotRow};
+use crate::error::{ApiError, ApiResult};
+use crate::jobs;
+use crate::state::{AppState, archive_target_out, blocking, new_id, now_ms, rfc3339};
+
+type State = web::Data<AppState>;
+
+const DEFAULT_REGION: &str = "us-east-1";
+
+fn secret_context(target_id: &str) -> Vec<u8> {
+    format!("archive-target:{target_id}:secret_access_key").into_bytes()
+}
+
+/// The bucket client of a stored target (its secret opened from the vault).
+pub fn bucket_for(st: &AppState, r: &ArchiveTargetRow) -> ApiResult<Bucket> {
+    let secret = st
+        .vault
+        .open(&secret_context(&r.id), &r.secret)
+        .map_err(|e| ApiError::internal(format!("archive target {}: {e}", r.id)))?;
+    let secret = String::from_utf8(secret.to_vec())
+        .map_err(|_| ApiError::internal("archive target secret is not UTF-8"))?;
+    let object_lock = match (&r.object_lock_mode, r.object_lock_days) {
+        (Some(m), Some(days)) => Some(ObjectLockRule {
+            mode: LockMode::parse(m)
+                .ok_or_else(|| ApiError::internal(format!("object lock mode {m:?}")))?,
+            days: days.clamp(1, 36_500) as u32,
+        }),
+        _ => None,
+    };
+    Ok(Bucket::new(TargetConfig {
+        endpoint: r.endpoint.clone(),
+        region: r.region.clone(),
+        bucket: r.bucket.clone(),
+        prefix: r.prefix.clone(),
+        access_key_id: r.access_key_id.clone(),
+        secret_access_key: secret,
+        path_style: r.path_style != 0,
+        storage_class: r.storage_class.clone(),
+        object_lock,
+    })?)
+}
+
+fn target_row(st: &AppState, id: &str) -> ApiResult<ArchiveTargetRow> {
+    st.catalog
+        .archive_target(id)?
+        .ok_or_else(|| ApiError::not_found("ARCHIVE_TARGET_NOT_FOUND", "archive target", id))
+}
+
+fn validate_lock(l: &api::ObjectLock) -> ApiResult<ObjectLockRule> {
+    let mode = LockMode::parse(&l.mode).ok_or_else(|| {
+        ApiError::invalid(
+            "object_lock.mode",
+            "object_lock.mode must be GOVERNANCE or COMPLIANCE",
+        )
+    })?;
+    if !(1..=36_500).contains(&l.days) {
+        return Err(ApiError::invalid(
+            "object_lock.days",
+            "object_lock.days must be between 1 and 36500",
+        ));
+    }
+    Ok(ObjectLockRule { mode, days: l.days })
+}
+
+#[utoipa::path(post, path = "/api/v1/archive-targets", tag = "archive", request_body = api::CreateArchiveTarget, security(("bearer" = [])),
+    responses((status = 201, body = api::ArchiveTarget), (status = 400, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
+pub async fn create_target(
+    state: State,
+    c: Caller,
+    body: Body<api::CreateArchiveTarget>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let b = body.0;
+    validate_name("name", &b.name)?;
+    let lock = b.object_lock.as_ref().map(validate_lock).transpose()?;
+    match b.encryption.as_deref() {
+        None | Some("none") => {}
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "ARCHIVE_ENCRYPTION_UNSUPPORTED",
+                format!(
+                    "encryption {other:?} is not available yet: archive targets store the pool's objects compressed, not encrypted (\"none\")"
+                ),
+            ));
+        }
+    }
+    if let Some(sc) = &b.storage_class
+        && (sc.is_empty()
+            || sc.len() > 64
+            || !sc.bytes().all(|c| c.is_ascii_uppercase() || c == b'_'))
+    {
+        return Err(ApiError::invalid(
+            "storage_class",
+            "storage_class must be an S3 storage class such as STANDARD_IA",
+        ));
+    }
+    let cfg = TargetConfig {
+        endpoint: b.endpoint.trim().trim_end_matches('/').to_string(),
+        region: b.region.clone().unwrap_or_else(|| DEFAULT_REGION.into()),
+        bucket: b.bucket.clone(),
+        prefix: normalise_prefix(b.prefix.as_deref().unwrap_or("")),
+        access_key_id: b.access_key_id.clone(),
+        secret_access_key: b.secret_access_key.clone(),
+        path_style: b
+            .path_style
+            .unwrap_or_else(|| path_style_default(b.endpoint.trim())),
+        storage_class: b.storage_class.clone(),
+        object_lock: lock,
+    };
+    let row = blocking(&state, move |st| {
+        if st.catalog.archive_target_by_name(&b.name)?.is_some() {
+            return Err(ApiError::conflict(
+                "ARCHIVE_TARGET_EXISTS",
+                format!("an archive target named {:?} exists", b.name),
+            ));
+        }
+        // A user is waiting: no retries beyond the SDK's own few.
+        let bucket = Bucket::new(cfg.clone())?.with_retry_for(Duration::ZERO);
+        let pool_uuid = st.pool.pool_id().to_string();
+        let check = st
+            .archive
+            .block_on(maas_s3::target::check(&bucket, &pool_uuid, lock.is_some()))
+            .map_err(|e| {
+                tracing::warn!(endpoint = %cfg.endpoint, bucket = %cfg.bucket, code = e.code(), error = %e, "archive target refused");
+                // Whatever the endpoint answered, the target cannot be stored: a 4xx.
+                let mut a = ApiError::from(e);
+                if a.status.is_server_error() && a.code != "INTERNAL" {
+                    a.status = StatusCode::BAD_REQUEST;
+                }
+                a
+            })?;
+        let id = new_id("arch");
+        let secret = st
+            .vault
+            .seal(&secret_context(&id), cfg.secret_access_key.as_bytes())
+            .map_err(|e| ApiError::internal(format!("sealing the secret: {e}")))?;
+        let row = ArchiveTargetRow {
+            id,
+            name: b.name.clone(),
+            endpoint: cfg.endpoint.clone(),
+            region: cfg.region.clone(),
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            access_key_id: cfg.access_key_id.clone(),
+            secret,
+            path_style: cfg.path_style as i64,
+            storage_class: cfg.storage_class.clone(),
+            object_lock_mode: b.object_lock.as_ref().map(|l| l.mode.clone()),
+            object_lock_days: b.object_lock.as_ref().map(|l| i64::from(l.days)),
+            encryption: "none".into(),
+            created_ms: now_ms(),
+        };
+        st.catalog.insert_archive_target(&row)?;
+        tracing::info!(target_id = %row.id, name = %row.name, endpoint = %row.endpoint, bucket = %row.bucket, prefix = %row.prefix, existing_archive = check.existing_archive, "archive target created");
+        Ok(row)
+    })
+    .await?;
+    Ok(HttpResponse::Created()
+        .insert_header(("location", format!("/api/v1/archive-targets/{}", row.id)))
+        .json(archive_target_out(&row)))
+}
+
+#[utoipa::path(get, path = "/api/v1/archive-targets", tag = "archive", params(Page), security(("bearer" = [])),
+    responses((status = 200, body = api::List<api::ArchiveTarget>)))]
+pub async fn list_targets(
+    state: State,
+    _c: Caller,
+    q: web::Query<Page>,
+) -> ApiResult<HttpResponse> {
+    let limit = q.limit()?;
+    let cursor = q.cursor.clone();
+    let rows = blocking(&state, move |st| {
+        Ok(st.catalog.archive_targets(cursor.as_deref(), limit + 1)?)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(page(rows, limit, |r| r.id.clone(), archive_target_out)))
+}
+
+#[utoipa::path(get, path = "/api/v1/archive-targets/{id}", params(("id" = String, Path, description = "Resource id")), tag = "archive", security(("bearer" = [])),
+    responses((status = 200, body = api::ArchiveTarget), (status = 404, body = api::ErrorBody)))]
+pub async fn get_target(
+    state: State,
+    _c: Caller,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let id = id.into_inner();
+    let row = blocking(&state, move |st| target_row(st, &id)).await?;
+    Ok(HttpResponse::Ok().json(archive_target_out(&row)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/archive-targets/{id}", params(("id" = String, Path, description = "Resource id")), tag = "archive", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
+pub async fn delete_target(
+    state: State,
+    c: Caller,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let id = id.into_inner();
+    blocking(&state, move |st| {
+        target_row(st, &id)?;
+        if !st.catalog.delete_archive_target(&id)? {
+            return Err(ApiError::conflict(
+                "ARCHIVE_TARGET_IN_USE",
+                "snapshots have copies in this target: delete those copies first",
+            ));
+        }
+        st.pool.archive_forget(&id)?;
+        tracing::info!(target_id = %id, "archive target deleted (the bucket's objects stay)");
+        Ok(())
+    })
+    .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/archive", params(("id" = String, Path, description = "Snapshot id")), tag = "archive", request_body = api::ArchiveSnapshot, security(("bearer" = [])),
+    responses((status = 202, body = api::Job), (status = 400, body = api::ErrorBody), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
+pub async fn archive_snapshot(
+    state: State,
+    c: Caller,
+    id: web::Path<String>,
+    body: Body<api::ArchiveSnapshot>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let (id, target) = (id.into_inner(), body.0.target);
+    let (srow, trow) = blocking(&state, move |st| {
+        let srow = snapshot_row(st, &id)?;
+        let trow = target_row(st, &target).map_err(|e| {
+            if e.status == StatusCode::NOT_FOUND {
+                ApiError::invalid("target", format!("no archive target {target:?}"))
+            } else {
+                e
+            }
+        })?;
+        // One push per copy at a time: claim it in the catalog.
+        let claimed = st.catalog.tx(|c| {
+            use crate::catalog::schema::snapshot_archives::dsl as sa;
+            use diesel::prelude::*;
+            let cur: Option<SnapshotArchiveRow> = sa::snapshot_archives
+                .find((srow.id.clone(), trow.id.clone()))
+                .select(SnapshotArchiveRow::as_select())
+                .first(c)
+                .optional()?;
+            if cur.as_ref().is_some_and(|r| r.state == "pushing") {
+                return Ok(false);
+            }
+            let row = SnapshotArchiveRow {
+                snapshot: srow.id.clone(),
+                target: trow.id.clone(),
+                state: "pushing".into(),
+                job: None,
+                archived_ms: cur.as_ref().and_then(|r| r.archived_ms),
+                bytes: cur.as_ref().map_or(0, |r| r.bytes),
+                objects: cur.as_ref().map_or(0, |r| r.objects),
+                updated_ms: now_ms(),
+            };
+            if cur.is_some() {
+                diesel::update(
+                    sa::snapshot_archives.find((row.snapshot.clone(), row.target.clone())),
+                )
+                .set(&row)
+                .execute(c)?;
+            } else {
+                diesel::insert_into(sa::snapshot_archives)
+                    .values(&row)
+                    .execute(c)?;
+            }
+            Ok(true)
+        })?;
+        if !claimed {
+            return Err(ApiError::conflict(
+                "ARCHIVE_IN_PROGRESS",
+                format!(
+                    "snapshot {} is being pushed to {} already",
+                    srow.id, trow.id
+                ),
+            ));
+        }
+        Ok((srow, trow))
+    })
+    .await?;
+    let job = start_push(&state, srow, trow).await?;
+    Ok(accepted(&job))
+}
+
+/// Starts the job that pushes a snapshot to a target (its copy row already says `pushing`).
+pub async fn start_push(
+    state: &State,
+    srow: SnapshotRow,
+    trow: ArchiveTargetRow,
+) -> ApiResult<crate::catalog::JobRow> {
+    jobs::start(state, "archive", Some(srow.id.clone()), move |st, p| {
+        run_push(st, p, &srow, &trow)
+    })
+    .await
+}
+
+fn copy_row(srow: &SnapshotRow, trow: &ArchiveTargetRow, state: &str) -> SnapshotArchiveRow {
+    SnapshotArchiveRow {
+        snapshot: srow.id.clone(),
+        target: trow.id.clone(),
+        state: state.into(),
+        job: None,
+        archived_ms: None,
+        bytes: 0,
+        objects: 0,
+        updated_ms: now_ms(),
+    }
+}
+
+fn run_push(
+    st: &AppState,
+    p: &jobs::Progress<'_>,
+    srow: &SnapshotRow,
+    trow: &ArchiveTargetRow,
+) -> ApiResult<serde_json::Value> {
+    let prev = st.catalog.snapshot_archive(&srow.id, &trow.id)?;
+    let mut row = copy_row(srow, trow, "pushing");
+    row.job = Some(p.job_id());
+    row.archived_ms = prev.as_ref().and_then(|r| r.archived_ms);
+    st.catalog.upsert_snapshot_archive(&row)?;
+    let outcome = (|| -> ApiResult<maas_s3::push::PushReport> {
+        let bucket = bucket_for(st, trow)?;
+        let meta = maas_s3::manifest::SnapshotMeta {
+            id: srow.id.clone(),
+            volume: srow.volume.clone(),
+            volume_name: srow.volume_name.clone(),
+            size: srow.size.max(0) as u64,
+            block_size: srow.block_size.clamp(0, u32::MAX as i64) as u32,
+            created_at: rfc3339(srow.created_ms),
+            locked_until: srow.locked_until_ms.map(rfc3339),
+        };
+        let started = std::time::Instant::now();
+        let mut report = |pp: &maas_s3::push::PushProgress| {
+            let fraction = if pp.objects_to_send == 0 {
+                1.0
+            } else {
+                pp.objects_sent as f64 / pp.objects_to_send as f64
+            };
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            p.set_detail(
+                fraction * 0.99,
+                serde_json::json!({
+                    "objects_total": pp.objects_total,
+                    "objects_to_send": pp.objects_to_send,
+                    "objects_sent": pp.objects_sent,
+                    "bytes_to_send": pp.bytes_to_send,
+                    "bytes_sent": pp.bytes_sent,
+                    "packs_sent": pp.packs_sent,
+                    "bytes_per_second": (pp.bytes_sent as f64 / secs) as u64,
+                }),
+                false,
+            );
+        };
+        Ok(maas_s3::push::push_snapshot(
+            &st.archive,
+            &st.pool,
+            &bucket,
+            &trow.id,
+            SnapshotId(srow.pool_snapshot as u64),
+            meta,
+            maas_s3::push::PushOptions::default(),
+            &mut report,
+        )?)
+    })();
+    match outcome {
+        Ok(r) => {
+            let secs = r.seconds.max(0.001);
+            let pp = r.progress;
+            p.set_detail(
+                1.0,
+                serde_json::json!({
+                    "objects_total": pp.objects_total,
+                    "objects_to_send": pp.objects_to_send,
+                    "objects_sent": pp.objects_sent,
+                    "bytes_to_send": pp.bytes_to_send,
+                    "bytes_sent": pp.bytes_sent,
+                    "packs_sent": pp.packs_sent,
+                    "bytes_per_second": (pp.bytes_sent as f64 / secs) as u64,
+                }),
+                true,
+            );
+            row.state = "archived".into();
+            row.archived_ms = Some(now_ms());
+            row.bytes = r.manifest.stored_bytes as i64;
+            row.objects = r.manifest.packs.len() as i64 + 1;
+            row.updated_ms = now_ms();
+            st.catalog.upsert_snapshot_archive(&row)?;
+            Ok(serde_json::json!({
+                "snapshot": srow.id,
+                "target": trow.id,
+                "objects_sent": pp.objects_sent,
+                "bytes_sent": pp.bytes_sent,
+                "packs_sent": pp.packs_sent,
+                "bytes": r.manifest.stored_bytes,
+                "objects": row.objects,
+                "seconds": r.seconds,
+            }))
+        }
+        Err(e) => {
+            row.state = "failed".into();
+            row.updated_ms = now_ms();
+            if let Err(ce) = st.catalog.upsert_snapshot_archive(&row) {
+                tracing::error!(error = %ce, "cannot record the failed archive push");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Resumes the pushes a previous run left unfinished (their jobs were marked interrupted):
+/// what they completed is recorded in the pool, so they send only the rest.
+pub async fn resume_pushes(state: &State) -> ApiResult<usize> {
+    let rows = blocking(state, |st| Ok(st.catalog.pushing_archives()?)).await?;
+    let mut n = 0;
+    for r in rows {
+        let (s, t) = (r.snapshot.clone(), r.target.clone());
+        let found = blocking(state, move |st| {
+            let srow = st.catalog.snapshot(&s)?.filter(|x| x.state == "ready");
+            let trow = st.catalog.archive_target(&t)?;
+            Ok(srow.zip(trow))
+        })
+        .await?;
+        match found {
+            Some((srow, trow)) => {
+                tracing::info!(snapshot = %srow.id, target_id = %trow.id, "resuming an interrupted archive push");
+                start_push(state, srow, trow).await?;
+                n += 1;
+            }
+            None => {
+                let mut failed = r.clone();
+                failed.state = "failed".into();
+                failed.updated_ms = now_ms();
+                blocking(state, move |st| {
+                    Ok(st.catalog.upsert_snapshot_archive(&failed)?)
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,432 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The archive tier through the real maasd: targets checked against real S3 servers (s3s-fs,
+//! moto) before they are stored, their secrets kept; snapshots written by QEMU over iSCSI
+//! pushed incrementally, with progress, inspected with aws-cli; object lock retention on the
+//! objects; maasd killed in the middle of a push and the push resumed.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::iscsi::{
+    QEMU_INITIATOR, export, qemu_img, qemu_opts, run_with_timeout, seal, text, volume,
+};
+use common::*;
+use maas_tests::TestDir;
+use maas_tests::relay::Relay;
+use maas_tests::s3::{ACCESS_KEY, Kind, S3Server, SECRET_KEY};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+fn target_body(name: &str, endpoint: &str, bucket: &str) -> Value {
+    json!({
+        "name": name,
+        "endpoint": endpoint,
+        "bucket": bucket,
+        "access_key_id": ACCESS_KEY,
+        "secret_access_key": SECRET_KEY,
+    })
+}
+
+fn create_target(m: &Maasd, body: Value) -> String {
+    let (s, t) = m.call("POST", "/archive-targets", Some(body));
+    assert_eq!(s, 201, "{t}");
+    t["id"].as_str().unwrap().to_string()
+}
+
+/// Writes `bytes` of random data (from a file, returned) into a volume with qemu-img over iSCSI.
+fn qemu_write(m: &Maasd, dir: &std::path::Path, vol: &str, name: &str, bytes: u64) {
+    let src = dir.join(name);
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {bytes} /dev/urandom > '{}'",
+            src.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = export(m, vol, &[QEMU_INITIATOR], None);
+    let out = run_with_timeout(
+        Command::new(qemu_img())
+            .args(["convert", "-n", "-f", "raw"])
+            .arg(&src)
+            .args(["--target-image-opts", &qemu_opts(&e, QEMU_INITIATOR)]),
+        600,
+    );
+    assert!(out.status.success(), "qemu-img convert: {}", text(&out));
+    m.ok(
+        "DELETE",
+        &format!("/exports/{}", e["id"].as_str().unwrap()),
+        None,
+    );
+}
+
+fn archive(m: &Maasd, snap: &str, target: &str) -> Value {
+    let (s, job) = m.call(
+        "POST",
+        &format!("/snapshots/{snap}/archive"),
+        Some(json!({ "target": target })),
+    );
+    assert_eq!(s, 202, "{job}");
+    job
+}
+
+#[test]
+fn targets_that_cannot_work_are_refused_and_secrets_never_come_back() {
+    let dir = TestDir::new("maas-archive-targets");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let moto = S3Server::start(Kind::Moto, &dir.path().join("moto"));
+    moto.create_bucket("locked", true);
+    moto.create_bucket("unlocked", false);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+
+    let refused = |body: Value, status: u16, want: &str| {
+        let (s, e) = m.call("POST", "/archive-targets", Some(body.clone()));
+        assert_eq!((s, code(&e)), (status, want), "{body} -> {e}");
+        let msg = e["message"].as_str().unwrap_or("");
+        assert!(!msg.contains(SECRET_KEY), "the secret is in an error: {e}");
+        e
+    };
+    let mut b = target_body("a", &s3.endpoint(), "maas");
+    b["secret_access_key"] = json!("wrong-secret");
+    refused(b, 400, "ARCHIVE_CREDENTIALS_REJECTED");
+    refused(
+        target_body("a", &s3.endpoint(), "nope"),
+        400,
+        "ARCHIVE_BUCKET_NOT_FOUND",
+    );
+    let e = refused(
+        target_body("a", "http://no-such-host.invalid:9000", "maas"),
+        400,
+        "ARCHIVE_UNREACHABLE",
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-host.invalid"),
+        "{e}"
+    );
+    let mut b = target_body("a", &s3.endpoint(), "maas");
+    b["object_lock"] = json!({"mode": "GOVERNANCE", "days": 1});
+    refused(b, 400, "ARCHIVE_OBJECT_LOCK_UNAVAILABLE");
+    let mut b = target_body("a", &moto.endpoint(), "unlocked");
+    b["object_lock"] = json!({"mode": "COMPLIANCE", "days": 1});
+    refused(b, 400, "ARCHIVE_OBJECT_LOCK_UNAVAILABLE");
+    let mut b = target_body("a", &moto.endpoint(), "locked");
+    b["object_lock"] = json!({"mode": "FOREVER", "days": 1});
+    refused(b, 400, "INVALID_FIELD");
+    let mut b = target_body("a", &s3.endpoint(), "maas");
+    b["encryption"] = json!("xchacha20poly1305");
+    refused(b, 400, "ARCHIVE_ENCRYPTION_UNSUPPORTED");
+    let mut b = target_body("a", "ftp://x", "maas");
+    b["name"] = json!("a");
+    refused(b, 400, "INVALID_ARCHIVE_TARGET");
+    // Nothing that cannot work was stored.
+    let l = m.ok("GET", "/archive-targets", None);
+    assert_eq!(l["items"].as_array().unwrap().len(), 0, "{l}");
+
+    let id = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+    let t = m.ok("GET", &format!("/archive-targets/{id}"), None);
+    assert_eq!(t["path_style"], true, "{t}");
+    assert_eq!(t["region"], "us-east-1");
+    assert_eq!(t["encryption"], "none");
+    assert_eq!(t["access_key_id"], ACCESS_KEY);
+    assert!(!t.to_string().contains(SECRET_KEY), "{t}");
+    let l = m.ok("GET", "/archive-targets", None);
+    assert!(!l.to_string().contains(SECRET_KEY));
+    let (s, e) = m.call(
+        "POST",
+        "/archive-targets",
+        Some(target_body("offsite", &s3.endpoint(), "maas")),
+    );
+    assert_eq!((s, code(&e)), (409, "ARCHIVE_TARGET_EXISTS"), "{e}");
+    // The prefix now says what it is.
+    let objects = s3.list("maas");
+    assert!(
+        objects.iter().any(|(k, _)| k == "maas-archive.json"),
+        "{objects:?}"
+    );
+    // A second installation on the same bucket, under its own prefix.
+    let mut b = target_body("site-b", &s3.endpoint(), "maas");
+    b["prefix"] = json!("/site-b/");
+    let id_b = create_target(&m, b);
+    let t = m.ok("GET", &format!("/archive-targets/{id_b}"), None);
+    assert_eq!(t["prefix"], "site-b/");
+    let mut b = target_body("vault", &moto.endpoint(), "locked");
+    b["object_lock"] = json!({"mode": "GOVERNANCE", "days": 1});
+    create_target(&m, b);
+
+    // The secret is in no log and not in the catalog in the clear.
+    assert!(
+        !m.log().contains(SECRET_KEY),
+        "the secret is in maasd's log"
+    );
+    let mut catalog = std::fs::read(dir.path().join("maasd/data/catalog.sqlite")).unwrap();
+    catalog.extend(
+        std::fs::read(dir.path().join("maasd/data/catalog.sqlite-wal")).unwrap_or_default(),
+    );
+    assert!(
+        !catalog
+            .windows(SECRET_KEY.len())
+            .any(|w| w == SECRET_KEY.as_bytes()),
+        "the secret is in the catalog in the clear"
+    );
+    m.ok("DELETE", &format!("/archive-targets/{id_b}"), None);
+    let (s, e) = m.call("GET", &format!("/archive-targets/{id_b}"), None);
+    assert_eq!((s, code(&e)), (404, "ARCHIVE_TARGET_NOT_FOUND"));
+}
+
+#[test]
+fn snapshots_written_by_qemu_are_archived_incrementally_with_progress() {
+    let dir = TestDir::new("maas-archive-push");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let moto = S3Server::start(Kind::Moto, &dir.path().join("moto"));
+    moto.create_bucket("locked", true);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+
+    let vol = volume(&m, "fileserver", 256 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "day1.img", 96 * MIB);
+    let s1 = seal(&m, &vol);
+    let job = archive(&m, &s1, &target);
+    let j = m.wait_job(&job);
+    assert_eq!(j["kind"], "archive");
+    let r = &j["result"];
+    let d = &j["progress_detail"];
+    assert_eq!(r["objects_sent"], d["objects_total"], "{j}");
+    assert!(d["bytes_sent"].as_u64().unwrap() >= 96 * MIB, "{j}");
+    assert!(d["bytes_per_second"].as_u64().unwrap() > 0, "{j}");
+    let first_packs = r["packs_sent"].as_u64().unwrap();
+    assert!(
+        (3..=4).contains(&first_packs),
+        "96 MiB in 32 MiB packs: {j}"
+    );
+
+    let snap = m.ok("GET", &format!("/snapshots/{s1}"), None);
+    assert_eq!(snap["location"], "local");
+    let a = &snap["archives"][0];
+    assert_eq!(a["target"], target.as_str(), "{snap}");
+    assert_eq!(a["state"], "archived");
+    assert!(a["archived_at"].is_string());
+    assert!(a["bytes"].as_u64().unwrap() >= 96 * MIB, "{snap}");
+    assert_eq!(a["objects"].as_u64().unwrap(), first_packs + 1);
+
+    // What aws-cli sees: the manifests and the packs, no object under the pack size but the
+    // last pack and the JSON documents.
+    let objects = s3.list("maas");
+    let packs: Vec<_> = objects
+        .iter()
+        .filter(|(k, _)| k.starts_with("packs/"))
+        .collect();
+    assert_eq!(packs.len() as u64, first_packs, "{objects:?}");
+    assert!(
+        packs.iter().filter(|(_, n)| *n < 32 * MIB).count() <= 1,
+        "{packs:?}"
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|(k, _)| *k == format!("snapshots/{s1}.json"))
+    );
+    let manifest = s3.aws(&["s3", "cp", &format!("s3://maas/snapshots/{s1}.json"), "-"]);
+    let manifest: Value = serde_json::from_slice(&manifest.stdout).unwrap();
+    assert_eq!(manifest["format"], "maas-snapshot");
+    assert_eq!(manifest["version"], 1);
+    assert_eq!(manifest["volume_name"], "fileserver");
+    assert_eq!(
+        manifest["packs"].as_array().unwrap().len() as u64,
+        first_packs
+    );
+
+    // The next day: 3 MiB rewritten. Only the changed chunks and index nodes go, in one pack.
+    let e = export(&m, &vol, &[QEMU_INITIATOR], None);
+    let patch = dir.path().join("patch.img");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} /dev/urandom > '{}'",
+            3 * MIB,
+            patch.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let opts = qemu_opts(&e, QEMU_INITIATOR);
+    let out = run_with_timeout(
+        Command::new(maas_tests::peers::tool("MAAS_QEMU_IO", "qemu-io-7.2")).args([
+            "--image-opts",
+            &opts,
+            "-c",
+            &format!("write -s {} {} {}", patch.display(), 20 * MIB, 3 * MIB),
+        ]),
+        120,
+    );
+    assert!(out.status.success(), "qemu-io: {}", text(&out));
+    m.ok(
+        "DELETE",
+        &format!("/exports/{}", e["id"].as_str().unwrap()),
+        None,
+    );
+    let s2 = seal(&m, &vol);
+    // maasctl, as a user runs it.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_maasctl"));
+    cmd.args([
+        "--json", "snapshot", "archive", &s2, "--target", &target, "--wait",
+    ]);
+    for (k, v) in m.maasctl_env() {
+        cmd.env(k, v);
+    }
+    let out = run_with_timeout(&mut cmd, 120);
+    assert!(out.status.success(), "maasctl: {}", text(&out));
+    let j2: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j2["state"], "succeeded", "{j2}");
+    let sent = j2["result"]["objects_sent"].as_u64().unwrap();
+    // 3 MiB in 256 KiB chunks: 12 chunks, a leaf and the root.
+    assert!(
+        (12..=16).contains(&sent),
+        "incremental push sent {sent} objects: {j2}"
+    );
+    assert_eq!(j2["result"]["packs_sent"], 1);
+    assert_eq!(
+        s3.list("maas")
+            .iter()
+            .filter(|(k, _)| k.starts_with("packs/"))
+            .count() as u64,
+        first_packs + 1
+    );
+
+    // An archived snapshot is not deleted behind its copy's back.
+    let (s, e) = m.call("DELETE", &format!("/snapshots/{s2}"), None);
+    assert_eq!((s, code(&e)), (409, "SNAPSHOT_ARCHIVED"), "{e}");
+    // Nor is a target that holds copies.
+    let (s, e) = m.call("DELETE", &format!("/archive-targets/{target}"), None);
+    assert_eq!((s, code(&e)), (409, "ARCHIVE_TARGET_IN_USE"), "{e}");
+
+    // Object lock: every object MaaS writes to a locked target carries the retention.
+    let mut b = target_body("vault", &moto.endpoint(), "locked");
+    b["object_lock"] = json!({"mode": "GOVERNANCE", "days": 2});
+    let vault = create_target(&m, b);
+    m.wait_job(&archive(&m, &s1, &vault));
+    let locked = moto.list("locked");
+    let packs: Vec<_> = locked
+        .iter()
+        .filter(|(k, _)| k.starts_with("packs/"))
+        .collect();
+    assert!(!packs.is_empty(), "{locked:?}");
+    for key in packs
+        .iter()
+        .map(|(k, _)| k.clone())
+        .chain([format!("snapshots/{s1}.json")])
+    {
+        // (moto answers get-object-retention with a 500; head-object carries the same.)
+        let out = moto.aws(&["s3api", "head-object", "--bucket", "locked", "--key", &key]);
+        assert!(out.status.success(), "{key}: {}", text(&out));
+        let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(h["ObjectLockMode"], "GOVERNANCE", "{key}: {h}");
+        let until = days_from_now(h["ObjectLockRetainUntilDate"].as_str().unwrap());
+        assert!(
+            (1.9..=2.1).contains(&until),
+            "{key}: retained {until} days: {h}"
+        );
+        // The lock holds: the version cannot be deleted.
+        let version = h["VersionId"].as_str().unwrap();
+        let out = moto.aws(&[
+            "s3api",
+            "delete-object",
+            "--bucket",
+            "locked",
+            "--key",
+            &key,
+            "--version-id",
+            version,
+        ]);
+        assert!(!out.status.success(), "{key}: a locked version was deleted");
+    }
+}
+
+#[test]
+fn a_push_interrupted_by_a_maasd_crash_resumes_at_restart() {
+    let dir = TestDir::new("maas-archive-resume");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    // maasd reaches the S3 server through a relay the test can freeze.
+    let mut relay = Relay::listen();
+    relay.forward_to(s3.port);
+    let mut m = Maasd::start_local_with(&dir.path().join("maasd"), 8 << 30);
+    let endpoint = format!("http://127.0.0.1:{}", relay.port());
+    let target = create_target(&m, target_body("offsite", &endpoint, "maas"));
+    let vol = volume(&m, "big", 1024 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "big.img", 768 * MIB);
+    let s1 = seal(&m, &vol);
+
+    let job = archive(&m, &s1, &target);
+    let id = job["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    loop {
+        let j = m.ok("GET", &format!("/jobs/{id}"), None);
+        assert_ne!(
+            j["state"], "succeeded",
+            "the push finished before it could be interrupted: {j}"
+        );
+        assert_ne!(j["state"], "failed", "{j}");
+        if j["progress_detail"]["packs_sent"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no progress: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The network to the bucket goes silent and maasd dies with the push in flight.
+    relay.freeze();
+    m.kill9();
+    relay.thaw();
+    m.start_again();
+
+    // The interrupted job says so; a new archive job finishes the push.
+    let j = m.ok("GET", &format!("/jobs/{id}"), None);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "INTERRUPTED", "{j}");
+    let t = Instant::now();
+    let snap = loop {
+        let snap = m.ok("GET", &format!("/snapshots/{s1}"), None);
+        match snap["archives"][0]["state"].as_str() {
+            Some("archived") => break snap,
+            Some("pushing") => {}
+            other => panic!("copy state {other:?}: {snap}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "not resumed: {snap}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let resumed = snap["archives"][0]["job"].as_str().unwrap().to_string();
+    assert_ne!(resumed, id);
+    let j = m.ok("GET", &format!("/jobs/{resumed}"), None);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let d = &j["progress_detail"];
+    assert!(
+        d["objects_to_send"].as_u64().unwrap() < d["objects_total"].as_u64().unwrap(),
+        "the resumed push sent everything again: {j}"
+    );
+    assert!(m.log().contains("resuming an interrupted archive push"));
+    // What the bucket holds is whole: the manifest names packs that are all there.
+    let objects = s3.list("maas");
+    let manifest = s3.aws(&["s3", "cp", &format!("s3://maas/snapshots/{s1}.json"), "-"]);
+    let manifest: Value = serde_json::from_slice(&manifest.stdout).unwrap();
+    for p in manifest["packs"].as_array().unwrap() {
+        let p = p.as_str().unwrap();
+        assert!(objects.iter().any(|(k, _)| k == p), "{p} is missing");
+    }
+}
+
+/// Days from now until an RFC 3339 time.
+fn days_from_now(t: &str) -> f64 {
+    let t = chrono::DateTime::parse_from_rfc3339(t).unwrap();
+    (t.timestamp() - chrono::Utc::now().timestamp()) as f64 / 86_400.0
+}
