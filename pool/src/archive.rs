@@ -170,15 +170,26 @@ impl Pool {
     }
 
     /// Checks stored bytes that came back from an archive: the format, every CRC and the
-    /// digest under this pool's key. Returns the decoded (raw) bytes.
+    /// digest under the keys of the pool that wrote them (`source`; None: this pool).
+    /// Returns the decoded (raw) bytes.
     pub fn check_stored_object(
         &self,
+        source: Option<&crate::import::DigestKeys>,
         d: &Digest,
         kind: ObjectKind,
         bytes: &[u8],
         what: &str,
     ) -> Result<Vec<u8>> {
-        object::decode(&self.inner.shared.keys, bytes, kind, d, what)
+        match source {
+            Some(k) => object::decode(
+                &object::Keys::from_raw(k.chunk, k.node),
+                bytes,
+                kind,
+                d,
+                what,
+            ),
+            None => object::decode(&self.inner.shared.keys, bytes, kind, d, what),
+        }
     }
 
     /// Which of `digests` the target does not hold yet (in the order given).

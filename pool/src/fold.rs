@@ -27,13 +27,13 @@ use crate::types::{BLOCK, Digest, VolumeId};
 
 /// Objects written by one fold, not yet in the metadata store.
 #[derive(Default)]
-struct NewObjects {
+pub(crate) struct NewObjects {
     /// None while another worker of this fold is writing it.
-    map: Mutex<HashMap<Digest, Option<ObjRec>>>,
+    pub(crate) map: Mutex<HashMap<Digest, Option<ObjRec>>>,
 }
 
 impl NewObjects {
-    fn extents(&self) -> Vec<crate::types::Extent> {
+    pub(crate) fn extents(&self) -> Vec<crate::types::Extent> {
         self.map
             .lock()
             .values()
@@ -46,8 +46,36 @@ impl NewObjects {
 const GROUP: usize = 32;
 
 impl PoolInner {
+    /// Stores an object already encoded (stored bytes named `d`, checked by the caller) unless
+    /// it exists.
+    pub(crate) fn store_encoded(
+        &self,
+        kind: ObjectKind,
+        d: &Digest,
+        stored: &[u8],
+        new: &NewObjects,
+    ) -> Result<()> {
+        {
+            let mut m = new.map.lock();
+            if m.contains_key(d) || self.shared.meta.get_object(d)?.is_some() {
+                return Ok(());
+            }
+            m.insert(*d, None);
+        }
+        match self.shared.write_encoded(kind, d, stored) {
+            Ok(rec) => {
+                new.map.lock().insert(*d, Some(rec));
+                Ok(())
+            }
+            Err(e) => {
+                new.map.lock().remove(d);
+                Err(e)
+            }
+        }
+    }
+
     /// Stores `raw` unless an identical object exists; returns its digest.
-    fn store(&self, kind: ObjectKind, raw: &[u8], new: &NewObjects) -> Result<Digest> {
+    pub(crate) fn store(&self, kind: ObjectKind, raw: &[u8], new: &NewObjects) -> Result<Digest> {
         let d = self.shared.keys.digest(kind, raw);
         {
             let mut m = new.map.lock();

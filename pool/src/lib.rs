@@ -18,6 +18,7 @@ pub mod device;
 pub mod error;
 mod fold;
 pub mod fsmode;
+pub mod import;
 pub mod index;
 pub mod io;
 pub mod meta;

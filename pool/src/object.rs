@@ -151,6 +151,15 @@ impl Keys {
         }
     }
 
+    /// Keys given as raw bytes (another pool's, from an archive bucket).
+    pub fn from_raw(chunk: [u8; 32], node: [u8; 32]) -> Self {
+        Keys { chunk, node }
+    }
+
+    pub(crate) fn raw(&self) -> ([u8; 32], [u8; 32]) {
+        (self.chunk, self.node)
+    }
+
     pub fn digest(&self, kind: ObjectKind, raw: &[u8]) -> Digest {
         let key = match kind {
             ObjectKind::Chunk => &self.chunk,
@@ -448,6 +457,18 @@ pub fn parse_header(buf: &[u8], kind: ObjectKind, expect: &Digest, what: &str) -
         }
     }
     Ok(h)
+}
+
+/// Replaces the digest in an object's header (and the header's CRC): the object re-keyed for
+/// another pool. The payload and its CRCs are unchanged.
+pub fn set_digest(buf: &mut [u8], d: &Digest) -> Result<()> {
+    if buf.len() < OBJECT_HEADER_LEN {
+        return Err(PoolError::corrupt("object", "shorter than its header"));
+    }
+    buf[20..52].copy_from_slice(&d.0);
+    let crc = crc32c::crc32c(&buf[..60]);
+    buf[60..64].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 /// One frame of a version 2 object, as its (checked) table entry says.

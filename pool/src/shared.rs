@@ -735,6 +735,49 @@ impl Shared {
         })
     }
 
+    /// Writes an object already encoded (`stored`: header, table, frames; checked by the
+    /// caller) to freshly allocated space, as [`Shared::write_object`] does for raw bytes.
+    pub fn write_encoded(&self, kind: ObjectKind, d: &Digest, stored: &[u8]) -> Result<ObjRec> {
+        let h = object::parse_header(stored, kind, d, "encoded object")?;
+        if h.object_len() != stored.len() {
+            return Err(PoolError::corrupt(
+                format!("encoded object {d}"),
+                "length disagrees with its header",
+            ));
+        }
+        let len = object::extent_len(h.stored_len as u32) as usize;
+        let mut buf = AlignedBuf::zeroed(len);
+        buf[..stored.len()].copy_from_slice(stored);
+        let extent = self
+            .alloc
+            .lock()
+            .alloc(len as u64, Placement::Object)
+            .ok_or_else(|| PoolError::NoSpace("no room for sealed data".into()))?;
+        let dev = self.device(extent.device)?;
+        let write = || {
+            io::run_batch(&mut [Op::Write {
+                file: dev.file(),
+                offset: extent.offset,
+                buf: &buf,
+            }])
+        };
+        let mut res = write();
+        if matches!(&res, Err(e) if e.raw_os_error() == Some(libc::ENOSPC)) && self.release_warm() {
+            res = write();
+        }
+        if let Err(e) = res {
+            self.alloc.lock().free(extent);
+            return Err(dev.io_err(e));
+        }
+        Ok(ObjRec {
+            kind,
+            extent,
+            raw_len: h.raw_len as u32,
+            stored_len: h.stored_len as u32,
+            refcount: 0,
+        })
+    }
+
     pub fn sync_all(&self) -> Result<()> {
         for d in self.all_devices() {
             d.sync()?;

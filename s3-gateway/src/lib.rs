@@ -10,6 +10,7 @@ pub mod error;
 pub mod manifest;
 pub mod pack;
 pub mod push;
+pub mod restore;
 pub mod target;
 pub mod verify;
 

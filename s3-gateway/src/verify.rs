@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use maas_pool::Pool;
 use maas_pool::archive::PackRec;
+use maas_pool::import::DigestKeys;
 use maas_pool::object::ObjectKind;
 use maas_pool::types::Digest;
 
@@ -22,6 +23,17 @@ pub async fn fetch_object(
     target: &str,
     d: &Digest,
 ) -> Result<(ObjectKind, Vec<u8>)> {
+    fetch_object_from(bucket, pool, target, d, None).await
+}
+
+/// As [`fetch_object`], for objects written by the pool whose keys are `source`.
+pub async fn fetch_object_from(
+    bucket: &Bucket,
+    pool: &Pool,
+    target: &str,
+    d: &Digest,
+    source: Option<&DigestKeys>,
+) -> Result<(ObjectKind, Vec<u8>)> {
     let (loc, pack) = pool
         .archive_locate(target, d)?
         .ok_or_else(|| ArchiveError::Missing {
@@ -31,7 +43,7 @@ pub async fn fetch_object(
         .get_range(&pack.key, loc.offset, u64::from(loc.len))
         .await
         .map_err(|e| missing_is_pack(e, bucket, &pack))?;
-    let raw = check(pool, d, loc.kind, &bytes, bucket, &pack.key)?;
+    let raw = check(pool, source, d, loc.kind, &bytes, bucket, &pack.key)?;
     Ok((loc.kind, raw))
 }
 
@@ -44,15 +56,16 @@ fn missing_is_pack(e: ArchiveError, bucket: &Bucket, pack: &PackRec) -> ArchiveE
     }
 }
 
-fn check(
+pub(crate) fn check(
     pool: &Pool,
+    source: Option<&DigestKeys>,
     d: &Digest,
     kind: ObjectKind,
     bytes: &[u8],
     bucket: &Bucket,
     pack_key: &str,
 ) -> Result<Vec<u8>> {
-    pool.check_stored_object(d, kind, bytes, &format!("object {d}"))
+    pool.check_stored_object(source, d, kind, bytes, &format!("object {d}"))
         .map_err(|e| ArchiveError::Damaged {
             key: bucket.key(pack_key),
             detail: e.to_string(),
@@ -141,14 +154,14 @@ pub fn verify_snapshot(
                 });
             }
             let b = &bytes[*off as usize..(*off + u64::from(*len)) as usize];
-            check(pool, d, *kind, b, bucket, pack_key)?;
+            check(pool, None, d, *kind, b, bucket, pack_key)?;
         }
         progress((i + 1) as f64 / total);
     }
     Ok(report)
 }
 
-fn parse_digest(hex_digest: &str, key: &str) -> Result<Digest> {
+pub(crate) fn parse_digest(hex_digest: &str, key: &str) -> Result<Digest> {
     let mut d = [0u8; 32];
     hex::decode_to_slice(hex_digest, &mut d).map_err(|e| ArchiveError::Damaged {
         key: key.into(),
