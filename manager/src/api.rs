@@ -583,6 +583,7 @@ pub async fn seal(state: State, c: Caller, id: web::Path<String>) -> ApiResult<H
             locked_until_ms: None,
             state: "ready".into(),
             created_ms: now_ms(),
+            location: "local".into(),
         };
         st.catalog.insert_snapshot(&row)?;
         Ok(serde_json::json!({ "snapshot": row.id }))
@@ -654,6 +655,12 @@ pub async fn patch_snapshot(
     };
     let row = blocking(&state, move |st| {
         let mut row = snapshot_row(st, &id)?;
+        if lock.is_some() && row.location != "local" {
+            return Err(ApiError::conflict(
+                "SNAPSHOT_NOT_LOCAL",
+                "only a local snapshot can be locked; rehydrate it first",
+            ));
+        }
         if let Some(until) = lock {
             if until > 253_402_300_799 {
                 return Err(ApiError::invalid(
@@ -761,6 +768,14 @@ pub async fn clone_snapshot(
     let name = b.name.clone();
     let (srow, vrow) = blocking(&state, move |st| {
         let srow = snapshot_row(st, &id2)?;
+        if srow.location != "local" {
+            return Err(ApiError::conflict(
+                "SNAPSHOT_NOT_LOCAL",
+                format!(
+                    "snapshot {id2} is only in an archive target: rehydrate it first (POST /api/v1/snapshots/{id2}/rehydrate); mounting straight from the archive is not available yet"
+                ),
+            ));
+        }
         if st.catalog.volume_by_name(&name)?.is_some() {
             return Err(ApiError::conflict(
                 "VOLUME_EXISTS",

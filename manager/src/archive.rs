@@ -457,3 +457,305 @@ pub async fn resume_pushes(state: &State) -> ApiResult<usize> {
     }
     Ok(n)
 }
+
+/// The copy evict and rehydrate use: the first archived one.
+fn archived_copy(
+    st: &AppState,
+    snapshot: &str,
+) -> ApiResult<(SnapshotArchiveRow, ArchiveTargetRow)> {
+    for c in st.catalog.archives_of(snapshot)? {
+        if c.state == "archived"
+            && let Some(t) = st.catalog.archive_target(&c.target)?
+        {
+            return Ok((c, t));
+        }
+    }
+    Err(ApiError::conflict(
+        "SNAPSHOT_NOT_ARCHIVED",
+        format!("snapshot {snapshot} has no complete copy in an archive target: archive it first"),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/evict", params(("id" = String, Path, description = "Snapshot id")), tag = "archive", security(("bearer" = [])),
+    responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
+pub async fn evict_snapshot(
+    state: State,
+    c: Caller,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let id = id.into_inner();
+    let id2 = id.clone();
+    let (srow, trow) = blocking(&state, move |st| {
+        let srow = snapshot_row(st, &id2)?;
+        if srow.location != "local" {
+            return Err(ApiError::conflict(
+                "SNAPSHOT_NOT_LOCAL",
+                format!("snapshot {id2} has no local copy to evict"),
+            ));
+        }
+        if let Some(ms) = srow.locked_until_ms
+            && ms > now_ms()
+        {
+            // Its bucket copy may be deletable by whoever holds the bucket's keys: a locked
+            // snapshot keeps its local copy until the lock ends.
+            return Err(ApiError::conflict(
+                "SNAPSHOT_LOCKED",
+                format!(
+                    "snapshot is locked until {}: its local copy stays until then",
+                    rfc3339(ms)
+                ),
+            ));
+        }
+        let (_, trow) = archived_copy(st, &id2)?;
+        Ok((srow, trow))
+    })
+    .await?;
+    let job = jobs::start(&state, "evict", Some(id.clone()), move |st, p| {
+        let bucket = bucket_for(st, &trow)?;
+        // Only a copy read back whole and checked replaces the local one.
+        let report = maas_s3::verify::verify_snapshot(
+            &st.archive,
+            &st.pool,
+            &bucket,
+            &trow.id,
+            &srow.id,
+            &mut |f| p.set(f * 0.9),
+        )?;
+        // The catalog first: a crash before the pool's delete leaves a local copy that
+        // reconciliation deletes at start (the row says where the snapshot is).
+        let mut row = srow.clone();
+        row.location = "archive".into();
+        st.catalog.update_snapshot(&row)?;
+        match st.pool.delete_snapshot(SnapshotId(srow.pool_snapshot as u64)) {
+            Ok(()) | Err(maas_pool::PoolError::SnapshotNotFound(_)) => {}
+            Err(e) => {
+                st.catalog.update_snapshot(&srow)?;
+                return Err(e.into());
+            }
+        }
+        row.pool_snapshot = -1;
+        st.catalog.update_snapshot(&row)?;
+        tracing::info!(snapshot = %srow.id, target_id = %trow.id, objects_checked = report.objects, "snapshot evicted: its data is only in the archive now");
+        Ok(serde_json::json!({
+            "snapshot": srow.id,
+            "target": trow.id,
+            "objects_checked": report.objects,
+            "bytes_read": report.bytes_read,
+        }))
+    })
+    .await?;
+    Ok(accepted(&job))
+}
+
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/rehydrate", params(("id" = String, Path, description = "Snapshot id")), tag = "archive", security(("bearer" = [])),
+    responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
+pub async fn rehydrate_snapshot(
+    state: State,
+    c: Caller,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let id = id.into_inner();
+    let id2 = id.clone();
+    let (srow, trow) = blocking(&state, move |st| {
+        let srow = snapshot_row(st, &id2)?;
+        if srow.location == "local" {
+            return Err(ApiError::conflict(
+                "SNAPSHOT_LOCAL",
+                format!("snapshot {id2} is local already"),
+            ));
+        }
+        let (_, trow) = archived_copy(st, &id2)?;
+        Ok((srow, trow))
+    })
+    .await?;
+    let job = jobs::start(&state, "rehydrate", Some(id.clone()), move |st, p| {
+        let bucket = bucket_for(st, &trow)?;
+        let source = crate::archive::source_keys(st, &bucket, &srow)?;
+        let started = std::time::Instant::now();
+        let info = maas_s3::restore::restore_snapshot(
+            &st.archive,
+            &st.pool,
+            &bucket,
+            &trow.id,
+            &srow.id,
+            source.as_ref(),
+            maas_s3::restore::RestoreOptions::default(),
+            &mut |r| {
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                p.set_detail(
+                    r.chunks_done as f64 / r.chunks_total.max(1) as f64 * 0.99,
+                    serde_json::json!({
+                        "chunks_total": r.chunks_total,
+                        "chunks_done": r.chunks_done,
+                        "bytes_total": r.bytes_total,
+                        "bytes_fetched": r.bytes_fetched,
+                        "requests": r.requests,
+                        "bytes_per_second": (r.bytes_fetched as f64 / secs) as u64,
+                    }),
+                    false,
+                );
+            },
+        )?;
+        let mut row = srow.clone();
+        row.location = "local".into();
+        row.pool_snapshot = info.id.0 as i64;
+        st.catalog.update_snapshot(&row)?;
+        tracing::info!(snapshot = %srow.id, pool_snapshot = %info.id, "snapshot rehydrated");
+        Ok(serde_json::json!({
+            "snapshot": srow.id,
+            "target": trow.id,
+            "seconds": started.elapsed().as_secs_f64(),
+        }))
+    })
+    .await?;
+    Ok(accepted(&job))
+}
+
+/// The digest keys of the pool that wrote an archived snapshot, when it is not this pool.
+pub fn source_keys(
+    st: &AppState,
+    bucket: &Bucket,
+    srow: &SnapshotRow,
+) -> ApiResult<Option<maas_pool::import::DigestKeys>> {
+    let manifest = maas_s3::restore::read_manifest(&st.archive, bucket, &srow.id)?;
+    if manifest.pool == st.pool.pool_id().to_string() {
+        return Ok(None);
+    }
+    Ok(Some(st.archive.block_on(maas_s3::keys::read_keys(
+        bucket,
+        &manifest.pool,
+    ))?))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotQuery {
+    /// Only snapshots of this volume id (it may no longer exist).
+    pub volume: Option<String>,
+    /// `local` or `archive`.
+    pub location: Option<String>,
+    /// 1..1000, default 100.
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/snapshots", tag = "snapshots", params(SnapshotQuery), security(("bearer" = [])),
+    responses((status = 200, body = api::List<api::Snapshot>), (status = 400, body = api::ErrorBody)))]
+pub async fn list_all_snapshots(
+    state: State,
+    _c: Caller,
+    q: web::Query<SnapshotQuery>,
+) -> ApiResult<HttpResponse> {
+    let q = q.into_inner();
+    let limit = Page {
+        limit: q.limit,
+        cursor: None,
+    }
+    .limit()?;
+    if let Some(l) = &q.location
+        && l != "local"
+        && l != "archive"
+    {
+        return Err(ApiError::invalid(
+            "location",
+            "location must be local or archive",
+        ));
+    }
+    let rows = blocking(&state, move |st| {
+        let rows = st.catalog.snapshots_filtered(
+            q.volume.as_deref(),
+            q.location.as_deref(),
+            q.cursor.as_deref(),
+            limit + 1,
+        )?;
+        let copies = rows
+            .iter()
+            .map(|r| st.catalog.archives_of(&r.id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows.into_iter().zip(copies).collect::<Vec<_>>())
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(page(
+        rows,
+        limit,
+        |(r, _)| r.id.clone(),
+        |(r, c)| crate::state::snapshot_with_archives(r, c),
+    )))
+}
+
+#[utoipa::path(post, path = "/api/v1/archive-targets/{id}/import", params(("id" = String, Path, description = "Archive target id")), tag = "archive", security(("bearer" = [])),
+    responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody)))]
+pub async fn import_target(
+    state: State,
+    c: Caller,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let id = id.into_inner();
+    let id2 = id.clone();
+    let trow = blocking(&state, move |st| target_row(st, &id2)).await?;
+    let job = jobs::start(&state, "import", Some(id), move |st, p| {
+        let bucket = bucket_for(st, &trow)?;
+        let scan = maas_s3::import::scan_bucket(&st.archive, &st.pool, &bucket, &trow.id, &mut |f| p.set(f))?;
+        let mut imported = Vec::new();
+        let mut known = 0u64;
+        for m in &scan.snapshots {
+            if st.catalog.snapshot(&m.meta.id)?.is_some() {
+                known += 1;
+                if st.catalog.snapshot_archive(&m.meta.id, &trow.id)?.is_none() {
+                    st.catalog.upsert_snapshot_archive(&imported_copy(m, &trow.id))?;
+                }
+                continue;
+            }
+            let ms = |t: &str| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.timestamp_millis())
+                    .ok()
+            };
+            let row = SnapshotRow {
+                id: m.meta.id.clone(),
+                volume: m.meta.volume.clone(),
+                volume_name: m.meta.volume_name.clone(),
+                pool: crate::state::POOL_ID.into(),
+                pool_snapshot: -1,
+                size: m.meta.size as i64,
+                block_size: i64::from(m.meta.block_size),
+                starred: 0,
+                locked_until_ms: m.meta.locked_until.as_deref().and_then(ms),
+                state: "ready".into(),
+                created_ms: ms(&m.meta.created_at).unwrap_or_else(now_ms),
+                location: "archive".into(),
+            };
+            st.catalog.insert_snapshot(&row)?;
+            st.catalog.upsert_snapshot_archive(&imported_copy(m, &trow.id))?;
+            imported.push(row.id);
+        }
+        tracing::info!(target_id = %trow.id, imported = imported.len(), known, packs_indexed = scan.packs_indexed, "archive target imported");
+        Ok(serde_json::json!({
+            "snapshots_imported": imported,
+            "snapshots_known": known,
+            "incomplete": scan.incomplete,
+            "packs_indexed": scan.packs_indexed,
+            "packs_known": scan.packs_known,
+        }))
+    })
+    .await?;
+    Ok(accepted(&job))
+}
+
+fn imported_copy(m: &maas_s3::manifest::SnapshotManifest, target: &str) -> SnapshotArchiveRow {
+    SnapshotArchiveRow {
+        snapshot: m.meta.id.clone(),
+        target: target.into(),
+        state: "archived".into(),
+        job: None,
+        archived_ms: chrono::DateTime::parse_from_rfc3339(&m.archived_at)
+            .map(|t| t.timestamp_millis())
+            .ok(),
+        bytes: m.stored_bytes as i64,
+        objects: m.packs.len() as i64 + 1,
+        updated_ms: now_ms(),
+    }
+}

@@ -38,6 +38,7 @@ pub mod schema {
             locked_until_ms -> Nullable<BigInt>,
             state -> Text,
             created_ms -> BigInt,
+            location -> Text,
         }
     }
     diesel::table! {
@@ -158,6 +159,8 @@ pub struct SnapshotRow {
     pub locked_until_ms: Option<i64>,
     pub state: String,
     pub created_ms: i64,
+    /// `local` or `archive` (see the migration).
+    pub location: String,
 }
 
 #[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
@@ -500,6 +503,33 @@ impl Catalog {
                 .order(snapshots::id.asc())
                 .limit(limit)
                 .into_boxed();
+            if let Some(a) = after {
+                q = q.filter(snapshots::id.gt(a.to_string()));
+            }
+            Ok(q.load(c)?)
+        })
+    }
+    /// Ready snapshots of every volume (or of `volume`, or at `location`), by id after `after`.
+    pub fn snapshots_filtered(
+        &self,
+        volume: Option<&str>,
+        location: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> CResult<Vec<SnapshotRow>> {
+        self.with(|c| {
+            let mut q = snapshots::table
+                .filter(snapshots::state.eq("ready"))
+                .select(SnapshotRow::as_select())
+                .order(snapshots::id.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(v) = volume {
+                q = q.filter(snapshots::volume.eq(v.to_string()));
+            }
+            if let Some(l) = location {
+                q = q.filter(snapshots::location.eq(l.to_string()));
+            }
             if let Some(a) = after {
                 q = q.filter(snapshots::id.gt(a.to_string()));
             }

@@ -141,6 +141,22 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
             continue;
         }
         let ps = row.pool_snapshot as u64;
+        if row.location == "archive" {
+            // Only in archive targets. An eviction interrupted after the catalog moved the
+            // snapshot there may have left the pool's copy: finish it.
+            if row.pool_snapshot >= 0 && pool_snaps.contains_key(&ps) {
+                match pool.delete_snapshot(SnapshotId(ps)) {
+                    Ok(()) => {
+                        tracing::warn!(snapshot = %row.id, "reconcile: finished an interrupted eviction")
+                    }
+                    Err(e) => {
+                        known_snaps.insert(ps);
+                        tracing::warn!(snapshot = %row.id, error = %e, "reconcile: an interrupted eviction cannot finish; the local copy stays");
+                    }
+                }
+            }
+            continue;
+        }
         match (row.state.as_str(), pool_snaps.contains_key(&ps)) {
             ("deleting", true) => match pool.delete_snapshot(SnapshotId(ps)) {
                 Ok(()) => {
@@ -189,6 +205,7 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
             } else {
                 now_ms()
             },
+            location: "local".into(),
         };
         cat.insert_snapshot(&row)?;
         rep.snapshots_adopted += 1;

@@ -32,6 +32,8 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         api::list_jobs, api::get_job, api::list_tokens, api::create_token, api::delete_token,
         crate::archive::create_target, crate::archive::list_targets, crate::archive::get_target,
         crate::archive::delete_target, crate::archive::archive_snapshot,
+        crate::archive::evict_snapshot, crate::archive::rehydrate_snapshot,
+        crate::archive::list_all_snapshots, crate::archive::import_target,
     ),
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::PoolReads, maas_api::Device, maas_api::Volume,
@@ -118,8 +120,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 web::delete().to(crate::archive::delete_target),
             )
             .route(
+                "/archive-targets/{id}/import",
+                web::post().to(crate::archive::import_target),
+            )
+            .route(
                 "/snapshots/{id}/archive",
                 web::post().to(crate::archive::archive_snapshot),
+            )
+            .route(
+                "/snapshots/{id}/evict",
+                web::post().to(crate::archive::evict_snapshot),
+            )
+            .route(
+                "/snapshots/{id}/rehydrate",
+                web::post().to(crate::archive::rehydrate_snapshot),
+            )
+            .route(
+                "/snapshots",
+                web::get().to(crate::archive::list_all_snapshots),
             )
             .route("/jobs", web::get().to(api::list_jobs))
             .route("/jobs/{id}", web::get().to(api::get_job))

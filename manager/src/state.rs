@@ -202,7 +202,7 @@ pub fn snapshot_out(r: &SnapshotRow) -> api::Snapshot {
         created_at: rfc3339(r.created_ms),
         starred: r.starred != 0,
         locked_until: r.locked_until_ms.map(rfc3339),
-        location: "local".into(),
+        location: r.location.clone(),
         archives: Vec::new(),
     }
 }

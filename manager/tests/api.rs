@@ -693,6 +693,7 @@ fn listings_page_exactly_past_rows_that_are_not_ready() {
                 locked_until_ms: None,
                 state: "deleting".into(),
                 created_ms: 0,
+                location: "local".into(),
             })
             .unwrap();
         }

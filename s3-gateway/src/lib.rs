@@ -7,6 +7,8 @@
 
 pub mod bucket;
 pub mod error;
+pub mod import;
+pub mod keys;
 pub mod manifest;
 pub mod pack;
 pub mod push;

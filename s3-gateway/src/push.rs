@@ -159,6 +159,13 @@ pub fn push_snapshot(
     uploaded?;
     report(&mut p, progress);
 
+    // Whoever re-imports the bucket checks these objects with this pool's keys.
+    archive.block_on(crate::keys::ensure_keys(
+        bucket,
+        &pool.pool_id().to_string(),
+        &pool.digest_keys(),
+    ))?;
+
     // Everything is in the bucket: publish the snapshot.
     let mut packs = BTreeSet::new();
     let mut stored_bytes = 0u64;

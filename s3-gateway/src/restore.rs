@@ -46,14 +46,16 @@ pub struct RestoreProgress {
     pub requests: u64,
 }
 
+/// A chunk to fetch: digest, offset in its pack, length, chunk numbers in the image.
+type Wanted = (Digest, u64, u32, Vec<u64>);
+
 /// One ranged GET: a span of a pack, and the chunks in it.
 #[derive(Debug, Clone)]
 struct Span {
     pack: String,
     start: u64,
     len: u64,
-    /// (digest, offset in the pack, length, chunk numbers)
-    chunks: Vec<(Digest, u64, u32, Vec<u64>)>,
+    chunks: Vec<Wanted>,
 }
 
 /// Reads an archived snapshot's manifest.
@@ -93,7 +95,8 @@ pub fn restore_snapshot(
         });
     }
     let spec = ImportSpec {
-        volume_name: manifest.meta.volume_name.clone(),
+        // The pool names volumes by the catalog's volume id.
+        volume_name: manifest.meta.volume.clone(),
         size: manifest.meta.size,
         block_size: manifest.meta.block_size,
         created_unix: chrono::DateTime::parse_from_rfc3339(&manifest.meta.created_at)
@@ -137,7 +140,7 @@ pub fn restore_snapshot(
         }
     }
     // Where each chunk is, grouped into ranged GETs.
-    let mut per_pack: BTreeMap<String, Vec<(Digest, u64, u32, Vec<u64>)>> = BTreeMap::new();
+    let mut per_pack: BTreeMap<String, Vec<Wanted>> = BTreeMap::new();
     let mut p = RestoreProgress {
         chunks_total: by_digest.len() as u64,
         ..Default::default()
@@ -198,7 +201,6 @@ pub fn restore_snapshot(
         }
     };
     let imported = pool.import_snapshot(&spec, source, &mut next_batch);
-    drop(next_batch);
     drop(rx);
     let fetch_result = archive
         .block_on(fetcher)
@@ -251,7 +253,7 @@ fn damaged_or_pool(
     }
 }
 
-fn plan_spans(per_pack: BTreeMap<String, Vec<(Digest, u64, u32, Vec<u64>)>>) -> Vec<Span> {
+fn plan_spans(per_pack: BTreeMap<String, Vec<Wanted>>) -> Vec<Span> {
     let mut spans = Vec::new();
     for (pack, mut objs) in per_pack {
         objs.sort_by_key(|o| o.1);

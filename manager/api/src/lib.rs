@@ -177,7 +177,8 @@ pub struct Snapshot {
     pub starred: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_until: Option<String>,
-    /// Where the snapshot's data is: `local` (in the pool).
+    /// Where the snapshot's data is: `local` (in the pool) or `archive` (only in archive
+    /// targets: evicted, or imported from a bucket; rehydrate to bring it back).
     #[serde(default = "local")]
     pub location: String,
     /// Copies of the snapshot in archive targets.

@@ -126,9 +126,12 @@ enum VolumeCmd {
 
 #[derive(Subcommand)]
 enum SnapshotCmd {
-    /// Snapshots of a volume.
+    /// Snapshots (of one volume, or all; archive-only ones too).
     List {
-        volume: String,
+        volume: Option<String>,
+        /// local or archive.
+        #[arg(long)]
+        location: Option<String>,
     },
     Get {
         id: String,
@@ -155,6 +158,14 @@ enum SnapshotCmd {
     Clone {
         id: String,
         name: String,
+    },
+    /// Free a snapshot's local space once its archive copy is read back and checked.
+    Evict {
+        id: String,
+    },
+    /// Bring an archive-only snapshot back into the pool.
+    Rehydrate {
+        id: String,
     },
     /// Push a snapshot to an archive target (only what the bucket does not hold yet).
     Archive {
@@ -210,6 +221,11 @@ enum ArchiveTargetCmd {
         object_lock_days: Option<u32>,
     },
     Delete {
+        id: String,
+    },
+    /// List every snapshot the bucket holds into the catalog (after a disaster, on a fresh
+    /// installation given the same target); they can then be rehydrated.
+    Import {
         id: String,
     },
 }
@@ -830,13 +846,27 @@ fn print_volumes(v: &[api::Volume]) {
 
 fn print_snapshots(v: &[api::Snapshot]) {
     table(
-        &["ID", "VOLUME", "SIZE", "STARRED", "LOCKED UNTIL", "CREATED"],
+        &[
+            "ID",
+            "VOLUME",
+            "SIZE",
+            "WHERE",
+            "STARRED",
+            "LOCKED UNTIL",
+            "CREATED",
+        ],
         v.iter()
             .map(|s| {
+                let copies = s.archives.iter().filter(|a| a.state == "archived").count();
                 vec![
                     s.id.clone(),
                     s.volume_name.clone(),
                     human(s.size),
+                    if copies > 0 && s.location == "local" {
+                        format!("local+{copies} archive")
+                    } else {
+                        s.location.clone()
+                    },
                     if s.starred { "*".into() } else { String::new() },
                     s.locked_until.clone().unwrap_or_default(),
                     s.created_at.clone(),
@@ -1124,8 +1154,20 @@ fn run(cli: &Cli) -> R<()> {
             }
         },
         Cmd::Snapshot(s) => match s {
-            SnapshotCmd::List { volume } => {
-                let v: Vec<api::Snapshot> = c.list(&format!("/volumes/{volume}/snapshots"))?;
+            SnapshotCmd::List { volume, location } => {
+                let mut q = Vec::new();
+                if let Some(v) = volume {
+                    q.push(format!("volume={v}"));
+                }
+                if let Some(l) = location {
+                    q.push(format!("location={l}"));
+                }
+                let path = if q.is_empty() {
+                    "/snapshots".to_string()
+                } else {
+                    format!("/snapshots?{}", q.join("&"))
+                };
+                let v: Vec<api::Snapshot> = c.list(&path)?;
                 emit(j, &v, || print_snapshots(&v));
             }
             SnapshotCmd::Get { id } => {
@@ -1158,6 +1200,16 @@ fn run(cli: &Cli) -> R<()> {
                 cli,
                 &c,
                 c.call("DELETE", &format!("/snapshots/{id}"), None)?,
+            )?,
+            SnapshotCmd::Evict { id } => job_result(
+                cli,
+                &c,
+                c.call("POST", &format!("/snapshots/{id}/evict"), None)?,
+            )?,
+            SnapshotCmd::Rehydrate { id } => job_result(
+                cli,
+                &c,
+                c.call("POST", &format!("/snapshots/{id}/rehydrate"), None)?,
             )?,
             SnapshotCmd::Archive { id, target } => job_result(
                 cli,
@@ -1270,6 +1322,11 @@ fn run(cli: &Cli) -> R<()> {
                     typed(c.call("POST", "/archive-targets", Some(body))?)?;
                 emit(j, &t, || print_archive_targets(std::slice::from_ref(&t)));
             }
+            ArchiveTargetCmd::Import { id } => job_result(
+                cli,
+                &c,
+                c.call("POST", &format!("/archive-targets/{id}/import"), None)?,
+            )?,
             ArchiveTargetCmd::Delete { id } => {
                 c.call("DELETE", &format!("/archive-targets/{id}"), None)?;
                 if !j {

@@ -32,3 +32,7 @@ CREATE TABLE snapshot_archives (
 CREATE INDEX snapshot_archives_by_target ON snapshot_archives (target);
 -- What a job has done so far, as JSON (bytes and objects sent by an archive job...).
 ALTER TABLE jobs ADD COLUMN progress_detail TEXT;
+-- Where a snapshot's data is: local (in the pool, pool_snapshot) or archive (only in archive
+-- targets: evicted, or imported from a bucket; pool_snapshot then names the pool snapshot
+-- an interrupted eviction still has to delete, or -1).
+ALTER TABLE snapshots ADD COLUMN location TEXT NOT NULL DEFAULT 'local';
