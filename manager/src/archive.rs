@@ -458,6 +458,13 @@ pub async fn resume_pushes(state: &State) -> ApiResult<usize> {
     Ok(n)
 }
 
+fn busy() -> ApiError {
+    ApiError::conflict(
+        "SNAPSHOT_BUSY",
+        "an evict or rehydrate job is moving this snapshot's data; wait for it",
+    )
+}
+
 /// The copy evict and rehydrate use: the first archived one.
 fn archived_copy(
     st: &AppState,
@@ -511,7 +518,9 @@ pub async fn evict_snapshot(
         Ok((srow, trow))
     })
     .await?;
+    let claim = AppState::claim_moving(&state, &id).ok_or_else(busy)?;
     let job = jobs::start(&state, "evict", Some(id.clone()), move |st, p| {
+        let _claim = claim;
         let bucket = bucket_for(st, &trow)?;
         // Only a copy read back whole and checked replaces the local one.
         let report = maas_s3::verify::verify_snapshot(
@@ -570,7 +579,9 @@ pub async fn rehydrate_snapshot(
         Ok((srow, trow))
     })
     .await?;
+    let claim = AppState::claim_moving(&state, &id).ok_or_else(busy)?;
     let job = jobs::start(&state, "rehydrate", Some(id.clone()), move |st, p| {
+        let _claim = claim;
         let bucket = bucket_for(st, &trow)?;
         let source = crate::archive::source_keys(st, &bucket, &srow)?;
         let started = std::time::Instant::now();
@@ -758,4 +769,76 @@ fn imported_copy(m: &maas_s3::manifest::SnapshotManifest, target: &str) -> Snaps
         objects: m.packs.len() as i64 + 1,
         updated_ms: now_ms(),
     }
+}
+
+#[utoipa::path(post, path = "/api/v1/snapshots/{id}/archives/{target}/verify", params(("id" = String, Path, description = "Snapshot id"), ("target" = String, Path, description = "Archive target id")), tag = "archive", security(("bearer" = [])),
+    responses((status = 202, body = api::Job), (status = 404, body = api::ErrorBody), (status = 409, body = api::ErrorBody)))]
+pub async fn verify_copy(
+    state: State,
+    c: Caller,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let (id, target) = path.into_inner();
+    let (id2, t2) = (id.clone(), target.clone());
+    let (copy, trow) = blocking(&state, move |st| {
+        let srow = st
+            .catalog
+            .snapshot(&id2)?
+            .filter(|r| r.state == "ready")
+            .ok_or_else(|| ApiError::not_found("SNAPSHOT_NOT_FOUND", "snapshot", &id2))?;
+        let copy = st
+            .catalog
+            .snapshot_archive(&srow.id, &t2)?
+            .filter(|c| c.state == "archived" || c.state == "damaged")
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "ARCHIVE_COPY_NOT_FOUND",
+                    "archived copy",
+                    &format!("{id2} in {t2}"),
+                )
+            })?;
+        Ok((copy, target_row(st, &t2)?))
+    })
+    .await?;
+    let job = jobs::start(&state, "verify-archive", Some(id), move |st, p| {
+        let bucket = bucket_for(st, &trow)?;
+        let r = maas_s3::verify::verify_snapshot(
+            &st.archive,
+            &st.pool,
+            &bucket,
+            &trow.id,
+            &copy.snapshot,
+            &mut |f| p.set(f),
+        );
+        let mut row = copy.clone();
+        row.updated_ms = now_ms();
+        match r {
+            Ok(rep) => {
+                row.state = "archived".into();
+                st.catalog.upsert_snapshot_archive(&row)?;
+                Ok(serde_json::json!({
+                    "snapshot": copy.snapshot,
+                    "target": trow.id,
+                    "objects": rep.objects,
+                    "packs": rep.packs,
+                    "bytes_read": rep.bytes_read,
+                }))
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    maas_s3::ArchiveError::Damaged { .. } | maas_s3::ArchiveError::Missing { .. }
+                ) {
+                    // Evict and rehydrate use only copies that are whole.
+                    row.state = "damaged".into();
+                    st.catalog.upsert_snapshot_archive(&row)?;
+                    tracing::error!(snapshot = %copy.snapshot, target_id = %trow.id, error = %e, "archived copy is damaged");
+                }
+                Err(e.into())
+            }
+        }
+    })
+    .await?;
+    Ok(accepted(&job))
 }

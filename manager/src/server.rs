@@ -34,6 +34,7 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         crate::archive::delete_target, crate::archive::archive_snapshot,
         crate::archive::evict_snapshot, crate::archive::rehydrate_snapshot,
         crate::archive::list_all_snapshots, crate::archive::import_target,
+        crate::archive::verify_copy,
     ),
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::PoolReads, maas_api::Device, maas_api::Volume,
@@ -126,6 +127,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(
                 "/snapshots/{id}/archive",
                 web::post().to(crate::archive::archive_snapshot),
+            )
+            .route(
+                "/snapshots/{id}/archives/{target}/verify",
+                web::post().to(crate::archive::verify_copy),
             )
             .route(
                 "/snapshots/{id}/evict",
@@ -353,6 +358,7 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
         vault,
         token_use: std::sync::Mutex::new(HashMap::new()),
         archive: maas_s3::Archive::new(2).map_err(|e| anyhow::anyhow!("{e}"))?,
+        moving_snapshots: std::sync::Mutex::new(Default::default()),
     };
     let interrupted = crate::jobs::fail_interrupted(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
     if interrupted > 0 {

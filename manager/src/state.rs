@@ -36,6 +36,39 @@ pub struct AppState {
     pub token_use: Mutex<HashMap<String, i64>>,
     /// The archive tier's runtime (S3 requests).
     pub archive: maas_s3::Archive,
+    /// Snapshots an evict or rehydrate job is moving: one at a time per snapshot.
+    pub moving_snapshots: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A snapshot claimed by an evict or rehydrate job; released when dropped.
+#[derive(Debug)]
+pub struct MovingSnapshot {
+    st: web::Data<AppState>,
+    id: String,
+}
+
+impl AppState {
+    /// Claims `id` for a job that moves its data, or None if one does already.
+    pub fn claim_moving(st: &web::Data<AppState>, id: &str) -> Option<MovingSnapshot> {
+        let mut m = match st.moving_snapshots.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.insert(id.to_string()).then(|| MovingSnapshot {
+            st: st.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for MovingSnapshot {
+    fn drop(&mut self) {
+        let mut m = match self.st.moving_snapshots.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.remove(&self.id);
+    }
 }
 
 /// Token hashes stay out of logs: only their number is shown.

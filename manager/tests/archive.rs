@@ -567,3 +567,60 @@ fn evicted_snapshots_rehydrate_and_a_fresh_maasd_imports_the_bucket() {
         "data imported on a fresh maasd differs"
     );
 }
+
+#[test]
+fn a_verify_finds_a_damaged_pack_and_the_copy_is_not_used_any_more() {
+    let dir = TestDir::new("maas-archive-verify");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+    let vol = volume(&m, "db", 64 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "db.img", 24 * MIB);
+    let s1 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &target));
+    let path = format!("/snapshots/{s1}/archives/{target}/verify");
+    let (s, job) = m.call("POST", &path, None);
+    assert_eq!(s, 202, "{job}");
+    let j = m.wait_job(&job);
+    assert!(j["result"]["objects"].as_u64().unwrap() > 0, "{j}");
+    assert!(
+        j["result"]["bytes_read"].as_u64().unwrap() >= 24 * MIB,
+        "{j}"
+    );
+
+    // One flipped byte in the largest pack, under the server.
+    let (victim, len) = s3
+        .list("maas")
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("packs/"))
+        .max_by_key(|(_, n)| *n)
+        .unwrap();
+    let file = s3.object_path("maas", &victim);
+    let mut b = std::fs::read(&file).unwrap();
+    b[(len / 3) as usize] ^= 0x01;
+    std::fs::write(&file, &b).unwrap();
+    let (s, job) = m.call("POST", &path, None);
+    assert_eq!(s, 202, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let t = Instant::now();
+    let j = loop {
+        let j = m.ok("GET", &format!("/jobs/{id}"), None);
+        if j["state"] == "failed" || j["state"] == "succeeded" {
+            break j;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{j}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(j["state"], "failed", "a damaged pack verified: {j}");
+    assert_eq!(j["error"]["code"], "ARCHIVE_OBJECT_DAMAGED", "{j}");
+    assert!(
+        j["error"]["message"].as_str().unwrap().contains(&victim),
+        "{j}"
+    );
+    let snap = m.ok("GET", &format!("/snapshots/{s1}"), None);
+    assert_eq!(snap["archives"][0]["state"], "damaged", "{snap}");
+    // The damaged copy replaces nothing.
+    let (s, e) = m.call("POST", &format!("/snapshots/{s1}/evict"), None);
+    assert_eq!((s, code(&e)), (409, "SNAPSHOT_NOT_ARCHIVED"), "{e}");
+}

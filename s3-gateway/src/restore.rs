@@ -23,7 +23,7 @@ use crate::verify::{fetch_object_from, parse_digest};
 /// Objects of one pack closer than this are fetched in one ranged GET.
 const MERGE_GAP: u64 = 1 << 20;
 /// A ranged GET covers at most this much.
-const MAX_SPAN: u64 = 64 << 20;
+const MAX_SPAN: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RestoreOptions {
@@ -33,7 +33,7 @@ pub struct RestoreOptions {
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { parallel: 8 }
+        RestoreOptions { parallel: 6 }
     }
 }
 
@@ -186,10 +186,11 @@ pub fn restore_snapshot(
         match rx.blocking_recv() {
             None => Ok(None),
             Some(Ok(batch)) => {
+                let first = p.chunks_done == 0;
                 p.chunks_done += batch.len() as u64;
                 p.bytes_fetched = fetched.load(Ordering::Relaxed);
                 p.requests = requests.load(Ordering::Relaxed);
-                if last.elapsed() >= Duration::from_millis(200) {
+                if first || last.elapsed() >= Duration::from_millis(200) {
                     progress(&p);
                     last = Instant::now();
                 }

@@ -134,7 +134,9 @@ fn snapshots_go_to_the_bucket_once_and_come_back_checked() {
             .iter()
             .any(|(k, _)| k == "site-a/snapshots/snap-1.json")
     );
-    assert_eq!(objects.len(), packs.len() + 2, "{objects:?}");
+    let keys = format!("site-a/keys/{}.json", pool.pool_id());
+    assert!(objects.iter().any(|(k, _)| *k == keys), "{objects:?}");
+    assert_eq!(objects.len(), packs.len() + 3, "{objects:?}");
 
     let v = verify_snapshot(&archive, &pool, &bucket, TARGET, "snap-1", &mut |_| {}).unwrap();
     assert_eq!(v.objects, p1.objects_total);

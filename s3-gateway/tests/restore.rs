@@ -280,3 +280,179 @@ fn chunks_of_another_pool_are_checked_with_its_keys_and_re_keyed() {
     let v = b.verify().unwrap();
     assert!(v.damaged.is_empty(), "{v:?}");
 }
+
+#[test]
+fn a_fresh_pool_too_small_for_the_snapshot_fails_cleanly_then_imports_it_when_it_has_room() {
+    let dir = TestDir::new("maas-s3-full");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let archive = Archive::new(2).unwrap();
+    let cfg = TargetConfig {
+        endpoint: s3.endpoint(),
+        region: "us-east-1".into(),
+        bucket: "maas".into(),
+        prefix: String::new(),
+        access_key_id: ACCESS_KEY.into(),
+        secret_access_key: SECRET_KEY.into(),
+        path_style: true,
+        storage_class: None,
+        object_lock: None,
+    };
+    let bucket = Bucket::new(cfg).unwrap();
+    let a = pool(&dir.path().join("a"));
+    let (snap, image) = sealed(&a, "v", 11);
+    push_snapshot(
+        &archive,
+        &a,
+        &bucket,
+        TARGET,
+        snap,
+        meta("snap-1"),
+        PushOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+
+    // Another pool on an 8 MiB device: the snapshot's ~20 MiB of stored chunks cannot fit.
+    let small = Pool::create(
+        &dir.path().join("small"),
+        CreateOptions {
+            devices: vec![maas_pool::DeviceSpec {
+                path: "data-0.dev".into(),
+                tier: maas_pool::Tier::Hdd,
+                size: 8 << 20,
+            }],
+            ..CreateOptions::default()
+        },
+        OpenOptions {
+            background: false,
+            wal_segment_bytes: 1 << 20,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let scan =
+        maas_s3::import::scan_bucket(&archive, &small, &bucket, TARGET, &mut |_| {}).unwrap();
+    assert_eq!(scan.snapshots.len(), 1);
+    assert!(scan.packs_indexed >= 1);
+    let keys = archive
+        .block_on(maas_s3::keys::read_keys(&bucket, &a.pool_id().to_string()))
+        .unwrap();
+    let before = small.stats().unwrap();
+    let e = restore_snapshot(
+        &archive,
+        &small,
+        &bucket,
+        TARGET,
+        "snap-1",
+        Some(&keys),
+        RestoreOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, ArchiveError::Pool(maas_pool::PoolError::NoSpace(_))),
+        "{e:?}"
+    );
+    let after = small.stats().unwrap();
+    assert_eq!(small.snapshots().unwrap().len(), 0);
+    assert_eq!(
+        after.free_bytes, before.free_bytes,
+        "the failed restore kept space"
+    );
+
+    // With room (a device added), the same restore works and reads back the image.
+    small
+        .add_device(maas_pool::DeviceSpec {
+            path: "data-1.dev".into(),
+            tier: maas_pool::Tier::Hdd,
+            size: 256 << 20,
+        })
+        .unwrap();
+    let s = restore_snapshot(
+        &archive,
+        &small,
+        &bucket,
+        TARGET,
+        "snap-1",
+        Some(&keys),
+        RestoreOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(read_all(&small, s.id, "r") == image);
+}
+
+#[test]
+fn a_rehydrate_waits_for_a_restarting_server_and_finishes() {
+    let dir = TestDir::new("maas-s3-restore-restart");
+    let mut s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let archive = Archive::new(2).unwrap();
+    let pool = pool(&dir.path().join("pool"));
+    let bucket = Bucket::new(TargetConfig {
+        endpoint: s3.endpoint(),
+        region: "us-east-1".into(),
+        bucket: "maas".into(),
+        prefix: String::new(),
+        access_key_id: ACCESS_KEY.into(),
+        secret_access_key: SECRET_KEY.into(),
+        path_style: true,
+        storage_class: None,
+        object_lock: None,
+    })
+    .unwrap()
+    .with_retry_for(std::time::Duration::from_secs(30));
+    let (snap, image) = sealed(&pool, "v", 13);
+    let opts = PushOptions {
+        pack_bytes: MIB,
+        parallel: 2,
+    };
+    push_snapshot(
+        &archive,
+        &pool,
+        &bucket,
+        TARGET,
+        snap,
+        meta("snap-1"),
+        opts,
+        &mut |_| {},
+    )
+    .unwrap();
+    pool.delete_snapshot(snap).unwrap();
+    pool.delete_volume(pool.volume_by_name("v").unwrap().id)
+        .unwrap();
+    pool.reclaim().unwrap();
+
+    // The server dies at the first batch and comes back 2 s later.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let restarter = std::thread::spawn(move || {
+        rx.recv().unwrap();
+        s3.kill();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        s3.restart();
+        (s3, std::time::Instant::now())
+    });
+    let mut signalled = false;
+    let back = restore_snapshot(
+        &archive,
+        &pool,
+        &bucket,
+        TARGET,
+        "snap-1",
+        None,
+        RestoreOptions { parallel: 1 },
+        &mut |p| {
+            if p.chunks_done > 0 && !signalled {
+                signalled = true;
+                let _ = tx.send(());
+            }
+        },
+    );
+    let done = std::time::Instant::now();
+    let (_s3, restarted) = restarter.join().unwrap();
+    let back = back.unwrap();
+    assert!(signalled);
+    assert!(done > restarted, "the rehydrate did not meet the outage");
+    assert!(read_all(&pool, back.id, "r") == image);
+}

@@ -24,6 +24,8 @@ pub struct S3Server {
     pub root: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// s3s-fs logs every request (method, URI, headers) when set: for counting them.
+    log_requests: bool,
 }
 
 fn free_port() -> u16 {
@@ -70,6 +72,22 @@ impl S3Server {
             root: root.to_path_buf(),
             child: None,
             log: root.with_extension("log"),
+            log_requests: false,
+        };
+        s.spawn();
+        s
+    }
+
+    /// As [`S3Server::start`], with every request in the log (`<root>.log`; s3s-fs only).
+    pub fn start_logging_requests(kind: Kind, root: &Path) -> S3Server {
+        std::fs::create_dir_all(root).unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+        let mut s = S3Server {
+            kind,
+            port: free_port(),
+            root: root.to_path_buf(),
+            child: None,
+            log: root.with_extension("log"),
+            log_requests: true,
         };
         s.spawn();
         s
@@ -85,6 +103,9 @@ impl S3Server {
             .try_clone()
             .unwrap_or_else(|e| panic!("{}: {e}", self.log.display()));
         let mut cmd = Command::new(program(self.kind));
+        if self.log_requests {
+            cmd.env("RUST_LOG", "s3s::service=debug");
+        }
         match self.kind {
             Kind::S3sFs => {
                 cmd.args(["--host", "127.0.0.1", "--port"])

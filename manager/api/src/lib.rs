@@ -195,7 +195,8 @@ fn local() -> String {
 pub struct SnapshotArchive {
     /// Archive target id.
     pub target: String,
-    /// `pushing`, `archived` or `failed`.
+    /// `pushing`, `archived`, `failed` (the push did not finish) or `damaged` (a verify found
+    /// an object missing or damaged; evict and rehydrate do not use it).
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archived_at: Option<String>,

@@ -167,6 +167,13 @@ enum SnapshotCmd {
     Rehydrate {
         id: String,
     },
+    /// Read a snapshot's copy in an archive target back whole and check every object.
+    VerifyArchive {
+        id: String,
+        /// Archive target id.
+        #[arg(long)]
+        target: String,
+    },
     /// Push a snapshot to an archive target (only what the bucket does not hold yet).
     Archive {
         id: String,
@@ -1205,6 +1212,15 @@ fn run(cli: &Cli) -> R<()> {
                 cli,
                 &c,
                 c.call("POST", &format!("/snapshots/{id}/evict"), None)?,
+            )?,
+            SnapshotCmd::VerifyArchive { id, target } => job_result(
+                cli,
+                &c,
+                c.call(
+                    "POST",
+                    &format!("/snapshots/{id}/archives/{target}/verify"),
+                    None,
+                )?,
             )?,
             SnapshotCmd::Rehydrate { id } => job_result(
                 cli,

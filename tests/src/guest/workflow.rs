@@ -127,7 +127,7 @@ fn write_text(path: &Path, text: &str) {
     write_file(path, text.as_bytes());
 }
 
-fn read_text(path: &Path) -> String {
+pub fn read_text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
