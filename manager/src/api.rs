@@ -702,24 +702,8 @@ pub async fn delete_snapshot(
                 format!("snapshot is locked until {}", crate::state::rfc3339(ms)),
             ));
         }
-        // Deleting a snapshot deletes all its copies; until deletion from archive targets
-        // exists, one with copies there is refused rather than half deleted.
-        let copies = st.catalog.archives_of(&id2)?;
-        if let Some(c) = copies.iter().find(|c| c.state == "pushing") {
-            return Err(ApiError::conflict(
-                "ARCHIVE_IN_PROGRESS",
-                format!("snapshot is being pushed to archive target {}", c.target),
-            ));
-        }
-        if let Some(c) = copies.iter().find(|c| c.state == "archived") {
-            return Err(ApiError::conflict(
-                "SNAPSHOT_ARCHIVED",
-                format!(
-                    "snapshot has a copy in archive target {}; deleting archived snapshots is not available yet",
-                    c.target
-                ),
-            ));
-        }
+        // Deleting a snapshot deletes all its copies, in the pool and in archive targets.
+        crate::archive::check_copies_deletable(st, &id2)?;
         row.state = "deleting".into();
         st.catalog.update_snapshot(&row)?;
         Ok(row)
@@ -730,21 +714,39 @@ pub async fn delete_snapshot(
         "delete-snapshot",
         Some(id.clone()),
         move |st, _p| {
-            match st
-                .pool
-                .delete_snapshot(SnapshotId(row.pool_snapshot as u64))
-            {
-                Ok(()) | Err(maas_pool::PoolError::SnapshotNotFound(_)) => {}
-                Err(e) => {
-                    let mut r = row.clone();
-                    r.state = "ready".into();
-                    st.catalog.update_snapshot(&r)?;
-                    return Err(e.into());
+            if row.location == "local" {
+                match st
+                    .pool
+                    .delete_snapshot(SnapshotId(row.pool_snapshot as u64))
+                {
+                    Ok(()) | Err(maas_pool::PoolError::SnapshotNotFound(_)) => {}
+                    Err(e) => {
+                        let mut r = row.clone();
+                        r.state = "ready".into();
+                        st.catalog.update_snapshot(&r)?;
+                        return Err(e.into());
+                    }
                 }
             }
+            let archives = match crate::archive::delete_copies(st, &row) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The local copy is gone; the copies not deleted keep the snapshot listed.
+                    let mut r = row.clone();
+                    r.state = "ready".into();
+                    r.location = "archive".into();
+                    r.pool_snapshot = -1;
+                    if st.catalog.archives_of(&id)?.is_empty() {
+                        st.catalog.delete_snapshot_row(&id)?;
+                    } else {
+                        st.catalog.update_snapshot(&r)?;
+                    }
+                    return Err(e);
+                }
+            };
             st.catalog.delete_snapshot_row(&id)?;
             st.catalog.delete_archives_of(&id)?;
-            Ok(serde_json::json!({ "snapshot": id }))
+            Ok(serde_json::json!({ "snapshot": id, "archives": archives }))
         },
     )
     .await?;

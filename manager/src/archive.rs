@@ -331,6 +331,11 @@ fn run_push(
     srow: &SnapshotRow,
     trow: &ArchiveTargetRow,
 ) -> ApiResult<serde_json::Value> {
+    let lock = st.target_lock(&trow.id);
+    let _shared = match lock.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
     let prev = st.catalog.snapshot_archive(&srow.id, &trow.id)?;
     let mut row = copy_row(srow, trow, "pushing");
     row.job = Some(p.job_id());
@@ -841,4 +846,90 @@ pub async fn verify_copy(
     })
     .await?;
     Ok(accepted(&job))
+}
+
+/// Deletes a snapshot's copies from their targets (its manifest, then every pack no remaining
+/// snapshot of the target needs) and forgets them. Called by the snapshot's delete job, after
+/// the checks of [`check_copies_deletable`].
+pub fn delete_copies(st: &AppState, srow: &SnapshotRow) -> ApiResult<serde_json::Value> {
+    let mut reports = Vec::new();
+    for copy in st.catalog.archives_of(&srow.id)? {
+        let Some(trow) = st.catalog.archive_target(&copy.target)? else {
+            continue;
+        };
+        let lock = st.target_lock(&trow.id);
+        let _exclusive = match lock.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let bucket = bucket_for(st, &trow)?;
+        if copy.state != "failed" {
+            st.archive
+                .block_on(bucket.delete(&maas_s3::manifest::SnapshotManifest::key(&srow.id)))?;
+        }
+        st.catalog.delete_snapshot_archive(&srow.id, &trow.id)?;
+        // What the target's other snapshots need stays. Should one of them not be readable
+        // (its manifest damaged or gone), what it needs is unknown: nothing is reclaimed.
+        let keep = (|| -> ApiResult<Vec<(String, Option<maas_pool::import::DigestKeys>)>> {
+            let mut keep = Vec::new();
+            for other in st.catalog.archives_of_target(&trow.id)? {
+                if other.state == "failed" {
+                    continue;
+                }
+                let Some(orow) = st.catalog.snapshot(&other.snapshot)? else {
+                    continue;
+                };
+                keep.push((other.snapshot.clone(), source_keys(st, &bucket, &orow)?));
+            }
+            Ok(keep)
+        })();
+        let r = match keep {
+            Ok(keep) => maas_s3::gc::collect(&st.archive, &st.pool, &bucket, &trow.id, &keep)?,
+            Err(e) => {
+                tracing::warn!(target_id = %trow.id, error = %e.message, "archive space not reclaimed: a remaining copy could not be read (verify it); the next deletion retries");
+                maas_s3::gc::GcReport {
+                    deferred: Some(e.message),
+                    ..Default::default()
+                }
+            }
+        };
+        reports.push(serde_json::json!({
+            "target": trow.id,
+            "packs_deleted": r.packs_deleted,
+            "bytes_freed": r.bytes_freed,
+            "packs_kept": r.packs_kept,
+            "reclaim_deferred": r.deferred,
+        }));
+    }
+    Ok(serde_json::Value::Array(reports))
+}
+
+/// Refuses to delete a snapshot whose copies cannot go: one being pushed, or one whose
+/// objects are under object lock retention.
+pub fn check_copies_deletable(st: &AppState, snapshot: &str) -> ApiResult<()> {
+    for c in st.catalog.archives_of(snapshot)? {
+        if c.state == "pushing" {
+            return Err(ApiError::conflict(
+                "ARCHIVE_IN_PROGRESS",
+                format!("snapshot is being pushed to archive target {}", c.target),
+            ));
+        }
+        let Some(t) = st.catalog.archive_target(&c.target)? else {
+            continue;
+        };
+        if let (Some(days), Some(at)) = (t.object_lock_days, c.archived_ms) {
+            let until = at + days * 86_400_000;
+            if until > now_ms() {
+                return Err(ApiError::conflict(
+                    "SNAPSHOT_ARCHIVE_LOCKED",
+                    format!(
+                        "the snapshot's objects in archive target {} are under object lock until {}: it cannot be deleted before",
+                        t.id,
+                        rfc3339(until)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }

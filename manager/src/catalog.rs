@@ -637,6 +637,23 @@ impl Catalog {
                 .load(c)?)
         })
     }
+    pub fn delete_snapshot_archive(&self, snapshot: &str, target: &str) -> CResult<()> {
+        self.with(|c| {
+            diesel::delete(
+                snapshot_archives::table.find((snapshot.to_string(), target.to_string())),
+            )
+            .execute(c)?;
+            Ok(())
+        })
+    }
+    pub fn archives_of_target(&self, target: &str) -> CResult<Vec<SnapshotArchiveRow>> {
+        self.with(|c| {
+            Ok(snapshot_archives::table
+                .filter(snapshot_archives::target.eq(target))
+                .select(SnapshotArchiveRow::as_select())
+                .load(c)?)
+        })
+    }
     /// Forgets the copy records of a deleted snapshot (failed pushes: nothing was published).
     pub fn delete_archives_of(&self, snapshot: &str) -> CResult<()> {
         self.with(|c| {

@@ -155,6 +155,12 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
                     }
                 }
             }
+            if row.state == "deleting" {
+                // A delete of its archive copies was interrupted: listed again, to retry.
+                let mut r = row.clone();
+                r.state = "ready".into();
+                cat.update_snapshot(&r)?;
+            }
             continue;
         }
         match (row.state.as_str(), pool_snaps.contains_key(&ps)) {

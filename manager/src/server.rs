@@ -359,6 +359,7 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
         token_use: std::sync::Mutex::new(HashMap::new()),
         archive: maas_s3::Archive::new(2).map_err(|e| anyhow::anyhow!("{e}"))?,
         moving_snapshots: std::sync::Mutex::new(Default::default()),
+        target_locks: std::sync::Mutex::new(Default::default()),
     };
     let interrupted = crate::jobs::fail_interrupted(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
     if interrupted > 0 {

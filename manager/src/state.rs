@@ -38,6 +38,19 @@ pub struct AppState {
     pub archive: maas_s3::Archive,
     /// Snapshots an evict or rehydrate job is moving: one at a time per snapshot.
     pub moving_snapshots: Mutex<std::collections::HashSet<String>>,
+    /// Per archive target: pushes hold it shared, space reclamation exclusive (a push must not
+    /// count on an object in a pack being deleted).
+    pub target_locks: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+}
+
+impl AppState {
+    pub fn target_lock(&self, target: &str) -> Arc<RwLock<()>> {
+        let mut m = match self.target_locks.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry(target.to_string()).or_default().clone()
+    }
 }
 
 /// A snapshot claimed by an evict or rehydrate job; released when dropped.

@@ -302,10 +302,19 @@ fn snapshots_written_by_qemu_are_archived_incrementally_with_progress() {
         first_packs + 1
     );
 
-    // An archived snapshot is not deleted behind its copy's back.
-    let (s, e) = m.call("DELETE", &format!("/snapshots/{s2}"), None);
-    assert_eq!((s, code(&e)), (409, "SNAPSHOT_ARCHIVED"), "{e}");
-    // Nor is a target that holds copies.
+    // Deleting the second snapshot deletes its copy too: the pack only it needed goes.
+    let (s, job) = m.call("DELETE", &format!("/snapshots/{s2}"), None);
+    assert_eq!(s, 202, "{job}");
+    let j = m.wait_job(&job);
+    assert_eq!(j["result"]["archives"][0]["packs_deleted"], 1, "{j}");
+    assert_eq!(
+        s3.list("maas")
+            .iter()
+            .filter(|(k, _)| k.starts_with("packs/"))
+            .count() as u64,
+        first_packs
+    );
+    // A target that holds copies is not deleted.
     let (s, e) = m.call("DELETE", &format!("/archive-targets/{target}"), None);
     assert_eq!((s, code(&e)), (409, "ARCHIVE_TARGET_IN_USE"), "{e}");
 
@@ -408,8 +417,8 @@ fn a_push_interrupted_by_a_maasd_crash_resumes_at_restart() {
     };
     let resumed = snap["archives"][0]["job"].as_str().unwrap().to_string();
     assert_ne!(resumed, id);
-    let j = m.ok("GET", &format!("/jobs/{resumed}"), None);
-    assert_eq!(j["state"], "succeeded", "{j}");
+    // The copy is recorded archived just before its job ends.
+    let j = m.wait_job(&json!({ "id": resumed }));
     let d = &j["progress_detail"];
     assert!(
         d["objects_to_send"].as_u64().unwrap() < d["objects_total"].as_u64().unwrap(),
@@ -623,4 +632,141 @@ fn a_verify_finds_a_damaged_pack_and_the_copy_is_not_used_any_more() {
     // The damaged copy replaces nothing.
     let (s, e) = m.call("POST", &format!("/snapshots/{s1}/evict"), None);
     assert_eq!((s, code(&e)), (409, "SNAPSHOT_NOT_ARCHIVED"), "{e}");
+}
+
+#[test]
+fn the_archive_catalog_works_on_postgresql() {
+    let dir = TestDir::new("maas-archive-pg");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let mut m = Maasd::builder(MAASD, &dir.path().join("maasd"))
+        .catalog_url(Some(postgres_catalog()))
+        .start();
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+    let vol = volume(&m, "pg", 32 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "pg.img", 8 * MIB);
+    let src = dir.path().join("pg.img");
+    let s1 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &target));
+    // Twice: the copy row is updated, not duplicated.
+    m.wait_job(&archive(&m, &s1, &target));
+    let snap = m.ok("GET", &format!("/snapshots/{s1}"), None);
+    assert_eq!(snap["archives"].as_array().unwrap().len(), 1, "{snap}");
+    m.wait_job(&m.call("POST", &format!("/snapshots/{s1}/evict"), None).1);
+    m.restart();
+    let l = m.ok("GET", "/snapshots?location=archive", None);
+    assert_eq!(l["items"][0]["id"], s1.as_str(), "{l}");
+    m.wait_job(
+        &m.call("POST", &format!("/snapshots/{s1}/rehydrate"), None)
+            .1,
+    );
+    let c = clone_snapshot(&m, &s1, "back");
+    let back = dir.path().join("back.img");
+    qemu_read(&m, &c, &back);
+    assert!(same_prefix(&back, &src));
+    let (s, e) = m.call("DELETE", &format!("/archive-targets/{target}"), None);
+    assert_eq!((s, code(&e)), (409, "ARCHIVE_TARGET_IN_USE"), "{e}");
+}
+
+#[test]
+fn deleting_archived_snapshots_reclaims_only_what_no_other_snapshot_needs() {
+    let dir = TestDir::new("maas-archive-delete");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let moto = S3Server::start(Kind::Moto, &dir.path().join("moto"));
+    moto.create_bucket("locked", true);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+    let vol = volume(&m, "files", 128 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "day1.img", 48 * MIB);
+    let s1 = seal(&m, &vol);
+    // Day 2: the first 4 MiB rewritten.
+    qemu_write(&m, dir.path(), &vol, "day2.img", 4 * MIB);
+    let mut day2 = std::fs::read(dir.path().join("day1.img")).unwrap();
+    let patch = std::fs::read(dir.path().join("day2.img")).unwrap();
+    day2[..patch.len()].copy_from_slice(&patch);
+    std::fs::write(dir.path().join("day2-full.img"), &day2).unwrap();
+    let s2 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &target));
+    m.wait_job(&archive(&m, &s2, &target));
+    let packs = |s3: &S3Server| {
+        s3.list("maas")
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("packs/"))
+            .count()
+    };
+    let before = packs(&s3);
+    m.wait_job(&m.call("POST", &format!("/snapshots/{s2}/evict"), None).1);
+
+    // Day 1 goes: day 2 still needs most of its chunks, so no pack it uses is deleted.
+    let (s, job) = m.call("DELETE", &format!("/snapshots/{s1}"), None);
+    assert_eq!(s, 202, "{job}");
+    let j = m.wait_job(&job);
+    assert!(
+        !s3.list("maas")
+            .iter()
+            .any(|(k, _)| *k == format!("snapshots/{s1}.json"))
+    );
+    let (s, _) = m.call("GET", &format!("/snapshots/{s1}"), None);
+    assert_eq!(s, 404);
+    assert!(packs(&s3) <= before, "{j}");
+    // Day 2 comes back whole from what is left.
+    m.wait_job(
+        &m.call("POST", &format!("/snapshots/{s2}/rehydrate"), None)
+            .1,
+    );
+    let c = clone_snapshot(&m, &s2, "day2-back");
+    let back = dir.path().join("back.img");
+    qemu_read(&m, &c, &back);
+    assert!(
+        same_prefix(&back, &dir.path().join("day2-full.img")),
+        "day 2 lost data"
+    );
+    // The clone holds its data locally now; day 2 goes too, and with it every pack.
+    m.ok("DELETE", &format!("/volumes/{c}"), None);
+    let j = m.wait_job(&m.call("DELETE", &format!("/snapshots/{s2}"), None).1);
+    assert_eq!(
+        packs(&s3),
+        0,
+        "packs left after the last snapshot went: {j}"
+    );
+    let deleted = j["result"]["archives"][0]["packs_deleted"]
+        .as_u64()
+        .unwrap();
+    assert!(deleted > 0, "{j}");
+    // Nothing refers to the target any more.
+    m.ok("DELETE", &format!("/archive-targets/{target}"), None);
+
+    // Under object lock, a copy cannot be deleted before its retention ends.
+    let mut b = target_body("vault", &moto.endpoint(), "locked");
+    b["object_lock"] = json!({"mode": "GOVERNANCE", "days": 1});
+    let vault = create_target(&m, b);
+    let s3snap = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s3snap, &vault));
+    let (s, e) = m.call("DELETE", &format!("/snapshots/{s3snap}"), None);
+    assert_eq!((s, code(&e)), (409, "SNAPSHOT_ARCHIVE_LOCKED"), "{e}");
+    assert_eq!(
+        m.ok("GET", &format!("/snapshots/{s3snap}"), None)["archives"][0]["state"],
+        "archived"
+    );
+
+    // A remaining copy that cannot be read (its manifest gone behind our back) does not block
+    // deleting another snapshot, and no pack is deleted while what it needs is unknown.
+    let target = create_target(&m, target_body("offsite2", &s3.endpoint(), "maas"));
+    let s4 = seal(&m, &vol);
+    qemu_write(&m, dir.path(), &vol, "day4.img", 2 * MIB);
+    let s5 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s4, &target));
+    m.wait_job(&archive(&m, &s5, &target));
+    let before = packs(&s3);
+    let out = s3.aws(&["s3", "rm", &format!("s3://maas/snapshots/{s5}.json")]);
+    assert!(out.status.success(), "{out:?}");
+    let j = m.wait_job(&m.call("DELETE", &format!("/snapshots/{s4}"), None).1);
+    let deferred = j["result"]["archives"][0]["reclaim_deferred"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(deferred.contains(&s5), "{j}");
+    assert_eq!(packs(&s3), before, "{j}");
+    let (s, _) = m.call("GET", &format!("/snapshots/{s4}"), None);
+    assert_eq!(s, 404);
 }

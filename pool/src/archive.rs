@@ -301,6 +301,53 @@ impl Pool {
         Ok(out)
     }
 
+    /// Every object the target holds, with where.
+    pub fn archive_objects(&self, target: &str) -> Result<Vec<(Digest, ArchivedObject)>> {
+        let db = &self.inner.shared.meta.db;
+        let tx = db.begin_read()?;
+        let t = match tx.open_table(ARCHIVE_OBJECTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for r in t.range((target, [0u8; 32])..=(target, [0xffu8; 32]))? {
+            let (k, v) = r?;
+            out.push((Digest(k.value().1), ArchivedObject::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Forgets packs the target no longer holds (about to be deleted from the bucket), and
+    /// every object recorded in them, in one transaction: a push started afterwards sends
+    /// those objects again if it needs them.
+    pub fn archive_forget_packs(&self, target: &str, packs: &[u64]) -> Result<()> {
+        let dead: std::collections::HashSet<u64> = packs.iter().copied().collect();
+        let tx = self.inner.shared.meta.begin_write()?;
+        {
+            let mut t = tx.open_table(ARCHIVE_OBJECTS)?;
+            let mut bad = None;
+            t.retain_in((target, [0u8; 32])..=(target, [0xffu8; 32]), |_, v| {
+                match ArchivedObject::decode(v) {
+                    Ok(loc) => !dead.contains(&loc.pack),
+                    Err(e) => {
+                        bad = Some(e);
+                        true
+                    }
+                }
+            })?;
+            if let Some(e) = bad {
+                return Err(e);
+            }
+            let mut p = tx.open_table(ARCHIVE_PACKS)?;
+            for n in packs {
+                p.remove((target, *n))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Forgets everything recorded about a target (it was deleted).
     pub fn archive_forget(&self, target: &str) -> Result<()> {
         let tx = self.inner.shared.meta.begin_write()?;

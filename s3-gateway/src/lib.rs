@@ -7,6 +7,7 @@
 
 pub mod bucket;
 pub mod error;
+pub mod gc;
 pub mod import;
 pub mod keys;
 pub mod manifest;
