@@ -771,12 +771,8 @@ pub async fn clone_snapshot(
     let (srow, vrow) = blocking(&state, move |st| {
         let srow = snapshot_row(st, &id2)?;
         if srow.location != "local" {
-            return Err(ApiError::conflict(
-                "SNAPSHOT_NOT_LOCAL",
-                format!(
-                    "snapshot {id2} is only in an archive target: rehydrate it first (POST /api/v1/snapshots/{id2}/rehydrate); mounting straight from the archive is not available yet"
-                ),
-            ));
+            // Mounted straight from the archive: checked here, done by the job.
+            crate::archive::archived_copy(st, &id2)?;
         }
         if st.catalog.volume_by_name(&name)?.is_some() {
             return Err(ApiError::conflict(
@@ -800,7 +796,38 @@ pub async fn clone_snapshot(
         Ok((srow, vrow))
     })
     .await?;
+    // One job at a time brings an archive-only snapshot into the pool.
+    let claim = if srow.location == "local" {
+        None
+    } else {
+        match AppState::claim_moving(&state, &id) {
+            Some(c) => Some(c),
+            None => {
+                let vid = vrow.id.clone();
+                blocking(&state, move |st| Ok(st.catalog.delete_volume_row(&vid)?)).await?;
+                return Err(crate::archive::busy());
+            }
+        }
+    };
     let job = jobs::start(&state, "clone", Some(id), move |st, _p| {
+        let _claim = claim;
+        let srow = if srow.location == "local" {
+            srow
+        } else {
+            // Another job may have brought it in meanwhile.
+            let now = snapshot_row(st, &srow.id)?;
+            if now.location == "local" {
+                now
+            } else {
+                match crate::archive::mount_lazily(st, &now) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        st.catalog.delete_volume_row(&vrow.id)?;
+                        return Err(e);
+                    }
+                }
+            }
+        };
         if let Err(e) = st
             .pool
             .clone_snapshot(SnapshotId(srow.pool_snapshot as u64), &vrow.id)

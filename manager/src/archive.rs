@@ -56,6 +56,64 @@ pub fn bucket_for(st: &AppState, r: &ArchiveTargetRow) -> ApiResult<Bucket> {
     })?)
 }
 
+/// Lets the pool read, on demand, chunks that live only in this target (lazily mounted
+/// snapshots): at start-up for every target, and for each new one.
+pub fn connect_target(st: &AppState, r: &ArchiveTargetRow) -> ApiResult<()> {
+    let fetch = maas_s3::lazy::TargetFetch::new(&st.archive, bucket_for(st, r)?);
+    st.pool
+        .set_remote_fetch(&r.id, std::sync::Arc::new(fetch))?;
+    Ok(())
+}
+
+/// [`connect_target`] for every stored target.
+pub fn connect_targets(st: &AppState) -> ApiResult<usize> {
+    let mut n = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let rows = st.catalog.archive_targets(cursor.as_deref(), 1000)?;
+        let Some(last) = rows.last() else { break };
+        cursor = Some(last.id.clone());
+        for r in &rows {
+            connect_target(st, r)?;
+            n += 1;
+        }
+        if rows.len() < 1000 {
+            break;
+        }
+    }
+    Ok(n)
+}
+
+/// Mounts an archive-only snapshot lazily in the pool (its index only; chunks come from the
+/// archive as they are read) and records it local. The caller holds the snapshot's claim.
+pub fn mount_lazily(st: &AppState, srow: &SnapshotRow) -> ApiResult<SnapshotRow> {
+    let (_, trow) = archived_copy(st, &srow.id)?;
+    // Held like a push: space reclamation in the target (exclusive) then sees the chunks this
+    // mount references and keeps their packs.
+    let lock = st.target_lock(&trow.id);
+    let _shared = match lock.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let bucket = bucket_for(st, &trow)?;
+    if source_keys(st, &bucket, srow)?.is_some() {
+        return Err(ApiError::conflict(
+            "SNAPSHOT_FOREIGN",
+            format!(
+                "snapshot {} was archived by another pool: its chunks must be re-keyed, which needs all of them; rehydrate it first (POST /api/v1/snapshots/{}/rehydrate)",
+                srow.id, srow.id
+            ),
+        ));
+    }
+    let info = maas_s3::lazy::mount_snapshot(&st.archive, &st.pool, &bucket, &trow.id, &srow.id)?;
+    let mut row = srow.clone();
+    row.location = "local".into();
+    row.pool_snapshot = info.id.0 as i64;
+    st.catalog.update_snapshot(&row)?;
+    tracing::info!(snapshot = %srow.id, pool_snapshot = %info.id, target_id = %trow.id, "snapshot mounted from the archive; its chunks are fetched as they are read");
+    Ok(row)
+}
+
 fn target_row(st: &AppState, id: &str) -> ApiResult<ArchiveTargetRow> {
     st.catalog
         .archive_target(id)?
@@ -168,6 +226,7 @@ pub async fn create_target(
             created_ms: now_ms(),
         };
         st.catalog.insert_archive_target(&row)?;
+        connect_target(st, &row)?;
         tracing::info!(target_id = %row.id, name = %row.name, endpoint = %row.endpoint, bucket = %row.bucket, prefix = %row.prefix, existing_archive = check.existing_archive, "archive target created");
         Ok(row)
     })
@@ -216,6 +275,15 @@ pub async fn delete_target(
     let id = id.into_inner();
     blocking(&state, move |st| {
         target_row(st, &id)?;
+        let remote = st.pool.remote_objects(&id)?.len();
+        if remote > 0 {
+            return Err(ApiError::conflict(
+                "ARCHIVE_TARGET_IN_USE",
+                format!(
+                    "{remote} chunks of volumes mounted from this target are still only there: rehydrate those snapshots or delete their clones first"
+                ),
+            ));
+        }
         if !st.catalog.delete_archive_target(&id)? {
             return Err(ApiError::conflict(
                 "ARCHIVE_TARGET_IN_USE",
@@ -463,7 +531,7 @@ pub async fn resume_pushes(state: &State) -> ApiResult<usize> {
     Ok(n)
 }
 
-fn busy() -> ApiError {
+pub fn busy() -> ApiError {
     ApiError::conflict(
         "SNAPSHOT_BUSY",
         "an evict or rehydrate job is moving this snapshot's data; wait for it",
@@ -471,7 +539,7 @@ fn busy() -> ApiError {
 }
 
 /// The copy evict and rehydrate use: the first archived one.
-fn archived_copy(
+pub fn archived_copy(
     st: &AppState,
     snapshot: &str,
 ) -> ApiResult<(SnapshotArchiveRow, ArchiveTargetRow)> {
@@ -575,16 +643,48 @@ pub async fn rehydrate_snapshot(
     let (srow, trow) = blocking(&state, move |st| {
         let srow = snapshot_row(st, &id2)?;
         if srow.location == "local" {
-            return Err(ApiError::conflict(
-                "SNAPSHOT_LOCAL",
-                format!("snapshot {id2} is local already"),
-            ));
+            let remote = st
+                .pool
+                .remote_chunks_of(maas_pool::SnapshotId(srow.pool_snapshot as u64))?
+                .len();
+            if remote == 0 {
+                return Err(ApiError::conflict(
+                    "SNAPSHOT_LOCAL",
+                    format!("snapshot {id2} is local already"),
+                ));
+            }
         }
         let (_, trow) = archived_copy(st, &id2)?;
         Ok((srow, trow))
     })
     .await?;
     let claim = AppState::claim_moving(&state, &id).ok_or_else(busy)?;
+    if srow.location == "local" {
+        // Mounted lazily: the chunks not read yet come now.
+        let job = jobs::start(&state, "rehydrate", Some(id.clone()), move |st, p| {
+            let _claim = claim;
+            let started = std::time::Instant::now();
+            let fetched = st.pool.fetch_remote_chunks(
+                maas_pool::SnapshotId(srow.pool_snapshot as u64),
+                &mut |done, total| {
+                    p.set_detail(
+                        done as f64 / total.max(1) as f64 * 0.99,
+                        serde_json::json!({ "chunks_total": total, "chunks_done": done }),
+                        false,
+                    );
+                },
+            )?;
+            tracing::info!(snapshot = %srow.id, chunks = fetched, "lazily mounted snapshot made whole local");
+            Ok(serde_json::json!({
+                "snapshot": srow.id,
+                "target": trow.id,
+                "chunks_fetched": fetched,
+                "seconds": started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await?;
+        return Ok(accepted(&job));
+    }
     let job = jobs::start(&state, "rehydrate", Some(id.clone()), move |st, p| {
         let _claim = claim;
         let bucket = bucket_for(st, &trow)?;

@@ -125,6 +125,7 @@ impl From<PoolError> for ApiError {
                 (S::INTERNAL_SERVER_ERROR, "DATA_DAMAGED")
             }
             PoolError::Closed => (S::SERVICE_UNAVAILABLE, "SHUTTING_DOWN"),
+            PoolError::Remote { .. } => (S::SERVICE_UNAVAILABLE, "ARCHIVE_UNREACHABLE"),
             _ => (S::INTERNAL_SERVER_ERROR, "POOL_ERROR"),
         };
         ApiError::new(status, code, e.to_string())

@@ -369,6 +369,10 @@ pub fn open_state(cfg: Config, start: StartOptions) -> anyhow::Result<AppState> 
         );
     }
     state.reload_tokens().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Lazily mounted snapshots read their chunks from the archive targets.
+    if let Err(e) = crate::archive::connect_targets(&state) {
+        tracing::warn!(error = %e.message, "archive targets not connected: reads of chunks only in an archive will fail until restart");
+    }
     Ok(state)
 }
 

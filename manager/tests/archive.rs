@@ -510,12 +510,6 @@ fn evicted_snapshots_rehydrate_and_a_fresh_maasd_imports_the_bucket() {
     );
     let l = m.ok("GET", "/snapshots?location=archive", None);
     assert_eq!(l["items"].as_array().unwrap().len(), 1, "{l}");
-    let (s, e) = m.call(
-        "POST",
-        &format!("/snapshots/{s1}/clones"),
-        Some(json!({"name": "too-early"})),
-    );
-    assert_eq!((s, code(&e)), (409, "SNAPSHOT_NOT_LOCAL"), "{e}");
     // A restart keeps it where it is (reconciliation knows archive-only snapshots).
     let mut m = m;
     m.restart();
@@ -769,4 +763,84 @@ fn deleting_archived_snapshots_reclaims_only_what_no_other_snapshot_needs() {
     assert_eq!(packs(&s3), before, "{j}");
     let (s, _) = m.call("GET", &format!("/snapshots/{s4}"), None);
     assert_eq!(s, 404);
+}
+
+/// The image QEMU wrote as `base`, with `patch` written over its start.
+fn patched(dir: &std::path::Path, base: &str, patch: &str, out: &str) {
+    let mut img = std::fs::read(dir.join(base)).unwrap();
+    let p = std::fs::read(dir.join(patch)).unwrap();
+    img[..p.len()].copy_from_slice(&p);
+    std::fs::write(dir.join(out), &img).unwrap();
+}
+
+#[test]
+fn an_evicted_snapshot_mounts_straight_from_the_archive() {
+    let dir = TestDir::new("maas-archive-lazy");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+    let vol = volume(&m, "files", 128 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "day1.img", 48 * MIB);
+    let s1 = seal(&m, &vol);
+    qemu_write(&m, dir.path(), &vol, "day2.img", 4 * MIB);
+    patched(dir.path(), "day1.img", "day2.img", "day2-full.img");
+    let s2 = seal(&m, &vol);
+    qemu_write(&m, dir.path(), &vol, "day3.img", 4 * MIB);
+    patched(dir.path(), "day1.img", "day3.img", "day3-full.img");
+    let s3snap = seal(&m, &vol);
+    for s in [&s1, &s2, &s3snap] {
+        m.wait_job(&archive(&m, s, &target));
+        m.wait_job(&m.call("POST", &format!("/snapshots/{s}/evict"), None).1);
+    }
+    // Nothing of the data is local any more.
+    m.ok("DELETE", &format!("/volumes/{vol}"), None);
+
+    // Day 1, mounted straight from the archive: the clone is there at once; QEMU reads, over
+    // iSCSI, what it wrote (the chunks come from the bucket as they are read).
+    let c1 = clone_snapshot(&m, &s1, "day1-mounted");
+    assert_eq!(
+        m.ok("GET", &format!("/snapshots/{s1}"), None)["location"],
+        "local"
+    );
+    let back = dir.path().join("back1.img");
+    qemu_read(&m, &c1, &back);
+    assert!(
+        same_prefix(&back, &dir.path().join("day1.img")),
+        "day 1 read from the archive differs"
+    );
+    // All of it came while QEMU read: nothing left to rehydrate.
+    let (s, e) = m.call("POST", &format!("/snapshots/{s1}/rehydrate"), None);
+    assert_eq!((s, code(&e)), (409, "SNAPSHOT_LOCAL"), "{e}");
+
+    // Day 3, mounted, then made whole local by a rehydrate: only its own chunks come (day 1's
+    // are local now).
+    let c3 = clone_snapshot(&m, &s3snap, "day3-mounted");
+    let (s, job) = m.call("POST", &format!("/snapshots/{s3snap}/rehydrate"), None);
+    assert_eq!(s, 202, "{job}");
+    let j = m.wait_job(&job);
+    let fetched = j["result"]["chunks_fetched"].as_u64().unwrap();
+    let chunk = m.ok("GET", "/pools/default", None)["chunk_size"]
+        .as_u64()
+        .unwrap();
+    assert!((1..=4 * MIB / chunk).contains(&fetched), "{j}");
+    let (s, e) = m.call("POST", &format!("/snapshots/{s3snap}/rehydrate"), None);
+    assert_eq!((s, code(&e)), (409, "SNAPSHOT_LOCAL"), "{e}");
+    let back = dir.path().join("back3.img");
+    qemu_read(&m, &c3, &back);
+    assert!(same_prefix(&back, &dir.path().join("day3-full.img")));
+
+    // Day 2, mounted, and its snapshot deleted with its archive copy: the clone still reads
+    // chunks only the bucket has, so reclamation keeps their packs.
+    let c2 = clone_snapshot(&m, &s2, "day2-mounted");
+    let (s, job) = m.call("DELETE", &format!("/snapshots/{s2}"), None);
+    assert_eq!(s, 202, "{job}");
+    let j = m.wait_job(&job);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let back = dir.path().join("back2.img");
+    qemu_read(&m, &c2, &back);
+    assert!(
+        same_prefix(&back, &dir.path().join("day2-full.img")),
+        "a clone lost chunks to reclamation: {j}"
+    );
 }

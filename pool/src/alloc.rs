@@ -208,6 +208,9 @@ impl Allocator {
     }
 
     pub fn free(&mut self, e: Extent) {
+        if e.is_remote() {
+            return; // nothing of it is on a device
+        }
         if self.overlaps_warm(&e) {
             tracing::error!(
                 device = e.device,
@@ -300,6 +303,9 @@ impl Allocator {
     /// Marks an extent in use while rebuilding; false if it overlaps used space or is off-device
     /// (which means the metadata is inconsistent).
     pub fn mark_used(&mut self, e: Extent) -> bool {
+        if e.is_remote() {
+            return true; // an object in an archive target takes no device space
+        }
         let len = align_up(e.len, BLOCK);
         match self.devs.iter_mut().find(|d| d.index == e.device) {
             Some(d) if e.offset >= DEVICE_RESERVED && e.offset + len <= d.size => {

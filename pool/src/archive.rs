@@ -216,28 +216,7 @@ impl Pool {
         target: &str,
         d: &Digest,
     ) -> Result<Option<(ArchivedObject, PackRec)>> {
-        let db = &self.inner.shared.meta.db;
-        let tx = db.begin_read()?;
-        let (objs, packs) = match (tx.open_table(ARCHIVE_OBJECTS), tx.open_table(ARCHIVE_PACKS)) {
-            (Ok(o), Ok(p)) => (o, p),
-            (Err(redb::TableError::TableDoesNotExist(_)), _)
-            | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(None),
-            (Err(e), _) | (_, Err(e)) => return Err(e.into()),
-        };
-        let Some(v) = objs.get((target, d.0))? else {
-            return Ok(None);
-        };
-        let loc = ArchivedObject::decode(v.value())?;
-        let pack = match packs.get((target, loc.pack))? {
-            Some(p) => meta::from_json::<PackRec>(p.value(), "archive pack record")?,
-            None => {
-                return Err(PoolError::corrupt(
-                    format!("archived object {d}"),
-                    format!("names pack {} that has no record", loc.pack),
-                ));
-            }
-        };
-        Ok(Some((loc, pack)))
+        locate(&self.inner.shared.meta, target, d)
     }
 
     /// Records a pack the target acknowledged and every object in it, in one durable
@@ -362,6 +341,35 @@ impl Pool {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Where target `target` holds object `d`, with its pack.
+pub(crate) fn locate(
+    m: &meta::Meta,
+    target: &str,
+    d: &Digest,
+) -> Result<Option<(ArchivedObject, PackRec)>> {
+    let tx = m.db.begin_read()?;
+    let (objs, packs) = match (tx.open_table(ARCHIVE_OBJECTS), tx.open_table(ARCHIVE_PACKS)) {
+        (Ok(o), Ok(p)) => (o, p),
+        (Err(redb::TableError::TableDoesNotExist(_)), _)
+        | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(None),
+        (Err(e), _) | (_, Err(e)) => return Err(e.into()),
+    };
+    let Some(v) = objs.get((target, d.0))? else {
+        return Ok(None);
+    };
+    let loc = ArchivedObject::decode(v.value())?;
+    let pack = match packs.get((target, loc.pack))? {
+        Some(p) => meta::from_json::<PackRec>(p.value(), "archive pack record")?,
+        None => {
+            return Err(PoolError::corrupt(
+                format!("archived object {d}"),
+                format!("names pack {} that has no record", loc.pack),
+            ));
+        }
+    };
+    Ok(Some((loc, pack)))
 }
 
 #[cfg(test)]

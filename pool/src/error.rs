@@ -71,6 +71,10 @@ pub enum PoolError {
     },
     #[error("metadata store error: {0}")]
     Meta(String),
+    /// Data that lives only in an archive target could not be fetched (unreachable, not
+    /// connected): nothing is known to be damaged; the read may succeed later.
+    #[error("{what} cannot be read now: {detail}")]
+    Remote { what: String, detail: String },
 }
 
 impl PoolError {

@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 use rayon::prelude::*;
-use redb::ReadableTable;
 
 use crate::error::{PoolError, Result};
 use crate::index::{LEAF_FANOUT, Level, Node};
@@ -57,7 +56,7 @@ impl PoolInner {
     ) -> Result<()> {
         {
             let mut m = new.map.lock();
-            if m.contains_key(d) || self.shared.meta.get_object(d)?.is_some() {
+            if m.contains_key(d) || self.shared.meta.has_local_object(d)? {
                 return Ok(());
             }
             m.insert(*d, None);
@@ -82,7 +81,7 @@ impl PoolInner {
             if m.contains_key(&d) {
                 return Ok(d);
             }
-            if self.shared.meta.get_object(&d)?.is_some() {
+            if self.shared.meta.has_local_object(&d)? {
                 return Ok(d);
             }
             m.insert(d, None);
@@ -411,10 +410,8 @@ impl PoolInner {
             let mut t = tx.open_table(OBJECTS)?;
             for (d, rec) in new.map.lock().iter() {
                 let Some(rec) = rec else { continue };
-                if t.get(&d.0)?.is_some() {
-                    dup.push(rec.extent);
-                } else {
-                    t.insert(&d.0, rec.encode().as_slice())?;
+                if let Some(e) = crate::meta::insert_new_object(&mut t, d, rec)? {
+                    dup.push(e);
                 }
             }
         }

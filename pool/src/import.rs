@@ -143,7 +143,7 @@ impl Pool {
         Ok(d)
     }
 
-    fn commit_import(
+    pub(crate) fn commit_import(
         &self,
         spec: &ImportSpec,
         digests: &BTreeMap<u64, Digest>,
@@ -187,10 +187,8 @@ impl Pool {
             let mut t = tx.open_table(OBJECTS)?;
             for (d, rec) in new.map.lock().iter() {
                 let Some(rec) = rec else { continue };
-                if redb::ReadableTable::get(&t, &d.0)?.is_some() {
-                    dup.push(rec.extent);
-                } else {
-                    t.insert(&d.0, rec.encode().as_slice())?;
+                if let Some(e) = crate::meta::insert_new_object(&mut t, d, rec)? {
+                    dup.push(e);
                 }
             }
         }

@@ -28,6 +28,7 @@ mod pool;
 pub mod powerloss;
 pub mod ramtier;
 mod refs;
+pub mod remote;
 pub mod replay;
 mod shared;
 mod stats;

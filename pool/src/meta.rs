@@ -287,6 +287,11 @@ impl Meta {
         Ok(t.get(name)?.map(|v| v.value()).unwrap_or(0))
     }
 
+    /// Whether object `d` is stored on a device (not absent, not only in an archive target).
+    pub fn has_local_object(&self, d: &Digest) -> Result<bool> {
+        Ok(self.get_object(d)?.is_some_and(|r| !r.extent.is_remote()))
+    }
+
     pub fn get_object(&self, d: &Digest) -> Result<Option<ObjRec>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(OBJECTS)?;
@@ -391,4 +396,33 @@ pub fn bump(tx: &redb::WriteTransaction, name: &str) -> Result<u64> {
     let cur = t.get(name)?.map(|v| v.value()).unwrap_or(1);
     t.insert(name, cur + 1)?;
     Ok(cur)
+}
+
+/// Records a newly written object in a write transaction. Returns its extent when the object
+/// was stored meanwhile (the caller frees that copy once the transaction committed); an object
+/// that was only remote takes the local extent and keeps its reference count.
+pub fn insert_new_object(
+    t: &mut redb::Table<'_, [u8; 32], &[u8]>,
+    d: &Digest,
+    rec: &ObjRec,
+) -> Result<Option<Extent>> {
+    let cur = match t.get(&d.0)? {
+        Some(v) => Some(ObjRec::decode(v.value(), d)?),
+        None => None,
+    };
+    match cur {
+        None => {
+            t.insert(&d.0, rec.encode().as_slice())?;
+            Ok(None)
+        }
+        Some(cur) if cur.extent.is_remote() && !rec.extent.is_remote() => {
+            let up = ObjRec {
+                refcount: cur.refcount,
+                ..*rec
+            };
+            t.insert(&d.0, up.encode().as_slice())?;
+            Ok(None)
+        }
+        Some(_) => Ok(Some(rec.extent)),
+    }
 }

@@ -308,6 +308,7 @@ impl Pool {
             retired_log_sums: Mutex::new(Vec::new()),
             sealed_bytes_read: std::sync::atomic::AtomicU64::new(0),
             async_reads: Default::default(),
+            remotes: Default::default(),
         });
         let geo = Geometry {
             chunk_size: sb.chunk_size,

@@ -174,6 +174,8 @@ pub struct Shared {
     pub sealed_bytes_read: AtomicU64,
     /// How `read_async` served its reads, for stats.
     pub async_reads: AsyncReadCounters,
+    /// Fetchers of objects that live only in archive targets (see [`crate::remote`]).
+    pub remotes: crate::remote::Remotes,
 }
 
 /// Counters behind [`crate::stats::AsyncReadStats`].
@@ -229,6 +231,9 @@ impl Shared {
     /// An object's extent as stored on its device (padded to 4 KiB), unchecked: the caller
     /// decodes it.
     pub fn read_object_bytes(&self, d: &Digest, rec: &ObjRec) -> Result<AlignedBuf> {
+        if rec.extent.is_remote() {
+            return self.fetch_remote(d, rec);
+        }
         let dev = self.device(rec.extent.device)?;
         let len = object::extent_len(rec.stored_len);
         if len != rec.extent.len {
@@ -418,6 +423,9 @@ impl Shared {
         within: usize,
         dst: &mut [u8],
     ) -> Result<bool> {
+        if rec.extent.is_remote() {
+            return Ok(false); // fetched whole, by the caller's whole-chunk read
+        }
         let label = ChunkLabel::new(d);
         let what = label.as_str();
         if rec.kind != ObjectKind::Chunk {

@@ -91,6 +91,9 @@ pub struct VerifyReport {
     pub objects_checked: u64,
     pub bytes_checked: u64,
     pub damaged: Vec<DamagedObject>,
+    /// Data chunks of lazily mounted snapshots still only in an archive target (not read).
+    #[serde(default)]
+    pub objects_remote: u64,
     /// Blocks of live volumes read from the write-ahead log's devices and checked.
     #[serde(default)]
     pub log_blocks_checked: u64,
@@ -280,7 +283,13 @@ impl Pool {
     pub fn verify(&self) -> Result<VerifyReport> {
         let shared = &self.inner.shared;
         let _pin = shared.pin.read();
-        let objs = shared.meta.objects()?;
+        // Objects only in an archive target are checked there (verify of the copy), not
+        // fetched here.
+        let (remote, objs): (Vec<_>, Vec<_>) = shared
+            .meta
+            .objects()?
+            .into_iter()
+            .partition(|(_, r)| r.extent.is_remote());
         let results: Vec<(u64, Option<DamagedObject>)> = self.inner.cpu.install(|| {
             objs.par_iter()
                 .map(|(d, rec)| match shared.read_object(d, rec) {
@@ -303,6 +312,7 @@ impl Pool {
         });
         let mut rep = VerifyReport {
             objects_checked: objs.len() as u64,
+            objects_remote: remote.len() as u64,
             ..Default::default()
         };
         for (bytes, dmg) in results {
@@ -400,6 +410,9 @@ impl Pool {
         let objs = self.inner.shared.meta.objects()?;
         for (d, rec) in objs {
             if d.to_hex() == digest_hex {
+                if rec.extent.is_remote() {
+                    return Ok(None);
+                }
                 let dev = self.inner.shared.device(rec.extent.device)?;
                 return Ok(Some((dev.path.clone(), rec.extent.offset, rec.extent.len)));
             }

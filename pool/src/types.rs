@@ -93,6 +93,25 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// The device number of objects that live only in an archive target (a lazily mounted
+/// archived snapshot): their extent's offset is the pool's number of that remote source, its
+/// length 0. Such an extent is never allocated, freed or read from a device.
+pub const REMOTE_DEVICE: u16 = u16::MAX;
+
+impl Extent {
+    pub fn remote(source: u64) -> Extent {
+        Extent {
+            device: REMOTE_DEVICE,
+            offset: source,
+            len: 0,
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.device == REMOTE_DEVICE
+    }
+}
+
 pub const BLOCK: u64 = 4096;
 
 pub fn align_up(n: u64, a: u64) -> u64 {

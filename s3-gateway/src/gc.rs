@@ -1,7 +1,8 @@
 //! Reclaiming bucket space after archived snapshots are deleted: the objects every remaining
 //! snapshot of the target needs are found by walking their indexes (read from the bucket,
 //! checked), and every pack none of whose objects is needed is forgotten by the pool, then
-//! deleted from the bucket. A pack only partly needed stays (repacking the mostly dead ones
+//! deleted from the bucket. Chunks the pool still reads from the target (lazily mounted
+//! snapshots and their clones) are needed too. A pack only partly needed stays (repacking the mostly dead ones
 //! is a later step). The caller keeps pushes to the target out while this runs: a push could
 //! otherwise rely on an object in a pack being deleted.
 
@@ -39,7 +40,11 @@ pub fn collect(
     keep: &[(String, Option<DigestKeys>)],
 ) -> Result<GcReport> {
     let live = match live_objects(archive, pool, bucket, target, keep) {
-        Ok(l) => l,
+        Ok(mut l) => {
+            // Chunks of lazily mounted snapshots (and their clones) that only the target has.
+            l.extend(pool.remote_objects(target)?);
+            l
+        }
         Err(e) => {
             // Deleting one snapshot must not fail because another copy is damaged or the
             // bucket hiccuped; but a pack is deleted only when it is known to be dead.

@@ -10,6 +10,7 @@ pub mod error;
 pub mod gc;
 pub mod import;
 pub mod keys;
+pub mod lazy;
 pub mod manifest;
 pub mod pack;
 pub mod push;

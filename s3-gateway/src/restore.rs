@@ -69,20 +69,17 @@ pub fn read_manifest(archive: &Archive, bucket: &Bucket, id: &str) -> Result<Sna
     SnapshotManifest::parse(&body, &bucket.key(&key))
 }
 
-/// Rehydrates archived snapshot `id` into the pool as a new local snapshot. `source`: the
-/// digest keys of the pool that wrote it (None: this pool).
-#[allow(clippy::too_many_arguments)]
-pub fn restore_snapshot(
+/// What an archived snapshot is (its import spec) and its image: digest -> chunk numbers
+/// (one chunk may be at several places), read from its manifest and index nodes in the
+/// bucket, every node checked.
+pub fn snapshot_plan(
     archive: &Archive,
     pool: &Pool,
     bucket: &Bucket,
     target: &str,
     id: &str,
     source: Option<&DigestKeys>,
-    opts: RestoreOptions,
-    progress: &mut dyn FnMut(&RestoreProgress),
-) -> Result<SnapshotInfo> {
-    let started = Instant::now();
+) -> Result<(ImportSpec, HashMap<Digest, Vec<u64>>)> {
     let manifest = read_manifest(archive, bucket, id)?;
     if manifest.chunk_size != pool.chunk_size() {
         return Err(ArchiveError::Unsupported {
@@ -139,6 +136,24 @@ pub fn restore_snapshot(
             }
         }
     }
+    Ok((spec, by_digest))
+}
+
+/// Rehydrates archived snapshot `id` into the pool as a new local snapshot. `source`: the
+/// digest keys of the pool that wrote it (None: this pool).
+#[allow(clippy::too_many_arguments)]
+pub fn restore_snapshot(
+    archive: &Archive,
+    pool: &Pool,
+    bucket: &Bucket,
+    target: &str,
+    id: &str,
+    source: Option<&DigestKeys>,
+    opts: RestoreOptions,
+    progress: &mut dyn FnMut(&RestoreProgress),
+) -> Result<SnapshotInfo> {
+    let started = Instant::now();
+    let (spec, by_digest) = snapshot_plan(archive, pool, bucket, target, id, source)?;
     // Where each chunk is, grouped into ranged GETs.
     let mut per_pack: BTreeMap<String, Vec<Wanted>> = BTreeMap::new();
     let mut p = RestoreProgress {

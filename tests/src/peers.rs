@@ -37,6 +37,11 @@ pub fn qemu_img() -> PathBuf {
     tool("MAAS_QEMU_IMG", "qemu-img-7.2")
 }
 
+/// QEMU 7.2's qemu-io (with its iSCSI block driver).
+pub fn qemu_io() -> PathBuf {
+    tool("MAAS_QEMU_IO", "qemu-io-7.2")
+}
+
 /// Runs a command with a hard timeout (`timeout -k 5 SECS`), returning its output.
 pub fn run_with_timeout(cmd: &mut Command, secs: u64) -> Output {
     let mut full = Command::new("timeout");

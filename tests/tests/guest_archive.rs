@@ -6,6 +6,11 @@
 //! imports it, rehydrates the snapshot, clones it, and a second host logs in to the clone,
 //! finds every file's checksum as backed up, and fsck.ext4 finds the filesystem clean.
 //!
+//! Before that, on the first maasd, the evicted snapshot is mounted straight from the bucket
+//! (nothing of it local: the volume is deleted too): with the S3 server down, a host's read
+//! fails (EREMOTEIO: the target failed; never other bytes); with the server back, the host mounts the clone
+//! and every file checks out as its chunks arrive.
+//!
 //! Run alone with `cargo test -p maas-tests --test guest_archive -- --nocapture`.
 
 use maas_tests::TestDir;
@@ -45,7 +50,7 @@ fn a_host_backup_archived_evicted_and_restored_on_a_fresh_maasd_checks_out() {
     let tmp = TestDir::new("guest-archive-");
     let xchg = tmp.path().join("xchg");
     std::fs::create_dir_all(&xchg).unwrap();
-    let s3 = S3Server::start(Kind::S3sFs, &tmp.path().join("s3"));
+    let mut s3 = S3Server::start(Kind::S3sFs, &tmp.path().join("s3"));
     s3.create_bucket("maas", false);
     let m = Maasd::builder(maasd_bin(), &tmp.path().join("maasd"))
         .device_size(4 << 30)
@@ -96,6 +101,55 @@ disk_detach "$TARGET"
         "archive"
     );
     clock.lap("seal, archive, evict");
+
+    // Mounted straight from the bucket.
+    m.ok("DELETE", &format!("/volumes/{vol}"), None);
+    let mounted = clone_snapshot(&m, &snap, "mounted");
+    let reader = ISCSI.guest("lazy-host", &xchg, 900);
+    let el = ISCSI.export(&m, &mounted, &[&reader]);
+    let reader = reader
+        .clone()
+        .env("PORTAL", portal(&el))
+        .env("TARGET", target(&el));
+    s3.kill();
+    run_ok(
+        &reader,
+        r#"
+set -euo pipefail
+disk_start
+disk_find "$TARGET"
+dev=$(disk_attach "$TARGET")
+if dd if="$dev" of=/dev/null bs=1M count=64 iflag=direct 2>/xchg/lazy-dd.err; then
+    fail "a read succeeded while the bucket holding its data was down"
+fi
+disk_detach "$TARGET"
+"#,
+    );
+    // Linux reports the target's failure (HARDWARE ERROR, not MEDIUM ERROR: nothing is known
+    // to be damaged) as EREMOTEIO.
+    let err = read_text(&xchg.join("lazy-dd.err"));
+    assert!(
+        err.contains("Remote I/O error") || err.contains("Input/output error"),
+        "{err}"
+    );
+    clock.lap("mounted from the bucket, bucket down: the host's read fails");
+    s3.restart();
+    run_ok(
+        &reader,
+        r#"
+set -euo pipefail
+disk_start
+disk_find "$TARGET"
+dev=$(disk_attach "$TARGET")
+mkdir -p /mnt/m
+mount -o ro "$dev" /mnt/m
+(cd /mnt/m && md5sum -c --quiet /xchg/expect-step2.md5) || fail "checksums differ when mounted from the bucket"
+umount /mnt/m
+fsck.ext4 -n -f "$dev" || fail "fsck.ext4 -n found problems"
+disk_detach "$TARGET"
+"#,
+    );
+    clock.lap("mounted from the bucket: every file checks out");
     drop(m); // the server is gone
 
     // A fresh maasd, the same bucket.

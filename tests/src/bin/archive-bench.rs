@@ -7,7 +7,11 @@
 //! directory tree to the same server. Then `mkdataset.py mutate` (the next day): the
 //! filesystem is loop-mounted and brought up to date with rsync, written into the volume
 //! again, sealed and pushed; restic backs up again. Then the full restore: the MaaS snapshot
-//! evicted and rehydrated, against `restic restore`.
+//! evicted and rehydrated, against `restic restore`. Last, mounting straight from the
+//! archive: the snapshot evicted again (and the ingest volume deleted, so nothing of it is
+//! local), cloned (a lazy mount), and its first MiB read over iSCSI with qemu-io (time to
+//! first byte), then all of it with qemu-img; against `restic dump` of the snapshot's first
+//! file (restic's quickest way to a first byte).
 //!
 //! Reported side by side: push times (MaaS's ingest and seal apart: they are the backup, the
 //! push is the tiering), objects and bytes in the bucket, the objects added by the second day,
@@ -125,14 +129,18 @@ fn job_seconds(m: &Maasd, method: &str, path: &str, body: Option<Value>) -> Resu
     Ok((t.elapsed().as_secs_f64(), j))
 }
 
-/// Writes an image into a volume with qemu-img over iSCSI.
-fn write_image(m: &Maasd, vol: &str, image: &Path) -> Result<f64> {
-    let e = export(m, vol, &[INITIATOR], None);
-    let opts = format!(
+fn iscsi_opts(e: &Value) -> String {
+    format!(
         "driver=iscsi,transport=tcp,portal={},target={},lun=0,initiator-name={INITIATOR}",
         e["portal"].as_str().unwrap_or(""),
         e["target"].as_str().unwrap_or("")
-    );
+    )
+}
+
+/// Writes an image into a volume with qemu-img over iSCSI.
+fn write_image(m: &Maasd, vol: &str, image: &Path) -> Result<f64> {
+    let e = export(m, vol, &[INITIATOR], None);
+    let opts = iscsi_opts(&e);
     let t = timed(
         Command::new(maas_tests::peers::qemu_img())
             .args(["convert", "-n", "-f", "raw", "-t", "none", "-W", "-m", "8"])
@@ -331,6 +339,56 @@ fn main() -> Result<()> {
         "restic restore",
     )?;
     let req_restore_restic = requests(&log, mark);
+
+    // Mounted straight from the archive.
+    eprintln!("== mount from the archive: MaaS (clone of the evicted snapshot, read over iSCSI)");
+    m.ok("DELETE", &format!("/volumes/{vol}"), None);
+    job_seconds(&m, "POST", &format!("/snapshots/{snap2}/evict"), None)?;
+    let mark = log_mark(&log);
+    let t = Instant::now();
+    let (mount_s, jc) = job_seconds(
+        &m,
+        "POST",
+        &format!("/snapshots/{snap2}/clones"),
+        Some(json!({"name": "mounted"})),
+    )?;
+    let clone = jc["result"]["volume"]
+        .as_str()
+        .context("the clone job names no volume")?
+        .to_string();
+    let e = export(&m, &clone, &[INITIATOR], None);
+    let opts = iscsi_opts(&e);
+    run(
+        Command::new(maas_tests::peers::qemu_io()).args(["--image-opts", &opts, "-c", "read 0 1M"]),
+        "qemu-io read of the first MiB",
+    )?;
+    let first_byte_maas = t.elapsed().as_secs_f64();
+    let req_first_maas = requests(&log, mark);
+    let copy = dir.join("mounted.img");
+    let full_read_maas = timed(
+        Command::new(maas_tests::peers::qemu_img())
+            .args(["convert", "-O", "raw", "-m", "8", "--image-opts", &opts])
+            .arg(&copy),
+        "qemu-img convert from the mounted clone",
+    )?;
+    let _ = std::fs::remove_file(&copy);
+    eprintln!("== first byte: restic (dump of the snapshot's first file)");
+    let ls = run(
+        &mut restic(s3.port, &["ls", "--json", "latest"]),
+        "restic ls",
+    )?;
+    let file = ls
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "file")
+        .and_then(|v| v["path"].as_str().map(String::from))
+        .context("no file in the restic snapshot")?;
+    let mark = log_mark(&log);
+    let first_byte_restic = timed(
+        &mut restic(s3.port, &["dump", "latest", &file]),
+        "restic dump",
+    )?;
+    let req_first_restic = requests(&log, mark);
     drop(m);
     s3.kill();
 
@@ -348,7 +406,9 @@ fn main() -> Result<()> {
                      "bytes_added": maas_bytes2 - maas_bytes1,
                      "requests": req_push2, "job": j2["result"]},
             "restore": {"rehydrate_s": restore_maas, "requests": req_restore_maas},
-            "first_byte_from_archive_clone_s": Value::Null,
+            "mount_from_archive": {"clone_s": mount_s, "first_mib_s": first_byte_maas,
+                                   "requests_to_first_mib": req_first_maas,
+                                   "full_read_s": full_read_maas},
         }),
     );
     r.insert(
@@ -359,6 +419,7 @@ fn main() -> Result<()> {
             "day2": {"backup_s": restic2, "objects_added": restic_objects2 - restic_objects1,
                      "bytes_added": restic_bytes2 - restic_bytes1, "requests": req_restic2},
             "restore": {"restore_s": restore_restic, "requests": req_restore_restic},
+            "first_file_dump": {"dump_s": first_byte_restic, "requests": req_first_restic},
         }),
     );
     r.insert(
@@ -368,6 +429,8 @@ fn main() -> Result<()> {
             "push_day2": ratio(restic2, push2),
             "objects_day1": ratio(restic_objects1 as f64, maas_objects1 as f64),
             "restore": ratio(restore_restic, restore_maas),
+            "first_byte": ratio(first_byte_restic, first_byte_maas),
+            "mounted_full_read_vs_restore": ratio(restore_restic, full_read_maas),
         }),
     );
     if a.json {
@@ -425,7 +488,21 @@ fn main() -> Result<()> {
     println!(
         "MaaS ingest (qemu-img over iSCSI) day 1 {ingest1:.2} s, day 2 {ingest2:.2} s; seal {seal1:.2} s, {seal2:.2} s"
     );
-    println!("time to first byte from an archive-only clone: not available yet (lazy mount)");
+    row(
+        "first byte (MaaS: mount+1 MiB; dump)",
+        first_byte_maas,
+        first_byte_restic,
+        "s",
+    );
+    row(
+        "read all of the mounted clone",
+        full_read_maas,
+        restore_restic,
+        "s",
+    );
+    println!(
+        "MaaS mount from the archive: clone job {mount_s:.2} s, S3 requests to the first MiB {req_first_maas:?}; restic dump {req_first_restic:?}"
+    );
     println!(
         "S3 requests: MaaS push day 1 {req_push1:?}, day 2 {req_push2:?}, restore {req_restore_maas:?}"
     );
