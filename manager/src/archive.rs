@@ -736,13 +736,9 @@ pub fn source_keys(
     srow: &SnapshotRow,
 ) -> ApiResult<Option<maas_pool::import::DigestKeys>> {
     let manifest = maas_s3::restore::read_manifest(&st.archive, bucket, &srow.id)?;
-    if manifest.pool == st.pool.pool_id().to_string() {
-        return Ok(None);
-    }
-    Ok(Some(st.archive.block_on(maas_s3::keys::read_keys(
-        bucket,
-        &manifest.pool,
-    ))?))
+    Ok(st
+        .archive
+        .block_on(maas_s3::keys::writer_keys(bucket, &st.pool, &manifest))?)
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -968,31 +964,15 @@ pub fn delete_copies(st: &AppState, srow: &SnapshotRow) -> ApiResult<serde_json:
                 .block_on(bucket.delete(&maas_s3::manifest::SnapshotManifest::key(&srow.id)))?;
         }
         st.catalog.delete_snapshot_archive(&srow.id, &trow.id)?;
-        // What the target's other snapshots need stays. Should one of them not be readable
-        // (its manifest damaged or gone), what it needs is unknown: nothing is reclaimed.
-        let keep = (|| -> ApiResult<Vec<(String, Option<maas_pool::import::DigestKeys>)>> {
-            let mut keep = Vec::new();
-            for other in st.catalog.archives_of_target(&trow.id)? {
-                if other.state == "failed" {
-                    continue;
-                }
-                let Some(orow) = st.catalog.snapshot(&other.snapshot)? else {
-                    continue;
-                };
-                keep.push((other.snapshot.clone(), source_keys(st, &bucket, &orow)?));
+        // What the target's other snapshots need stays (read from the bucket: should one of
+        // them not be readable, nothing is reclaimed this time, see maas_s3::gc).
+        let mut keep = Vec::new();
+        for other in st.catalog.archives_of_target(&trow.id)? {
+            if other.state != "failed" && st.catalog.snapshot(&other.snapshot)?.is_some() {
+                keep.push(other.snapshot);
             }
-            Ok(keep)
-        })();
-        let r = match keep {
-            Ok(keep) => maas_s3::gc::collect(&st.archive, &st.pool, &bucket, &trow.id, &keep)?,
-            Err(e) => {
-                tracing::warn!(target_id = %trow.id, error = %e.message, "archive space not reclaimed: a remaining copy could not be read (verify it); the next deletion retries");
-                maas_s3::gc::GcReport {
-                    deferred: Some(e.message),
-                    ..Default::default()
-                }
-            }
-        };
+        }
+        let r = maas_s3::gc::collect(&st.archive, &st.pool, &bucket, &trow.id, &keep)?;
         reports.push(serde_json::json!({
             "target": trow.id,
             "packs_deleted": r.packs_deleted,

@@ -19,7 +19,6 @@ use crate::archive::{ArchivedObject, PackRec};
 use crate::error::{PoolError, Result};
 use crate::fold::NewObjects;
 use crate::import::ImportSpec;
-use crate::index::Node;
 use crate::io::AlignedBuf;
 use crate::meta::{OBJECTS, ObjRec};
 use crate::object::{self, ObjectKind};
@@ -333,24 +332,10 @@ impl Pool {
     /// Chunks of snapshot `id` that are still only in a remote source.
     pub fn remote_chunks_of(&self, id: SnapshotId) -> Result<Vec<Digest>> {
         let shared = &self.inner.shared;
-        let _pin = shared.pin.read();
-        let Some(root) = self.inner.snapshot_rec(id)?.root else {
-            return Ok(Vec::new());
-        };
-        let node = |d: &Digest| -> Result<Arc<Node>> {
-            if let Some(n) = shared.node_cached(d) {
-                return Ok(n);
-            }
-            let rec = shared.lookup(d)?;
-            Ok(Arc::new(Node::decode(&shared.read_object(d, &rec)?)?))
-        };
         let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for leaf in node(&root)?.children() {
-            for c in node(leaf)?.children() {
-                if seen.insert(*c) && shared.lookup(c)?.extent.is_remote() {
-                    out.push(*c);
-                }
+        for (d, kind) in self.snapshot_objects(id)?.objects {
+            if kind == ObjectKind::Chunk && shared.lookup(&d)?.extent.is_remote() {
+                out.push(d);
             }
         }
         Ok(out)

@@ -9,7 +9,6 @@
 use std::collections::{HashMap, HashSet};
 
 use maas_pool::Pool;
-use maas_pool::import::DigestKeys;
 use maas_pool::index::Node;
 use maas_pool::types::Digest;
 
@@ -31,13 +30,13 @@ pub struct GcReport {
 }
 
 /// Deletes the packs of `target` that no snapshot in `keep` (ids of the target's remaining
-/// copies, with the keys of the pool that wrote each, None: this pool) needs.
+/// copies) needs. Each copy's objects are checked with the keys of the pool that wrote it.
 pub fn collect(
     archive: &Archive,
     pool: &Pool,
     bucket: &Bucket,
     target: &str,
-    keep: &[(String, Option<DigestKeys>)],
+    keep: &[String],
 ) -> Result<GcReport> {
     let live = match live_objects(archive, pool, bucket, target, keep) {
         Ok(mut l) => {
@@ -104,11 +103,12 @@ fn live_objects(
     pool: &Pool,
     bucket: &Bucket,
     target: &str,
-    keep: &[(String, Option<DigestKeys>)],
+    keep: &[String],
 ) -> Result<HashSet<Digest>> {
     let mut live: HashSet<Digest> = HashSet::new();
-    for (id, keys) in keep {
+    for id in keep {
         let m = read_manifest(archive, bucket, id)?;
+        let keys = archive.block_on(crate::keys::writer_keys(bucket, pool, &m))?;
         let Some(root) = &m.root else { continue };
         let root = parse_digest(root, id)?;
         if !live.insert(root) {

@@ -78,3 +78,16 @@ pub async fn read_keys(bucket: &Bucket, pool: &str) -> Result<DigestKeys> {
         node: key(&doc.node_key)?,
     })
 }
+
+/// The digest keys of the pool that wrote `manifest`'s snapshot, when it is not `pool` (None:
+/// `pool` wrote it and checks it with its own keys).
+pub async fn writer_keys(
+    bucket: &Bucket,
+    pool: &maas_pool::Pool,
+    manifest: &crate::manifest::SnapshotManifest,
+) -> Result<Option<DigestKeys>> {
+    if manifest.pool == pool.pool_id().to_string() {
+        return Ok(None);
+    }
+    Ok(Some(read_keys(bucket, &manifest.pool).await?))
+}
