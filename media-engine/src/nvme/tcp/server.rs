@@ -235,6 +235,15 @@ async fn connection(
     let mut closing: Option<String> = None;
     let mut term: Option<Pdu> = None;
     loop {
+        // An unexport or a controller removal that raced with bytes arriving: nothing received
+        // after it is executed (select! below may have picked the read first).
+        if closing.is_none() {
+            if removed.as_ref().is_some_and(|r| *r.borrow()) {
+                closing = Some("subsystem unexported".into());
+            } else if let Some(why) = killed.as_ref().and_then(|k| k.borrow().clone()) {
+                closing = Some(format!("controller ended: {why}"));
+            }
+        }
         // Commands and PDUs received, and output, as far as they go without waiting.
         let step = |flow: &mut Flow<Work>| {
             if closing.is_none()
