@@ -10,7 +10,9 @@ use actix_web::{HttpResponse, web};
 use maas_api as api;
 use maas_pool::SnapshotId;
 use maas_s3::bucket::{LockMode, ObjectLockRule, normalise_prefix, path_style_default};
+use maas_s3::crypt::{ArchiveKey, Cipher};
 use maas_s3::{Bucket, TargetConfig};
+use std::sync::Arc;
 
 use crate::api::{Body, Page, accepted, page, snapshot_row, validate_name};
 use crate::auth::{Caller, Role};
@@ -25,6 +27,32 @@ const DEFAULT_REGION: &str = "us-east-1";
 
 fn secret_context(target_id: &str) -> Vec<u8> {
     format!("archive-target:{target_id}:secret_access_key").into_bytes()
+}
+
+fn archive_key_context(target_id: &str) -> Vec<u8> {
+    format!("archive-target:{target_id}:archive_key").into_bytes()
+}
+
+/// The cipher of a stored encrypted target (its key opened from the vault).
+fn cipher_for(st: &AppState, r: &ArchiveTargetRow) -> ApiResult<Option<Arc<Cipher>>> {
+    let Some(sealed) = &r.archive_key else {
+        return Ok(None);
+    };
+    let raw = st
+        .vault
+        .open(&archive_key_context(&r.id), sealed)
+        .map_err(|e| ApiError::internal(format!("archive target {} key: {e}", r.id)))?;
+    let key: [u8; 32] = raw[..]
+        .try_into()
+        .map_err(|_| ApiError::internal(format!("archive target {} key length", r.id)))?;
+    let key = ArchiveKey::from_bytes(key);
+    if r.key_id.as_deref() != Some(key.key_id().as_str()) {
+        return Err(ApiError::internal(format!(
+            "archive target {}: its key does not match its key id",
+            r.id
+        )));
+    }
+    Ok(Some(Arc::new(Cipher::new(&key))))
 }
 
 /// The bucket client of a stored target (its secret opened from the vault).
@@ -53,6 +81,7 @@ pub fn bucket_for(st: &AppState, r: &ArchiveTargetRow) -> ApiResult<Bucket> {
         path_style: r.path_style != 0,
         storage_class: r.storage_class.clone(),
         object_lock,
+        cipher: cipher_for(st, r)?,
     })?)
 }
 
@@ -147,18 +176,35 @@ pub async fn create_target(
     let b = body.0;
     validate_name("name", &b.name)?;
     let lock = b.object_lock.as_ref().map(validate_lock).transpose()?;
-    match b.encryption.as_deref() {
-        None | Some("none") => {}
-        Some(other) => {
+    // The archive key: given back (a re-import, a shared prefix), or new and shown once.
+    let (key, generated) = match (b.encryption.as_deref(), &b.recovery_key) {
+        (None | Some("none"), None) => (None, false),
+        (Some("none"), Some(_)) => {
+            return Err(ApiError::invalid(
+                "recovery_key",
+                "a recovery_key belongs to an encrypted target: drop it or ask for encryption \"xchacha20-poly1305\"",
+            ));
+        }
+        (None | Some(maas_s3::crypt::ALGORITHM), Some(rk)) => (
+            Some(
+                ArchiveKey::from_recovery_key(&rk.0)
+                    .map_err(|e| ApiError::invalid("recovery_key", e.to_string()))?,
+            ),
+            false,
+        ),
+        (Some(maas_s3::crypt::ALGORITHM), None) => (Some(ArchiveKey::generate()), true),
+        (Some(other), _) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "ARCHIVE_ENCRYPTION_UNSUPPORTED",
                 format!(
-                    "encryption {other:?} is not available yet: archive targets store the pool's objects compressed, not encrypted (\"none\")"
+                    "encryption {other:?} is not supported: \"none\" or \"{}\"",
+                    maas_s3::crypt::ALGORITHM
                 ),
             ));
         }
-    }
+    };
+    let cipher = key.as_ref().map(|k| Arc::new(Cipher::new(k)));
     if let Some(sc) = &b.storage_class
         && (sc.is_empty()
             || sc.len() > 64
@@ -181,6 +227,7 @@ pub async fn create_target(
             .unwrap_or_else(|| path_style_default(b.endpoint.trim())),
         storage_class: b.storage_class.clone(),
         object_lock: lock,
+        cipher,
     };
     let row = blocking(&state, move |st| {
         if st.catalog.archive_target_by_name(&b.name)?.is_some() {
@@ -195,6 +242,16 @@ pub async fn create_target(
         let check = st
             .archive
             .block_on(maas_s3::target::check(&bucket, &pool_uuid, lock.is_some()))
+            .map_err(|e| match e {
+                // A key made for this request cannot be the archive's: what is missing is the
+                // archive's own.
+                maas_s3::ArchiveError::KeyMismatch { .. } if generated => {
+                    maas_s3::ArchiveError::KeyRequired {
+                        detail: "the prefix already holds an encrypted MaaS archive: give its recovery key (\"recovery_key\") instead of asking for a new one".into(),
+                    }
+                }
+                other => other,
+            })
             .map_err(|e| {
                 tracing::warn!(endpoint = %cfg.endpoint, bucket = %cfg.bucket, code = e.code(), error = %e, "archive target refused");
                 // Whatever the endpoint answered, the target cannot be stored: a 4xx.
@@ -209,6 +266,11 @@ pub async fn create_target(
             .vault
             .seal(&secret_context(&id), cfg.secret_access_key.as_bytes())
             .map_err(|e| ApiError::internal(format!("sealing the secret: {e}")))?;
+        let archive_key = key
+            .as_ref()
+            .map(|k| st.vault.seal(&archive_key_context(&id), k.as_bytes()))
+            .transpose()
+            .map_err(|e| ApiError::internal(format!("sealing the archive key: {e}")))?;
         let row = ArchiveTargetRow {
             id,
             name: b.name.clone(),
@@ -222,18 +284,32 @@ pub async fn create_target(
             storage_class: cfg.storage_class.clone(),
             object_lock_mode: b.object_lock.as_ref().map(|l| l.mode.clone()),
             object_lock_days: b.object_lock.as_ref().map(|l| i64::from(l.days)),
-            encryption: "none".into(),
+            encryption: if key.is_some() {
+                maas_s3::crypt::ALGORITHM.into()
+            } else {
+                "none".into()
+            },
             created_ms: now_ms(),
+            archive_key,
+            key_id: key.as_ref().map(|k| k.key_id()),
         };
         st.catalog.insert_archive_target(&row)?;
         connect_target(st, &row)?;
-        tracing::info!(target_id = %row.id, name = %row.name, endpoint = %row.endpoint, bucket = %row.bucket, prefix = %row.prefix, existing_archive = check.existing_archive, "archive target created");
-        Ok(row)
+        tracing::info!(target_id = %row.id, name = %row.name, endpoint = %row.endpoint, bucket = %row.bucket, prefix = %row.prefix, existing_archive = check.existing_archive, encryption = %row.encryption, key_id = ?row.key_id, "archive target created");
+        // The only time the key leaves maasd.
+        let recovery = key
+            .filter(|_| generated)
+            .map(|k| api::RecoveryKey(k.recovery_key()));
+        Ok((row, recovery))
     })
     .await?;
+    let (row, recovery_key) = row;
+    let mut out = archive_target_out(&row);
+    out.recovery_key = recovery_key;
     Ok(HttpResponse::Created()
         .insert_header(("location", format!("/api/v1/archive-targets/{}", row.id)))
-        .json(archive_target_out(&row)))
+        .insert_header(("cache-control", "no-store"))
+        .json(out))
 }
 
 #[utoipa::path(get, path = "/api/v1/archive-targets", tag = "archive", params(Page), security(("bearer" = [])),

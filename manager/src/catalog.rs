@@ -83,6 +83,8 @@ pub mod schema {
             object_lock_days -> Nullable<BigInt>,
             encryption -> Text,
             created_ms -> BigInt,
+            archive_key -> Nullable<Text>,
+            key_id -> Nullable<Text>,
         }
     }
     diesel::table! {
@@ -210,6 +212,9 @@ pub struct ArchiveTargetRow {
     pub object_lock_days: Option<i64>,
     pub encryption: String,
     pub created_ms: i64,
+    /// The archive key of an encrypted target, sealed by the vault.
+    pub archive_key: Option<String>,
+    pub key_id: Option<String>,
 }
 
 /// The sealed secret stays out of logs.

@@ -290,6 +290,8 @@ pub fn archive_target_out(r: &ArchiveTargetRow) -> api::ArchiveTarget {
             _ => None,
         },
         encryption: r.encryption.clone(),
+        key_id: r.key_id.clone(),
+        recovery_key: None,
         created_at: rfc3339(r.created_ms),
     }
 }

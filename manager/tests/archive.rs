@@ -844,3 +844,163 @@ fn an_evicted_snapshot_mounts_straight_from_the_archive() {
         "a clone lost chunks to reclamation: {j}"
     );
 }
+
+/// Every file under `root` (s3s-fs keeps one per object, plus its own metadata).
+fn files_under(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// How many of `needles` occur in any file under `root`.
+fn found_in(root: &std::path::Path, needles: &[Vec<u8>]) -> usize {
+    let files: Vec<Vec<u8>> = files_under(root)
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    needles
+        .iter()
+        .filter(|n| {
+            files
+                .iter()
+                .any(|f| f.windows(n.len()).any(|w| w == &n[..]))
+        })
+        .count()
+}
+
+#[test]
+fn an_encrypted_target_holds_only_ciphertext_and_a_new_installation_needs_its_recovery_key() {
+    let dir = TestDir::new("maas-archive-sealed");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("sealed", false);
+    s3.create_bucket("plain", false);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    let mut body = target_body("vault", &s3.endpoint(), "sealed");
+    body["encryption"] = json!("xchacha20-poly1305");
+    let (s, t) = m.call("POST", "/archive-targets", Some(body.clone()));
+    assert_eq!(s, 201, "{t}");
+    let sealed = t["id"].as_str().unwrap().to_string();
+    let recovery = t["recovery_key"].as_str().unwrap().to_string();
+    let key_id = t["key_id"].as_str().unwrap().to_string();
+    assert!(recovery.starts_with("maasrk1-"), "{t}");
+    assert_eq!(t["encryption"], "xchacha20-poly1305");
+    // Shown once: never again, nowhere.
+    for got in [
+        m.ok("GET", &format!("/archive-targets/{sealed}"), None),
+        m.ok("GET", "/archive-targets", None),
+    ] {
+        assert!(!got.to_string().contains(&recovery), "{got}");
+        assert!(got.to_string().contains(&key_id), "{got}");
+    }
+    assert!(!m.log().contains(&recovery[8..40]), "the key is in the log");
+    let plain = create_target(&m, target_body("plain", &s3.endpoint(), "plain"));
+
+    // A volume a host filled (random data: the pool stores it uncompressed, so a plaintext
+    // copy would show byte for byte).
+    let vol = volume(&m, "payroll-db", 64 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "day1.img", 24 * MIB);
+    let src = std::fs::read(dir.path().join("day1.img")).unwrap();
+    let s1 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &sealed));
+    m.wait_job(&archive(&m, &s1, &plain));
+    let mut needles: Vec<Vec<u8>> = (0..24)
+        .map(|i| src[i * MIB as usize + 4096..][..48].to_vec())
+        .collect();
+    needles.push(b"payroll-db".to_vec());
+    // The same snapshot in the plain bucket shows its data and name: the search works.
+    assert!(found_in(&dir.path().join("s3/plain"), &needles) >= 20);
+    let found = found_in(&dir.path().join("s3/sealed"), &needles);
+    assert_eq!(found, 0, "the encrypted bucket holds plaintext");
+    // Nor the digests: the pool's digest of any chunk would name it. The manifest is sealed.
+    let manifest =
+        std::fs::read(s3.object_path("sealed", &format!("snapshots/{s1}.json"))).unwrap();
+    let manifest = String::from_utf8(manifest).unwrap();
+    assert!(manifest.contains("\"maas-sealed\""), "{manifest}");
+    assert!(!manifest.contains("\"root\""), "{manifest}");
+    let listed = s3.list("sealed");
+    assert!(
+        listed.iter().any(|(k, _)| k.starts_with("packs/")),
+        "{listed:?}"
+    );
+
+    // Evicted, then mounted straight from the encrypted archive and read over iSCSI; verified.
+    m.wait_job(&m.call("POST", &format!("/snapshots/{s1}/evict"), None).1);
+    let c = clone_snapshot(&m, &s1, "mounted");
+    let back = dir.path().join("back.img");
+    qemu_read(&m, &c, &back);
+    assert!(same_prefix(&back, &dir.path().join("day1.img")));
+    let (s, job) = m.call(
+        "POST",
+        &format!("/snapshots/{s1}/archives/{sealed}/verify"),
+        None,
+    );
+    assert_eq!(s, 202, "{job}");
+    assert_eq!(m.wait_job(&job)["state"], "succeeded");
+
+    // A new installation: without the key, with a new key, with another archive's key, with
+    // a mistyped key, the prefix is refused with a code saying why; a key on a plain prefix too.
+    let fresh = Maasd::start_local(&dir.path().join("fresh"));
+    let refused = |body: Value, want: &str| {
+        let (s, e) = fresh.call("POST", "/archive-targets", Some(body));
+        assert_eq!((s, code(&e)), (400, want), "{e}");
+        assert!(!e.to_string().contains(&recovery[8..40]), "{e}");
+    };
+    refused(
+        target_body("vault", &s3.endpoint(), "sealed"),
+        "ARCHIVE_KEY_REQUIRED",
+    );
+    refused(body.clone(), "ARCHIVE_KEY_REQUIRED");
+    s3.create_bucket("other", false);
+    let mut other = target_body("other", &s3.endpoint(), "other");
+    other["encryption"] = json!("xchacha20-poly1305");
+    let (s, o) = fresh.call("POST", "/archive-targets", Some(other));
+    assert_eq!(s, 201, "{o}");
+    let mut b = body.clone();
+    b["recovery_key"] = o["recovery_key"].clone();
+    refused(b, "ARCHIVE_KEY_MISMATCH");
+    let mut typo = recovery.clone().into_bytes();
+    let last = typo.len() - 1;
+    typo[last] = if typo[last] == b'0' { b'1' } else { b'0' };
+    let mut b = body.clone();
+    b["recovery_key"] = json!(String::from_utf8(typo).unwrap());
+    refused(b, "INVALID_FIELD");
+    let mut b = target_body("plain", &s3.endpoint(), "plain");
+    b["recovery_key"] = json!(recovery);
+    refused(b, "ARCHIVE_ENCRYPTION_MISMATCH");
+
+    // With its recovery key: imported, rehydrated, cloned, the same bytes.
+    let mut b = body.clone();
+    b["recovery_key"] = json!(recovery);
+    let (s, t2) = fresh.call("POST", "/archive-targets", Some(b));
+    assert_eq!(s, 201, "{t2}");
+    assert_eq!(t2["key_id"], json!(key_id));
+    assert!(t2.get("recovery_key").is_none(), "{t2}");
+    let t2 = t2["id"].as_str().unwrap();
+    let j = fresh.wait_job(
+        &fresh
+            .call("POST", &format!("/archive-targets/{t2}/import"), None)
+            .1,
+    );
+    assert_eq!(j["result"]["snapshots_imported"], json!([s1]), "{j}");
+    let l = fresh.ok("GET", "/snapshots", None);
+    assert_eq!(l["items"][0]["volume_name"], "payroll-db", "{l}");
+    fresh.wait_job(
+        &fresh
+            .call("POST", &format!("/snapshots/{s1}/rehydrate"), None)
+            .1,
+    );
+    let c = clone_snapshot(&fresh, &s1, "restored");
+    let back2 = dir.path().join("back2.img");
+    qemu_read(&fresh, &c, &back2);
+    assert!(same_prefix(&back2, &dir.path().join("day1.img")));
+}

@@ -31,6 +31,9 @@ pub struct TargetConfig {
     pub storage_class: Option<String>,
     /// Retention every written object gets (needs a bucket with object lock enabled).
     pub object_lock: Option<ObjectLockRule>,
+    /// Client-side encryption: every object and document is sealed with the target's key
+    /// (None: stored as the pool stores them).
+    pub cipher: Option<std::sync::Arc<crate::crypt::Cipher>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +70,7 @@ impl std::fmt::Debug for TargetConfig {
             .field("path_style", &self.path_style)
             .field("storage_class", &self.storage_class)
             .field("object_lock", &self.object_lock)
+            .field("cipher", &self.cipher)
             .finish()
     }
 }
@@ -195,6 +199,11 @@ impl Bucket {
 
     pub fn config(&self) -> &TargetConfig {
         &self.cfg
+    }
+
+    /// The target's cipher, when it encrypts.
+    pub fn cipher(&self) -> Option<&crate::crypt::Cipher> {
+        self.cfg.cipher.as_deref()
     }
 
     /// The full object name of `rel` under the target's prefix.
@@ -536,6 +545,7 @@ mod tests {
             path_style: true,
             storage_class: None,
             object_lock: None,
+            cipher: None,
         }
     }
 

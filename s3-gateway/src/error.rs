@@ -29,6 +29,12 @@ pub enum ArchiveError {
     Damaged { key: String, detail: String },
     #[error("the bucket holds {what} of an unsupported format: {detail}")]
     Unsupported { what: String, detail: String },
+    #[error("the archive is encrypted and needs its key: {detail}")]
+    KeyRequired { detail: String },
+    #[error("the recovery key is not the archive's key: {detail}")]
+    KeyMismatch { detail: String },
+    #[error("{detail}")]
+    EncryptionMismatch { detail: String },
     #[error("the archive endpoint failed the request ({detail})")]
     Service { detail: String, transient: bool },
     #[error(transparent)]
@@ -50,6 +56,9 @@ impl ArchiveError {
             ArchiveError::Missing { .. } => "ARCHIVE_OBJECT_MISSING",
             ArchiveError::Damaged { .. } => "ARCHIVE_OBJECT_DAMAGED",
             ArchiveError::Unsupported { .. } => "ARCHIVE_FORMAT_UNSUPPORTED",
+            ArchiveError::KeyRequired { .. } => "ARCHIVE_KEY_REQUIRED",
+            ArchiveError::KeyMismatch { .. } => "ARCHIVE_KEY_MISMATCH",
+            ArchiveError::EncryptionMismatch { .. } => "ARCHIVE_ENCRYPTION_MISMATCH",
             ArchiveError::Service { .. } => "ARCHIVE_REQUEST_FAILED",
             ArchiveError::Pool(_) => "POOL_ERROR",
             ArchiveError::Internal(_) => "INTERNAL",

@@ -9,7 +9,7 @@ use maas_pool::Pool;
 
 use crate::Archive;
 use crate::bucket::Bucket;
-use crate::error::{ArchiveError, Result};
+use crate::error::Result;
 use crate::manifest::SnapshotManifest;
 use crate::pack::{TRAILER_LEN, parse_index, parse_trailer};
 
@@ -45,10 +45,6 @@ pub fn scan_bucket(
             scan.packs_known += 1;
             continue;
         }
-        let damaged = |detail: String| ArchiveError::Damaged {
-            key: bucket.key(key),
-            detail,
-        };
         if *len < (TRAILER_LEN + 16) as u64 {
             tracing::warn!(pack = %key, len, "import: skipped an object too short to be a pack");
             continue;
@@ -58,9 +54,10 @@ pub fn scan_bucket(
             len - TRAILER_LEN as u64,
             TRAILER_LEN as u64,
         ))?;
-        let t = parse_trailer(&tail, *len).map_err(|e| damaged(e.to_string()))?;
+        let t = parse_trailer(&tail, *len).map_err(|e| e.at(bucket.key(key)))?;
         let index = archive.block_on(bucket.get_range(key, t.index_offset, t.index_len()))?;
-        let entries = parse_index(&index, &t).map_err(|e| damaged(e.to_string()))?;
+        let entries =
+            parse_index(&index, &t, bucket.cipher()).map_err(|e| e.at(bucket.key(key)))?;
         pool.archive_record_pack(target, key, *len, &entries)?;
         scan.packs_indexed += 1;
         progress((i + 1) as f64 / total * 0.8);
@@ -72,7 +69,22 @@ pub fn scan_bucket(
         let Some(body) = archive.block_on(bucket.get(&key))? else {
             continue;
         };
+        let id = key
+            .strip_prefix("snapshots/")
+            .and_then(|k| k.strip_suffix(".json"))
+            .unwrap_or_default();
+        let body = crate::crypt::open_document(
+            bucket.cipher(),
+            crate::crypt::Sealed::SnapshotManifest(id),
+            &body,
+            &bucket.key(&key),
+        )?;
         let m = SnapshotManifest::parse(&body, &bucket.key(&key))?;
+        if m.meta.id != id {
+            tracing::warn!(manifest = %key, id = %m.meta.id, "import: a manifest names another snapshot than its object name; skipped");
+            scan.incomplete.push(bucket.key(&key));
+            continue;
+        }
         if m.packs.iter().all(|p| present.contains(p)) {
             scan.snapshots.push(m);
         } else {

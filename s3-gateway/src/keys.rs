@@ -2,14 +2,15 @@
 //! so that a fresh installation re-importing the bucket can check every object against its
 //! digest (and then re-key it for its own pool). The keys are not the pool's secret: they let
 //! their holder check, and confirm the content of, objects that pool wrote — which the bucket
-//! holds in the clear anyway (targets without encryption). With client-side encryption they
-//! will be stored wrapped by the target's key.
+//! holds in the clear anyway (targets without encryption). With client-side encryption the
+//! document is sealed with the target's key like everything else (see crate::crypt).
 
 use serde::{Deserialize, Serialize};
 
 use maas_pool::import::DigestKeys;
 
 use crate::bucket::Bucket;
+use crate::crypt::{Sealed, open_document, seal_document};
 use crate::error::{ArchiveError, Result};
 
 pub const KEYS_FORMAT: &str = "maas-digest-keys";
@@ -42,6 +43,7 @@ pub async fn ensure_keys(bucket: &Bucket, pool: &str, keys: &DigestKeys) -> Resu
     };
     let body = serde_json::to_vec_pretty(&doc)
         .map_err(|e| ArchiveError::Internal(format!("keys document: {e}")))?;
+    let body = seal_document(bucket.cipher(), Sealed::DigestKeys(pool), body);
     bucket.put(&name, body.into()).await
 }
 
@@ -54,6 +56,12 @@ pub async fn read_keys(bucket: &Bucket, pool: &str) -> Result<DigestKeys> {
         .ok_or_else(|| ArchiveError::Missing {
             key: bucket.key(&name),
         })?;
+    let body = open_document(
+        bucket.cipher(),
+        Sealed::DigestKeys(pool),
+        &body,
+        &bucket.key(&name),
+    )?;
     let damaged = |detail: String| ArchiveError::Damaged {
         key: bucket.key(&name),
         detail,

@@ -126,11 +126,11 @@ impl TargetFetch {
             let tail = bucket
                 .get_range(&key, len - TRAILER_LEN as u64, TRAILER_LEN as u64)
                 .await?;
-            let t = parse_trailer(&tail, len).map_err(|e| damaged(e.to_string()))?;
+            let t = parse_trailer(&tail, len).map_err(|e| e.at(bucket.key(&key)))?;
             let index = bucket
                 .get_range(&key, t.index_offset, t.index_len())
                 .await?;
-            parse_index(&index, &t).map_err(|e| damaged(e.to_string()))
+            parse_index(&index, &t, bucket.cipher()).map_err(|e| e.at(bucket.key(&key)))
         })?;
         let entries = std::sync::Arc::new(entries);
         let mut c = self.lock_indexes();
@@ -190,7 +190,7 @@ impl RemoteFetch for TargetFetch {
         );
         let bytes = self.run(async move { bucket.get_range(&key, start, len).await })?;
         let mut out = Vec::with_capacity(parts.len());
-        for (digest, off, l) in parts {
+        for (i, (digest, off, l)) in parts.into_iter().enumerate() {
             let a = (off - start) as usize;
             let Some(b) = bytes.get(a..a + l as usize) else {
                 return Err(RemoteError::Damaged(format!(
@@ -198,7 +198,14 @@ impl RemoteFetch for TargetFetch {
                     pack.key
                 )));
             };
-            out.push((digest, b.to_vec()));
+            match crate::pack::open_object(self.bucket.cipher(), &digest, b) {
+                Ok(stored) => out.push((digest, stored)),
+                Err(e) if i == 0 => return Err(classify(e.at(self.bucket.key(&pack.key)))),
+                // Read ahead only: a damaged neighbour fails when (if) it is read itself.
+                Err(e) => {
+                    tracing::debug!(pack = %pack.key, error = %e, "read-ahead skipped an object")
+                }
+            }
         }
         Ok(out)
     }

@@ -15,6 +15,14 @@
 //! `chunk_size` bytes; each object is in maas-pool's object format (object.rs: a 64-byte
 //! header, then zstd or raw frames); nodes in index.rs's node format. Concatenating the
 //! chunks (zeros for absent ones) up to `size` gives the image.
+//!
+//! An encrypted prefix (`encryption: "xchacha20-poly1305"` in maas-archive.json) needs the
+//! archive key (the recovery key's first 64 hex digits): derive the subkeys with BLAKE3
+//! `derive_key` ("maas archive 2026-12 object encryption" for objects, "... document
+//! encryption" for the rest); each sealed thing is `24-byte nonce || XChaCha20-Poly1305
+//! ciphertext and tag` with associated data naming it (see crate::crypt): snapshot manifests
+//! and digest keys are JSON envelopes (`format: "maas-sealed"`, `sealed`: hex), a pack's
+//! index is sealed whole, each object in a pack alone.
 
 use serde::{Deserialize, Serialize};
 
@@ -33,8 +41,12 @@ pub struct BucketManifest {
     /// The pool (UUID) that created the prefix; others may write to it too.
     pub created_by_pool: String,
     pub layout: Layout,
-    /// "none": objects are stored as the pool stores them.
+    /// "none": objects are stored as the pool stores them; "xchacha20-poly1305": every
+    /// object, pack index and document is sealed with the archive key named by `key_id`
+    /// (see crate::crypt). A prefix is one or the other, never both.
     pub encryption: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,7 +56,8 @@ pub struct Layout {
 }
 
 impl BucketManifest {
-    pub fn new(pool: &str, created_at: String) -> Self {
+    /// The manifest of a new prefix; `key_id` when its objects are encrypted.
+    pub fn new(pool: &str, created_at: String, key_id: Option<String>) -> Self {
         BucketManifest {
             format: BUCKET_FORMAT.into(),
             version: FORMAT_VERSION,
@@ -54,7 +67,12 @@ impl BucketManifest {
                 packs: "packs/<first 2 hex digits>/<BLAKE3 of the pack, 64 hex digits>".into(),
                 snapshots: "snapshots/<snapshot id>.json".into(),
             },
-            encryption: "none".into(),
+            encryption: if key_id.is_some() {
+                crate::crypt::ALGORITHM.into()
+            } else {
+                "none".into()
+            },
+            key_id,
         }
     }
 
@@ -77,13 +95,41 @@ impl BucketManifest {
                 detail: format!("version {} (this build reads {FORMAT_VERSION})", m.version),
             });
         }
-        if m.encryption != "none" {
+        let known = match m.encryption.as_str() {
+            "none" => m.key_id.is_none(),
+            crate::crypt::ALGORITHM => m.key_id.is_some(),
+            _ => false,
+        };
+        if !known {
             return Err(ArchiveError::Unsupported {
                 what: BUCKET_MANIFEST.into(),
                 detail: format!("encryption {:?}", m.encryption),
             });
         }
         Ok(m)
+    }
+
+    /// Whether a target with `cipher` (or none) may use the prefix this manifest describes:
+    /// the same key, or no encryption on either side.
+    pub fn admits(&self, cipher: Option<&crate::crypt::Cipher>) -> Result<()> {
+        match (&self.key_id, cipher) {
+            (None, None) => Ok(()),
+            (Some(id), Some(c)) if id == c.key_id() => Ok(()),
+            (Some(id), Some(c)) => Err(ArchiveError::KeyMismatch {
+                detail: format!(
+                    "the prefix is encrypted with key {id}; the recovery key given is key {}",
+                    c.key_id()
+                ),
+            }),
+            (Some(id), None) => Err(ArchiveError::KeyRequired {
+                detail: format!(
+                    "the prefix is encrypted (key {id}): give its recovery key (\"recovery_key\") to use it"
+                ),
+            }),
+            (None, Some(_)) => Err(ArchiveError::EncryptionMismatch {
+                detail: "the prefix holds an unencrypted MaaS archive: an encrypted target needs a prefix of its own (a bucket holds only ciphertext or none)".into(),
+            }),
+        }
     }
 }
 
@@ -147,7 +193,7 @@ mod tests {
 
     #[test]
     fn bucket_manifests_of_other_formats_or_versions_are_refused() {
-        let m = BucketManifest::new("pool", "2026-12-07T00:00:00Z".into());
+        let m = BucketManifest::new("pool", "2026-12-07T00:00:00Z".into(), None);
         let b = serde_json::to_vec(&m).unwrap();
         assert_eq!(BucketManifest::parse(&b).unwrap(), m);
         let mut n = m.clone();
@@ -158,5 +204,28 @@ mod tests {
         assert!(BucketManifest::parse(&serde_json::to_vec(&n).unwrap()).is_err());
         assert!(BucketManifest::parse(b"{}").is_err());
         assert!(BucketManifest::parse(b"\xff").is_err());
+        let mut n = m.clone();
+        n.encryption = "rot13".into();
+        assert!(BucketManifest::parse(&serde_json::to_vec(&n).unwrap()).is_err());
+        // Encrypted without naming its key: refused.
+        n.encryption = crate::crypt::ALGORITHM.into();
+        assert!(BucketManifest::parse(&serde_json::to_vec(&n).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_prefix_admits_only_its_own_key() {
+        use crate::crypt::{ArchiveKey, Cipher};
+        let k = ArchiveKey::generate();
+        let c = Cipher::new(&k);
+        let plain = BucketManifest::new("pool", "t".into(), None);
+        let sealed = BucketManifest::new("pool", "t".into(), Some(k.key_id()));
+        let sealed = BucketManifest::parse(&serde_json::to_vec(&sealed).unwrap()).unwrap();
+        assert!(plain.admits(None).is_ok());
+        assert!(sealed.admits(Some(&c)).is_ok());
+        let code = |r: Result<()>| r.unwrap_err().code();
+        assert_eq!(code(sealed.admits(None)), "ARCHIVE_KEY_REQUIRED");
+        let other = Cipher::new(&ArchiveKey::generate());
+        assert_eq!(code(sealed.admits(Some(&other))), "ARCHIVE_KEY_MISMATCH");
+        assert_eq!(code(plain.admits(Some(&c))), "ARCHIVE_ENCRYPTION_MISMATCH");
     }
 }

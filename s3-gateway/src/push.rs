@@ -115,7 +115,7 @@ pub fn push_snapshot(
         progress(p);
     };
     let mut last_report = Instant::now();
-    let mut pack = PackWriter::new();
+    let mut pack = PackWriter::new(bucket.config().cipher.clone());
     let mut produce_err = None;
     for d in &missing {
         let obj = match pool.read_stored_object(d) {
@@ -129,7 +129,8 @@ pub fn push_snapshot(
         p.bytes_to_send += obj.bytes.len() as u64;
         pack.add(obj.digest, obj.kind, &obj.bytes);
         if pack.len() >= opts.pack_bytes {
-            let full = std::mem::take(&mut pack).finish();
+            let next = pack.fresh();
+            let full = std::mem::replace(&mut pack, next).finish();
             if tx.blocking_send(full).is_err() {
                 break; // the uploader stopped: its error is collected below
             }
@@ -191,6 +192,11 @@ pub fn push_snapshot(
     };
     let body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| ArchiveError::Internal(format!("manifest: {e}")))?;
+    let body = crate::crypt::seal_document(
+        bucket.cipher(),
+        crate::crypt::Sealed::SnapshotManifest(&manifest.meta.id),
+        body,
+    );
     archive.block_on(bucket.put(&SnapshotManifest::key(&manifest.meta.id), body.into()))?;
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(

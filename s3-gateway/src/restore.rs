@@ -66,6 +66,12 @@ pub fn read_manifest(archive: &Archive, bucket: &Bucket, id: &str) -> Result<Sna
         .ok_or_else(|| ArchiveError::Missing {
             key: bucket.key(&key),
         })?;
+    let body = crate::crypt::open_document(
+        bucket.cipher(),
+        crate::crypt::Sealed::SnapshotManifest(id),
+        &body,
+        &bucket.key(&key),
+    )?;
     SnapshotManifest::parse(&body, &bucket.key(&key))
 }
 
@@ -325,18 +331,26 @@ async fn fetch_spans(
                 })?;
             requests.fetch_add(1, Ordering::Relaxed);
             fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            let chunks = s
-                .chunks
-                .into_iter()
-                .map(|(digest, off, len, nos)| {
-                    let at = (off - s.start) as usize;
-                    StoredChunk {
-                        chunk_nos: nos,
-                        digest,
-                        bytes: bytes[at..at + len as usize].to_vec(),
-                    }
-                })
-                .collect::<Vec<_>>();
+            let chunks =
+                s.chunks
+                    .into_iter()
+                    .map(|(digest, off, len, nos)| {
+                        let at = (off - s.start) as usize;
+                        let in_pack = bytes.get(at..at + len as usize).ok_or_else(|| {
+                            ArchiveError::Damaged {
+                                key: bucket.key(&s.pack),
+                                detail: "shorter than its index says".into(),
+                            }
+                        })?;
+                        let stored = crate::pack::open_object(bucket.cipher(), &digest, in_pack)
+                            .map_err(|e| e.at(bucket.key(&s.pack)))?;
+                        Ok(StoredChunk {
+                            chunk_nos: nos,
+                            digest,
+                            bytes: stored,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
             Ok::<_, ArchiveError>(chunks)
         }
     }))

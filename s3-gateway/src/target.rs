@@ -30,11 +30,15 @@ pub async fn check(
     }
     let existing_archive = match bucket.get(BUCKET_MANIFEST).await? {
         Some(b) => {
-            BucketManifest::parse(&b)?;
+            BucketManifest::parse(&b)?.admits(bucket.cipher())?;
             true
         }
         None => {
-            let m = BucketManifest::new(pool_uuid, crate::now_rfc3339());
+            let m = BucketManifest::new(
+                pool_uuid,
+                crate::now_rfc3339(),
+                bucket.cipher().map(|c| c.key_id().to_string()),
+            );
             let body = serde_json::to_vec_pretty(&m)
                 .map_err(|e| ArchiveError::Internal(format!("bucket manifest: {e}")))?;
             bucket.put(BUCKET_MANIFEST, body.into()).await?;

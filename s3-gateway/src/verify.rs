@@ -43,7 +43,9 @@ pub async fn fetch_object_from(
         .get_range(&pack.key, loc.offset, u64::from(loc.len))
         .await
         .map_err(|e| missing_is_pack(e, bucket, &pack))?;
-    let raw = check(pool, source, d, loc.kind, &bytes, bucket, &pack.key)?;
+    let stored =
+        pack::open_object(bucket.cipher(), d, &bytes).map_err(|e| e.at(bucket.key(&pack.key)))?;
+    let raw = check(pool, source, d, loc.kind, &stored, bucket, &pack.key)?;
     Ok((loc.kind, raw))
 }
 
@@ -97,6 +99,12 @@ pub fn verify_snapshot(
         .ok_or_else(|| ArchiveError::Missing {
             key: bucket.key(&key),
         })?;
+    let body = crate::crypt::open_document(
+        bucket.cipher(),
+        crate::crypt::Sealed::SnapshotManifest(snapshot_id),
+        &body,
+        &bucket.key(&key),
+    )?;
     let manifest = SnapshotManifest::parse(&body, &bucket.key(&key))?;
     // What to check: the objects the pool records for this snapshot's packs, by pack.
     let mut by_pack: BTreeMap<String, Vec<(Digest, u64, u32, ObjectKind)>> = BTreeMap::new();
@@ -138,10 +146,8 @@ pub fn verify_snapshot(
                 })?;
         report.bytes_read += bytes.len() as u64;
         report.packs += 1;
-        let entries = pack::parse_pack(&bytes).map_err(|e| ArchiveError::Damaged {
-            key: bucket.key(pack_key),
-            detail: e.to_string(),
-        })?;
+        let entries =
+            pack::parse_pack(&bytes, bucket.cipher()).map_err(|e| e.at(bucket.key(pack_key)))?;
         let index: HashMap<Digest, (u64, u32)> = entries
             .iter()
             .map(|e| (e.digest, (e.offset, e.len)))
@@ -154,7 +160,9 @@ pub fn verify_snapshot(
                 });
             }
             let b = &bytes[*off as usize..(*off + u64::from(*len)) as usize];
-            check(pool, None, d, *kind, b, bucket, pack_key)?;
+            let stored =
+                pack::open_object(bucket.cipher(), d, b).map_err(|e| e.at(bucket.key(pack_key)))?;
+            check(pool, None, d, *kind, &stored, bucket, pack_key)?;
         }
         progress((i + 1) as f64 / total);
     }

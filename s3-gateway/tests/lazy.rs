@@ -58,6 +58,7 @@ fn bucket(s3: &S3Server) -> Bucket {
         path_style: true,
         storage_class: None,
         object_lock: None,
+        cipher: None,
     })
     .unwrap()
 }

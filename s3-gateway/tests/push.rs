@@ -38,6 +38,7 @@ fn cfg(s: &S3Server, bucket: &str) -> TargetConfig {
         path_style: true,
         storage_class: None,
         object_lock: None,
+        cipher: None,
     }
 }
 

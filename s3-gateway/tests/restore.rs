@@ -96,6 +96,7 @@ fn a_rehydrated_snapshot_reads_back_the_same_bytes_and_damage_leaves_nothing() {
         path_style: true,
         storage_class: None,
         object_lock: None,
+        cipher: None,
     })
     .unwrap();
     let (snap, image) = sealed(&pool, "v", 7);
@@ -297,6 +298,7 @@ fn a_fresh_pool_too_small_for_the_snapshot_fails_cleanly_then_imports_it_when_it
         path_style: true,
         storage_class: None,
         object_lock: None,
+        cipher: None,
     };
     let bucket = Bucket::new(cfg).unwrap();
     let a = pool(&dir.path().join("a"));
@@ -400,6 +402,7 @@ fn a_rehydrate_waits_for_a_restarting_server_and_finishes() {
         path_style: true,
         storage_class: None,
         object_lock: None,
+        cipher: None,
     })
     .unwrap()
     .with_retry_for(std::time::Duration::from_secs(30));

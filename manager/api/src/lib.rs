@@ -226,9 +226,30 @@ pub struct ArchiveTarget {
     pub storage_class: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_lock: Option<ObjectLock>,
-    /// `none`: objects are stored as the pool stores them (compressed, not encrypted).
+    /// `none`: objects are stored as the pool stores them (compressed, not encrypted);
+    /// `xchacha20-poly1305`: client-side encryption, the bucket holds only ciphertext.
     pub encryption: String,
+    /// Names the archive key of an encrypted target (reveals nothing of the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The archive key, written down by the user: only in the response that created an
+    /// encrypted target with a new key, never again. Without it an import on another
+    /// installation cannot read the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_key: Option<RecoveryKey>,
     pub created_at: String,
+}
+
+/// An archive target's recovery key (`maasrk1-` and 72 hex digits). Never shown by `Debug`.
+#[derive(Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(transparent)]
+#[schema(value_type = String)]
+pub struct RecoveryKey(pub String);
+
+impl std::fmt::Debug for RecoveryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecoveryKey(<redacted>)")
+    }
 }
 
 /// S3 Object Lock retention applied to every object MaaS writes to the target.
@@ -264,9 +285,15 @@ pub struct CreateArchiveTarget {
     pub storage_class: Option<String>,
     #[serde(default)]
     pub object_lock: Option<ObjectLock>,
-    /// `none` (the default).
+    /// `none` (the default) or `xchacha20-poly1305` (client-side encryption: every object,
+    /// index and manifest is sealed before it leaves maasd). A new key is made and returned
+    /// once as `recovery_key` unless one is given.
     #[serde(default)]
     pub encryption: Option<String>,
+    /// The recovery key of an encrypted archive already in the bucket (a re-import after a
+    /// disaster, another installation sharing the prefix); implies encryption.
+    #[serde(default)]
+    pub recovery_key: Option<RecoveryKey>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

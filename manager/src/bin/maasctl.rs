@@ -226,6 +226,14 @@ enum ArchiveTargetCmd {
         object_lock_mode: Option<String>,
         #[arg(long)]
         object_lock_days: Option<u32>,
+        /// Client-side encryption (XChaCha20-Poly1305): the bucket holds only ciphertext. A
+        /// new key is made and its recovery key printed once: write it down.
+        #[arg(long)]
+        encrypt: bool,
+        /// File holding the recovery key of an encrypted archive already in the bucket (a
+        /// re-import after a disaster); implies --encrypt.
+        #[arg(long)]
+        recovery_key_file: Option<PathBuf>,
     },
     Delete {
         id: String,
@@ -271,7 +279,14 @@ fn s3_secret(file: Option<&PathBuf>) -> R<Zeroizing<String>> {
 fn print_archive_targets(v: &[api::ArchiveTarget]) {
     table(
         &[
-            "ID", "NAME", "ENDPOINT", "BUCKET", "PREFIX", "LOCK", "CREATED",
+            "ID",
+            "NAME",
+            "ENDPOINT",
+            "BUCKET",
+            "PREFIX",
+            "LOCK",
+            "ENCRYPTION",
+            "CREATED",
         ],
         v.iter()
             .map(|t| {
@@ -285,6 +300,10 @@ fn print_archive_targets(v: &[api::ArchiveTarget]) {
                         .as_ref()
                         .map(|l| format!("{} {}d", l.mode, l.days))
                         .unwrap_or_default(),
+                    match &t.key_id {
+                        Some(id) => format!("{} (key {id})", t.encryption),
+                        None => t.encryption.clone(),
+                    },
                     t.created_at.clone(),
                 ]
             })
@@ -1303,6 +1322,8 @@ fn run(cli: &Cli) -> R<()> {
                 storage_class,
                 object_lock_mode,
                 object_lock_days,
+                encrypt,
+                recovery_key_file,
             } => {
                 let secret = s3_secret(secret_key_file.as_ref())?;
                 let mut body = json!({
@@ -1334,9 +1355,29 @@ fn run(cli: &Cli) -> R<()> {
                         ));
                     }
                 }
+                if let Some(f) = &recovery_key_file {
+                    let rk = std::fs::read_to_string(f)
+                        .map_err(|e| CliError::Other(format!("reading {}: {e}", f.display())))?;
+                    body["recovery_key"] = json!(rk.trim());
+                    body["encryption"] = json!("xchacha20-poly1305");
+                } else if *encrypt {
+                    body["encryption"] = json!("xchacha20-poly1305");
+                }
                 let t: api::ArchiveTarget =
                     typed(c.call("POST", "/archive-targets", Some(body))?)?;
-                emit(j, &t, || print_archive_targets(std::slice::from_ref(&t)));
+                emit(j, &t, || {
+                    print_archive_targets(std::slice::from_ref(&t));
+                    if let Some(rk) = &t.recovery_key {
+                        println!();
+                        println!(
+                            "RECOVERY KEY (shown once; without it the archive cannot be read on another installation):"
+                        );
+                        println!();
+                        println!("    {}", rk.0);
+                        println!();
+                        println!("Keep it apart from this server, e.g. printed in a safe.");
+                    }
+                });
             }
             ArchiveTargetCmd::Import { id } => job_result(
                 cli,
