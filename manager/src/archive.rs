@@ -143,6 +143,16 @@ pub fn mount_lazily(st: &AppState, srow: &SnapshotRow) -> ApiResult<SnapshotRow>
     Ok(row)
 }
 
+/// Held by whatever reads or adds to a target's packs (push, lazy mount, evict's verify,
+/// rehydrate, verify, import): space reclamation, which deletes and repacks packs, holds the
+/// lock exclusively, so nobody reads a pack it is deleting.
+fn read_lock(lock: &std::sync::RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
+    match lock.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 fn target_row(st: &AppState, id: &str) -> ApiResult<ArchiveTargetRow> {
     st.catalog
         .archive_target(id)?
@@ -670,6 +680,8 @@ pub async fn evict_snapshot(
     let claim = AppState::claim_moving(&state, &id).ok_or_else(busy)?;
     let job = jobs::start(&state, "evict", Some(id.clone()), move |st, p| {
         let _claim = claim;
+        let lock = st.target_lock(&trow.id);
+        let _shared = read_lock(&lock);
         let bucket = bucket_for(st, &trow)?;
         // Only a copy read back whole and checked replaces the local one.
         let report = maas_s3::verify::verify_snapshot(
@@ -763,6 +775,8 @@ pub async fn rehydrate_snapshot(
     }
     let job = jobs::start(&state, "rehydrate", Some(id.clone()), move |st, p| {
         let _claim = claim;
+        let lock = st.target_lock(&trow.id);
+        let _shared = read_lock(&lock);
         let bucket = bucket_for(st, &trow)?;
         let source = crate::archive::source_keys(st, &bucket, &srow)?;
         let started = std::time::Instant::now();
@@ -885,6 +899,8 @@ pub async fn import_target(
     let id2 = id.clone();
     let trow = blocking(&state, move |st| target_row(st, &id2)).await?;
     let job = jobs::start(&state, "import", Some(id), move |st, p| {
+        let lock = st.target_lock(&trow.id);
+        let _shared = read_lock(&lock);
         let bucket = bucket_for(st, &trow)?;
         let scan = maas_s3::import::scan_bucket(&st.archive, &st.pool, &bucket, &trow.id, &mut |f| p.set(f))?;
         let mut imported = Vec::new();
@@ -979,6 +995,8 @@ pub async fn verify_copy(
     })
     .await?;
     let job = jobs::start(&state, "verify-archive", Some(id), move |st, p| {
+        let lock = st.target_lock(&trow.id);
+        let _shared = read_lock(&lock);
         let bucket = bucket_for(st, &trow)?;
         let r = maas_s3::verify::verify_snapshot(
             &st.archive,
@@ -1048,12 +1066,24 @@ pub fn delete_copies(st: &AppState, srow: &SnapshotRow) -> ApiResult<serde_json:
                 keep.push(other.snapshot);
             }
         }
-        let r = maas_s3::gc::collect(&st.archive, &st.pool, &bucket, &trow.id, &keep)?;
+        let r = maas_s3::gc::collect(
+            &st.archive,
+            &st.pool,
+            &bucket,
+            &trow.id,
+            &keep,
+            maas_s3::gc::GcOptions::default(),
+        )?;
         reports.push(serde_json::json!({
             "target": trow.id,
             "packs_deleted": r.packs_deleted,
             "bytes_freed": r.bytes_freed,
             "packs_kept": r.packs_kept,
+            "packs_repacked": r.packs_repacked,
+            "packs_written": r.packs_written,
+            "bytes_rewritten": r.bytes_rewritten,
+            "manifests_rewritten": r.manifests_rewritten,
+            "repack_deferred": r.repack_deferred,
             "reclaim_deferred": r.deferred,
         }));
     }

@@ -1004,3 +1004,88 @@ fn an_encrypted_target_holds_only_ciphertext_and_a_new_installation_needs_its_re
     qemu_read(&fresh, &c, &back2);
     assert!(same_prefix(&back2, &dir.path().join("day1.img")));
 }
+
+#[test]
+fn mostly_dead_packs_are_repacked_and_the_remaining_snapshot_stays_whole_everywhere() {
+    let dir = TestDir::new("maas-archive-repack");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    // Encrypted: a repack opens every object it moves and seals it again.
+    let mut body = target_body("offsite", &s3.endpoint(), "maas");
+    body["encryption"] = json!("xchacha20-poly1305");
+    let (s, t) = m.call("POST", "/archive-targets", Some(body.clone()));
+    assert_eq!(s, 201, "{t}");
+    let target = t["id"].as_str().unwrap().to_string();
+    let recovery = t["recovery_key"].clone();
+    let vol = volume(&m, "files", 64 * MIB, 512);
+    // Day 1: 40 MiB, pushed as a 32 MiB pack and an 8 MiB one. Day 2: the first 24 MiB
+    // rewritten, so three quarters of the first pack die with day 1.
+    qemu_write(&m, dir.path(), &vol, "day1.img", 40 * MIB);
+    let s1 = seal(&m, &vol);
+    qemu_write(&m, dir.path(), &vol, "day2.img", 24 * MIB);
+    patched(dir.path(), "day1.img", "day2.img", "day2-full.img");
+    let s2 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &target));
+    m.wait_job(&archive(&m, &s2, &target));
+    let pack_bytes = |s3: &S3Server| -> u64 {
+        s3.list("maas")
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("packs/"))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let before = pack_bytes(&s3);
+    assert!(before >= 64 * MIB, "{before}");
+
+    let j = m.wait_job(&m.call("DELETE", &format!("/snapshots/{s1}"), None).1);
+    let r = &j["result"]["archives"][0];
+    assert_eq!(r["packs_repacked"], 1, "{j}");
+    assert_eq!(r["packs_written"], 1, "{j}");
+    let moved = r["bytes_rewritten"].as_u64().unwrap();
+    assert!((7 * MIB..10 * MIB).contains(&moved), "{j}");
+    assert!(r["manifests_rewritten"].as_u64().unwrap() >= 1, "{j}");
+    // What is left is day 2's 40 MiB (and its index), not day 1's dead 24 MiB.
+    let after = pack_bytes(&s3);
+    assert!(
+        (40 * MIB..=41 * MIB).contains(&after),
+        "{after} bytes of packs: {j}"
+    );
+
+    // Day 2 verifies, evicts, mounts from the archive and reads back what QEMU wrote.
+    let (s, job) = m.call(
+        "POST",
+        &format!("/snapshots/{s2}/archives/{target}/verify"),
+        None,
+    );
+    assert_eq!(s, 202, "{job}");
+    assert_eq!(m.wait_job(&job)["state"], "succeeded");
+    m.wait_job(&m.call("POST", &format!("/snapshots/{s2}/evict"), None).1);
+    let c = clone_snapshot(&m, &s2, "day2-mounted");
+    let back = dir.path().join("back.img");
+    qemu_read(&m, &c, &back);
+    assert!(same_prefix(&back, &dir.path().join("day2-full.img")));
+
+    // A new installation reading the bucket finds day 2 whole (its manifest names the packs
+    // that hold it now).
+    let fresh = Maasd::start_local(&dir.path().join("fresh"));
+    body["recovery_key"] = recovery;
+    let (s, t2) = fresh.call("POST", "/archive-targets", Some(body));
+    assert_eq!(s, 201, "{t2}");
+    let t2 = t2["id"].as_str().unwrap();
+    let j = fresh.wait_job(
+        &fresh
+            .call("POST", &format!("/archive-targets/{t2}/import"), None)
+            .1,
+    );
+    assert_eq!(j["result"]["snapshots_imported"], json!([s2]), "{j}");
+    fresh.wait_job(
+        &fresh
+            .call("POST", &format!("/snapshots/{s2}/rehydrate"), None)
+            .1,
+    );
+    let c = clone_snapshot(&fresh, &s2, "restored");
+    let back2 = dir.path().join("back2.img");
+    qemu_read(&fresh, &c, &back2);
+    assert!(same_prefix(&back2, &dir.path().join("day2-full.img")));
+}
