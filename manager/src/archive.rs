@@ -1054,8 +1054,23 @@ pub fn delete_copies(st: &AppState, srow: &SnapshotRow) -> ApiResult<serde_json:
         };
         let bucket = bucket_for(st, &trow)?;
         if copy.state != "failed" {
-            st.archive
-                .block_on(bucket.delete(&maas_s3::manifest::SnapshotManifest::key(&srow.id)))?;
+            match st
+                .archive
+                .block_on(bucket.delete(&maas_s3::manifest::SnapshotManifest::key(&srow.id)))
+            {
+                Ok(()) => {}
+                // The bucket itself is gone: so is the copy, and there is nothing to reclaim.
+                Err(e @ maas_s3::ArchiveError::NoSuchBucket { .. }) => {
+                    tracing::warn!(snapshot = %srow.id, target_id = %trow.id, error = %e, "archive copy forgotten: its bucket no longer exists");
+                    st.catalog.delete_snapshot_archive(&srow.id, &trow.id)?;
+                    reports.push(serde_json::json!({
+                        "target": trow.id,
+                        "bucket_missing": true,
+                    }));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         st.catalog.delete_snapshot_archive(&srow.id, &trow.id)?;
         // What the target's other snapshots need stays (read from the bucket: should one of

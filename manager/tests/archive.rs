@@ -1089,3 +1089,75 @@ fn mostly_dead_packs_are_repacked_and_the_remaining_snapshot_stays_whole_everywh
     qemu_read(&fresh, &c, &back2);
     assert!(same_prefix(&back2, &dir.path().join("day2-full.img")));
 }
+
+#[test]
+fn a_bucket_deleted_under_a_target_fails_clearly_and_damages_nothing() {
+    let dir = TestDir::new("maas-archive-gone");
+    // moto: s3s-fs writes objects into a deleted bucket's directory as if it were there.
+    let s3 = S3Server::start(Kind::Moto, &dir.path().join("s3"));
+    s3.create_bucket("gone", false);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "gone"));
+    let vol = volume(&m, "files", 32 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "day1.img", 8 * MIB);
+    let s1 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &target));
+    let s2 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s2, &target));
+    m.wait_job(&m.call("POST", &format!("/snapshots/{s2}/evict"), None).1);
+    qemu_write(&m, dir.path(), &vol, "day3.img", 2 * MIB);
+    let s3snap = seal(&m, &vol);
+
+    // Someone deletes the bucket.
+    let out = s3.aws(&["s3", "rb", "s3://gone", "--force"]);
+    assert!(out.status.success(), "{out:?}");
+    let failed = |job: Value, want: &str| {
+        let j = m.wait_job_end(&job);
+        assert_eq!(j["state"], "failed", "{j}");
+        assert_eq!(j["error"]["code"], want, "{j}");
+    };
+    let started = Instant::now();
+    failed(archive(&m, &s3snap, &target), "ARCHIVE_BUCKET_NOT_FOUND");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "retried a missing bucket"
+    );
+    let (s, job) = m.call("POST", &format!("/snapshots/{s2}/rehydrate"), None);
+    assert_eq!(s, 202, "{job}");
+    failed(job, "ARCHIVE_BUCKET_NOT_FOUND");
+    let (s, job) = m.call(
+        "POST",
+        &format!("/snapshots/{s2}/clones"),
+        Some(json!({"name": "from-gone"})),
+    );
+    assert_eq!(s, 202, "{job}");
+    failed(job, "ARCHIVE_BUCKET_NOT_FOUND");
+    // Nothing local was touched: day 3 and day 1 read back; day 2 is still listed where it was.
+    let snap = m.ok("GET", &format!("/snapshots/{s2}"), None);
+    assert_eq!(snap["location"], "archive", "{snap}");
+    let c = clone_snapshot(&m, &s1, "day1");
+    let back = dir.path().join("back.img");
+    qemu_read(&m, &c, &back);
+    assert!(same_prefix(&back, &dir.path().join("day1.img")));
+    let rep = maas_tests::maasd::verify_pool(&m);
+    assert!(
+        rep["damaged"].as_array().is_some_and(|d| d.is_empty()),
+        "{rep}"
+    );
+
+    // A snapshot whose copy was in the bucket can still be deleted.
+    let j = m.wait_job(&m.call("DELETE", &format!("/snapshots/{s1}"), None).1);
+    assert_eq!(j["result"]["archives"][0]["bucket_missing"], true, "{j}");
+
+    // The bucket recreated empty (or the prefix wiped): a push must not count on the packs
+    // the pool remembers there.
+    s3.create_bucket("gone", false);
+    failed(archive(&m, &s3snap, &target), "ARCHIVE_PREFIX_LOST");
+
+    // The way out: the snapshots whose copies are gone can be deleted, then the target.
+    let j = m.wait_job(&m.call("DELETE", &format!("/snapshots/{s2}"), None).1);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let j = m.wait_job(&m.call("DELETE", &format!("/snapshots/{s3snap}"), None).1);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    m.ok("DELETE", &format!("/archive-targets/{target}"), None);
+}

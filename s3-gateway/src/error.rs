@@ -29,6 +29,10 @@ pub enum ArchiveError {
     Damaged { key: String, detail: String },
     #[error("the bucket holds {what} of an unsupported format: {detail}")]
     Unsupported { what: String, detail: String },
+    #[error(
+        "the bucket no longer holds this archive ({key} is gone): it was deleted or emptied outside MaaS, so the copies recorded in it are lost; delete those snapshots' copies (or the snapshots) and the target, then create it again"
+    )]
+    PrefixLost { key: String },
     #[error("the archive is encrypted and needs its key: {detail}")]
     KeyRequired { detail: String },
     #[error("the recovery key is not the archive's key: {detail}")]
@@ -56,6 +60,7 @@ impl ArchiveError {
             ArchiveError::Missing { .. } => "ARCHIVE_OBJECT_MISSING",
             ArchiveError::Damaged { .. } => "ARCHIVE_OBJECT_DAMAGED",
             ArchiveError::Unsupported { .. } => "ARCHIVE_FORMAT_UNSUPPORTED",
+            ArchiveError::PrefixLost { .. } => "ARCHIVE_PREFIX_LOST",
             ArchiveError::KeyRequired { .. } => "ARCHIVE_KEY_REQUIRED",
             ArchiveError::KeyMismatch { .. } => "ARCHIVE_KEY_MISMATCH",
             ArchiveError::EncryptionMismatch { .. } => "ARCHIVE_ENCRYPTION_MISMATCH",

@@ -82,6 +82,9 @@ pub fn push_snapshot(
     progress: &mut dyn FnMut(&PushProgress),
 ) -> Result<PushReport> {
     let started = Instant::now();
+    // The pool's records say what the bucket holds; one request checks the prefix is still
+    // the one they describe (not deleted, recreated or emptied behind MaaS's back).
+    archive.block_on(crate::target::ensure_prefix(bucket, pool, target))?;
     let image = pool.snapshot_objects(snap)?;
     let kinds: HashMap<Digest, maas_pool::object::ObjectKind> =
         image.objects.iter().copied().collect();

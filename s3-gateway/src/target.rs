@@ -16,6 +16,34 @@ pub struct TargetCheck {
     pub object_lock: bool,
 }
 
+/// Before a push relies on the pool's records of what the target holds: the prefix's
+/// manifest is still there. Gone while the pool records packs, the prefix was deleted or
+/// emptied behind MaaS's back (`ARCHIVE_PREFIX_LOST`): a push would publish snapshots naming
+/// packs that no longer exist. Gone while nothing is recorded, it is written again.
+pub async fn ensure_prefix(bucket: &Bucket, pool: &maas_pool::Pool, target: &str) -> Result<()> {
+    let found = bucket.head(BUCKET_MANIFEST).await?;
+    if found.is_none() {
+        // A HEAD's 404 does not say whether the object or the bucket is missing.
+        bucket.head_bucket().await?;
+    }
+    match found {
+        Some(_) => Ok(()),
+        None if pool.archive_packs(target)?.is_empty() => {
+            let m = BucketManifest::new(
+                &pool.pool_id().to_string(),
+                crate::now_rfc3339(),
+                bucket.cipher().map(|c| c.key_id().to_string()),
+            );
+            let body = serde_json::to_vec_pretty(&m)
+                .map_err(|e| ArchiveError::Internal(format!("bucket manifest: {e}")))?;
+            bucket.put(BUCKET_MANIFEST, body.into()).await
+        }
+        None => Err(ArchiveError::PrefixLost {
+            key: bucket.key(BUCKET_MANIFEST),
+        }),
+    }
+}
+
 pub async fn check(
     bucket: &Bucket,
     pool_uuid: &str,

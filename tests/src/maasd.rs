@@ -613,6 +613,14 @@ impl Maasd {
     /// Waits for a job (as returned by a 202) and returns it; panics if it failed or takes
     /// more than two minutes.
     pub fn wait_job(&self, job: &Value) -> Value {
+        let j = self.wait_job_end(job);
+        assert_eq!(j["state"], "succeeded", "job failed: {j}");
+        j
+    }
+
+    /// Waits for a job to end, succeeded or failed, and returns it; panics if it takes more
+    /// than two minutes.
+    pub fn wait_job_end(&self, job: &Value) -> Value {
         let id = job["id"]
             .as_str()
             .unwrap_or_else(|| panic!("not a job: {job}"))
@@ -620,10 +628,8 @@ impl Maasd {
         let t = Instant::now();
         loop {
             let j = self.ok("GET", &format!("/jobs/{id}"), None);
-            match j["state"].as_str() {
-                Some("succeeded") => return j,
-                Some("failed") => panic!("job failed: {j}"),
-                _ => {}
+            if matches!(j["state"].as_str(), Some("succeeded" | "failed")) {
+                return j;
             }
             assert!(t.elapsed() < Duration::from_secs(120), "job stuck: {j}");
             std::thread::sleep(Duration::from_millis(50));
