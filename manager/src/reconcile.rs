@@ -26,6 +26,8 @@ pub struct Report {
     pub snapshots_dropped: usize,
     pub snapshots_adopted: usize,
     pub snapshots_deleted: usize,
+    /// Archived snapshots whose return to the pool was interrupted after the pool's commit.
+    pub snapshots_restored: usize,
 }
 
 /// Refuses (POOL_MISMATCH) unless `pool` is the pool `expected` names and the catalog still
@@ -189,6 +191,21 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
     }
     for (ps, s) in &pool_snaps {
         if known_snaps.contains(ps) {
+            continue;
+        }
+        // An archived snapshot brought back (rehydrated, or mounted from the archive) whose
+        // catalog row was not updated before a crash: finish that, do not adopt a stranger.
+        if let Some(origin) = &s.origin
+            && let Some(mut row) = cat.snapshot(origin)?
+            && row.pool == pool_id
+            && row.location == "archive"
+            && row.state == "ready"
+        {
+            row.location = "local".into();
+            row.pool_snapshot = *ps as i64;
+            cat.update_snapshot(&row)?;
+            rep.snapshots_restored += 1;
+            tracing::warn!(snapshot = %row.id, pool_snapshot = ps, "reconcile: finished an interrupted rehydrate or mount from the archive");
             continue;
         }
         let vname = cat

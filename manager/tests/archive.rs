@@ -1161,3 +1161,69 @@ fn a_bucket_deleted_under_a_target_fails_clearly_and_damages_nothing() {
     assert_eq!(j["state"], "succeeded", "{j}");
     m.ok("DELETE", &format!("/archive-targets/{target}"), None);
 }
+
+#[test]
+fn a_rehydrate_cut_short_after_the_pools_commit_is_finished_at_restart() {
+    let dir = TestDir::new("maas-archive-cut");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let mut m = Maasd::start_local(&dir.path().join("maasd"));
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+    let vol = volume(&m, "files", 32 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "day1.img", 8 * MIB);
+    let s1 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &target));
+    m.wait_job(&m.call("POST", &format!("/snapshots/{s1}/evict"), None).1);
+    m.stop();
+    // What the rehydrate job does up to its last step, the pool's commit; maasd "dies" before
+    // the catalog hears of it.
+    {
+        let pool = maas_pool::Pool::open(
+            &dir.path().join("maasd/data/pool"),
+            maas_pool::OpenOptions::default(),
+        )
+        .unwrap();
+        let bucket = maas_s3::Bucket::new(maas_s3::TargetConfig {
+            endpoint: s3.endpoint(),
+            region: "us-east-1".into(),
+            bucket: "maas".into(),
+            prefix: String::new(),
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: SECRET_KEY.into(),
+            path_style: true,
+            storage_class: None,
+            object_lock: None,
+            cipher: None,
+        })
+        .unwrap();
+        let archive = maas_s3::Archive::new(1).unwrap();
+        maas_s3::restore::restore_snapshot(
+            &archive,
+            &pool,
+            &bucket,
+            &target,
+            &s1,
+            None,
+            maas_s3::restore::RestoreOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        pool.close().unwrap();
+    }
+    m.start_again();
+    assert!(
+        m.log().contains("finished an interrupted rehydrate"),
+        "{}",
+        m.log()
+    );
+    // The snapshot is local again, once: no stranger adopted beside it.
+    let l = m.ok("GET", "/snapshots", None);
+    let items = l["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{l}");
+    assert_eq!(items[0]["id"], json!(s1));
+    assert_eq!(items[0]["location"], "local");
+    let c = clone_snapshot(&m, &s1, "back");
+    let back = dir.path().join("back.img");
+    qemu_read(&m, &c, &back);
+    assert!(same_prefix(&back, &dir.path().join("day1.img")));
+}

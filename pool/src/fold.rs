@@ -440,6 +440,7 @@ impl PoolInner {
                 created_unix: now_unix(),
                 locked_until_unix: None,
                 damaged: new_damaged.iter().map(|(b, l)| (*b, *l)).collect(),
+                origin: None,
             };
             tx.open_table(SNAPSHOTS)?
                 .insert(id, meta::to_json(&rec)?.as_slice())?;

@@ -30,6 +30,8 @@ pub struct ImportSpec {
     pub locked_until_unix: Option<i64>,
     /// Blocks lost before the original seal (they stay medium errors).
     pub damaged_blocks: Vec<u64>,
+    /// The caller's name of the snapshot, kept with it ([`crate::SnapshotInfo::origin`]).
+    pub origin: Option<String>,
 }
 
 /// One data chunk as stored by the pool that wrote it.
@@ -214,6 +216,7 @@ impl Pool {
             locked_until_unix: spec.locked_until_unix,
             // The LSN of the original damage is not known here; 0 marks it imported.
             damaged: spec.damaged_blocks.iter().map(|b| (*b, 0)).collect(),
+            origin: spec.origin.clone(),
         };
         tx.open_table(SNAPSHOTS)?
             .insert(id, meta::to_json(&rec)?.as_slice())?;

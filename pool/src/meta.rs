@@ -113,6 +113,11 @@ pub struct SnapshotRec {
     /// damaged log batch): they read as medium errors in every clone of it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub damaged: Vec<(u64, u64)>,
+    /// What the caller named the snapshot this one was imported as (the catalog's id of an
+    /// archived snapshot brought back), so that a crash between the pool's commit and the
+    /// caller's own record can be finished rather than leave a stranger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

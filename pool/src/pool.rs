@@ -54,6 +54,9 @@ pub struct SnapshotInfo {
     pub block_size: u32,
     pub created_unix: i64,
     pub locked_until_unix: Option<i64>,
+    /// The caller's name of an imported snapshot ([`crate::import::ImportSpec::origin`]).
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 impl From<&SnapshotRec> for SnapshotInfo {
@@ -66,6 +69,7 @@ impl From<&SnapshotRec> for SnapshotInfo {
             block_size: r.block_size,
             created_unix: r.created_unix,
             locked_until_unix: r.locked_until_unix,
+            origin: r.origin.clone(),
         }
     }
 }

@@ -112,6 +112,7 @@ pub fn snapshot_plan(
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.timestamp()),
         damaged_blocks: manifest.damaged_blocks.clone(),
+        origin: Some(manifest.meta.id.clone()),
     };
     // The image: chunk number -> digest, from the index nodes in the bucket.
     let mut by_digest: HashMap<Digest, Vec<u64>> = HashMap::new();

@@ -260,6 +260,7 @@ fn chunks_of_another_pool_are_checked_with_its_keys_and_re_keyed() {
         created_unix: 0,
         locked_until_unix: None,
         damaged_blocks: Vec::new(),
+        origin: None,
     };
     // With b's own keys the chunks do not check: they are a's.
     let mut once = Some(chunks.clone());
