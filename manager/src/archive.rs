@@ -949,6 +949,79 @@ pub async fn import_target(
     Ok(accepted(&job))
 }
 
+#[utoipa::path(post, path = "/api/v1/archive-targets/{id}/check", params(("id" = String, Path, description = "Archive target id")), tag = "archive", request_body = api::CheckArchiveTarget, security(("bearer" = [])),
+    responses((status = 202, body = api::Job), (status = 400, body = api::ErrorBody), (status = 404, body = api::ErrorBody)))]
+pub async fn check_target(
+    state: State,
+    c: Caller,
+    id: web::Path<String>,
+    body: Body<api::CheckArchiveTarget>,
+) -> ApiResult<HttpResponse> {
+    c.require(Role::Operator)?;
+    let b = body.0;
+    let grace_hours = b.orphan_grace_hours.unwrap_or(24);
+    if grace_hours > 24 * 3650 {
+        return Err(ApiError::invalid(
+            "orphan_grace_hours",
+            "orphan_grace_hours must be at most 87600 (ten years)",
+        ));
+    }
+    let opts = maas_s3::check::CheckOptions {
+        repair: b.repair,
+        orphan_grace: Duration::from_secs(u64::from(grace_hours) * 3600),
+    };
+    let id = id.into_inner();
+    let id2 = id.clone();
+    let trow = blocking(&state, move |st| target_row(st, &id2)).await?;
+    let job = jobs::start(&state, "check-archive", Some(id), move |st, p| {
+        let lock = st.target_lock(&trow.id);
+        // A repair deletes and forgets packs: alone on the target, as reclamation.
+        let (_shared, _exclusive) = if opts.repair {
+            (
+                None,
+                Some(match lock.write() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                }),
+            )
+        } else {
+            (Some(read_lock(&lock)), None)
+        };
+        let bucket = bucket_for(st, &trow)?;
+        let r = maas_s3::check::check_target(&st.archive, &st.pool, &bucket, &trow.id, opts, &mut |f| p.set(f))?;
+        // Copies the bucket can no longer serve are not used for evict or rehydrate.
+        let mut marked = Vec::new();
+        for snap in &r.snapshots_damaged {
+            if let Some(mut row) = st.catalog.snapshot_archive(snap, &trow.id)?
+                && row.state == "archived"
+            {
+                row.state = "damaged".into();
+                row.updated_ms = now_ms();
+                st.catalog.upsert_snapshot_archive(&row)?;
+                tracing::error!(snapshot = %snap, target_id = %trow.id, "archived copy is damaged: its manifest names packs the bucket does not hold");
+                marked.push(snap.clone());
+            }
+        }
+        Ok(serde_json::json!({
+            "repair": opts.repair,
+            "packs_listed": r.packs_listed,
+            "packs_recorded": r.packs_recorded,
+            "manifests_read": r.manifests_read,
+            "packs_missing": r.packs_missing,
+            "snapshots_damaged": r.snapshots_damaged,
+            "copies_marked_damaged": marked,
+            "manifests_unreadable": r.manifests_unreadable.iter().map(|(k, why)| serde_json::json!({"key": k, "error": why})).collect::<Vec<_>>(),
+            "orphans": r.orphans,
+            "orphans_young": r.orphans_young,
+            "packs_forgotten": r.packs_forgotten,
+            "orphans_deleted": r.orphans_deleted,
+            "bytes_freed": r.bytes_freed,
+        }))
+    })
+    .await?;
+    Ok(accepted(&job))
+}
+
 fn imported_copy(m: &maas_s3::manifest::SnapshotManifest, target: &str) -> SnapshotArchiveRow {
     SnapshotArchiveRow {
         snapshot: m.meta.id.clone(),

@@ -35,13 +35,14 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         crate::archive::evict_snapshot, crate::archive::rehydrate_snapshot,
         crate::archive::list_all_snapshots, crate::archive::import_target,
         crate::archive::verify_copy,
+        crate::archive::check_target,
     ),
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::PoolReads, maas_api::Device, maas_api::Volume,
         maas_api::CreateVolume, maas_api::UpdateVolume, maas_api::Snapshot, maas_api::UpdateSnapshot,
         maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
-        maas_api::ArchiveTarget, maas_api::CreateArchiveTarget, maas_api::ObjectLock, maas_api::ArchiveSnapshot,
+        maas_api::ArchiveTarget, maas_api::CreateArchiveTarget, maas_api::ObjectLock, maas_api::ArchiveSnapshot, maas_api::CheckArchiveTarget,
         maas_api::SnapshotArchive,
     )),
     modifiers(&Security),
@@ -123,6 +124,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(
                 "/archive-targets/{id}/import",
                 web::post().to(crate::archive::import_target),
+            )
+            .route(
+                "/archive-targets/{id}/check",
+                web::post().to(crate::archive::check_target),
             )
             .route(
                 "/snapshots/{id}/archive",

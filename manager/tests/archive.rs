@@ -1227,3 +1227,98 @@ fn a_rehydrate_cut_short_after_the_pools_commit_is_finished_at_restart() {
     qemu_read(&m, &c, &back);
     assert!(same_prefix(&back, &dir.path().join("day1.img")));
 }
+
+#[test]
+fn a_check_finds_lost_and_orphan_packs_and_after_a_repair_a_push_heals_the_copy() {
+    let dir = TestDir::new("maas-archive-check");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let m = Maasd::start_local(&dir.path().join("maasd"));
+    let target = create_target(&m, target_body("offsite", &s3.endpoint(), "maas"));
+    let vol = volume(&m, "files", 64 * MIB, 512);
+    qemu_write(&m, dir.path(), &vol, "day1.img", 40 * MIB);
+    let s1 = seal(&m, &vol);
+    m.wait_job(&archive(&m, &s1, &target));
+    let check = |body: Value| {
+        let (s, job) = m.call(
+            "POST",
+            &format!("/archive-targets/{target}/check"),
+            Some(body),
+        );
+        assert_eq!(s, 202, "{job}");
+        m.wait_job(&job)["result"].clone()
+    };
+    let packs = || -> Vec<String> {
+        s3.list("maas")
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with("packs/"))
+            .collect()
+    };
+    let r = check(json!({}));
+    assert_eq!(r["packs_missing"], json!([]), "{r}");
+    assert_eq!(r["orphans"], json!([]), "{r}");
+    assert_eq!(r["orphans_young"], 0, "{r}");
+    assert_eq!(r["snapshots_damaged"], json!([]), "{r}");
+    let before = packs();
+    assert!(before.len() >= 2, "{before:?}");
+
+    // Behind MaaS's back: one of the snapshot's packs deleted, and an orphan left (as by a
+    // push cut short between its upload and its record).
+    let lost = before[0].clone();
+    let out = s3.aws(&["s3", "rm", &format!("s3://maas/{lost}")]);
+    assert!(out.status.success(), "{out:?}");
+    let orphan = format!("packs/ee/{}", "e".repeat(64));
+    std::fs::write(dir.path().join("orphan"), vec![7u8; 4096]).unwrap();
+    let out = s3.aws(&[
+        "s3",
+        "cp",
+        &dir.path().join("orphan").display().to_string(),
+        &format!("s3://maas/{orphan}"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    // A check reports both and sets the copy aside, deleting nothing.
+    let r = check(json!({}));
+    assert_eq!(r["packs_missing"], json!([lost]), "{r}");
+    assert_eq!(r["snapshots_damaged"], json!([s1]), "{r}");
+    assert_eq!(r["copies_marked_damaged"], json!([s1]), "{r}");
+    assert_eq!(r["orphans_young"], 1, "{r}");
+    assert_eq!(r["orphans"], json!([]), "{r}");
+    assert_eq!(
+        m.ok("GET", &format!("/snapshots/{s1}"), None)["archives"][0]["state"],
+        "damaged"
+    );
+    assert!(packs().contains(&orphan));
+    let (s, e) = m.call("POST", &format!("/snapshots/{s1}/evict"), None);
+    assert_eq!(s, 409, "a damaged copy must not replace the local one: {e}");
+
+    // A repair (no grace): the orphan goes, the lost pack is forgotten; nothing else moves.
+    let r = check(json!({"repair": true, "orphan_grace_hours": 0}));
+    assert_eq!(r["orphans_deleted"], 1, "{r}");
+    assert_eq!(r["packs_forgotten"], 1, "{r}");
+    let after = packs();
+    assert!(!after.contains(&orphan), "{after:?}");
+    assert_eq!(after.len(), before.len() - 1, "{after:?}");
+
+    // Pushing the snapshot again sends what was lost, and the copy verifies whole.
+    let j = m.wait_job(&archive(&m, &s1, &target));
+    assert!(j["result"]["objects_sent"].as_u64().unwrap() > 0, "{j}");
+    let (s, job) = m.call(
+        "POST",
+        &format!("/snapshots/{s1}/archives/{target}/verify"),
+        None,
+    );
+    assert_eq!(s, 202, "{job}");
+    m.wait_job(&job);
+    assert_eq!(
+        m.ok("GET", &format!("/snapshots/{s1}"), None)["archives"][0]["state"],
+        "archived"
+    );
+    let r = check(json!({}));
+    assert_eq!(
+        (r["packs_missing"].clone(), r["snapshots_damaged"].clone()),
+        (json!([]), json!([])),
+        "{r}"
+    );
+}

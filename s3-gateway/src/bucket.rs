@@ -144,6 +144,15 @@ pub fn normalise_prefix(p: &str) -> String {
     }
 }
 
+/// An object as a LIST names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Relative to the target's prefix.
+    pub key: String,
+    pub size: u64,
+    pub modified_unix: Option<i64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Bucket {
     client: Client,
@@ -488,6 +497,16 @@ impl Bucket {
     /// Every object under `rel_prefix` (names relative to the target's prefix) with its
     /// length. Only import and verify/repair list; nothing on a hot path does.
     pub async fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_detailed(rel_prefix)
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.size))
+            .collect())
+    }
+
+    /// As [`Bucket::list`], with each object's modification time.
+    pub async fn list_detailed(&self, rel_prefix: &str) -> Result<Vec<Listed>> {
         let prefix = self.key(rel_prefix);
         let mut out = Vec::new();
         let mut token: Option<String> = None;
@@ -507,7 +526,11 @@ impl Bucket {
             for o in page.contents() {
                 if let Some(k) = o.key() {
                     let rel = k.strip_prefix(&self.cfg.prefix).unwrap_or(k);
-                    out.push((rel.to_string(), o.size().unwrap_or(0).max(0) as u64));
+                    out.push(Listed {
+                        key: rel.to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        modified_unix: o.last_modified().map(|t| t.secs()),
+                    });
                 }
             }
             match page.next_continuation_token() {

@@ -6,6 +6,7 @@
 //! pool's metadata store ([`maas_pool::archive`]), so no hot path lists a bucket.
 
 pub mod bucket;
+pub mod check;
 pub mod crypt;
 pub mod error;
 pub mod gc;

@@ -296,6 +296,21 @@ pub struct CreateArchiveTarget {
     pub recovery_key: Option<RecoveryKey>,
 }
 
+/// What a check of an archive target does beyond reading (`POST
+/// /archive-targets/{id}/check`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckArchiveTarget {
+    /// Forget packs the bucket lost (a later push of a damaged snapshot sends them again)
+    /// and delete orphan packs older than the grace period. Default false: report only.
+    #[serde(default)]
+    pub repair: bool,
+    /// Orphan packs younger than this are left alone (a push may still be under way, here
+    /// or on another installation sharing the prefix). Default 24.
+    #[serde(default)]
+    pub orphan_grace_hours: Option<u32>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveSnapshot {

@@ -243,6 +243,16 @@ enum ArchiveTargetCmd {
     Import {
         id: String,
     },
+    /// Check the bucket against what this installation recorded: packs lost, damaged
+    /// snapshots, orphan packs. --repair forgets lost packs (pushing a damaged snapshot again
+    /// re-sends them) and deletes orphans older than --orphan-grace-hours (default 24).
+    Check {
+        id: String,
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        orphan_grace_hours: Option<u32>,
+    },
 }
 
 /// An archive target's secret: the file flag, the environment, the terminal.
@@ -1378,6 +1388,21 @@ fn run(cli: &Cli) -> R<()> {
                         println!("Keep it apart from this server, e.g. printed in a safe.");
                     }
                 });
+            }
+            ArchiveTargetCmd::Check {
+                id,
+                repair,
+                orphan_grace_hours,
+            } => {
+                let mut body = json!({ "repair": repair });
+                if let Some(h) = orphan_grace_hours {
+                    body["orphan_grace_hours"] = json!(h);
+                }
+                job_result(
+                    cli,
+                    &c,
+                    c.call("POST", &format!("/archive-targets/{id}/check"), Some(body))?,
+                )?
             }
             ArchiveTargetCmd::Import { id } => job_result(
                 cli,

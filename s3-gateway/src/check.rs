@@ -1,0 +1,174 @@
+//! Checking a target against its bucket, and repairing what can be repaired: the one job
+//! besides import that lists the bucket. It finds
+//!
+//! - packs the pool records that the bucket lost (deleted or never there): every snapshot
+//!   whose manifest names one is damaged; repaired, the pool forgets them, so that pushing a
+//!   damaged snapshot again re-sends what was lost;
+//! - manifests that cannot be read (damaged, sealed with another key);
+//! - orphan packs: in the bucket, recorded by no one here and named by no manifest (left by a
+//!   push or repack cut short before its record). Repaired, those older than a grace period
+//!   are deleted. The grace keeps packs of a push still under way — another installation's
+//!   sharing the prefix too, whose packs this pool does not record and whose manifest comes
+//!   last.
+//!
+//! A repair deletes, so the caller runs it alone on the target (as reclamation); a check
+//! only reads.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use maas_pool::Pool;
+
+use crate::Archive;
+use crate::bucket::Bucket;
+use crate::crypt::{Sealed, open_document};
+use crate::error::Result;
+use crate::manifest::SnapshotManifest;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CheckOptions {
+    pub repair: bool,
+    /// Orphan packs younger than this are left alone.
+    pub orphan_grace: Duration,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            repair: false,
+            orphan_grace: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub packs_listed: u64,
+    pub packs_recorded: u64,
+    pub manifests_read: u64,
+    /// Recorded packs the bucket does not hold.
+    pub packs_missing: Vec<String>,
+    /// Snapshots whose manifest names a pack the bucket does not hold.
+    pub snapshots_damaged: Vec<String>,
+    /// Manifests that could not be read, with why.
+    pub manifests_unreadable: Vec<(String, String)>,
+    /// Orphan packs past the grace period (deleted when repairing), and those within it.
+    pub orphans: Vec<String>,
+    pub orphans_young: u64,
+    /// What a repair did.
+    pub packs_forgotten: u64,
+    pub orphans_deleted: u64,
+    pub bytes_freed: u64,
+}
+
+pub fn check_target(
+    archive: &Archive,
+    pool: &Pool,
+    bucket: &Bucket,
+    target: &str,
+    opts: CheckOptions,
+    progress: &mut dyn FnMut(f64),
+) -> Result<CheckReport> {
+    let mut r = CheckReport::default();
+    let listed = archive.block_on(bucket.list_detailed("packs/"))?;
+    r.packs_listed = listed.len() as u64;
+    let present: HashMap<&str, &crate::bucket::Listed> =
+        listed.iter().map(|o| (o.key.as_str(), o)).collect();
+    let recorded = pool.archive_packs(target)?;
+    r.packs_recorded = recorded.len() as u64;
+    let recorded_keys: HashSet<&str> = recorded.iter().map(|(_, p)| p.key.as_str()).collect();
+    let missing: Vec<u64> = recorded
+        .iter()
+        .filter(|(_, p)| !present.contains_key(p.key.as_str()))
+        .map(|(n, _)| *n)
+        .collect();
+    r.packs_missing = recorded
+        .iter()
+        .filter(|(_, p)| !present.contains_key(p.key.as_str()))
+        .map(|(_, p)| bucket.key(&p.key))
+        .collect();
+    progress(0.2);
+    // Every manifest in the bucket: what it names is not an orphan, what it names and the
+    // bucket lacks damages it.
+    let mut named: HashSet<String> = HashSet::new();
+    let manifests = archive.block_on(bucket.list("snapshots/"))?;
+    let total = manifests.len().max(1) as f64;
+    for (i, (key, _)) in manifests.iter().enumerate() {
+        progress(0.2 + 0.7 * i as f64 / total);
+        let Some(id) = key
+            .strip_prefix("snapshots/")
+            .and_then(|k| k.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let read = archive
+            .block_on(bucket.get(key))
+            .and_then(|b| {
+                b.ok_or_else(|| crate::ArchiveError::Missing {
+                    key: bucket.key(key),
+                })
+            })
+            .and_then(|b| {
+                open_document(
+                    bucket.cipher(),
+                    Sealed::SnapshotManifest(id),
+                    &b,
+                    &bucket.key(key),
+                )
+            })
+            .and_then(|b| SnapshotManifest::parse(&b, &bucket.key(key)));
+        let m = match read {
+            Ok(m) => m,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                r.manifests_unreadable
+                    .push((bucket.key(key), e.to_string()));
+                continue;
+            }
+        };
+        r.manifests_read += 1;
+        if m.packs.iter().any(|p| !present.contains_key(p.as_str())) {
+            r.snapshots_damaged.push(m.meta.id.clone());
+        }
+        named.extend(m.packs);
+    }
+    let now = chrono::Utc::now().timestamp();
+    let grace = opts.orphan_grace.as_secs() as i64;
+    let mut old_orphans = Vec::new();
+    for o in &listed {
+        if recorded_keys.contains(o.key.as_str()) || named.contains(&o.key) {
+            continue;
+        }
+        // No time from the server: treated as young, never deleted.
+        if o.modified_unix.is_some_and(|t| now - t >= grace) {
+            r.orphans.push(bucket.key(&o.key));
+            old_orphans.push(o);
+        } else {
+            r.orphans_young += 1;
+        }
+    }
+    if opts.repair {
+        if !missing.is_empty() {
+            pool.archive_forget_packs(target, &missing)?;
+            r.packs_forgotten = missing.len() as u64;
+        }
+        for o in old_orphans {
+            archive.block_on(bucket.delete(&o.key))?;
+            r.orphans_deleted += 1;
+            r.bytes_freed += o.size;
+        }
+    }
+    progress(1.0);
+    tracing::info!(
+        target_id = target,
+        packs_listed = r.packs_listed,
+        packs_missing = r.packs_missing.len(),
+        snapshots_damaged = r.snapshots_damaged.len(),
+        manifests_unreadable = r.manifests_unreadable.len(),
+        orphans = r.orphans.len(),
+        orphans_young = r.orphans_young,
+        repaired = opts.repair,
+        "archive target checked"
+    );
+    Ok(r)
+}
