@@ -4,8 +4,14 @@
 //! order, so they are the chunks a sequential reader wants next). Which objects follow is in
 //! the pack's own index, read once per pack (its tail) and kept, within a bound.
 //!
+//! A reader that goes on sequentially (a fetch starting where the previous one ended) gets
+//! the next [`PREFETCH`] of the pack fetched in the background while it consumes what came:
+//! its next fetch is then served from memory (or waits for the request already under way)
+//! instead of a round trip of its own. What is fetched ahead is bounded ([`PREFETCH_KEEP`])
+//! and handed to the pool, which keeps what it is still waiting for.
+//!
 //! The pool checks every object that comes back with its digest key; this side only cuts the
-//! bytes. A failing endpoint is retried for [`RETRY_FOR`] only, and a request that does not
+//! bytes (and opens them, for an encrypted target). A failing endpoint is retried for [`RETRY_FOR`] only, and a request that does not
 //! answer within [`FETCH_TIMEOUT`] is an error the reader sees (the block targets report it;
 //! the data is not damaged), never a hang.
 
@@ -35,6 +41,25 @@ pub const RETRY_FOR: Duration = Duration::from_secs(5);
 pub const BACKOFF: Duration = Duration::from_secs(5);
 /// Pack indexes kept in memory (about 48 bytes per object: a few MiB at most).
 const INDEX_CACHE_PACKS: usize = 256;
+/// How much of a pack a background fetch brings ahead of a sequential reader.
+pub const PREFETCH: u64 = 8 << 20;
+/// Bytes fetched ahead and not asked for yet that are kept at most.
+const PREFETCH_KEEP: u64 = 64 << 20;
+
+/// The background fetch ahead of a sequential reader.
+#[derive(Debug, Default)]
+struct Ahead {
+    /// Objects fetched ahead (stored form), not asked for yet.
+    ready: HashMap<Digest, Vec<u8>>,
+    ready_bytes: u64,
+    /// The range of a pack being fetched now.
+    pending: Option<(String, u64, u64)>,
+    /// Where the last fetch, or fetch ahead, ended in its pack: a fetch starting there is
+    /// sequential.
+    stream_end: Option<(String, u64)>,
+    /// How many fetches were served from what was fetched ahead (for tests and logs).
+    hits: u64,
+}
 
 /// Fetches one archive target's objects.
 #[derive(Debug)]
@@ -45,6 +70,7 @@ pub struct TargetFetch {
     indexes: Mutex<HashMap<String, std::sync::Arc<Vec<PackEntry>>>>,
     /// Until when fetches fail at once (see [`BACKOFF`]), and why.
     down: Mutex<Option<(std::time::Instant, String)>>,
+    ahead: std::sync::Arc<(Mutex<Ahead>, std::sync::Condvar)>,
 }
 
 impl TargetFetch {
@@ -55,7 +81,125 @@ impl TargetFetch {
             read_ahead: READ_AHEAD,
             indexes: Mutex::new(HashMap::new()),
             down: Mutex::new(None),
+            ahead: Default::default(),
         }
+    }
+
+    /// Fetches served from what a background fetch brought ahead.
+    pub fn prefetch_hits(&self) -> u64 {
+        lock(&self.ahead.0).hits
+    }
+
+    /// Serves `d` from what was fetched ahead, waiting for a fetch under way that covers it.
+    /// None: not there (the caller fetches it itself).
+    fn take_fetched_ahead(
+        &self,
+        d: &Digest,
+        at: &ArchivedObject,
+        pack: &PackRec,
+    ) -> Option<Vec<(Digest, Vec<u8>)>> {
+        let (m, cv) = &*self.ahead;
+        let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
+        let mut a = lock(m);
+        loop {
+            if let Some(bytes) = a.ready.remove(d) {
+                // Everything else fetched ahead goes with it: the pool keeps what it is still
+                // waiting for (reads of a sequential reader come in order).
+                let mut out = vec![(*d, bytes)];
+                out.extend(a.ready.drain());
+                a.ready_bytes = 0;
+                a.hits += 1;
+                return Some(out);
+            }
+            let covered = a
+                .pending
+                .as_ref()
+                .is_some_and(|(k, s, e)| *k == pack.key && (*s..*e).contains(&at.offset));
+            let now = std::time::Instant::now();
+            if !covered || now >= deadline {
+                return None;
+            }
+            a = match cv.wait_timeout(a, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// After a fetch of `pack` that ended at `end`: if it continued the previous one, fetch
+    /// the next [`PREFETCH`] of the pack in the background.
+    fn maybe_prefetch(&self, pack: &PackRec, start: u64, end: u64, served_ahead: bool) {
+        let sequential;
+        {
+            let mut a = lock(&self.ahead.0);
+            sequential = served_ahead
+                || a.stream_end
+                    .as_ref()
+                    .is_some_and(|(k, e)| *k == pack.key && *e == start);
+            a.stream_end = Some((pack.key.clone(), end));
+            if !sequential || a.pending.is_some() || end >= pack.bytes {
+                return;
+            }
+        }
+        let Ok(entries) = self.pack_index(pack) else {
+            return;
+        };
+        // Whole objects from `end`, up to PREFETCH.
+        let first = entries.partition_point(|e| e.offset < end);
+        let wanted: Vec<PackEntry> = entries[first..]
+            .iter()
+            .take_while(|e| e.offset + u64::from(e.len) - end <= PREFETCH)
+            .copied()
+            .collect();
+        let (Some(f), Some(l)) = (wanted.first(), wanted.last()) else {
+            return;
+        };
+        let (from, to) = (f.offset, l.offset + u64::from(l.len));
+        {
+            let mut a = lock(&self.ahead.0);
+            if a.pending.is_some() {
+                return;
+            }
+            a.pending = Some((pack.key.clone(), from, to));
+        }
+        let (ahead, bucket, key) = (self.ahead.clone(), self.bucket.clone(), pack.key.clone());
+        self.handle.spawn(async move {
+            let got =
+                tokio::time::timeout(FETCH_TIMEOUT, bucket.get_range(&key, from, to - from)).await;
+            let (m, cv) = &*ahead;
+            let mut a = lock(m);
+            a.pending = None;
+            match got {
+                Ok(Ok(bytes)) => {
+                    if a.ready_bytes + (to - from) > PREFETCH_KEEP {
+                        // Not asked for: the reader went elsewhere.
+                        a.ready.clear();
+                        a.ready_bytes = 0;
+                    }
+                    for e in &wanted {
+                        let at = (e.offset - from) as usize;
+                        let Some(b) = bytes.get(at..at + e.len as usize) else {
+                            break;
+                        };
+                        if let Ok(stored) = crate::pack::open_object(bucket.cipher(), &e.digest, b)
+                        {
+                            a.ready_bytes += stored.len() as u64;
+                            a.ready.insert(e.digest, stored);
+                        }
+                    }
+                    if a.stream_end
+                        .as_ref()
+                        .is_some_and(|(k, e)| *k == key && *e <= from)
+                    {
+                        a.stream_end = Some((key, to));
+                    }
+                }
+                // The reader fetches it itself, and sees the error if there is one.
+                Ok(Err(e)) => tracing::debug!(pack = %key, error = %e, "fetch ahead failed"),
+                Err(_) => tracing::debug!(pack = %key, "fetch ahead timed out"),
+            }
+            cv.notify_all();
+        });
     }
 
     /// Read-ahead in bytes (0: only the object asked for).
@@ -158,6 +302,17 @@ impl RemoteFetch for TargetFetch {
         at: &ArchivedObject,
         pack: &PackRec,
     ) -> Result<Vec<(Digest, Vec<u8>)>, RemoteError> {
+        if let Some(out) = self.take_fetched_ahead(d, at, pack) {
+            let end = lock(&self.ahead.0)
+                .stream_end
+                .as_ref()
+                .filter(|(k, _)| *k == pack.key)
+                .map(|(_, e)| *e);
+            if let Some(end) = end {
+                self.maybe_prefetch(pack, end, end, true);
+            }
+            return Ok(out);
+        }
         // The objects after this one in the pack, as far as the read-ahead goes. Without the
         // index (it failed), just the object.
         let mut parts: Vec<(Digest, u64, u32)> = vec![(*d, at.offset, at.len)];
@@ -207,7 +362,15 @@ impl RemoteFetch for TargetFetch {
                 }
             }
         }
+        self.maybe_prefetch(pack, at.offset, last, false);
         Ok(out)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 

@@ -167,6 +167,40 @@ fn a_snapshot_mounted_from_the_archive_reads_at_once_and_fetches_each_chunk_once
 }
 
 #[test]
+fn a_sequential_reader_is_served_from_what_was_fetched_ahead_in_the_background() {
+    let dir = TestDir::new("maas-s3-lazy-ahead");
+    let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
+    s3.create_bucket("maas", false);
+    let archive = Archive::new(2).unwrap();
+    let (pool, d) = archived_only(dir.path(), &s3, &archive);
+    let b = bucket(&s3);
+    // No read-ahead in the request itself: every chunk not fetched ahead is a fetch.
+    let fetch = Arc::new(TargetFetch::new(&archive, b.clone()).with_read_ahead(0));
+    pool.set_remote_fetch(TARGET, fetch.clone()).unwrap();
+    let snap = mount_snapshot(&archive, &pool, &b, TARGET, "snap-1")
+        .unwrap()
+        .id;
+    let clone = pool.clone_snapshot(snap, "mounted").unwrap();
+    let v = pool.open_volume(clone.id).unwrap();
+    // A reader going through the data chunk by chunk, as `dd` or a restore would.
+    let mut got = vec![0u8; LEN];
+    for (i, c) in got.chunks_mut(MIB).enumerate() {
+        v.read((AT + i * MIB) as u64, c).unwrap();
+    }
+    assert!(got == d, "bytes differ from the archived ones");
+    assert_eq!(remote(&pool, snap), 0);
+    // After two fetches in a row, what follows comes ahead, window after window (of 8 MiB:
+    // the chunks compress, the 20 of them fill more than two windows).
+    assert!(
+        fetch.prefetch_hits() >= 2,
+        "{} fetches served from what came ahead",
+        fetch.prefetch_hits()
+    );
+    let rep = pool.verify().unwrap();
+    assert!(rep.damaged.is_empty(), "{rep:?}");
+}
+
+#[test]
 fn an_unreachable_or_damaged_archive_is_a_read_error_never_wrong_data() {
     let dir = TestDir::new("maas-s3-lazy-fail");
     let mut s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));

@@ -52,6 +52,10 @@ struct Args {
     /// Working directory (dataset, images, S3 data, restores). Emptied first.
     #[arg(long, default_value = "/tmp/archive-bench")]
     dir: PathBuf,
+    /// Archive to a target with client-side encryption (restic always encrypts: this is
+    /// the like-for-like comparison).
+    #[arg(long)]
+    encrypt: bool,
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
@@ -232,7 +236,8 @@ fn main() -> Result<()> {
         "/archive-targets",
         Some(
             json!({"name": "bench", "endpoint": s3.endpoint(), "bucket": "maas",
-                    "access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY}),
+                    "access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY,
+                    "encryption": if a.encrypt { "xchacha20-poly1305" } else { "none" }}),
         ),
     );
     if st != 201 {
@@ -393,6 +398,7 @@ fn main() -> Result<()> {
     s3.kill();
 
     let ratio = |restic: f64, maas: f64| if maas > 0.0 { restic / maas } else { 0.0 };
+    r.insert("maas_encrypted", json!(a.encrypt));
     r.insert("dataset_bytes", json!(data_bytes));
     r.insert("image_bytes", json!(image_size));
     r.insert(
@@ -439,9 +445,14 @@ fn main() -> Result<()> {
     }
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
-        "dataset {:.0} MiB; MaaS volume holds it on ext4 ({} GiB image)",
+        "dataset {:.0} MiB; MaaS volume holds it on ext4 ({} GiB image); MaaS archive {}",
         mib(data_bytes),
-        image_size / GIB
+        image_size / GIB,
+        if a.encrypt {
+            "encrypted (XChaCha20-Poly1305), as restic's"
+        } else {
+            "not encrypted (restic's is)"
+        }
     );
     println!("{:<34} {:>12} {:>12} {:>8}", "", "MaaS", "restic", "ratio");
     let row = |k: &str, m: f64, rs: f64, unit: &str| {
