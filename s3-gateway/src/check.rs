@@ -77,16 +77,21 @@ pub fn check_target(
     let recorded = pool.archive_packs(target)?;
     r.packs_recorded = recorded.len() as u64;
     let recorded_keys: HashSet<&str> = recorded.iter().map(|(_, p)| p.key.as_str()).collect();
-    let missing: Vec<u64> = recorded
-        .iter()
-        .filter(|(_, p)| !present.contains_key(p.key.as_str()))
-        .map(|(n, _)| *n)
-        .collect();
-    r.packs_missing = recorded
-        .iter()
-        .filter(|(_, p)| !present.contains_key(p.key.as_str()))
-        .map(|(_, p)| bucket.key(&p.key))
-        .collect();
+    // Not listed is not yet lost: a store whose listing lags its writes would otherwise have
+    // a repair forget packs it holds. Each one is asked for by name.
+    let mut missing: Vec<u64> = Vec::new();
+    let mut confirmed: HashSet<&str> = HashSet::new();
+    for (n, p) in &recorded {
+        if present.contains_key(p.key.as_str()) {
+            continue;
+        }
+        if archive.block_on(bucket.head(&p.key))?.is_some() {
+            confirmed.insert(p.key.as_str());
+            continue;
+        }
+        missing.push(*n);
+        r.packs_missing.push(bucket.key(&p.key));
+    }
     progress(0.2);
     // Every manifest in the bucket: what it names is not an orphan, what it names and the
     // bucket lacks damages it.
@@ -127,7 +132,10 @@ pub fn check_target(
             }
         };
         r.manifests_read += 1;
-        if m.packs.iter().any(|p| !present.contains_key(p.as_str())) {
+        if m.packs
+            .iter()
+            .any(|p| !present.contains_key(p.as_str()) && !confirmed.contains(p.as_str()))
+        {
             r.snapshots_damaged.push(m.meta.id.clone());
         }
         named.extend(m.packs);
