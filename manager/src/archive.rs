@@ -304,7 +304,10 @@ pub async fn create_target(
             key_id: key.as_ref().map(|k| k.key_id()),
         };
         st.catalog.insert_archive_target(&row)?;
-        connect_target(st, &row)?;
+        // The target is stored: its answer (and the recovery key in it) must reach the user.
+        if let Err(e) = connect_target(st, &row) {
+            tracing::error!(target_id = %row.id, error = %e, "archive target stored but not connected for reads from the archive; restart maasd");
+        }
         tracing::info!(target_id = %row.id, name = %row.name, endpoint = %row.endpoint, bucket = %row.bucket, prefix = %row.prefix, existing_archive = check.existing_archive, encryption = %row.encryption, key_id = ?row.key_id, "archive target created");
         // The only time the key leaves maasd.
         let recovery = key

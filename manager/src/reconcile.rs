@@ -138,6 +138,9 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
     let pool_snaps: HashMap<u64, maas_pool::SnapshotInfo> =
         pool.snapshots()?.into_iter().map(|s| (s.id.0, s)).collect();
     let mut known_snaps = HashSet::new();
+    // Pool snapshots deleted below (interrupted evictions and deletes finished): gone, so
+    // neither adopted nor named by a row.
+    let mut deleted_snaps: HashSet<u64> = HashSet::new();
     for row in cat.all_snapshots()? {
         if row.pool != pool_id {
             continue;
@@ -149,6 +152,7 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
             if row.pool_snapshot >= 0 && pool_snaps.contains_key(&ps) {
                 match pool.delete_snapshot(SnapshotId(ps)) {
                     Ok(()) => {
+                        deleted_snaps.insert(ps);
                         tracing::warn!(snapshot = %row.id, "reconcile: finished an interrupted eviction")
                     }
                     Err(e) => {
@@ -168,6 +172,7 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
         match (row.state.as_str(), pool_snaps.contains_key(&ps)) {
             ("deleting", true) => match pool.delete_snapshot(SnapshotId(ps)) {
                 Ok(()) => {
+                    deleted_snaps.insert(ps);
                     cat.delete_snapshot_row(&row.id)?;
                     rep.snapshots_deleted += 1;
                 }
@@ -190,7 +195,7 @@ pub fn reconcile(cat: &Catalog, pool: &Pool, expected: &PoolBinding) -> ApiResul
         }
     }
     for (ps, s) in &pool_snaps {
-        if known_snaps.contains(ps) {
+        if known_snaps.contains(ps) || deleted_snaps.contains(ps) {
             continue;
         }
         // An archived snapshot brought back (rehydrated, or mounted from the archive) whose

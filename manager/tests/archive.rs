@@ -1226,6 +1226,42 @@ fn a_rehydrate_cut_short_after_the_pools_commit_is_finished_at_restart() {
     let back = dir.path().join("back.img");
     qemu_read(&m, &c, &back);
     assert!(same_prefix(&back, &dir.path().join("day1.img")));
+
+    // Now an eviction of that brought-back snapshot cut after the catalog moved it to the
+    // archive, before the pool's delete: the restart finishes the eviction, and the pool
+    // snapshot it deletes (which still names the catalog's snapshot as its origin) is not
+    // then taken for an interrupted rehydrate.
+    m.ok("DELETE", &format!("/volumes/{c}"), None);
+    m.stop();
+    {
+        let cat = maas_manager::catalog::Catalog::open(
+            &dir.path()
+                .join("maasd/data/catalog.sqlite")
+                .display()
+                .to_string(),
+        )
+        .unwrap();
+        let mut row = cat.snapshot(&s1).unwrap().unwrap();
+        row.location = "archive".into();
+        cat.update_snapshot(&row).unwrap();
+    }
+    m.start_again();
+    assert!(
+        m.log().contains("finished an interrupted eviction"),
+        "{}",
+        m.log()
+    );
+    let snap = m.ok("GET", &format!("/snapshots/{s1}"), None);
+    assert_eq!(snap["location"], "archive", "{snap}");
+    assert_eq!(m.ok("GET", "/pools/default", None)["snapshots"], 0);
+    // Still whole in the archive: rehydrated once more, it reads back.
+    m.wait_job(
+        &m.call("POST", &format!("/snapshots/{s1}/rehydrate"), None)
+            .1,
+    );
+    let c = clone_snapshot(&m, &s1, "again");
+    qemu_read(&m, &c, &back);
+    assert!(same_prefix(&back, &dir.path().join("day1.img")));
 }
 
 #[test]

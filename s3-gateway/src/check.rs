@@ -80,13 +80,13 @@ pub fn check_target(
     // Not listed is not yet lost: a store whose listing lags its writes would otherwise have
     // a repair forget packs it holds. Each one is asked for by name.
     let mut missing: Vec<u64> = Vec::new();
-    let mut confirmed: HashSet<&str> = HashSet::new();
+    let mut confirmed: HashSet<String> = HashSet::new();
     for (n, p) in &recorded {
         if present.contains_key(p.key.as_str()) {
             continue;
         }
         if archive.block_on(bucket.head(&p.key))?.is_some() {
-            confirmed.insert(p.key.as_str());
+            confirmed.insert(p.key.clone());
             continue;
         }
         missing.push(*n);
@@ -132,10 +132,20 @@ pub fn check_target(
             }
         };
         r.manifests_read += 1;
-        if m.packs
-            .iter()
-            .any(|p| !present.contains_key(p.as_str()) && !confirmed.contains(p.as_str()))
-        {
+        let mut lost = false;
+        for p in &m.packs {
+            if present.contains_key(p.as_str()) || confirmed.contains(p) {
+                continue;
+            }
+            // Not in the listing (a push published since it was taken, or a lagging
+            // listing): asked for by name before the snapshot is called damaged.
+            if archive.block_on(bucket.head(p))?.is_some() {
+                confirmed.insert(p.clone());
+            } else {
+                lost = true;
+            }
+        }
+        if lost {
             r.snapshots_damaged.push(m.meta.id.clone());
         }
         named.extend(m.packs);
@@ -154,6 +164,12 @@ pub fn check_target(
         } else {
             r.orphans_young += 1;
         }
+    }
+    // What an unreadable manifest names is unknown: no pack is called an orphan then.
+    if !r.manifests_unreadable.is_empty() {
+        r.orphans_young += old_orphans.len() as u64;
+        r.orphans.clear();
+        old_orphans.clear();
     }
     if opts.repair {
         if !missing.is_empty() {

@@ -156,6 +156,8 @@ pub fn collect(
         }
     }
     repack.sort_unstable();
+    // Manifests a repack rewrote (listing old and new packs), as they now are in the bucket.
+    let mut interim: HashMap<String, BTreeSet<String>> = HashMap::new();
     if !repack.is_empty() {
         match repack_packs(
             archive,
@@ -167,6 +169,7 @@ pub fn collect(
             &live_in,
             &repack,
             opts,
+            &mut interim,
             &mut report,
         ) {
             Ok(moved) => {
@@ -182,29 +185,49 @@ pub fn collect(
         }
     }
     // Before anything is deleted: every remaining manifest names the packs now holding its
-    // objects (an import relies on them).
+    // objects (an import relies on them). Packs a manifest names that could not be checked
+    // stay, whatever the records say.
+    let mut protected: HashSet<String> = HashSet::new();
     for (m, objects) in &live.snapshots {
+        let in_bucket: BTreeSet<String> = interim
+            .get(&m.meta.id)
+            .cloned()
+            .unwrap_or_else(|| m.packs.iter().cloned().collect());
         let now_in = match packs_of(pool, target, objects) {
             Ok(p) => p,
             Err(e) => {
-                // Objects the pool has no record of are in no pack it would delete.
-                tracing::warn!(target_id = target, snapshot = %m.meta.id, error = %e, "manifest not checked against the pool's records");
+                tracing::warn!(target_id = target, snapshot = %m.meta.id, error = %e, "manifest not checked against the pool's records; the packs it names are kept");
+                protected.extend(in_bucket);
                 continue;
             }
         };
-        if m.packs.iter().cloned().collect::<BTreeSet<_>>() != now_in {
+        if in_bucket != now_in {
             write_manifest(archive, bucket, m, now_in)?;
             report.manifests_rewritten += 1;
         }
     }
+    dead.retain(|n| packs.get(n).is_none_or(|p| !protected.contains(&p.key)));
     if dead.is_empty() {
         return Ok(report);
     }
+    // A dead record may name the same object as a live one (a pack written again with the
+    // same bytes, hence the same name, after an import recorded the first): forgotten, not
+    // deleted.
+    let dead_set: HashSet<u64> = dead.iter().copied().collect();
+    let live_keys: HashSet<String> = pool
+        .archive_packs(target)?
+        .into_iter()
+        .filter(|(n, _)| !dead_set.contains(n))
+        .map(|(_, p)| p.key)
+        .collect();
     // Forget first: should the deletes fail half-way, the pool never counts on a pack that
-    // may be gone (a pack left behind is garbage a later verify lists, never data relied on).
+    // may be gone (a pack left behind is garbage a later check lists, never data relied on).
     pool.archive_forget_packs(target, &dead)?;
     for n in &dead {
         let Some(p) = packs.get(n) else { continue };
+        if live_keys.contains(&p.key) {
+            continue;
+        }
         archive.block_on(bucket.delete(&p.key))?;
         report.packs_deleted += 1;
         report.bytes_freed += p.bytes;
@@ -265,6 +288,7 @@ fn repack_packs(
     live_in: &HashMap<u64, Vec<(Digest, ArchivedObject)>>,
     old: &[u64],
     opts: GcOptions,
+    interim: &mut HashMap<String, BTreeSet<String>>,
     report: &mut GcReport,
 ) -> Result<Vec<u64>> {
     let cipher = bucket.config().cipher.clone();
@@ -277,12 +301,8 @@ fn repack_packs(
             continue;
         };
         let checked = (|| -> Result<Vec<(Digest, maas_pool::object::ObjectKind, Vec<u8>)>> {
-            let bytes =
-                archive
-                    .block_on(bucket.get(&p.key))?
-                    .ok_or_else(|| ArchiveError::Missing {
-                        key: bucket.key(&p.key),
-                    })?;
+            // Exactly the recorded length: a bucket handing back more is not read whole.
+            let bytes = archive.block_on(bucket.get_range(&p.key, 0, p.bytes))?;
             let index: HashMap<Digest, (u64, u32)> = parse_pack(&bytes, bucket.cipher())
                 .map_err(|e| e.at(bucket.key(&p.key)))?
                 .iter()
@@ -352,7 +372,8 @@ fn repack_packs(
         if m.packs.iter().any(|k| old_keys.contains(k.as_str())) {
             let mut both: BTreeSet<String> = m.packs.iter().cloned().collect();
             both.extend(written.iter().map(|w| w.0.clone()));
-            write_manifest(archive, bucket, m, both)?;
+            write_manifest(archive, bucket, m, both.clone())?;
+            interim.insert(m.meta.id.clone(), both);
         }
     }
     for (key, len, entries) in &written {

@@ -43,6 +43,10 @@ pub const BACKOFF: Duration = Duration::from_secs(5);
 const INDEX_CACHE_PACKS: usize = 256;
 /// How much of a pack a background fetch brings ahead of a sequential reader.
 pub const PREFETCH: u64 = 8 << 20;
+/// How long a background fetch may take, and a reader wait for it: a reader that then fetches
+/// itself stays within [`FETCH_TIMEOUT`] more, under an initiator's 30 s in all (a background
+/// fetch that fails sets the [`BACKOFF`], so the reader's own fails at once).
+const PREFETCH_TIMEOUT: Duration = Duration::from_secs(8);
 /// Bytes fetched ahead and not asked for yet that are kept at most.
 const PREFETCH_KEEP: u64 = 64 << 20;
 
@@ -69,7 +73,7 @@ pub struct TargetFetch {
     read_ahead: u64,
     indexes: Mutex<HashMap<String, std::sync::Arc<Vec<PackEntry>>>>,
     /// Until when fetches fail at once (see [`BACKOFF`]), and why.
-    down: Mutex<Option<(std::time::Instant, String)>>,
+    down: std::sync::Arc<Mutex<Option<(std::time::Instant, String)>>>,
     ahead: std::sync::Arc<(Mutex<Ahead>, std::sync::Condvar)>,
 }
 
@@ -80,7 +84,7 @@ impl TargetFetch {
             bucket: bucket.with_retry_for(RETRY_FOR),
             read_ahead: READ_AHEAD,
             indexes: Mutex::new(HashMap::new()),
-            down: Mutex::new(None),
+            down: Default::default(),
             ahead: Default::default(),
         }
     }
@@ -99,7 +103,7 @@ impl TargetFetch {
         pack: &PackRec,
     ) -> Option<Vec<(Digest, Vec<u8>)>> {
         let (m, cv) = &*self.ahead;
-        let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
+        let deadline = std::time::Instant::now() + PREFETCH_TIMEOUT;
         let mut a = lock(m);
         loop {
             if let Some(bytes) = a.ready.remove(d) {
@@ -163,9 +167,29 @@ impl TargetFetch {
             a.pending = Some((pack.key.clone(), from, to));
         }
         let (ahead, bucket, key) = (self.ahead.clone(), self.bucket.clone(), pack.key.clone());
+        let down = self.down.clone();
         self.handle.spawn(async move {
             let got =
-                tokio::time::timeout(FETCH_TIMEOUT, bucket.get_range(&key, from, to - from)).await;
+                tokio::time::timeout(PREFETCH_TIMEOUT, bucket.get_range(&key, from, to - from))
+                    .await;
+            let unavailable = match &got {
+                Ok(Err(e))
+                    if !matches!(
+                        e,
+                        ArchiveError::Missing { .. } | ArchiveError::Damaged { .. }
+                    ) =>
+                {
+                    Some(e.to_string())
+                }
+                Err(_) => Some(format!(
+                    "no answer from the bucket within {} s",
+                    PREFETCH_TIMEOUT.as_secs()
+                )),
+                _ => None,
+            };
+            if let Some(why) = unavailable {
+                *lock(&down) = Some((std::time::Instant::now() + BACKOFF, why));
+            }
             let (m, cv) = &*ahead;
             let mut a = lock(m);
             a.pending = None;

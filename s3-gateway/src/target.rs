@@ -21,13 +21,14 @@ pub struct TargetCheck {
 /// emptied behind MaaS's back (`ARCHIVE_PREFIX_LOST`): a push would publish snapshots naming
 /// packs that no longer exist. Gone while nothing is recorded, it is written again.
 pub async fn ensure_prefix(bucket: &Bucket, pool: &maas_pool::Pool, target: &str) -> Result<()> {
-    let found = bucket.head(BUCKET_MANIFEST).await?;
+    let found = bucket.get(BUCKET_MANIFEST).await?;
     if found.is_none() {
-        // A HEAD's 404 does not say whether the object or the bucket is missing.
+        // A 404 does not always say whether the object or the bucket is missing.
         bucket.head_bucket().await?;
     }
     match found {
-        Some(_) => Ok(()),
+        // Still a MaaS archive, and still one this target may write (plain, or its key).
+        Some(b) => BucketManifest::parse(&b)?.admits(bucket.cipher()),
         None if pool.archive_packs(target)?.is_empty() => {
             let m = BucketManifest::new(
                 &pool.pool_id().to_string(),
