@@ -120,10 +120,7 @@ pub fn mount_lazily(st: &AppState, srow: &SnapshotRow) -> ApiResult<SnapshotRow>
     // Held like a push: space reclamation in the target (exclusive) then sees the chunks this
     // mount references and keeps their packs.
     let lock = st.target_lock(&trow.id);
-    let _shared = match lock.read() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let _shared = read_lock(&lock);
     let bucket = bucket_for(st, &trow)?;
     if source_keys(st, &bucket, srow)?.is_some() {
         return Err(ApiError::conflict(
@@ -148,6 +145,13 @@ pub fn mount_lazily(st: &AppState, srow: &SnapshotRow) -> ApiResult<SnapshotRow>
 /// lock exclusively, so nobody reads a pack it is deleting.
 fn read_lock(lock: &std::sync::RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
     match lock.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn write_lock(lock: &std::sync::RwLock<()>) -> std::sync::RwLockWriteGuard<'_, ()> {
+    match lock.write() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
@@ -489,10 +493,7 @@ fn run_push(
     trow: &ArchiveTargetRow,
 ) -> ApiResult<serde_json::Value> {
     let lock = st.target_lock(&trow.id);
-    let _shared = match lock.read() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let _shared = read_lock(&lock);
     let prev = st.catalog.snapshot_archive(&srow.id, &trow.id)?;
     let mut row = copy_row(srow, trow, "pushing");
     row.job = Some(p.job_id());
@@ -982,10 +983,7 @@ pub async fn check_target(
         let (_shared, _exclusive) = if opts.repair {
             (
                 None,
-                Some(match lock.write() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                }),
+                Some(write_lock(&lock)),
             )
         } else {
             (Some(read_lock(&lock)), None)
@@ -1124,10 +1122,7 @@ pub fn delete_copies(st: &AppState, srow: &SnapshotRow) -> ApiResult<serde_json:
             continue;
         };
         let lock = st.target_lock(&trow.id);
-        let _exclusive = match lock.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let _exclusive = write_lock(&lock);
         let bucket = bucket_for(st, &trow)?;
         if copy.state != "failed" {
             match st

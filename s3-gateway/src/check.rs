@@ -21,7 +21,6 @@ use maas_pool::Pool;
 
 use crate::Archive;
 use crate::bucket::Bucket;
-use crate::crypt::{Sealed, open_document};
 use crate::error::Result;
 use crate::manifest::SnapshotManifest;
 
@@ -100,29 +99,10 @@ pub fn check_target(
     let total = manifests.len().max(1) as f64;
     for (i, (key, _)) in manifests.iter().enumerate() {
         progress(0.2 + 0.7 * i as f64 / total);
-        let Some(id) = key
-            .strip_prefix("snapshots/")
-            .and_then(|k| k.strip_suffix(".json"))
-        else {
+        let Some(id) = SnapshotManifest::id_of_key(key) else {
             continue;
         };
-        let read = archive
-            .block_on(bucket.get(key))
-            .and_then(|b| {
-                b.ok_or_else(|| crate::ArchiveError::Missing {
-                    key: bucket.key(key),
-                })
-            })
-            .and_then(|b| {
-                open_document(
-                    bucket.cipher(),
-                    Sealed::SnapshotManifest(id),
-                    &b,
-                    &bucket.key(key),
-                )
-            })
-            .and_then(|b| SnapshotManifest::parse(&b, &bucket.key(key)));
-        let m = match read {
+        let m = match archive.block_on(SnapshotManifest::fetch(bucket, id)) {
             Ok(m) => m,
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => {

@@ -23,17 +23,15 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use maas_pool::Pool;
 use maas_pool::archive::{ArchivedObject, PackRec};
 use maas_pool::import::DigestKeys;
-use maas_pool::index::Node;
 use maas_pool::types::Digest;
 
 use crate::Archive;
 use crate::bucket::Bucket;
-use crate::crypt::{Sealed, seal_document};
 use crate::error::{ArchiveError, Result};
 use crate::manifest::SnapshotManifest;
-use crate::pack::{PackWriter, open_object, parse_pack};
+use crate::pack::PackWriter;
 use crate::restore::read_manifest;
-use crate::verify::{fetch_object_from, parse_digest};
+use crate::verify::{check_pack, parse_digest, pool_objects_from_archive};
 
 /// A repack reads an old pack whole into memory: larger ones (another writer's) stay.
 const MAX_REPACK_READ: u64 = 256 << 20;
@@ -268,10 +266,7 @@ fn write_manifest(
 ) -> Result<()> {
     let mut m = m.clone();
     m.packs = packs.into_iter().collect();
-    let body = serde_json::to_vec_pretty(&m)
-        .map_err(|e| ArchiveError::Internal(format!("manifest: {e}")))?;
-    let body = seal_document(bucket.cipher(), Sealed::SnapshotManifest(&m.meta.id), body);
-    archive.block_on(bucket.put(&SnapshotManifest::key(&m.meta.id), body.into()))
+    archive.block_on(m.store(bucket))
 }
 
 /// Moves the live objects of packs `old` into new packs (see the module's ordering). Returns
@@ -300,41 +295,20 @@ fn repack_packs(
         let (Some(p), Some(objs)) = (packs.get(n), live_in.get(n)) else {
             continue;
         };
-        let checked = (|| -> Result<Vec<(Digest, maas_pool::object::ObjectKind, Vec<u8>)>> {
-            // Exactly the recorded length: a bucket handing back more is not read whole.
-            let bytes = archive.block_on(bucket.get_range(&p.key, 0, p.bytes))?;
-            let index: HashMap<Digest, (u64, u32)> = parse_pack(&bytes, bucket.cipher())
-                .map_err(|e| e.at(bucket.key(&p.key)))?
-                .iter()
-                .map(|e| (e.digest, (e.offset, e.len)))
-                .collect();
-            let mut out = Vec::with_capacity(objs.len());
-            for (d, loc) in objs {
-                if index.get(d) != Some(&(loc.offset, loc.len)) {
-                    return Err(ArchiveError::Damaged {
-                        key: bucket.key(&p.key),
-                        detail: format!(
-                            "its index does not place object {d} where it was recorded"
-                        ),
-                    });
-                }
-                let in_pack = &bytes[loc.offset as usize..][..loc.len as usize];
-                let stored = open_object(bucket.cipher(), d, in_pack)
-                    .map_err(|e| e.at(bucket.key(&p.key)))?;
-                let keys = live
-                    .writer
-                    .get(d)
-                    .and_then(|w| live.keys.get(*w))
-                    .and_then(|k| k.as_ref());
-                pool.check_stored_object(keys, d, loc.kind, &stored, &format!("object {d}"))
-                    .map_err(|e| ArchiveError::Damaged {
-                        key: bucket.key(&p.key),
-                        detail: e.to_string(),
-                    })?;
-                out.push((*d, loc.kind, stored));
-            }
-            Ok(out)
-        })();
+        let objs: Vec<_> = objs
+            .iter()
+            .map(|(d, loc)| (*d, loc.offset, loc.len, loc.kind))
+            .collect();
+        let writer_keys = |d: &Digest| {
+            live.writer
+                .get(d)
+                .and_then(|w| live.keys.get(*w))
+                .and_then(|k| k.as_ref())
+        };
+        // Exactly the recorded length: a bucket handing back more is not read whole.
+        let checked = archive
+            .block_on(bucket.get_range(&p.key, 0, p.bytes))
+            .and_then(|bytes| check_pack(pool, bucket, &p.key, &bytes, &objs, writer_keys));
         let objects = match checked {
             Ok(o) => o,
             Err(e) if e.is_transient() => return Err(e),
@@ -410,30 +384,16 @@ fn live_objects(
             }
         };
         let keys = live.keys[w].clone();
-        let mut objects = Vec::new();
-        if let Some(root) = &m.root {
-            let root = parse_digest(root, id)?;
-            let node = |d: &Digest| -> Result<Node> {
-                let (_, raw) =
-                    archive.block_on(fetch_object_from(bucket, pool, target, d, keys.as_ref()))?;
-                Node::decode(&raw).map_err(|e| ArchiveError::Damaged {
-                    key: format!("index node {d}"),
-                    detail: e.to_string(),
-                })
-            };
-            let mut seen = HashSet::from([root]);
-            objects.push(root);
-            for leaf in node(&root)?.children() {
-                if seen.insert(*leaf) {
-                    objects.push(*leaf);
-                    for c in node(leaf)?.children() {
-                        if seen.insert(*c) {
-                            objects.push(*c);
-                        }
-                    }
-                }
+        let objects: Vec<Digest> = match &m.root {
+            Some(root) => {
+                let root = parse_digest(root, id)?;
+                pool_objects_from_archive(archive, pool, bucket, target, &root, keys.as_ref())?
+                    .into_iter()
+                    .map(|(d, _)| d)
+                    .collect()
             }
-        }
+            None => Vec::new(),
+        };
         for d in &objects {
             live.writer.entry(*d).or_insert(w);
         }

@@ -9,7 +9,7 @@ use maas_pool::Pool;
 
 use crate::Archive;
 use crate::bucket::Bucket;
-use crate::error::Result;
+use crate::error::{ArchiveError, Result};
 use crate::manifest::SnapshotManifest;
 use crate::pack::{TRAILER_LEN, parse_index, parse_trailer};
 
@@ -63,23 +63,15 @@ pub fn scan_bucket(
         progress((i + 1) as f64 / total * 0.8);
     }
     for (key, _) in archive.block_on(bucket.list("snapshots/"))? {
-        if !key.ends_with(".json") {
-            continue;
-        }
-        let Some(body) = archive.block_on(bucket.get(&key))? else {
+        let Some(id) = SnapshotManifest::id_of_key(&key) else {
             continue;
         };
-        let id = key
-            .strip_prefix("snapshots/")
-            .and_then(|k| k.strip_suffix(".json"))
-            .unwrap_or_default();
-        let body = crate::crypt::open_document(
-            bucket.cipher(),
-            crate::crypt::Sealed::SnapshotManifest(id),
-            &body,
-            &bucket.key(&key),
-        )?;
-        let m = SnapshotManifest::parse(&body, &bucket.key(&key))?;
+        let m = match archive.block_on(SnapshotManifest::fetch(bucket, id)) {
+            Ok(m) => m,
+            // Deleted since the listing.
+            Err(ArchiveError::Missing { .. }) => continue,
+            Err(e) => return Err(e),
+        };
         if m.meta.id != id {
             tracing::warn!(manifest = %key, id = %m.meta.id, "import: a manifest names another snapshot than its object name; skipped");
             scan.incomplete.push(bucket.key(&key));

@@ -239,10 +239,7 @@ impl TargetFetch {
         f: impl std::future::Future<Output = crate::Result<T>> + Send + 'static,
     ) -> Result<T, RemoteError> {
         {
-            let mut down = match self.down.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut down = lock(&self.down);
             match &*down {
                 Some((until, why)) if std::time::Instant::now() < *until => {
                     return Err(RemoteError::Unavailable(format!(
@@ -269,17 +266,13 @@ impl TargetFetch {
             }
         };
         if let Err(RemoteError::Unavailable(why)) = &r {
-            let mut down = match self.down.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            *down = Some((std::time::Instant::now() + BACKOFF, why.clone()));
+            *lock(&self.down) = Some((std::time::Instant::now() + BACKOFF, why.clone()));
         }
         r
     }
 
     fn pack_index(&self, pack: &PackRec) -> Result<std::sync::Arc<Vec<PackEntry>>, RemoteError> {
-        if let Some(e) = self.lock_indexes().get(&pack.key) {
+        if let Some(e) = lock(&self.indexes).get(&pack.key) {
             return Ok(e.clone());
         }
         let (bucket, key, len) = (self.bucket.clone(), pack.key.clone(), pack.bytes);
@@ -301,21 +294,12 @@ impl TargetFetch {
             parse_index(&index, &t, bucket.cipher()).map_err(|e| e.at(bucket.key(&key)))
         })?;
         let entries = std::sync::Arc::new(entries);
-        let mut c = self.lock_indexes();
+        let mut c = lock(&self.indexes);
         if c.len() >= INDEX_CACHE_PACKS {
             c.clear();
         }
         c.insert(pack.key.clone(), entries.clone());
         Ok(entries)
-    }
-
-    fn lock_indexes(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, std::sync::Arc<Vec<PackEntry>>>> {
-        match self.indexes.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
     }
 }
 

@@ -172,6 +172,39 @@ impl SnapshotManifest {
         format!("snapshots/{id}.json")
     }
 
+    /// The snapshot id in a manifest's object name (`snapshots/<id>.json`).
+    pub fn id_of_key(key: &str) -> Option<&str> {
+        key.strip_prefix("snapshots/")?.strip_suffix(".json")
+    }
+
+    /// Snapshot `id`'s manifest from the bucket: opened (an encrypted target's), parsed.
+    pub async fn fetch(bucket: &crate::Bucket, id: &str) -> Result<SnapshotManifest> {
+        let key = bucket.key(&Self::key(id));
+        let body = bucket
+            .get(&Self::key(id))
+            .await?
+            .ok_or_else(|| ArchiveError::Missing { key: key.clone() })?;
+        let body = crate::crypt::open_document(
+            bucket.cipher(),
+            crate::crypt::Sealed::SnapshotManifest(id),
+            &body,
+            &key,
+        )?;
+        Self::parse(&body, &key)
+    }
+
+    /// Writes the manifest (sealed for an encrypted target), replacing an earlier one.
+    pub async fn store(&self, bucket: &crate::Bucket) -> Result<()> {
+        let body = serde_json::to_vec_pretty(self)
+            .map_err(|e| ArchiveError::Internal(format!("manifest: {e}")))?;
+        let body = crate::crypt::seal_document(
+            bucket.cipher(),
+            crate::crypt::Sealed::SnapshotManifest(&self.meta.id),
+            body,
+        );
+        bucket.put(&Self::key(&self.meta.id), body.into()).await
+    }
+
     pub fn parse(b: &[u8], key: &str) -> Result<Self> {
         let m: SnapshotManifest = serde_json::from_slice(b).map_err(|e| ArchiveError::Damaged {
             key: key.into(),

@@ -193,14 +193,7 @@ pub fn push_snapshot(
         packs: packs.into_iter().collect(),
         archived_at: crate::now_rfc3339(),
     };
-    let body = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| ArchiveError::Internal(format!("manifest: {e}")))?;
-    let body = crate::crypt::seal_document(
-        bucket.cipher(),
-        crate::crypt::Sealed::SnapshotManifest(&manifest.meta.id),
-        body,
-    );
-    archive.block_on(bucket.put(&SnapshotManifest::key(&manifest.meta.id), body.into()))?;
+    archive.block_on(manifest.store(bucket))?;
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         snapshot = %manifest.meta.id,

@@ -60,19 +60,7 @@ struct Span {
 
 /// Reads an archived snapshot's manifest.
 pub fn read_manifest(archive: &Archive, bucket: &Bucket, id: &str) -> Result<SnapshotManifest> {
-    let key = SnapshotManifest::key(id);
-    let body = archive
-        .block_on(bucket.get(&key))?
-        .ok_or_else(|| ArchiveError::Missing {
-            key: bucket.key(&key),
-        })?;
-    let body = crate::crypt::open_document(
-        bucket.cipher(),
-        crate::crypt::Sealed::SnapshotManifest(id),
-        &body,
-        &bucket.key(&key),
-    )?;
-    SnapshotManifest::parse(&body, &bucket.key(&key))
+    archive.block_on(SnapshotManifest::fetch(bucket, id))
 }
 
 /// What an archived snapshot is (its import spec) and its image: digest -> chunk numbers

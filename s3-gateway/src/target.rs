@@ -30,19 +30,24 @@ pub async fn ensure_prefix(bucket: &Bucket, pool: &maas_pool::Pool, target: &str
         // Still a MaaS archive, and still one this target may write (plain, or its key).
         Some(b) => BucketManifest::parse(&b)?.admits(bucket.cipher()),
         None if pool.archive_packs(target)?.is_empty() => {
-            let m = BucketManifest::new(
-                &pool.pool_id().to_string(),
-                crate::now_rfc3339(),
-                bucket.cipher().map(|c| c.key_id().to_string()),
-            );
-            let body = serde_json::to_vec_pretty(&m)
-                .map_err(|e| ArchiveError::Internal(format!("bucket manifest: {e}")))?;
-            bucket.put(BUCKET_MANIFEST, body.into()).await
+            write_manifest(bucket, &pool.pool_id().to_string()).await
         }
         None => Err(ArchiveError::PrefixLost {
             key: bucket.key(BUCKET_MANIFEST),
         }),
     }
+}
+
+/// Makes the prefix a MaaS archive (plain, or sealed with the target's key).
+async fn write_manifest(bucket: &Bucket, pool_uuid: &str) -> Result<()> {
+    let m = BucketManifest::new(
+        pool_uuid,
+        crate::now_rfc3339(),
+        bucket.cipher().map(|c| c.key_id().to_string()),
+    );
+    let body = serde_json::to_vec_pretty(&m)
+        .map_err(|e| ArchiveError::Internal(format!("bucket manifest: {e}")))?;
+    bucket.put(BUCKET_MANIFEST, body.into()).await
 }
 
 pub async fn check(
@@ -63,14 +68,7 @@ pub async fn check(
             true
         }
         None => {
-            let m = BucketManifest::new(
-                pool_uuid,
-                crate::now_rfc3339(),
-                bucket.cipher().map(|c| c.key_id().to_string()),
-            );
-            let body = serde_json::to_vec_pretty(&m)
-                .map_err(|e| ArchiveError::Internal(format!("bucket manifest: {e}")))?;
-            bucket.put(BUCKET_MANIFEST, body.into()).await?;
+            write_manifest(bucket, pool_uuid).await?;
             false
         }
     };

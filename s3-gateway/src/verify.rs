@@ -94,25 +94,14 @@ pub fn verify_snapshot(
     progress: &mut dyn FnMut(f64),
 ) -> Result<VerifyReport> {
     let key = SnapshotManifest::key(snapshot_id);
-    let body = archive
-        .block_on(bucket.get(&key))?
-        .ok_or_else(|| ArchiveError::Missing {
-            key: bucket.key(&key),
-        })?;
-    let body = crate::crypt::open_document(
-        bucket.cipher(),
-        crate::crypt::Sealed::SnapshotManifest(snapshot_id),
-        &body,
-        &bucket.key(&key),
-    )?;
-    let manifest = SnapshotManifest::parse(&body, &bucket.key(&key))?;
+    let manifest = crate::restore::read_manifest(archive, bucket, snapshot_id)?;
     // What to check: the objects the pool records for this snapshot's packs, by pack.
     let mut by_pack: BTreeMap<String, Vec<(Digest, u64, u32, ObjectKind)>> = BTreeMap::new();
     let mut objects = 0u64;
     if let Some(root) = &manifest.root {
         let root = parse_digest(root, &key)?;
         // The pool's own index names the objects (the manifest names only the root).
-        let image = pool_objects_from_archive(archive, pool, bucket, target, &root)?;
+        let image = pool_objects_from_archive(archive, pool, bucket, target, &root, None)?;
         for (d, _) in image {
             let (loc, pack) =
                 pool.archive_locate(target, &d)?
@@ -146,27 +135,44 @@ pub fn verify_snapshot(
                 })?;
         report.bytes_read += bytes.len() as u64;
         report.packs += 1;
-        let entries =
-            pack::parse_pack(&bytes, bucket.cipher()).map_err(|e| e.at(bucket.key(pack_key)))?;
-        let index: HashMap<Digest, (u64, u32)> = entries
-            .iter()
-            .map(|e| (e.digest, (e.offset, e.len)))
-            .collect();
-        for (d, off, len, kind) in objs {
-            if index.get(d) != Some(&(*off, *len)) {
-                return Err(ArchiveError::Damaged {
-                    key: bucket.key(pack_key),
-                    detail: format!("its index does not place object {d} where it was recorded"),
-                });
-            }
-            let b = &bytes[*off as usize..(*off + u64::from(*len)) as usize];
-            let stored =
-                pack::open_object(bucket.cipher(), d, b).map_err(|e| e.at(bucket.key(pack_key)))?;
-            check(pool, None, d, *kind, &stored, bucket, pack_key)?;
-        }
+        check_pack(pool, bucket, pack_key, &bytes, objs, |_| None)?;
         progress((i + 1) as f64 / total);
     }
     Ok(report)
+}
+
+/// Checks a whole pack read from the bucket: its header, index and trailer, that its index
+/// places each of `objs` (digest, offset, length, kind) where the pool recorded it, and each
+/// of them (opened, for an encrypted target) against its digest with the keys `keys` gives
+/// for it (None: this pool's). Returns them as the pool stores them.
+pub(crate) fn check_pack<'k>(
+    pool: &Pool,
+    bucket: &Bucket,
+    pack_key: &str,
+    bytes: &[u8],
+    objs: &[(Digest, u64, u32, ObjectKind)],
+    keys: impl Fn(&Digest) -> Option<&'k DigestKeys>,
+) -> Result<Vec<(Digest, ObjectKind, Vec<u8>)>> {
+    let index: HashMap<Digest, (u64, u32)> = pack::parse_pack(bytes, bucket.cipher())
+        .map_err(|e| e.at(bucket.key(pack_key)))?
+        .iter()
+        .map(|e| (e.digest, (e.offset, e.len)))
+        .collect();
+    let mut out = Vec::with_capacity(objs.len());
+    for (d, off, len, kind) in objs {
+        if index.get(d) != Some(&(*off, *len)) {
+            return Err(ArchiveError::Damaged {
+                key: bucket.key(pack_key),
+                detail: format!("its index does not place object {d} where it was recorded"),
+            });
+        }
+        let b = &bytes[*off as usize..(*off + u64::from(*len)) as usize];
+        let stored =
+            pack::open_object(bucket.cipher(), d, b).map_err(|e| e.at(bucket.key(pack_key)))?;
+        check(pool, keys(d), d, *kind, &stored, bucket, pack_key)?;
+        out.push((*d, *kind, stored));
+    }
+    Ok(out)
 }
 
 pub(crate) fn parse_digest(hex_digest: &str, key: &str) -> Result<Digest> {
@@ -179,18 +185,20 @@ pub(crate) fn parse_digest(hex_digest: &str, key: &str) -> Result<Digest> {
 }
 
 /// The objects of the image under `root`, walking index nodes fetched from the archive
-/// (checked), so that a verify does not depend on the pool still holding the snapshot.
-fn pool_objects_from_archive(
+/// (checked, with the keys of the pool that wrote them: `source`, None for this pool), so
+/// that a verify does not depend on the pool still holding the snapshot.
+pub(crate) fn pool_objects_from_archive(
     archive: &Archive,
     pool: &Pool,
     bucket: &Bucket,
     target: &str,
     root: &Digest,
+    source: Option<&DigestKeys>,
 ) -> Result<Vec<(Digest, ObjectKind)>> {
     let mut out = vec![(*root, ObjectKind::Node)];
     let mut seen = std::collections::HashSet::from([*root]);
     let node = |d: &Digest| -> Result<maas_pool::index::Node> {
-        let (_, raw) = archive.block_on(fetch_object(bucket, pool, target, d))?;
+        let (_, raw) = archive.block_on(fetch_object_from(bucket, pool, target, d, source))?;
         maas_pool::index::Node::decode(&raw).map_err(|e| ArchiveError::Damaged {
             key: format!("index node {d}"),
             detail: e.to_string(),
