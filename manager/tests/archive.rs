@@ -468,6 +468,21 @@ fn qemu_read(m: &Maasd, vol: &str, dst: &std::path::Path) {
     );
 }
 
+/// Clones `snap` as `name`, reads the clone back with QEMU over iSCSI, and says whether it
+/// holds the file `expected` (under `dir`) followed by zeroes.
+fn clone_reads_back(
+    m: &Maasd,
+    snap: &str,
+    name: &str,
+    dir: &std::path::Path,
+    expected: &str,
+) -> bool {
+    let c = clone_snapshot(m, snap, name);
+    let back = dir.join(format!("{name}.back.img"));
+    qemu_read(m, &c, &back);
+    same_prefix(&back, &dir.join(expected))
+}
+
 fn same_prefix(image: &std::path::Path, src: &std::path::Path) -> bool {
     let a = std::fs::read(image).unwrap();
     let b = std::fs::read(src).unwrap();
@@ -935,10 +950,7 @@ fn an_encrypted_target_holds_only_ciphertext_and_a_new_installation_needs_its_re
 
     // Evicted, then mounted straight from the encrypted archive and read over iSCSI; verified.
     m.wait_job(&m.call("POST", &format!("/snapshots/{s1}/evict"), None).1);
-    let c = clone_snapshot(&m, &s1, "mounted");
-    let back = dir.path().join("back.img");
-    qemu_read(&m, &c, &back);
-    assert!(same_prefix(&back, &dir.path().join("day1.img")));
+    assert!(clone_reads_back(&m, &s1, "mounted", dir.path(), "day1.img"));
     let (s, job) = m.call(
         "POST",
         &format!("/snapshots/{s1}/archives/{sealed}/verify"),
@@ -999,10 +1011,13 @@ fn an_encrypted_target_holds_only_ciphertext_and_a_new_installation_needs_its_re
             .call("POST", &format!("/snapshots/{s1}/rehydrate"), None)
             .1,
     );
-    let c = clone_snapshot(&fresh, &s1, "restored");
-    let back2 = dir.path().join("back2.img");
-    qemu_read(&fresh, &c, &back2);
-    assert!(same_prefix(&back2, &dir.path().join("day1.img")));
+    assert!(clone_reads_back(
+        &fresh,
+        &s1,
+        "restored",
+        dir.path(),
+        "day1.img"
+    ));
 }
 
 #[test]
@@ -1061,10 +1076,13 @@ fn mostly_dead_packs_are_repacked_and_the_remaining_snapshot_stays_whole_everywh
     assert_eq!(s, 202, "{job}");
     assert_eq!(m.wait_job(&job)["state"], "succeeded");
     m.wait_job(&m.call("POST", &format!("/snapshots/{s2}/evict"), None).1);
-    let c = clone_snapshot(&m, &s2, "day2-mounted");
-    let back = dir.path().join("back.img");
-    qemu_read(&m, &c, &back);
-    assert!(same_prefix(&back, &dir.path().join("day2-full.img")));
+    assert!(clone_reads_back(
+        &m,
+        &s2,
+        "day2-mounted",
+        dir.path(),
+        "day2-full.img"
+    ));
 
     // A new installation reading the bucket finds day 2 whole (its manifest names the packs
     // that hold it now).
@@ -1084,10 +1102,13 @@ fn mostly_dead_packs_are_repacked_and_the_remaining_snapshot_stays_whole_everywh
             .call("POST", &format!("/snapshots/{s2}/rehydrate"), None)
             .1,
     );
-    let c = clone_snapshot(&fresh, &s2, "restored");
-    let back2 = dir.path().join("back2.img");
-    qemu_read(&fresh, &c, &back2);
-    assert!(same_prefix(&back2, &dir.path().join("day2-full.img")));
+    assert!(clone_reads_back(
+        &fresh,
+        &s2,
+        "restored",
+        dir.path(),
+        "day2-full.img"
+    ));
 }
 
 #[test]
@@ -1135,10 +1156,7 @@ fn a_bucket_deleted_under_a_target_fails_clearly_and_damages_nothing() {
     // Nothing local was touched: day 3 and day 1 read back; day 2 is still listed where it was.
     let snap = m.ok("GET", &format!("/snapshots/{s2}"), None);
     assert_eq!(snap["location"], "archive", "{snap}");
-    let c = clone_snapshot(&m, &s1, "day1");
-    let back = dir.path().join("back.img");
-    qemu_read(&m, &c, &back);
-    assert!(same_prefix(&back, &dir.path().join("day1.img")));
+    assert!(clone_reads_back(&m, &s1, "day1", dir.path(), "day1.img"));
     let rep = maas_tests::maasd::verify_pool(&m);
     assert!(
         rep["damaged"].as_array().is_some_and(|d| d.is_empty()),

@@ -10,11 +10,13 @@ use maas_pool::{BlockDevice, CreateOptions, OpenOptions, Pool, PoolError, Snapsh
 use maas_s3::lazy::{TargetFetch, mount_snapshot};
 use maas_s3::manifest::SnapshotMeta;
 use maas_s3::push::{PushOptions, push_snapshot};
-use maas_s3::{Archive, Bucket, TargetConfig};
+use maas_s3::{Archive, Bucket};
 use maas_tests::TestDir;
-use maas_tests::s3::{ACCESS_KEY, Kind, S3Server, SECRET_KEY};
+use maas_tests::s3::{Kind, S3Server};
 
-const MIB: usize = 1 << 20;
+mod common;
+use common::{MIB, data, target_config};
+
 const TARGET: &str = "arch-lazy";
 const SIZE: u64 = 64 << 20;
 /// Where the data starts in the volume, and how long it is.
@@ -28,39 +30,8 @@ fn opts() -> OpenOptions {
     }
 }
 
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    use rand::{Rng, SeedableRng};
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = vec![0u8; len];
-    for (i, m) in v.chunks_mut(MIB).enumerate() {
-        match i % 3 {
-            0 => r.fill(m),
-            1 => {
-                let line = format!("{seed} text {i} lorem ipsum dolor\n");
-                for (j, b) in m.iter_mut().enumerate() {
-                    *b = line.as_bytes()[j % line.len()];
-                }
-            }
-            _ => {} // zeroes
-        }
-    }
-    v
-}
-
 fn bucket(s3: &S3Server) -> Bucket {
-    Bucket::new(TargetConfig {
-        endpoint: s3.endpoint(),
-        region: "us-east-1".into(),
-        bucket: "maas".into(),
-        prefix: String::new(),
-        access_key_id: ACCESS_KEY.into(),
-        secret_access_key: SECRET_KEY.into(),
-        path_style: true,
-        storage_class: None,
-        object_lock: None,
-        cipher: None,
-    })
-    .unwrap()
+    Bucket::new(target_config(s3, "maas", "")).unwrap()
 }
 
 /// A pool whose snapshot "snap-1" (holding `data(7)` at [`AT`]) is only in the bucket.

@@ -10,7 +10,10 @@ use maas_s3::push::{PushOptions, PushProgress, push_snapshot};
 use maas_s3::verify::verify_snapshot;
 use maas_s3::{Archive, ArchiveError, Bucket, TargetConfig};
 use maas_tests::TestDir;
-use maas_tests::s3::{ACCESS_KEY, Kind, S3Server, SECRET_KEY};
+use maas_tests::s3::{Kind, S3Server};
+
+mod common;
+use common::target_config;
 
 const MIB: usize = 1 << 20;
 const TARGET: &str = "arch-test";
@@ -28,18 +31,7 @@ fn pool(dir: &std::path::Path) -> Pool {
 }
 
 fn cfg(s: &S3Server, bucket: &str) -> TargetConfig {
-    TargetConfig {
-        endpoint: s.endpoint(),
-        region: "us-east-1".into(),
-        bucket: bucket.into(),
-        prefix: "site-a/".into(),
-        access_key_id: ACCESS_KEY.into(),
-        secret_access_key: SECRET_KEY.into(),
-        path_style: true,
-        storage_class: None,
-        object_lock: None,
-        cipher: None,
-    }
+    target_config(s, bucket, "site-a/")
 }
 
 /// Deterministic data: half compressible text, half random, per MiB.

@@ -8,11 +8,13 @@ use maas_pool::{BlockDevice, CreateOptions, OpenOptions, Pool, SnapshotId};
 use maas_s3::manifest::SnapshotMeta;
 use maas_s3::push::{PushOptions, push_snapshot};
 use maas_s3::restore::{RestoreOptions, restore_snapshot};
-use maas_s3::{Archive, ArchiveError, Bucket, TargetConfig};
+use maas_s3::{Archive, ArchiveError, Bucket};
 use maas_tests::TestDir;
-use maas_tests::s3::{ACCESS_KEY, Kind, S3Server, SECRET_KEY};
+use maas_tests::s3::{Kind, S3Server};
 
-const MIB: usize = 1 << 20;
+mod common;
+use common::{MIB, data, target_config};
+
 const TARGET: &str = "arch-test";
 const SIZE: u64 = 64 << 20;
 
@@ -26,25 +28,6 @@ fn pool(dir: &std::path::Path) -> Pool {
         },
     )
     .unwrap()
-}
-
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    use rand::{Rng, SeedableRng};
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = vec![0u8; len];
-    for (i, m) in v.chunks_mut(MIB).enumerate() {
-        match i % 3 {
-            0 => r.fill(m),
-            1 => {
-                let line = format!("{seed} text {i} lorem ipsum dolor\n");
-                for (j, b) in m.iter_mut().enumerate() {
-                    *b = line.as_bytes()[j % line.len()];
-                }
-            }
-            _ => {} // zeroes
-        }
-    }
-    v
 }
 
 /// A volume holding `image` at offset 4 MiB, sealed; returns the snapshot and the whole image.
@@ -86,19 +69,7 @@ fn a_rehydrated_snapshot_reads_back_the_same_bytes_and_damage_leaves_nothing() {
     s3.create_bucket("maas", false);
     let archive = Archive::new(2).unwrap();
     let pool = pool(&dir.path().join("pool"));
-    let bucket = Bucket::new(TargetConfig {
-        endpoint: s3.endpoint(),
-        region: "us-east-1".into(),
-        bucket: "maas".into(),
-        prefix: String::new(),
-        access_key_id: ACCESS_KEY.into(),
-        secret_access_key: SECRET_KEY.into(),
-        path_style: true,
-        storage_class: None,
-        object_lock: None,
-        cipher: None,
-    })
-    .unwrap();
+    let bucket = Bucket::new(target_config(&s3, "maas", "")).unwrap();
     let (snap, image) = sealed(&pool, "v", 7);
     let opts = PushOptions {
         pack_bytes: 4 * MIB,
@@ -289,18 +260,7 @@ fn a_fresh_pool_too_small_for_the_snapshot_fails_cleanly_then_imports_it_when_it
     let s3 = S3Server::start(Kind::S3sFs, &dir.path().join("s3"));
     s3.create_bucket("maas", false);
     let archive = Archive::new(2).unwrap();
-    let cfg = TargetConfig {
-        endpoint: s3.endpoint(),
-        region: "us-east-1".into(),
-        bucket: "maas".into(),
-        prefix: String::new(),
-        access_key_id: ACCESS_KEY.into(),
-        secret_access_key: SECRET_KEY.into(),
-        path_style: true,
-        storage_class: None,
-        object_lock: None,
-        cipher: None,
-    };
+    let cfg = target_config(&s3, "maas", "");
     let bucket = Bucket::new(cfg).unwrap();
     let a = pool(&dir.path().join("a"));
     let (snap, image) = sealed(&a, "v", 11);
@@ -393,20 +353,9 @@ fn a_rehydrate_waits_for_a_restarting_server_and_finishes() {
     s3.create_bucket("maas", false);
     let archive = Archive::new(2).unwrap();
     let pool = pool(&dir.path().join("pool"));
-    let bucket = Bucket::new(TargetConfig {
-        endpoint: s3.endpoint(),
-        region: "us-east-1".into(),
-        bucket: "maas".into(),
-        prefix: String::new(),
-        access_key_id: ACCESS_KEY.into(),
-        secret_access_key: SECRET_KEY.into(),
-        path_style: true,
-        storage_class: None,
-        object_lock: None,
-        cipher: None,
-    })
-    .unwrap()
-    .with_retry_for(std::time::Duration::from_secs(30));
+    let bucket = Bucket::new(target_config(&s3, "maas", ""))
+        .unwrap()
+        .with_retry_for(std::time::Duration::from_secs(30));
     let (snap, image) = sealed(&pool, "v", 13);
     let opts = PushOptions {
         pack_bytes: MIB,
