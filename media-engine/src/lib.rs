@@ -6,12 +6,12 @@
 
 pub use maas_pool::BlockDevice;
 
-pub mod bufpool;
+pub use maas_proto::bufpool;
 pub mod flow;
 pub mod io_runtimes;
 pub mod iscsi;
 pub mod listener;
 pub mod nvme;
-pub mod outq;
+pub use maas_proto::outq;
 pub mod read_completions;
 pub mod scsi;

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+#[cfg(feature = "client")]
+pub mod client;
+
 /// Path prefix of the REST API.
 pub const API_PREFIX: &str = "/api/v1";
 

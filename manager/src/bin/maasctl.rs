@@ -9,13 +9,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use maas_api as api;
+use maas_api::client::{Client, ClientError as CliError, Connect, typed};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -662,94 +661,10 @@ struct FileConfig {
     fingerprint: Option<String>,
 }
 
-struct Client {
-    base: String,
-    token: Option<Zeroizing<String>>,
-    agent: ureq::Agent,
-    /// What the TLS verifier refused, for an error that says what to do.
-    tls: Option<Arc<tls::Verifier>>,
-}
-
 /// Environment variable holding the API token.
 const TOKEN_ENV: &str = "MAAS_TOKEN";
 
-#[derive(Debug)]
-enum CliError {
-    Api { status: u16, body: api::ErrorBody },
-    Other(String),
-}
-
-impl std::fmt::Display for CliError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CliError::Api { status, body } => {
-                write!(f, "{} ({}): {}", body.code, status, body.message)?;
-                if let Some(field) = &body.field {
-                    write!(f, " [field: {field}]")?;
-                }
-                write!(f, " [request {}]", body.request_id)
-            }
-            CliError::Other(s) => f.write_str(s),
-        }
-    }
-}
-
 type R<T> = Result<T, CliError>;
-
-impl Client {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> R<Value> {
-        let url = format!("{}/api/v1{}", self.base, path);
-        let mut req = self.agent.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {}", t.as_str()));
-        }
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        match res {
-            Ok(r) => {
-                if r.status() == 204 {
-                    return Ok(Value::Null);
-                }
-                r.into_json()
-                    .map_err(|e| CliError::Other(format!("bad response from {url}: {e}")))
-            }
-            Err(ureq::Error::Status(status, r)) => {
-                let text = r.into_string().unwrap_or_default();
-                match serde_json::from_str::<api::ErrorBody>(&text) {
-                    Ok(body) => Err(CliError::Api { status, body }),
-                    Err(_) => Err(CliError::Other(format!("HTTP {status} from {url}: {text}"))),
-                }
-            }
-            Err(e) => match self.tls.as_ref().and_then(|v| v.rejected()) {
-                Some(r) => Err(CliError::Other(r.advice(&self.base))),
-                None => Err(CliError::Other(format!("cannot reach {url}: {e}"))),
-            },
-        }
-    }
-    fn get<T: DeserializeOwned>(&self, path: &str) -> R<T> {
-        typed(self.call("GET", path, None)?)
-    }
-    /// Follows `next_cursor` to the end.
-    fn list<T: DeserializeOwned>(&self, path: &str) -> R<Vec<T>> {
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let p = match &cursor {
-                Some(c) => format!("{path}{sep}cursor={c}"),
-                None => path.to_string(),
-            };
-            let page: api::List<T> = self.get(&p)?;
-            out.extend(page.items);
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => return Ok(out),
-            }
-        }
-    }
-}
 
 const DEFAULT_URL: &str = "https://127.0.0.1:8080";
 const TOKEN_FILE_ENV: &str = "MAAS_TOKEN_FILE";
@@ -790,10 +705,6 @@ fn parse_duration(s: &str) -> R<chrono::Duration> {
         return Err(CliError::Other(format!("{s:?}: a token must live a while")));
     }
     chrono::Duration::try_seconds(secs).ok_or_else(bad)
-}
-
-fn typed<T: DeserializeOwned>(v: Value) -> R<T> {
-    serde_json::from_value(v).map_err(|e| CliError::Other(format!("unexpected response: {e}")))
 }
 
 fn parse_size(s: &str) -> R<u64> {
@@ -1074,24 +985,13 @@ fn run(cli: &Cli) -> R<()> {
     let base = base.trim_end_matches('/').to_string();
     let ca_cert = cli.ca_cert.clone().or(file.ca_cert);
     let pin = cli.fingerprint.clone().or(file.fingerprint);
-    let mut builder = ureq::AgentBuilder::new().timeout(Duration::from_secs(60));
-    let mut verifier = None;
-    if base.starts_with("https://") {
-        let v = Arc::new(tls::Verifier::new(ca_cert.as_deref(), pin.as_deref())?);
-        builder = builder.tls_config(Arc::new(v.client_config()?));
-        verifier = Some(v);
-    } else if ca_cert.is_some() || pin.is_some() {
-        return Err(CliError::Other(format!(
-            "--ca-cert / --fingerprint (MAAS_CA_CERT / MAAS_TLS_FINGERPRINT) apply to https:// \
-             URLs, and {base} is not one: use https://, or unset them to talk plain HTTP"
-        )));
-    }
-    let c = Client {
-        base,
+    let c = Client::new(Connect {
+        base: &base,
         token,
-        agent: builder.build(),
-        tls: verifier,
-    };
+        ca_cert: ca_cert.as_deref(),
+        fingerprint: pin.as_deref(),
+        timeout: None,
+    })?;
     let j = cli.json;
     match &cli.cmd {
         Cmd::Health => {
@@ -1502,279 +1402,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// How maasctl decides to trust an HTTPS server: the certificates of `--ca-cert` (else the
-/// system's CAs), checked for the URL's name by webpki; and/or `--fingerprint`, which accepts
-/// exactly the server certificate with that SHA-256 (chain and names are then not consulted:
-/// the pin is the trust). Whatever is refused is remembered, so the error can show the
-/// fingerprint that was seen and how to trust it.
-mod tls {
-    use std::path::Path;
-    use std::sync::{Arc, Mutex};
-
-    use rustls::client::WebPkiServerVerifier;
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::CryptoProvider;
-    use rustls::{DigitallySignedStruct, SignatureScheme};
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-
-    use super::{CliError, R};
-
-    /// A certificate the verifier refused.
-    #[derive(Debug, Clone)]
-    pub struct Rejected {
-        pub fingerprint: String,
-        pub reason: String,
-        pub pinned: bool,
-    }
-
-    impl Rejected {
-        /// The error message: what was seen, and the flags that would trust it.
-        pub fn advice(&self, base: &str) -> String {
-            let fp = &self.fingerprint;
-            if self.pinned {
-                format!(
-                    "refusing {base}: {}. The server's certificate has SHA-256 fingerprint {fp}. \
-                     This is not the server you pinned, or its certificate changed (a new one is \
-                     generated when DATA_DIR/tls is deleted): check the fingerprint maasd logs at \
-                     start (sha256_fingerprint=...) before pinning the new one with \
-                     --fingerprint {fp} (or MAAS_TLS_FINGERPRINT)",
-                    self.reason
-                )
-            } else {
-                format!(
-                    "refusing {base}: its TLS certificate is not trusted here ({}). The \
-                     server's certificate has SHA-256 fingerprint {fp}. If that is your maasd \
-                     (it logs sha256_fingerprint=... at start), pin it with --fingerprint {fp} \
-                     (or MAAS_TLS_FINGERPRINT), or trust its certificate file with --ca-cert \
-                     DATA_DIR/tls/api-cert.pem (or MAAS_CA_CERT); a CA-signed certificate needs \
-                     its CA with --ca-cert",
-                    self.reason
-                )
-            }
-        }
-    }
-
-    #[derive(Debug)]
-    pub struct Verifier {
-        provider: Arc<CryptoProvider>,
-        webpki: Option<Arc<WebPkiServerVerifier>>,
-        /// Why there is no webpki verifier (no usable CA certificate).
-        no_roots: String,
-        /// Pinned fingerprints, upper-case hex without separators.
-        pin: Option<String>,
-        rejected: Mutex<Option<Rejected>>,
-    }
-
-    /// SHA-256 of a DER certificate as `AB:CD:...`.
-    pub fn fingerprint(der: &[u8]) -> String {
-        use sha2::Digest;
-        sha2::Sha256::digest(der)
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    }
-
-    fn normalise(fp: &str) -> String {
-        let t = fp.trim();
-        let t = t
-            .strip_prefix("sha256:")
-            .or_else(|| t.strip_prefix("SHA256:"))
-            .unwrap_or(t);
-        t.chars()
-            .filter(|c| !matches!(c, ':' | ' '))
-            .collect::<String>()
-            .to_ascii_uppercase()
-    }
-
-    impl Verifier {
-        pub fn new(ca_cert: Option<&Path>, pin: Option<&str>) -> R<Verifier> {
-            // ring, as maasd (see maas_manager::tls::provider).
-            #[allow(deprecated)]
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let pin = match pin {
-                None => None,
-                Some(p) => {
-                    let n = normalise(p);
-                    if n.len() != 64 || !n.chars().all(|c| c.is_ascii_hexdigit()) {
-                        return Err(CliError::Other(format!(
-                            "--fingerprint {p:?} is not a SHA-256 fingerprint (64 hex digits, \
-                             colons optional, as maasd logs it)"
-                        )));
-                    }
-                    Some(n)
-                }
-            };
-            let mut roots = rustls::RootCertStore::empty();
-            let mut no_roots = String::new();
-            match ca_cert {
-                Some(path) => {
-                    let pem = std::fs::read(path).map_err(|e| {
-                        CliError::Other(format!("--ca-cert {}: {e}", path.display()))
-                    })?;
-                    let certs = CertificateDer::pem_slice_iter(&pem)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| {
-                            CliError::Other(format!("--ca-cert {}: {e}", path.display()))
-                        })?;
-                    if certs.is_empty() {
-                        return Err(CliError::Other(format!(
-                            "--ca-cert {}: no PEM certificate in it",
-                            path.display()
-                        )));
-                    }
-                    for c in certs {
-                        roots.add(c).map_err(|e| {
-                            CliError::Other(format!("--ca-cert {}: {e}", path.display()))
-                        })?;
-                    }
-                }
-                None => {
-                    let found = rustls_native_certs::load_native_certs();
-                    roots.add_parsable_certificates(found.certs);
-                    if roots.is_empty() {
-                        no_roots = "this machine has no CA certificates".into();
-                    }
-                }
-            }
-            let webpki = if roots.is_empty() || (pin.is_some() && ca_cert.is_none()) {
-                None
-            } else {
-                Some(
-                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .build()
-                        .map_err(|e| CliError::Other(format!("TLS setup: {e}")))?,
-                )
-            };
-            Ok(Verifier {
-                provider,
-                webpki,
-                no_roots,
-                pin,
-                rejected: Mutex::new(None),
-            })
-        }
-
-        pub fn client_config(self: &Arc<Self>) -> R<rustls::ClientConfig> {
-            Ok(
-                rustls::ClientConfig::builder_with_provider(self.provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| CliError::Other(format!("TLS setup: {e}")))?
-                    .dangerous()
-                    .with_custom_certificate_verifier(self.clone())
-                    .with_no_client_auth(),
-            )
-        }
-
-        /// The last certificate refused, if any.
-        pub fn rejected(&self) -> Option<Rejected> {
-            self.rejected.lock().ok().and_then(|r| r.clone())
-        }
-
-        fn reject(&self, fp: String, reason: String, pinned: bool) {
-            if let Ok(mut r) = self.rejected.lock() {
-                *r = Some(Rejected {
-                    fingerprint: fp,
-                    reason,
-                    pinned,
-                });
-            }
-        }
-    }
-
-    impl ServerCertVerifier for Verifier {
-        fn verify_server_cert(
-            &self,
-            end_entity: &CertificateDer<'_>,
-            intermediates: &[CertificateDer<'_>],
-            server_name: &ServerName<'_>,
-            ocsp_response: &[u8],
-            now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            let fp = fingerprint(end_entity.as_ref());
-            if let Some(pin) = &self.pin {
-                if normalise(&fp) != *pin {
-                    self.reject(
-                        fp,
-                        "the certificate's fingerprint is not the one pinned with --fingerprint"
-                            .into(),
-                        true,
-                    );
-                    return Err(rustls::Error::General(
-                        "certificate fingerprint does not match the pin".into(),
-                    ));
-                }
-                if self.webpki.is_none() {
-                    return Ok(ServerCertVerified::assertion());
-                }
-            }
-            match &self.webpki {
-                Some(v) => v
-                    .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-                    .inspect_err(|e| self.reject(fp, e.to_string(), false)),
-                None => {
-                    self.reject(fp, self.no_roots.clone(), false);
-                    Err(rustls::Error::InvalidCertificate(
-                        rustls::CertificateError::UnknownIssuer,
-                    ))
-                }
-            }
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.provider
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn fingerprints_compare_without_colons_or_case() {
-            let fp = fingerprint(b"x");
-            assert_eq!(
-                normalise(&fp),
-                normalise(&fp.to_lowercase().replace(':', ""))
-            );
-            assert_eq!(normalise(&format!("sha256:{fp}")), normalise(&fp));
-            assert!(Verifier::new(None, Some("AB:CD")).is_err());
-            assert!(Verifier::new(None, Some(&fp)).is_ok());
         }
     }
 }

@@ -6,11 +6,11 @@
 //! (Identify data and log pages) and [`io`] (the NVM command set on pool volumes). [`tcp`] is
 //! the NVMe/TCP transport: a sans-IO codec and queue state machine, and thin tokio drivers.
 
-pub mod auth;
+pub use maas_proto::nvme::auth;
 pub mod controller;
 pub mod identify;
 pub mod io;
-pub mod spec;
+pub use maas_proto::nvme::spec;
 pub mod subsystem;
 pub mod tcp;
 #[cfg(test)]
