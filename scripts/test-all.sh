@@ -13,6 +13,11 @@ need_apt=()
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v pg_lsclusters >/dev/null 2>&1 || need_apt+=(postgresql)
+# The probe's tests: rsync (its file-tree copy), setfacl/setfattr (metadata it must keep).
+command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
+command -v setfacl >/dev/null 2>&1 || need_apt+=(acl)
+command -v setfattr >/dev/null 2>&1 || need_apt+=(attr)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"
     $SUDO apt-get update -qq

@@ -110,12 +110,26 @@ pub fn maasd_bin() -> PathBuf {
             assert!(p.is_file(), "MAAS_MAASD_BIN={} is not a file", p.display());
             return p;
         }
-        build_maasd()
+        build_bin("maas-manager", "maasd")
     })
     .clone()
 }
 
-fn build_maasd() -> PathBuf {
+/// The `maas-probe` binary, as [`maasd_bin`] finds maasd (`MAAS_PROBE_BIN` if set).
+pub fn probe_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MAAS_PROBE_BIN") {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "MAAS_PROBE_BIN={} is not a file", p.display());
+            return p;
+        }
+        build_bin("maas-probe", "maas-probe")
+    })
+    .clone()
+}
+
+fn build_bin(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     // <target>/<profile>/deps/<test binary>
     let profile_dir = exe
@@ -151,7 +165,7 @@ fn build_maasd() -> PathBuf {
     if std::env::var_os("NEXTEST_RUN_ID").is_some() {
         cmd.args(["--workspace", "--all-targets"]);
     } else {
-        cmd.args(["-p", "maas-manager", "--bin", "maasd"]);
+        cmd.args(["-p", package, "--bin", name]);
     }
     // The profile tests are built with (`cargo test`: test, `cargo test --release`: bench),
     // whose output directory is that of the profile it inherits from: the binary cargo would
@@ -166,12 +180,12 @@ fn build_maasd() -> PathBuf {
     ]);
     let st = cmd
         .status()
-        .unwrap_or_else(|e| panic!("running {cargo:?} to build maasd: {e}"));
-    assert!(st.success(), "building maasd failed ({st}): {cmd:?}");
-    let bin = profile_dir.join("maasd");
+        .unwrap_or_else(|e| panic!("running {cargo:?} to build {name}: {e}"));
+    assert!(st.success(), "building {name} failed ({st}): {cmd:?}");
+    let bin = profile_dir.join(name);
     assert!(
         bin.is_file(),
-        "{} is missing after the build (set MAAS_MAASD_BIN)",
+        "{} is missing after the build (set MAAS_MAASD_BIN or MAAS_PROBE_BIN)",
         bin.display()
     );
     bin

@@ -1,0 +1,301 @@
+//! maas-probe: the MaaS agent on a protected host. One-shot commands for people and scripts
+//! (`backup`, `mount`, `umount`, `cleanup`), each with a progress line on a terminal and JSON
+//! with `--json`. maasd is reached with `--server` (MAAS_URL) and a token from `--token-file`
+//! (MAAS_TOKEN_FILE) or MAAS_TOKEN — never from the command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use maas_api::client::{Client, Connect};
+use maas_probe::identity::Identity;
+use maas_probe::ops::{self, Probe, ProbeError, R};
+use zeroize::Zeroizing;
+
+#[derive(Parser)]
+#[command(
+    name = "maas-probe",
+    version,
+    about = "Back up this host to MaaS, and bring it back"
+)]
+struct Cli {
+    /// maasd's URL.
+    #[arg(
+        long,
+        env = "MAAS_URL",
+        default_value = "https://127.0.0.1:8080",
+        global = true
+    )]
+    server: String,
+    /// File holding the API token (one line; `-` reads standard input).
+    #[arg(long, env = "MAAS_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// PEM certificate (CA or maasd's own) to trust for https.
+    #[arg(long, env = "MAAS_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// SHA-256 fingerprint of maasd's certificate to trust.
+    #[arg(long, env = "MAAS_TLS_FINGERPRINT", global = true)]
+    fingerprint: Option<String>,
+    /// Where the probe keeps this host's identity and what it has attached.
+    #[arg(
+        long,
+        env = "MAAS_PROBE_STATE_DIR",
+        default_value = "/var/lib/maas-probe",
+        global = true
+    )]
+    state_dir: PathBuf,
+    /// This host's name (on first use; kept afterwards).
+    #[arg(long, global = true)]
+    name: Option<String>,
+    /// Print JSON for scripts instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Back up a source into a volume (made on first use) and seal a snapshot.
+    Backup {
+        /// The volume (made if it does not exist).
+        #[arg(long)]
+        volume: String,
+        /// A directory (file-tree backup).
+        #[arg(long)]
+        source: PathBuf,
+        /// Size of a new volume, or grow an existing one to it (e.g. 20G).
+        #[arg(long)]
+        size: Option<String>,
+        /// Leave out paths matching this pattern (rsync syntax; repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
+    /// Mount a snapshot read-only at DIR (a clone, exported to this host only).
+    Mount { snapshot: String, dir: PathBuf },
+    /// Unmount a snapshot mounted with `mount`, and delete its clone.
+    Umount { dir: PathBuf },
+    /// Remove what a stopped probe left attached (mounts, loop devices, exports, clones).
+    Cleanup,
+    /// Prints this host's identity (name, host NQN, IQN).
+    Identity,
+    /// (internal) Serves a mount's volume until stopped.
+    #[command(hide = true)]
+    ServeAttachment { name: String },
+}
+
+fn parse_size(s: &str) -> R<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split]
+        .parse()
+        .map_err(|_| ProbeError::Usage(format!("not a size: {s:?} (e.g. 20G)")))?;
+    let mult: u64 = match t[split..]
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => {
+            return Err(ProbeError::Usage(format!(
+                "unknown size unit in {s:?} (K, M, G, T)"
+            )));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| ProbeError::Usage(format!("size too large: {s:?}")))
+}
+
+fn token(cli: &Cli) -> R<Option<Zeroizing<String>>> {
+    if let Some(p) = &cli.token_file {
+        let text = if p.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+            s
+        } else {
+            std::fs::read_to_string(p)
+                .map_err(|e| ProbeError::Usage(format!("token file {}: {e}", p.display())))?
+        };
+        let t = text.trim();
+        if t.is_empty() || t.contains('\n') {
+            return Err(ProbeError::Usage(format!(
+                "token file {} must hold the token on one line",
+                p.display()
+            )));
+        }
+        return Ok(Some(Zeroizing::new(t.to_string())));
+    }
+    Ok(std::env::var("MAAS_TOKEN")
+        .ok()
+        .map(|t| Zeroizing::new(t.trim().to_string())))
+}
+
+fn runtime() -> R<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("maas-probe-io")
+        .enable_all()
+        .build()?)
+}
+
+fn emit<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce()) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        text();
+    }
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn run(cli: &Cli) -> R<()> {
+    let id = Identity::load_or_create(&cli.state_dir, cli.name.as_deref())?;
+    if let Cmd::ServeAttachment { name } = &cli.cmd {
+        let rt = runtime()?;
+        return ops::serve_attachment(&cli.state_dir, &id, &rt, name);
+    }
+    if let Cmd::Identity = &cli.cmd {
+        emit(cli.json, &id, || {
+            println!("name     {}", id.name);
+            println!("host NQN {}", id.hostnqn);
+            println!("IQN      {}", id.iqn);
+        });
+        return Ok(());
+    }
+    let client = Client::new(Connect {
+        base: &cli.server,
+        token: token(cli)?,
+        ca_cert: cli.ca_cert.as_deref(),
+        fingerprint: cli.fingerprint.as_deref(),
+        timeout: None,
+    })?;
+    let probe = Probe {
+        state: cli.state_dir.clone(),
+        id,
+        client,
+        rt: runtime()?,
+    };
+    let bar = (!cli.json && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(std::time::Duration::from_millis(120));
+        pb
+    });
+    let progress = |stage: &str, _bytes: u64| {
+        if let Some(pb) = &bar {
+            pb.set_message(stage.to_string());
+        }
+    };
+    match &cli.cmd {
+        Cmd::Backup {
+            volume,
+            source,
+            size,
+            exclude,
+        } => {
+            let size = size.as_deref().map(parse_size).transpose()?;
+            let rep = probe.backup_tree(volume, source, size, exclude, &progress);
+            if let Some(pb) = &bar {
+                pb.finish_and_clear();
+            }
+            let rep = rep?;
+            emit(cli.json, &rep, || {
+                println!(
+                    "snapshot {} of {}: {} files, {} changed ({}), {} new, {} deleted; {} written in {:.1} s",
+                    rep.snapshot,
+                    rep.volume,
+                    rep.changes.files,
+                    rep.changes.files_transferred,
+                    human(rep.changes.transferred_file_bytes),
+                    rep.changes.files_created,
+                    rep.changes.files_deleted,
+                    human(rep.bytes_written),
+                    rep.seconds
+                );
+                if rep.changes.vanished > 0 {
+                    println!(
+                        "note: {} files vanished from the source while it was read",
+                        rep.changes.vanished
+                    );
+                }
+            });
+            Ok(())
+        }
+        Cmd::Mount { snapshot, dir } => {
+            let exe = std::env::current_exe()?;
+            let rep = probe.mount(&exe, snapshot, dir);
+            if let Some(pb) = &bar {
+                pb.finish_and_clear();
+            }
+            let rep = rep?;
+            emit(cli.json, &rep, || {
+                println!(
+                    "{} mounted read-only at {} in {:.2} s (clone {}, {})",
+                    rep.snapshot,
+                    rep.dir.display(),
+                    rep.seconds,
+                    rep.clone_volume,
+                    rep.loop_device.display()
+                )
+            });
+            Ok(())
+        }
+        Cmd::Umount { dir } => {
+            let name = probe.umount(dir)?;
+            emit(
+                cli.json,
+                &serde_json::json!({ "unmounted": dir, "attachment": name }),
+                || println!("{} unmounted; its clone is deleted", dir.display()),
+            );
+            Ok(())
+        }
+        Cmd::Cleanup => {
+            let cleaned = probe.clean_stale();
+            emit(cli.json, &serde_json::json!({ "cleaned": cleaned }), || {
+                if cleaned.is_empty() {
+                    println!("nothing left behind");
+                } else {
+                    println!("cleaned: {}", cleaned.join(", "));
+                }
+            });
+            Ok(())
+        }
+        Cmd::Identity | Cmd::ServeAttachment { .. } => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MAAS_PROBE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,469 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The client probe on this machine, which has no kernel iSCSI or NVMe/TCP initiator: the real
+//! `maas-probe` binary attaches volumes with its userspace NVMe/TCP initiator, FUSE and a loop
+//! device, backs up a file tree (the shared dataset, plus the metadata rsync must keep), and
+//! mounts snapshots back; trees and metadata are compared with the source by rsync's itemised
+//! dry run (modes, owners, times, xattrs, ACLs, hard links, symlinks, devices) and by `diff -r`.
+//! Faults: a probe killed mid-backup (never sealed; cleaned up; the next backup repairs and the
+//! previous snapshot is intact), a missing source, a wrong token, a volume too small.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use maas_tests::TestDir;
+use maas_tests::maasd::{Maasd, maasd_bin, probe_bin};
+use serde_json::Value;
+
+struct Probe<'a> {
+    maasd: &'a Maasd,
+    state: PathBuf,
+}
+
+impl Probe<'_> {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(probe_bin());
+        c.args(args)
+            .env("MAAS_PROBE_STATE_DIR", &self.state)
+            .env("MAAS_PROBE_LOG", "warn");
+        for (k, v) in self.maasd.maasctl_env() {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let t = Instant::now();
+        let out = self
+            .cmd(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running maas-probe: {e}"));
+        eprintln!("maas-probe {args:?}: {:.2} s", t.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Runs with `--json`; panics with its stderr unless it succeeded.
+    fn ok(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.run(&a);
+        assert!(
+            out.status.success(),
+            "maas-probe {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "maas-probe {args:?} printed no JSON ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+fn sh(cmd: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("sh -c {cmd}: {e}"))
+}
+
+fn sh_ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn dataset(dir: &Path, scale: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/mkdataset.py");
+    sh_ok(&format!(
+        "python3 {} create {} --scale {scale} >/dev/null",
+        script.display(),
+        dir.display()
+    ));
+}
+
+fn mutate(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/mkdataset.py");
+    sh_ok(&format!(
+        "python3 {} mutate {} >/dev/null",
+        script.display(),
+        dir.display()
+    ));
+}
+
+/// What rsync must keep beyond the dataset: owners by number, odd modes, old times, user
+/// xattrs, a POSIX ACL, hard links, a dangling symlink, a FIFO, a sparse file.
+fn add_metadata_cases(dir: &Path) {
+    let d = dir.join("meta");
+    std::fs::create_dir_all(&d).expect("mkdir meta");
+    let p = d.display();
+    sh_ok(&format!(
+        "cd {p} && echo owned > owned && chown 1234:5678 owned && chmod 0640 owned \
+         && echo setuid > sticky && chmod 4751 sticky \
+         && echo old > old && touch -m -d '2001-02-03 04:05:06.123456789' old \
+         && echo x > xattr && setfattr -n user.maas.test -v hello xattr \
+         && echo acl > acl && setfacl -m u:4321:rw acl \
+         && echo linked > hard1 && ln hard1 hard2 \
+         && ln -s /nonexistent/target dangling \
+         && mkfifo fifo \
+         && truncate -s 64M sparse && echo tail >> sparse"
+    ));
+}
+
+/// The two trees are the same: rsync's itemised dry run (which compares content by checksum,
+/// and every attribute -aHAX keeps) lists nothing, and diff finds no difference.
+fn assert_same_tree(expected: &Path, actual: &Path) {
+    let out = sh_ok(&format!(
+        "rsync -naHAXci --delete --exclude=/lost+found {}/ {}/",
+        expected.display(),
+        actual.display()
+    ));
+    assert!(
+        out.trim().is_empty(),
+        "{} differs from {}:\n{out}",
+        actual.display(),
+        expected.display()
+    );
+    sh_ok(&format!(
+        // (diff cannot compare FIFOs; rsync above did.)
+        "diff -r --no-dereference -x lost+found -x fifo {} {}",
+        expected.display(),
+        actual.display()
+    ));
+}
+
+fn snapshots(m: &Maasd, volume_id: &str) -> Vec<String> {
+    let v = m.ok("GET", &format!("/volumes/{volume_id}/snapshots"), None);
+    v["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn volume_names(m: &Maasd) -> Vec<String> {
+    let v = m.ok("GET", "/volumes", None);
+    let mut names: Vec<String> = v["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Nothing of the probe's is left on the host: no FUSE mount, no loop device on its files.
+fn assert_nothing_attached(state: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let s = state.display().to_string();
+    assert!(
+        !mounts.contains(&s),
+        "mounts of the probe are left:\n{}",
+        mounts
+            .lines()
+            .filter(|l| l.contains(&s))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let loops = sh_ok("losetup --list --noheadings --output NAME,BACK-FILE");
+    assert!(
+        !loops.contains(&s),
+        "loop devices of the probe are left:\n{loops}"
+    );
+}
+
+fn start_maasd(dir: &Path) -> Maasd {
+    Maasd::builder(maasd_bin(), &dir.join("maasd"))
+        .device_size(6 << 30)
+        .nvme_tcp_advertise("")
+        .start()
+}
+
+#[test]
+fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
+    let t = TestDir::new("probe-tree");
+    let m = start_maasd(t.path());
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let src = t.path().join("src");
+    dataset(&src, "0.02");
+    add_metadata_cases(&src);
+
+    let b1 = probe.ok(&[
+        "backup",
+        "--volume",
+        "files",
+        "--source",
+        &src.display().to_string(),
+    ]);
+    assert_eq!(b1["created_volume"], true);
+    assert_eq!(b1["made_filesystem"], true);
+    let s1 = b1["snapshot"].as_str().expect("snapshot id").to_string();
+    let vol = b1["volume_id"].as_str().expect("volume id").to_string();
+    assert!(b1["changes"]["files"].as_u64().unwrap_or(0) > 50, "{b1}");
+    let day1 = t.path().join("day1");
+    sh_ok(&format!("cp -a {} {}", src.display(), day1.display()));
+
+    mutate(&src);
+    sh_ok(&format!(
+        "rm {0}/meta/hard2 && echo changed >> {0}/meta/old && setfattr -n user.maas.test -v again {0}/meta/xattr",
+        src.display()
+    ));
+    let b2 = probe.ok(&[
+        "backup",
+        "--volume",
+        "files",
+        "--source",
+        &src.display().to_string(),
+    ]);
+    assert_eq!(b2["created_volume"], false);
+    assert_eq!(b2["made_filesystem"], false);
+    let s2 = b2["snapshot"].as_str().expect("snapshot id").to_string();
+    assert_ne!(s1, s2);
+    assert!(
+        b2["changes"]["files_deleted"].as_u64().unwrap_or(0) >= 1,
+        "{b2}"
+    );
+    // An incremental sends what changed, not the whole tree again.
+    assert!(
+        b2["bytes_written"].as_u64() < b1["bytes_written"].as_u64(),
+        "second backup wrote as much as the first: {b1} {b2}"
+    );
+    assert_eq!(snapshots(&m, &vol).len(), 2);
+
+    // Both points in time, mounted at once, each exactly its day's tree.
+    let (m1, m2) = (t.path().join("m1"), t.path().join("m2"));
+    std::fs::create_dir_all(&m1).expect("mkdir");
+    std::fs::create_dir_all(&m2).expect("mkdir");
+    let t0 = Instant::now();
+    let r1 = probe.ok(&["mount", &s1, &m1.display().to_string()]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "mount took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(r1["snapshot"], s1.as_str());
+    probe.ok(&["mount", &s2, &m2.display().to_string()]);
+    assert_same_tree(&day1, &m1);
+    assert_same_tree(&src, &m2);
+    // Read-only: nothing can change a mounted point in time.
+    let w = sh(&format!("touch {}/new-file", m1.display()));
+    assert!(
+        !w.status.success(),
+        "a write to a mounted snapshot succeeded"
+    );
+    // Mounting on a mount point is refused, not stacked.
+    let again = probe.run(&["mount", &s1, &m1.display().to_string()]);
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+
+    probe.ok(&["umount", &m1.display().to_string()]);
+    probe.ok(&["umount", &m2.display().to_string()]);
+    assert_nothing_attached(&probe.state);
+    // The clones the mounts used are gone; the backed-up volume stays.
+    assert_eq!(volume_names(&m), vec!["files".to_string()]);
+    let mut have = snapshots(&m, &vol);
+    have.sort();
+    let mut want = vec![s1, s2];
+    want.sort();
+    assert_eq!(have, want);
+}
+
+/// A probe killed mid-backup: the half-written volume is never sealed, the next command
+/// removes what it left, the next backup repairs the filesystem and completes, and the
+/// previous snapshot still mounts as it was.
+#[test]
+fn a_killed_backup_is_never_sealed_and_the_next_one_repairs() {
+    let t = TestDir::new("probe-kill");
+    let m = start_maasd(t.path());
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let src = t.path().join("src");
+    dataset(&src, "0.01");
+    let b1 = probe.ok(&[
+        "backup",
+        "--volume",
+        "k",
+        "--source",
+        &src.display().to_string(),
+        "--size",
+        "2G",
+    ]);
+    let s1 = b1["snapshot"].as_str().expect("snapshot").to_string();
+    let vol = b1["volume_id"].as_str().expect("volume").to_string();
+    let day1 = t.path().join("day1");
+    sh_ok(&format!("cp -a {} {}", src.display(), day1.display()));
+
+    // Enough new data that the copy is surely under way when the probe is killed.
+    sh_ok(&format!(
+        "mkdir -p {0}/big && for i in 1 2 3 4; do head -c 64M /dev/urandom > {0}/big/f$i; done",
+        src.display()
+    ));
+    let mut child = probe
+        .cmd(&[
+            "backup",
+            "--volume",
+            "k",
+            "--source",
+            &src.display().to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn maas-probe");
+    let record = probe.state.join("attachments/backup-k.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        if text.contains("\"mount_dir\": \"") {
+            break;
+        }
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the backup ended before it was killed"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the backup never mounted its volume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    child.kill().expect("kill -9 the probe");
+    let _ = child.wait();
+
+    // Never sealed.
+    assert_eq!(snapshots(&m, &vol), vec![s1.clone()]);
+    // Cleaned up by the next command.
+    let c = probe.ok(&["cleanup"]);
+    assert_eq!(c["cleaned"], serde_json::json!(["backup-k"]), "{c}");
+    assert_nothing_attached(&probe.state);
+    let exports = m.ok("GET", &format!("/volumes/{vol}/exports"), None);
+    assert_eq!(
+        exports["items"].as_array().map(Vec::len),
+        Some(0),
+        "{exports}"
+    );
+
+    // The next backup repairs and completes; both points in time are right.
+    let b3 = probe.ok(&[
+        "backup",
+        "--volume",
+        "k",
+        "--source",
+        &src.display().to_string(),
+    ]);
+    let s3 = b3["snapshot"].as_str().expect("snapshot").to_string();
+    let (m1, m3) = (t.path().join("m1"), t.path().join("m3"));
+    std::fs::create_dir_all(&m1).expect("mkdir");
+    std::fs::create_dir_all(&m3).expect("mkdir");
+    probe.ok(&["mount", &s1, &m1.display().to_string()]);
+    probe.ok(&["mount", &s3, &m3.display().to_string()]);
+    assert_same_tree(&day1, &m1);
+    assert_same_tree(&src, &m3);
+    probe.ok(&["umount", &m1.display().to_string()]);
+    probe.ok(&["umount", &m3.display().to_string()]);
+    assert_nothing_attached(&probe.state);
+}
+
+#[test]
+fn bad_inputs_end_in_clear_messages_and_exit_codes_never_in_a_snapshot() {
+    let t = TestDir::new("probe-bad");
+    let m = start_maasd(t.path());
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let src = t.path().join("src");
+    dataset(&src, "0.01");
+
+    let missing = probe.run(&["backup", "--volume", "b", "--source", "/nonexistent/dir"]);
+    assert_eq!(missing.status.code(), Some(4), "{missing:?}");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/dir"));
+
+    let bad_token = t.path().join("wrong.token");
+    std::fs::write(&bad_token, "maas_wrong_token\n").expect("write");
+    let wrong = probe
+        .cmd(&[
+            "backup",
+            "--volume",
+            "b",
+            "--source",
+            &src.display().to_string(),
+        ])
+        .env("MAAS_TOKEN_FILE", &bad_token)
+        .output()
+        .expect("run");
+    assert_eq!(wrong.status.code(), Some(3), "{wrong:?}");
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("UNAUTHORIZED")
+            || String::from_utf8_lossy(&wrong.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    // A volume too small for the source: a clear message, exit 4, nothing sealed; growing it
+    // with --size makes the next backup fit (the filesystem grows with the volume).
+    sh_ok(&format!("head -c 80M /dev/urandom > {}/big", src.display()));
+    let small = probe.run(&[
+        "backup",
+        "--volume",
+        "b",
+        "--source",
+        &src.display().to_string(),
+        "--size",
+        "64M",
+    ]);
+    assert_eq!(
+        small.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&small.stderr)
+    );
+    assert!(String::from_utf8_lossy(&small.stderr).contains("too small"));
+    let v = m.ok("GET", "/volumes", None);
+    let vol = v["items"][0]["id"].as_str().expect("volume").to_string();
+    assert!(snapshots(&m, &vol).is_empty());
+    assert_nothing_attached(&probe.state);
+    let grown = probe.ok(&[
+        "backup",
+        "--volume",
+        "b",
+        "--source",
+        &src.display().to_string(),
+        "--size",
+        "512M",
+    ]);
+    let s = grown["snapshot"].as_str().expect("snapshot").to_string();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    probe.ok(&["mount", &s, &mnt.display().to_string()]);
+    assert_same_tree(&src, &mnt);
+    probe.ok(&["umount", &mnt.display().to_string()]);
+
+    let not_ours = probe.run(&["umount", &t.path().display().to_string()]);
+    assert_eq!(not_ours.status.code(), Some(2));
+    let bad_snap = probe.run(&["mount", "snap-nope", &mnt.display().to_string()]);
+    assert_eq!(bad_snap.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&bad_snap.stderr).contains("SNAPSHOT_NOT_FOUND"));
+    assert_nothing_attached(&probe.state);
+    assert_eq!(volume_names(&m), vec!["b".to_string()]);
+}
