@@ -10,6 +10,7 @@ pub mod fuse_disk;
 pub mod identity;
 pub mod nvme_disk;
 pub mod ops;
+pub mod restore;
 pub mod server;
 pub mod sys;
 pub mod tree;

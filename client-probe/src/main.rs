@@ -74,6 +74,19 @@ enum Cmd {
     },
     /// Mount a snapshot read-only at DIR (a clone, exported to this host only).
     Mount { snapshot: String, dir: PathBuf },
+    /// Restore files or a folder (`--path P --to DIR`), or the whole image (`--image DEST`).
+    Restore {
+        snapshot: String,
+        /// A file or folder inside the snapshot (`/` for everything).
+        #[arg(long, requires = "to", conflicts_with = "image")]
+        path: Option<String>,
+        /// The folder to restore into (made if missing).
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// A block device or a file to write the whole image to.
+        #[arg(long)]
+        image: Option<PathBuf>,
+    },
     /// Unmount a snapshot mounted with `mount`, and delete its clone.
     Umount { dir: PathBuf },
     /// Remove what a stopped probe left attached (mounts, loop devices, exports, clones).
@@ -254,6 +267,35 @@ fn run(cli: &Cli) -> R<()> {
                     rep.seconds,
                     rep.clone_volume,
                     rep.loop_device.display()
+                )
+            });
+            Ok(())
+        }
+        Cmd::Restore {
+            snapshot,
+            path,
+            to,
+            image,
+        } => {
+            let rep = match (path, to, image) {
+                (Some(p), Some(t), None) => probe.restore_files(snapshot, p, t),
+                (None, None, Some(i)) => probe.restore_image(snapshot, i),
+                _ => Err(ProbeError::Usage(
+                    "restore needs --path P --to DIR, or --image DEVICE_OR_FILE".into(),
+                )),
+            };
+            if let Some(pb) = &bar {
+                pb.finish_and_clear();
+            }
+            let rep = rep?;
+            emit(cli.json, &rep, || {
+                println!(
+                    "restored {} of {} to {} ({}) in {:.1} s",
+                    rep.restored,
+                    rep.snapshot,
+                    rep.to.display(),
+                    human(rep.bytes),
+                    rep.seconds
                 )
             });
             Ok(())

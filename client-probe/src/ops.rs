@@ -97,7 +97,7 @@ fn default_size(src: &Path) -> u64 {
     (used.saturating_mul(2)).max(1 << 30).div_ceil(1 << 20) * (1 << 20)
 }
 
-fn du(p: &Path) -> u64 {
+pub(crate) fn du(p: &Path) -> u64 {
     let mut total = 0u64;
     let mut stack = vec![p.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -160,7 +160,7 @@ impl Probe {
         self.state.join("run").join(name)
     }
 
-    fn connect(&self, export: &maas_api::Export) -> R<Arc<NvmeDisk>> {
+    pub(crate) fn connect(&self, export: &maas_api::Export) -> R<Arc<NvmeDisk>> {
         let t = server::target_of(
             &self.client,
             export,
@@ -345,38 +345,12 @@ impl Probe {
                 dir.display()
             )));
         }
-        let snap = server::snapshot(&self.client, snapshot)?;
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!("mount-{}", &suffix[..12]);
-        let mut rec = Record {
-            name: name.clone(),
-            // This command's, until the serving process writes its own.
-            pid: std::process::id(),
-            fuse_dir: self.run_dir(&name).join("fuse"),
-            mount_dir: None,
-            snapshot: Some(snap.id.clone()),
-            read_only: true,
-            ..Record::default()
-        };
-        rec.save(&self.state)?;
-        let undo = |rec: &Record| {
-            attach::clean_host(rec);
-            if let Some(e) = &rec.export {
-                let _ = server::delete_export(&self.client, e);
-            }
-            if let Some(v) = &rec.clone_volume {
-                let _ = server::delete_volume(&self.client, v);
-            }
-            rec.remove(&self.state);
-        };
+        let hc = self.clone_for_host(snapshot, "mount")?;
+        let (mut rec, export) = (hc.rec, hc.export);
+        let name = rec.name.clone();
+        let snap_id = rec.snapshot.clone().unwrap_or_default();
+        let clone = rec.clone_volume.clone().unwrap_or_default();
         let r = (|| -> R<MountReport> {
-            let clone_name = format!("{}-{}", snap.volume_name, name);
-            let clone_name: String = clone_name.chars().take(128).collect();
-            let clone = server::clone_snapshot(&self.client, &snap.id, &clone_name)?;
-            rec.clone_volume = Some(clone.clone());
-            rec.save(&self.state)?;
-            let export = server::export_to_host(&self.client, &clone, &self.id.hostnqn, true)?;
-            rec.export = Some(export.id.clone());
             let t = server::target_of(
                 &self.client,
                 &export,
@@ -442,7 +416,7 @@ impl Probe {
             rec.mount_dir = Some(dir.clone());
             rec.save(&self.state)?;
             Ok(MountReport {
-                snapshot: snap.id.clone(),
+                snapshot: snap_id.clone(),
                 dir: dir.clone(),
                 clone_volume: clone,
                 loop_device: loop_dev,
@@ -453,11 +427,11 @@ impl Probe {
             Ok(m) => Ok(m),
             Err(e) => {
                 let cur = Record::load(&attach::record_path(&self.state, &name)).unwrap_or(rec);
-                if cur.pid != 0 && sys::alive(cur.pid) {
+                if cur.pid != 0 && cur.pid != std::process::id() && sys::alive(cur.pid) {
                     unsafe_kill(cur.pid);
                     wait_gone(cur.pid, Duration::from_secs(10));
                 }
-                undo(&cur);
+                self.drop_clone(&cur);
                 Err(e)
             }
         }

@@ -1,0 +1,256 @@
+//! `maas-probe restore`: files and folders out of a snapshot (`--path P --to DIR`), or the whole
+//! image onto a device or file (`--image`). Both read a clone of the snapshot, exported
+//! read-only to this host only and deleted afterwards; the snapshot itself is never attached.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::attach::{self, Record};
+use crate::nvme_disk::NvmeDisk;
+use crate::ops::{Probe, ProbeError, R};
+use crate::server;
+use crate::sys;
+
+#[derive(Debug, Serialize)]
+pub struct RestoreReport {
+    pub snapshot: String,
+    /// Files restored (`--path`) or bytes of the image (`--image`).
+    pub restored: String,
+    pub to: PathBuf,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// A clone of a snapshot exported read-only to this host, recorded so a killed restore is
+/// cleaned up like any attachment; dropped with [`Probe::drop_clone`].
+pub(crate) struct HostClone {
+    pub rec: Record,
+    pub export: maas_api::Export,
+}
+
+impl Probe {
+    pub(crate) fn clone_for_host(&self, snapshot: &str, purpose: &str) -> R<HostClone> {
+        let snap = server::snapshot(&self.client, snapshot)?;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{purpose}-{}", &suffix[..12]);
+        let mut rec = Record {
+            name: name.clone(),
+            pid: std::process::id(),
+            fuse_dir: self.state.join("run").join(&name).join("fuse"),
+            snapshot: Some(snap.id.clone()),
+            read_only: true,
+            ..Record::default()
+        };
+        rec.save(&self.state)?;
+        let made = (|| -> R<maas_api::Export> {
+            let clone_name: String = format!("{}-{name}", snap.volume_name)
+                .chars()
+                .take(128)
+                .collect();
+            let clone = server::clone_snapshot(&self.client, &snap.id, &clone_name)?;
+            rec.clone_volume = Some(clone.clone());
+            rec.save(&self.state)?;
+            let export = server::export_to_host(&self.client, &clone, &self.id.hostnqn, true)?;
+            rec.export = Some(export.id.clone());
+            rec.save(&self.state)?;
+            Ok(export)
+        })();
+        match made {
+            Ok(export) => Ok(HostClone { rec, export }),
+            Err(e) => {
+                self.drop_clone(&rec);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes what a clone for this host left, here and on the server.
+    pub(crate) fn drop_clone(&self, rec: &Record) {
+        attach::clean_host(rec);
+        let mut ok = true;
+        if let Some(e) = &rec.export
+            && let Err(err) = server::delete_export(&self.client, e)
+        {
+            tracing::warn!(export = %e, error = %err, "cannot delete the export yet");
+            ok = false;
+        }
+        if let Some(v) = &rec.clone_volume
+            && let Err(err) = server::delete_volume(&self.client, v)
+        {
+            tracing::warn!(volume = %v, error = %err, "cannot delete the clone yet");
+            ok = false;
+        }
+        if ok {
+            rec.remove(&self.state);
+        }
+        let _ = std::fs::remove_dir_all(self.state.join("run").join(&rec.name));
+    }
+
+    /// Copies `path` (a file or a folder, relative to the snapshot's root) into `to`, keeping
+    /// owners, modes, times, xattrs, ACLs, hard links and holes.
+    pub fn restore_files(&self, snapshot: &str, path: &str, to: &Path) -> R<RestoreReport> {
+        let t0 = Instant::now();
+        let rel = safe_relative(path)?;
+        self.clean_stale();
+        std::fs::create_dir_all(to)?;
+        let mut hc = self.clone_for_host(snapshot, "restore")?;
+        let r = (|| -> R<u64> {
+            let disk = self.connect(&hc.export)?;
+            let att = attach::attach(self.rt.handle(), disk, &hc.rec.fuse_dir, true)?;
+            hc.rec.loop_dev = Some(att.loop_dev.clone());
+            hc.rec.save(&self.state)?;
+            let mnt = self.state.join("run").join(&hc.rec.name).join("fs");
+            let copied = (|| -> R<u64> {
+                std::fs::create_dir_all(&mnt)?;
+                let l = att.loop_dev.to_string_lossy().into_owned();
+                let m = mnt.to_string_lossy().into_owned();
+                sys::run("mount", &["-t", "ext4", "-o", "ro,noload", &l, &m])?;
+                hc.rec.mount_dir = Some(mnt.clone());
+                hc.rec.save(&self.state)?;
+                let from = mnt.join(&rel);
+                let res = (|| -> R<u64> {
+                    let meta = std::fs::symlink_metadata(&from).map_err(|_| {
+                        ProbeError::Usage(format!("{path} is not in snapshot {snapshot}"))
+                    })?;
+                    // A folder is restored as a folder of that name inside `to`; a file as a
+                    // file inside `to`.
+                    let src = from.to_string_lossy().into_owned();
+                    let dst = format!("{}/", to.display());
+                    sys::run(
+                        "rsync",
+                        &["-aHAXS", "--numeric-ids", "--inplace", &src, &dst],
+                    )?;
+                    Ok(if meta.is_dir() {
+                        crate::ops::du(&from)
+                    } else {
+                        meta.len()
+                    })
+                })();
+                let un = sys::unmount(&mnt);
+                let bytes = res?;
+                un?;
+                Ok(bytes)
+            })();
+            att.detach(self.rt.handle())?;
+            copied
+        })();
+        self.drop_clone(&hc.rec);
+        let bytes = r?;
+        Ok(RestoreReport {
+            snapshot: snapshot.to_string(),
+            restored: path.to_string(),
+            to: to.to_path_buf(),
+            bytes,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Writes the snapshot's whole image to a block device or a file (made if missing; holes
+    /// where the snapshot is zero), then syncs it.
+    pub fn restore_image(&self, snapshot: &str, to: &Path) -> R<RestoreReport> {
+        let t0 = Instant::now();
+        self.clean_stale();
+        let hc = self.clone_for_host(snapshot, "restore")?;
+        let r = (|| -> R<u64> {
+            let disk = self.connect(&hc.export)?;
+            copy_image(self, &disk, to)
+        })();
+        self.drop_clone(&hc.rec);
+        let bytes = r?;
+        Ok(RestoreReport {
+            snapshot: snapshot.to_string(),
+            restored: "image".into(),
+            to: to.to_path_buf(),
+            bytes,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Reads the whole disk with several commands in flight and writes it out in order.
+fn copy_image(p: &Probe, disk: &Arc<NvmeDisk>, to: &Path) -> R<u64> {
+    let is_dev = std::fs::metadata(to)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(!is_dev)
+        .truncate(false)
+        .open(to)
+        .map_err(|e| ProbeError::Usage(format!("{}: {e}", to.display())))?;
+    let size = disk.size();
+    if is_dev {
+        let dev_size = f.seek(SeekFrom::End(0))?;
+        if dev_size < size {
+            return Err(ProbeError::Usage(format!(
+                "{} holds {dev_size} bytes; the snapshot is {size}",
+                to.display()
+            )));
+        }
+    } else {
+        f.set_len(size)?;
+    }
+    let step = disk.max_transfer() as u64;
+    const IN_FLIGHT: u64 = 16;
+    let mut at = 0u64;
+    while at < size {
+        let batch_end = (at + step * IN_FLIGHT).min(size);
+        let mut reads = Vec::new();
+        let mut o = at;
+        while o < batch_end {
+            let n = (batch_end - o).min(step) as usize;
+            let d = disk.clone();
+            reads.push((o, p.rt.spawn(async move { d.read(o, n).await })));
+            o += n as u64;
+        }
+        for (off, h) in reads {
+            let buf =
+                p.rt.block_on(h)
+                    .map_err(|e| ProbeError::Usage(format!("read task: {e}")))??;
+            // A file keeps holes where the image is zero; a device gets every byte.
+            if is_dev || buf.iter().any(|&b| b != 0) {
+                f.seek(SeekFrom::Start(off))?;
+                f.write_all(&buf)?;
+            }
+        }
+        at = batch_end;
+    }
+    f.sync_all()?;
+    Ok(size)
+}
+
+/// `path` as a path inside the snapshot: relative, without `..`.
+fn safe_relative(path: &str) -> R<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(x) => out.push(x),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(ProbeError::Usage(format!(
+                    "--path {path:?}: use a path inside the snapshot, without '..'"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_paths_stay_inside_the_snapshot() {
+        assert_eq!(safe_relative("/a/b").expect("ok"), PathBuf::from("a/b"));
+        assert_eq!(safe_relative("a/./b/").expect("ok"), PathBuf::from("a/b"));
+        assert!(safe_relative("../etc").is_err());
+        assert!(safe_relative("/a/../../etc").is_err());
+        assert_eq!(safe_relative("/").expect("ok"), PathBuf::new());
+    }
+}
