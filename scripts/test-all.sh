@@ -29,6 +29,8 @@ command -v st >/dev/null 2>&1 || python3 -m pip install -q 'schemathesis>=4,<5'
 command -v s3s-fs >/dev/null 2>&1 || cargo install --locked s3s-fs@0.14.1 --features binary
 command -v moto_server >/dev/null 2>&1 || python3 -m pip install -q 'moto[server]>=5,<6'
 command -v aws >/dev/null 2>&1 || python3 -m pip install -q awscli
+# BLAKE3 as a third party computes it, to check the probe's file manifests.
+python3 -c 'import blake3' 2>/dev/null || python3 -m pip install -q 'blake3>=1,<2'
 echo "== iSCSI peers (libiscsi, tgt, QEMU 7.2, fio with libiscsi)"
 eval "$(./scripts/iscsi-peers.sh)"
 echo "== guest VM (Debian's kernel and an initramfs for QEMU TCG; open-iscsi, nvme-cli)"

@@ -8,6 +8,7 @@
 pub mod attach;
 pub mod fuse_disk;
 pub mod identity;
+pub mod manifest;
 pub mod nvme_disk;
 pub mod ops;
 pub mod restore;

@@ -75,6 +75,12 @@ pub struct BackupReport {
     pub created_volume: bool,
     pub made_filesystem: bool,
     pub changes: Changes,
+    /// The file manifest recorded with the snapshot.
+    pub manifest: crate::manifest::ManifestStats,
+    /// Why the manifest could not be recorded (the snapshot is good; browsing by manifest
+    /// will not know it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_error: Option<String>,
     /// Bytes the probe wrote to and read from the volume over NVMe/TCP.
     pub bytes_written: u64,
     pub bytes_read: u64,
@@ -88,6 +94,17 @@ pub struct MountReport {
     pub clone_volume: String,
     pub loop_device: PathBuf,
     pub seconds: f64,
+}
+
+type Manifested = Result<(Vec<maas_api::ManifestEntry>, crate::manifest::ManifestStats), String>;
+
+/// What a backup did while the volume was attached.
+struct Attached {
+    changes: Changes,
+    made_fs: bool,
+    manifest: Manifested,
+    written: u64,
+    read: u64,
 }
 
 /// How big a new volume is made when `--size` is not given: twice the source, at least 1 GiB,
@@ -220,7 +237,7 @@ impl Probe {
         let result = self.backup_attached(&mut rec, &export, created, src, excludes, progress);
         // Whatever happened, the export goes (the next backup makes a new one).
         let _ = server::delete_export(&self.client, &export.id);
-        let (changes, made_fs, written, read) = match result {
+        let done = match result {
             Ok(x) => {
                 rec.remove(&self.state);
                 x
@@ -231,17 +248,29 @@ impl Probe {
                 return Err(e);
             }
         };
-        progress("seal", written);
+        progress("seal", done.written);
         let snap = server::seal(&self.client, &vol.id, &|_| {})?;
+        let (manifest, manifest_error) = match done.manifest {
+            Ok((entries, stats)) => match self.record_manifest(&name, &snap, &entries) {
+                Ok(()) => (stats, None),
+                Err(e) => (stats, Some(e)),
+            },
+            Err(e) => (Default::default(), Some(e)),
+        };
+        if let Some(e) = &manifest_error {
+            tracing::warn!(snapshot = %snap, error = %e, "the file manifest was not recorded");
+        }
         Ok(BackupReport {
             volume: volume.to_string(),
             volume_id: vol.id,
             snapshot: snap,
             created_volume: created,
-            made_filesystem: made_fs,
-            changes,
-            bytes_written: written,
-            bytes_read: read,
+            made_filesystem: done.made_fs,
+            changes: done.changes,
+            manifest,
+            manifest_error,
+            bytes_written: done.written,
+            bytes_read: done.read,
             seconds: t0.elapsed().as_secs_f64(),
         })
     }
@@ -254,14 +283,17 @@ impl Probe {
         src: &Path,
         excludes: &[String],
         progress: &dyn Fn(&str, u64),
-    ) -> R<(Changes, bool, u64, u64)> {
+    ) -> R<Attached> {
         progress("attach", 0);
         let disk = self.connect(export)?;
         let att = attach::attach(self.rt.handle(), disk.clone(), &rec.fuse_dir, false)?;
         rec.loop_dev = Some(att.loop_dev.clone());
         rec.save(&self.state)?;
         let mnt = self.run_dir(&rec.name).join("fs");
-        let mut inner = || -> R<(Changes, bool)> {
+        let previous = std::fs::read(self.manifest_cache(&rec.name))
+            .map(|t| crate::manifest::from_ndjson(&t))
+            .unwrap_or_default();
+        let mut inner = || -> R<(Changes, bool, Manifested)> {
             let mut made = false;
             if !tree::has_ext4(&att.loop_dev) {
                 if !created {
@@ -301,6 +333,14 @@ impl Probe {
             rec.save(&self.state)?;
             progress("copy", 0);
             let synced = tree::sync_tree(src, &mnt, excludes);
+            let manifest = match &synced {
+                Ok(_) => {
+                    progress("manifest", 0);
+                    crate::manifest::build(&mnt, src, &previous)
+                        .map_err(|e| format!("building the file manifest: {e}"))
+                }
+                Err(_) => Err(String::new()),
+            };
             // The filesystem is unmounted (which writes and flushes it) even when the copy
             // failed, so the volume is consistent for the next backup.
             let unmounted = sys::unmount(&mnt);
@@ -308,20 +348,45 @@ impl Probe {
             rec.save(&self.state)?;
             let changes = synced?;
             unmounted?;
-            Ok((changes, made))
+            Ok((changes, made, manifest))
         };
         let r = inner();
         let detached = att.detach(self.rt.handle());
-        let (changes, made) = r?;
+        let (changes, made, manifest) = r?;
         detached?;
         let _ = std::fs::remove_dir(&mnt);
         let _ = std::fs::remove_dir(self.run_dir(&rec.name));
-        Ok((
+        Ok(Attached {
             changes,
-            made,
-            disk.bytes_written.load(Ordering::Relaxed),
-            disk.bytes_read.load(Ordering::Relaxed),
-        ))
+            made_fs: made,
+            manifest,
+            written: disk.bytes_written.load(Ordering::Relaxed),
+            read: disk.bytes_read.load(Ordering::Relaxed),
+        })
+    }
+
+    /// The last manifest recorded for a volume's backups (reused for unchanged files).
+    fn manifest_cache(&self, attachment: &str) -> PathBuf {
+        self.state
+            .join("manifests")
+            .join(format!("{attachment}.ndjson"))
+    }
+
+    /// Records the manifest with the snapshot, then keeps it for the next backup.
+    fn record_manifest(
+        &self,
+        attachment: &str,
+        snapshot: &str,
+        entries: &[maas_api::ManifestEntry],
+    ) -> Result<(), String> {
+        let text = crate::manifest::to_ndjson(entries);
+        server::put_manifest(&self.client, snapshot, &text).map_err(|e| e.to_string())?;
+        let path = self.manifest_cache(attachment);
+        let tmp = path.with_extension("ndjson.tmp");
+        std::fs::create_dir_all(self.state.join("manifests"))
+            .and_then(|_| std::fs::write(&tmp, &text))
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("keeping the manifest in {}: {e}", path.display()))
     }
 
     /// The first MiB of the volume is all zero (never written).

@@ -119,12 +119,22 @@ impl Probe {
                     })?;
                     // A folder is restored as a folder of that name inside `to`; a file as a
                     // file inside `to`.
-                    let src = from.to_string_lossy().into_owned();
+                    // The whole snapshot: its contents (not a folder named after the mount
+                    // point), without the filesystem's own lost+found.
+                    let whole = rel.as_os_str().is_empty();
+                    let src = if whole {
+                        format!("{}/", from.display())
+                    } else {
+                        from.to_string_lossy().into_owned()
+                    };
                     let dst = format!("{}/", to.display());
-                    sys::run(
-                        "rsync",
-                        &["-aHAXS", "--numeric-ids", "--inplace", &src, &dst],
-                    )?;
+                    let mut args = vec!["-aHAXS", "--numeric-ids", "--inplace"];
+                    if whole {
+                        args.push("--exclude=/lost+found");
+                    }
+                    args.push(&src);
+                    args.push(&dst);
+                    sys::run("rsync", &args)?;
                     Ok(if meta.is_dir() {
                         crate::ops::du(&from)
                     } else {

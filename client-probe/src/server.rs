@@ -164,3 +164,13 @@ pub fn delete_volume(c: &Client, id: &str) -> R<()> {
         Err(e) => Err(e),
     }
 }
+
+/// Records a snapshot's file manifest (JSON lines).
+pub fn put_manifest(c: &Client, snapshot: &str, ndjson: &[u8]) -> R<api::ManifestInfo> {
+    api::client::typed(c.send_bytes(
+        "PUT",
+        &format!("/snapshots/{snapshot}/manifest"),
+        "application/x-ndjson",
+        ndjson,
+    )?)
+}

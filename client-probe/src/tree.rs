@@ -128,6 +128,9 @@ pub fn sync_tree(src: &Path, dst: &Path, excludes: &[String]) -> Result<Changes,
     let mut args: Vec<String> = [
         "-aHAXS",
         "--delete",
+        // What an exclusion added later leaves out is removed from the volume too: the volume
+        // mirrors the source as the backup selects it.
+        "--delete-excluded",
         "--numeric-ids",
         "--stats",
         // Changed files are rewritten where they are: unchanged parts land on the same blocks,
@@ -157,12 +160,97 @@ pub fn sync_tree(src: &Path, dst: &Path, excludes: &[String]) -> Result<Changes,
     if !(code == Some(0) || code == Some(24)) {
         return Err(sys::failed("rsync", &argv, &out).into());
     }
+    restore_times(src, dst, true).map_err(|e| {
+        TreeError::Sys(SysError::Failed {
+            cmd: "setting directory times".into(),
+            status: String::new(),
+            code: None,
+            stderr: e.to_string(),
+        })
+    })?;
     let mut c = parse_stats(&stdout);
     c.vanished = stderr
         .lines()
         .filter(|l| l.starts_with("file has vanished"))
         .count() as u64;
     Ok(c)
+}
+
+/// Sets every directory, symbolic link and special file of `dst` that the source has to the
+/// source's times.
+/// rsync sets a directory's itself, but on a slow target its receiver can still be creating
+/// entries (hard links, FIFOs) in it after its generator set the time, leaving the copy's mtime
+/// newer than the source's; and it leaves the times of links and special files alone. This pass, after rsync
+/// exited, makes both exact.
+pub fn restore_times(
+    src: &Path,
+    dst: &Path,
+    excludes_root_lost_found: bool,
+) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut stack = vec![std::path::PathBuf::new()];
+    let mut dirs = Vec::new();
+    let mut links = Vec::new();
+    while let Some(rel) = stack.pop() {
+        let s = src.join(&rel);
+        let Ok(rd) = std::fs::read_dir(&s) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            let child = rel.join(e.file_name());
+            if t.is_dir() {
+                if excludes_root_lost_found && child.as_os_str() == "lost+found" {
+                    continue;
+                }
+                stack.push(child);
+            } else if !t.is_file() {
+                // Symbolic links, FIFOs, sockets, devices.
+                links.push(child);
+            }
+        }
+        dirs.push(rel);
+    }
+    dirs.splice(0..0, links);
+    // Deepest first, so setting a child never disturbs a parent already set (it does not
+    // anyway: setting times changes no entry).
+    for rel in dirs.iter().rev() {
+        let Ok(m) = std::fs::symlink_metadata(src.join(rel)) else {
+            continue;
+        };
+        let target = dst.join(rel);
+        let same_kind = std::fs::symlink_metadata(&target)
+            .is_ok_and(|t| (t.mode() & libc::S_IFMT) == (m.mode() & libc::S_IFMT));
+        if !same_kind {
+            continue;
+        }
+        let c = std::ffi::CString::new(target.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
+        let times = [
+            libc::timespec {
+                tv_sec: m.atime(),
+                tv_nsec: m.atime_nsec(),
+            },
+            libc::timespec {
+                tv_sec: m.mtime(),
+                tv_nsec: m.mtime_nsec(),
+            },
+        ];
+        // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat(2) takes them.
+        let r = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn stat_number(stats: &str, key: &str) -> u64 {

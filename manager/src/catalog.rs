@@ -100,6 +100,15 @@ pub mod schema {
         }
     }
     diesel::table! {
+        snapshot_manifests (snapshot) {
+            snapshot -> Text,
+            entries -> BigInt,
+            file_bytes -> BigInt,
+            created_ms -> BigInt,
+            data -> Binary,
+        }
+    }
+    diesel::table! {
         tokens (id) {
             id -> Text,
             name -> Text,
@@ -163,6 +172,27 @@ pub struct SnapshotRow {
     pub created_ms: i64,
     /// `local` or `archive` (see the migration).
     pub location: String,
+}
+
+/// A snapshot's file manifest: `data` is zstd-compressed JSON lines.
+#[derive(Clone, Queryable, Selectable, Insertable, AsChangeset, PartialEq)]
+#[diesel(table_name = snapshot_manifests)]
+pub struct ManifestRow {
+    pub snapshot: String,
+    pub entries: i64,
+    pub file_bytes: i64,
+    pub created_ms: i64,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for ManifestRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManifestRow")
+            .field("snapshot", &self.snapshot)
+            .field("entries", &self.entries)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
 }
 
 #[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
@@ -477,11 +507,34 @@ impl Catalog {
                 .map(|_| ())?)
         })
     }
+    /// Deletes a snapshot's row and what belongs to it (its file manifest).
     pub fn delete_snapshot_row(&self, id: &str) -> CResult<()> {
-        self.with(|c| {
+        self.tx(|c| {
+            diesel::delete(snapshot_manifests::table.find(id)).execute(c)?;
             Ok(diesel::delete(snapshots::table.find(id))
                 .execute(c)
                 .map(|_| ())?)
+        })
+    }
+
+    // ---- file manifests ----
+    /// Stores (or replaces) a snapshot's manifest.
+    pub fn put_manifest(&self, r: &ManifestRow) -> CResult<()> {
+        self.tx(|c| {
+            diesel::delete(snapshot_manifests::table.find(&r.snapshot)).execute(c)?;
+            Ok(diesel::insert_into(snapshot_manifests::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn manifest(&self, snapshot: &str) -> CResult<Option<ManifestRow>> {
+        self.with(|c| {
+            Ok(snapshot_manifests::table
+                .find(snapshot)
+                .select(ManifestRow::as_select())
+                .first(c)
+                .optional()?)
         })
     }
     pub fn snapshot(&self, id: &str) -> CResult<Option<SnapshotRow>> {

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod identity;
 pub mod jobs;
+pub mod manifest;
 pub mod reconcile;
 pub mod secrets;
 pub mod server;

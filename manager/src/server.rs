@@ -36,6 +36,7 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         crate::archive::list_all_snapshots, crate::archive::import_target,
         crate::archive::verify_copy,
         crate::archive::check_target,
+        crate::manifest::put_manifest, crate::manifest::get_manifest,
     ),
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::PoolReads, maas_api::Device, maas_api::Volume,
@@ -43,7 +44,7 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
         maas_api::ArchiveTarget, maas_api::CreateArchiveTarget, maas_api::ObjectLock, maas_api::ArchiveSnapshot, maas_api::CheckArchiveTarget,
-        maas_api::SnapshotArchive,
+        maas_api::SnapshotArchive, maas_api::ManifestEntry, maas_api::ManifestInfo,
     )),
     modifiers(&Security),
 )]
@@ -99,6 +100,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/snapshots/{id}", web::get().to(api::get_snapshot))
             .route("/snapshots/{id}", web::patch().to(api::patch_snapshot))
             .route("/snapshots/{id}", web::delete().to(api::delete_snapshot))
+            .route(
+                "/snapshots/{id}/manifest",
+                web::put().to(crate::manifest::put_manifest),
+            )
+            .route(
+                "/snapshots/{id}/manifest",
+                web::get().to(crate::manifest::get_manifest),
+            )
             .route(
                 "/snapshots/{id}/clones",
                 web::post().to(api::clone_snapshot),

@@ -77,6 +77,7 @@ fn lifecycle(m: &mut Maasd) {
     assert_eq!(snaps["items"].as_array().unwrap().len(), 1);
     assert_eq!(snaps["items"][0]["id"], sid.as_str());
     assert_eq!(snaps["items"][0]["volume_name"], "db01-renamed");
+    manifest_round_trip(m, &sid);
     let st = m.ok(
         "PATCH",
         &format!("/snapshots/{sid}"),
@@ -284,6 +285,55 @@ fn lifecycle_and_restart_on_postgresql() {
     assert_eq!(m.ok("GET", "/health", None)["catalog"], "postgresql");
     lifecycle(&mut m);
     m.stop();
+}
+
+fn get_text(m: &Maasd, path: &str) -> (u16, String) {
+    match m
+        .agent()
+        .get(&m.url(path))
+        .set("Authorization", &format!("Bearer {}", m.token))
+        .call()
+    {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("GET {path}: {e}"),
+    }
+}
+
+/// A snapshot's file manifest: stored as given (JSON lines), read back the same, replaced
+/// whole, refused whole when a line is not an entry.
+fn manifest_round_trip(m: &Maasd, sid: &str) {
+    let path = format!("/snapshots/{sid}/manifest");
+    let (s, e) = get_text(m, &path);
+    assert_eq!(s, 404, "{e}");
+    assert!(e.contains("MANIFEST_NOT_FOUND"));
+    let lines = [
+        json!({"path": "/", "kind": "dir", "size": 0, "mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 1}),
+        json!({"path": "/a b/ü.txt", "kind": "file", "size": 5, "mode": 0o644, "uid": 1000, "gid": 100,
+               "mtime_ns": 1_700_000_000_123_456_789i64, "blake3": blake3::hash(b"hello").to_hex().to_string()}),
+        json!({"path": "/l", "kind": "symlink", "size": 7, "mode": 0o777, "uid": 0, "gid": 0, "mtime_ns": -5, "target": "a b/ü.txt"}),
+    ];
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let (s, info) = m.raw("PUT", &path, &body);
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["entries"], 3);
+    assert_eq!(info["file_bytes"], 5);
+    let (s, text) = get_text(m, &path);
+    assert_eq!(s, 200);
+    let back: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(back, lines.to_vec());
+    // A bad line refuses the whole body; the stored manifest is untouched.
+    let bad = format!("{}\n{{\"path\": \"/x\", \"kind\": \"file\"}}\n", lines[0]);
+    let (s, e) = m.raw("PUT", &path, &bad);
+    assert_eq!((s, code(&e)), (400, "INVALID_MANIFEST"));
+    assert_eq!(get_text(m, &path).1, text);
+    // Replaced whole.
+    let (s, _) = m.raw("PUT", &path, &format!("{}\n", lines[0]));
+    assert_eq!(s, 200);
+    assert_eq!(get_text(m, &path).1.lines().count(), 1);
 }
 
 fn counts(m: &Maasd) -> (usize, u64, u64) {

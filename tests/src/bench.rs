@@ -258,9 +258,21 @@ pub fn maasd_beside_me() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MAAS_MAASD_BIN") {
         return Ok(PathBuf::from(p));
     }
+    beside_me("maas-manager", "maasd")
+}
+
+/// The `maas-probe` binary beside this one (built if missing), or `MAAS_PROBE_BIN`.
+pub fn probe_beside_me() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MAAS_PROBE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    beside_me("maas-probe", "maas-probe")
+}
+
+fn beside_me(package: &str, name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("no directory above this binary")?;
-    let bin = dir.join("maasd");
+    let bin = dir.join(name);
     if !bin.is_file() {
         let target = dir
             .parent()
@@ -268,11 +280,11 @@ pub fn maasd_beside_me() -> Result<PathBuf> {
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cmd.current_dir(repo_root())
             .env("CARGO_TARGET_DIR", target)
-            .args(["build", "-q", "-p", "maas-manager", "--bin", "maasd"]);
+            .args(["build", "-q", "-p", package, "--bin", name]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        let st = cmd.status().context("building maasd")?;
+        let st = cmd.status().with_context(|| format!("building {name}"))?;
         if !st.success() || !bin.is_file() {
             bail!("building {} failed ({st})", bin.display());
         }

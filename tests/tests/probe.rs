@@ -141,6 +141,77 @@ fn assert_same_tree(expected: &Path, actual: &Path) {
     ));
 }
 
+fn manifest_text(m: &Maasd, snapshot: &str) -> (u16, String) {
+    match m
+        .agent()
+        .get(&m.url(&format!("/snapshots/{snapshot}/manifest")))
+        .set("Authorization", &format!("Bearer {}", m.token))
+        .call()
+    {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("GET manifest: {e}"),
+    }
+}
+
+/// The snapshot's manifest names every entry of `tree` (but lost+found) with its kind, size,
+/// mode, owner and mtime as `lstat` sees them, and each file's BLAKE3 as Python's blake3
+/// computes it from the file.
+fn assert_manifest_matches(m: &Maasd, snapshot: &str, tree: &Path) {
+    let (code, text) = manifest_text(m, snapshot);
+    assert_eq!(code, 200, "{text}");
+    let dir = tree.parent().expect("parent");
+    let listing = dir.join(format!("{snapshot}.ndjson"));
+    std::fs::write(&listing, &text).expect("write manifest");
+    let script = r#"
+import sys, os, stat, json, blake3
+tree, listing = sys.argv[1], sys.argv[2]
+got = {}
+for line in open(listing):
+    e = json.loads(line)
+    got[e["path"]] = e
+want = {}
+for root, dirs, files in os.walk(tree):
+    for name in dirs + files:
+        full = os.path.join(root, name)
+        want["/" + os.path.relpath(full, tree)] = full
+want["/"] = tree
+missing = sorted(set(want) - set(got))
+extra = sorted(set(got) - set(want))
+assert not missing and not extra, f"missing {missing[:5]} extra {extra[:5]}"
+kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo"}
+for path, full in want.items():
+    st, e = os.lstat(full), got[path]
+    assert e["kind"] == kinds[stat.S_IFMT(st.st_mode)], (path, e)
+    assert e["mode"] == stat.S_IMODE(st.st_mode), (path, e, oct(st.st_mode))
+    assert (e["uid"], e["gid"]) == (st.st_uid, st.st_gid), (path, e)
+    assert e["mtime_ns"] == st.st_mtime_ns, (path, e, st.st_mtime_ns)
+    if e["kind"] == "file":
+        assert e["size"] == st.st_size, (path, e)
+        h = blake3.blake3()
+        with open(full, "rb") as f:
+            for b in iter(lambda: f.read(1 << 20), b""):
+                h.update(b)
+        assert e["blake3"] == h.hexdigest(), (path, e)
+    if e["kind"] == "symlink":
+        assert e["target"] == os.readlink(full), (path, e)
+print(len(got))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(tree)
+        .arg(&listing)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "manifest of {snapshot} does not match {}:\n{}",
+        tree.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn snapshots(m: &Maasd, volume_id: &str) -> Vec<String> {
     let v = m.ok("GET", &format!("/volumes/{volume_id}/snapshots"), None);
     v["items"]
@@ -220,6 +291,9 @@ fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
     assert!(b1["changes"]["files"].as_u64().unwrap_or(0) > 50, "{b1}");
     let day1 = t.path().join("day1");
     sh_ok(&format!("cp -a {} {}", src.display(), day1.display()));
+    // The file manifest recorded with the snapshot lists the day's tree exactly.
+    assert!(b1.get("manifest_error").is_none(), "{b1}");
+    assert_manifest_matches(&m, &s1, &day1);
 
     mutate(&src);
     sh_ok(&format!(
@@ -247,6 +321,16 @@ fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
         "second backup wrote as much as the first: {b1} {b2}"
     );
     assert_eq!(snapshots(&m, &vol).len(), 2);
+    // Unchanged files are not hashed again: only about what rsync copied is.
+    let hashed = b2["manifest"]["files_hashed"].as_u64().unwrap_or(u64::MAX);
+    let copied = b2["changes"]["files_transferred"].as_u64().unwrap_or(0);
+    assert!(hashed <= copied + 2, "{b2}");
+    assert!(
+        b2["manifest"]["bytes_hashed"].as_u64().unwrap_or(u64::MAX)
+            < b1["manifest"]["bytes_hashed"].as_u64().unwrap_or(0) / 2,
+        "{b1} {b2}"
+    );
+    assert_manifest_matches(&m, &s2, &src);
 
     // Both points in time, mounted at once, each exactly its day's tree.
     let (m1, m2) = (t.path().join("m1"), t.path().join("m2"));
@@ -526,6 +610,19 @@ fn bad_inputs_end_in_clear_messages_and_exit_codes_never_in_a_snapshot() {
     probe.ok(&["mount", &s, &mnt.display().to_string()]);
     assert_same_tree(&src, &mnt);
     probe.ok(&["umount", &mnt.display().to_string()]);
+
+    // Manifests: what is not one is refused whole; a snapshot without one says so.
+    let (code, body) = m.raw(
+        "PUT",
+        &format!("/snapshots/{s}/manifest"),
+        "{\"path\":\"relative\"}",
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["code"], "INVALID_MANIFEST");
+    let (code, _) = manifest_text(&m, &s);
+    assert_eq!(code, 200, "the bad PUT replaced the good manifest");
+    let (code, body) = m.raw("PUT", "/snapshots/snap-nope/manifest", "");
+    assert_eq!(code, 404, "{body}");
 
     let not_ours = probe.run(&["umount", &t.path().display().to_string()]);
     assert_eq!(not_ours.status.code(), Some(2));

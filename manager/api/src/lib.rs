@@ -629,3 +629,43 @@ mod tests {
         assert!(format!("{token:?}").contains("tok-1"));
     }
 }
+
+/// One entry of a snapshot's file manifest (`GET /snapshots/{id}/manifest`, one JSON object per
+/// line): what a file-tree backup put in the snapshot, for browsing, drills and audit.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestEntry {
+    /// Absolute within the backed-up tree (`/` is its root).
+    pub path: String,
+    /// `file`, `dir`, `symlink`, `fifo`, `socket`, `char` or `block`.
+    pub kind: String,
+    pub size: u64,
+    /// Permission and special bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// BLAKE3 of the content, 64 hex digits (regular files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+    /// Symbolic links: where they point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+impl ManifestEntry {
+    /// The kinds an entry may have.
+    pub const KINDS: [&'static str; 7] =
+        ["file", "dir", "symlink", "fifo", "socket", "char", "block"];
+}
+
+/// What `PUT /snapshots/{id}/manifest` stored.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ManifestInfo {
+    pub snapshot: String,
+    pub entries: u64,
+    /// Bytes of the regular files it lists.
+    pub file_bytes: u64,
+    pub created_at: String,
+}

@@ -116,13 +116,29 @@ impl Client {
 
     /// One request to `/api/v1{path}`; `204` is `Value::Null`.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> R<Value> {
+        self.request(method, path, body.map(Body::Json))
+    }
+
+    /// One request with a body of another type (e.g. `application/x-ndjson`).
+    pub fn send_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> R<Value> {
+        self.request(method, path, Some(Body::Bytes(content_type, body)))
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<Body<'_>>) -> R<Value> {
         let url = format!("{}/api/v1{}", self.base, path);
         let mut req = self.agent.request(method, &url);
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {}", t.as_str()));
         }
         let res = match body {
-            Some(b) => req.send_json(b),
+            Some(Body::Json(b)) => req.send_json(b),
+            Some(Body::Bytes(ct, b)) => req.set("Content-Type", ct).send_bytes(b),
             None => req.call(),
         };
         match res {
@@ -175,6 +191,11 @@ impl Client {
             }
         }
     }
+}
+
+enum Body<'a> {
+    Json(Value),
+    Bytes(&'a str, &'a [u8]),
 }
 
 /// A JSON value as the type the caller expects.
