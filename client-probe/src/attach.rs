@@ -184,9 +184,16 @@ pub fn attach(
             }
         }
     };
+    let loop_dev = loop_dev.trim().to_string();
+    // Read-ahead of 4 MiB (the kernel's default is 128 KiB): sequential reads of a mounted
+    // snapshot (restores, copies) become 1 MiB NVMe reads, several in flight, instead of
+    // round trips of 128 KiB.
+    if let Err(e) = sys::run("blockdev", &["--setra", "8192", &loop_dev]) {
+        tracing::info!(error = %e, "loop device read-ahead left at the kernel's default");
+    }
     Ok(Attachment {
         disk,
-        loop_dev: PathBuf::from(loop_dev.trim()),
+        loop_dev: PathBuf::from(loop_dev),
         fuse_dir: fuse_dir.to_path_buf(),
         session: Some(session),
     })

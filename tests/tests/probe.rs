@@ -20,6 +20,22 @@ struct Probe<'a> {
     state: PathBuf,
 }
 
+/// A test that fails midway still leaves nothing attached: the serving processes of its mounts
+/// are stopped and `maas-probe cleanup` removes mounts, loop devices and FUSE mounts.
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-f", "--"])
+            .arg(format!(
+                "--state-dir {} serve-attachment",
+                self.state.display()
+            ))
+            .status();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.cmd(&["cleanup"]).output();
+    }
+}
+
 impl Probe<'_> {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(probe_bin());

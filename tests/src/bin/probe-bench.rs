@@ -300,6 +300,10 @@ fn main() -> Result<()> {
             bail!("the {name} restore differs from the dataset:\n{out}");
         }
     }
+    // Three copies of the dataset are a lot of disk: they are checked, they go.
+    for d in [&to_maas, &to_restic, &to_borg] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 
     eprintln!("== mount and first byte");
     let file = some_file(&ds)?;
