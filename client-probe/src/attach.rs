@@ -47,8 +47,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AttachError + '_ {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Record {
     pub name: String,
-    /// The process serving the FUSE file.
+    /// The process serving the FUSE file, and when it started (so a reused pid is not it).
     pub pid: u32,
+    #[serde(default)]
+    pub pid_start: u64,
     pub fuse_dir: PathBuf,
     #[serde(default)]
     pub loop_dev: Option<PathBuf>,
@@ -235,13 +237,16 @@ pub fn detach_loop(loop_dev: &Path, fuse_dir: &Path) -> Result<(), AttachError> 
         Some(b) if b == ours => {
             sys::run("losetup", &["-d", &loop_dev.to_string_lossy()])?;
             // losetup -d only marks it for removal while in use; wait until it lets go.
-            for _ in 0..100 {
+            for _ in 0..250 {
                 if backing_file(loop_dev).as_deref() != Some(ours.as_path()) {
-                    break;
+                    return Ok(());
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Ok(())
+            Err(AttachError::Io {
+                path: loop_dev.to_path_buf(),
+                source: std::io::Error::other("the loop device is still in use after 5 s"),
+            })
         }
         _ => Ok(()),
     }
@@ -250,8 +255,17 @@ pub fn detach_loop(loop_dev: &Path, fuse_dir: &Path) -> Result<(), AttachError> 
 /// Removes what a dead probe left on this host for `r`: the filesystem on its loop device, the
 /// loop device, the FUSE mount. Server-side resources are the caller's (it has the client).
 pub fn clean_host(r: &Record) {
+    // Only a mount of our own loop device is ours to remove (after a reboot the directory may
+    // hold someone else's mount).
+    let ours = |m: &Path| {
+        let Some(l) = &r.loop_dev else { return false };
+        sys::mounts()
+            .iter()
+            .any(|(mp, src)| mp == m && Path::new(src) == l.as_path())
+            && backing_file(l).as_deref() == Some(r.fuse_dir.join(DISK_FILE).as_path())
+    };
     if let Some(m) = &r.mount_dir
-        && sys::is_mounted(m)
+        && ours(m)
     {
         if let Err(e) = sys::unmount(m) {
             tracing::warn!(path = %m.display(), error = %e, "cannot unmount a stale mount");
@@ -262,9 +276,10 @@ pub fn clean_host(r: &Record) {
     {
         tracing::warn!(loop_dev = %l.display(), error = %e, "cannot detach a stale loop device");
     }
-    if sys::is_mounted(&r.fuse_dir)
-        && let Err(e) = sys::unmount(&r.fuse_dir)
-    {
+    let fuse_ours = sys::mounts()
+        .iter()
+        .any(|(mp, src)| mp == &r.fuse_dir && src == "maas-probe");
+    if fuse_ours && let Err(e) = sys::unmount(&r.fuse_dir) {
         tracing::warn!(path = %r.fuse_dir.display(), error = %e, "cannot unmount a stale FUSE mount");
     }
     // A loop device set up after the record was last written (crash between losetup and the

@@ -90,6 +90,10 @@ pub struct NvmeDisk {
     /// Bytes read and written through this disk (for reports and the three-party proof).
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Set by any failed write, zeroing or flush, and never cleared: the filesystem above may
+    /// have met the error in background writeback, where nobody reports it, so whoever seals
+    /// the volume asks this first ([`NvmeDisk::write_failure`]).
+    write_failed: std::sync::Mutex<Option<String>>,
     keepalive: tokio::task::JoinHandle<()>,
 }
 
@@ -174,12 +178,13 @@ impl NvmeDisk {
             max_transfer,
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            write_failed: std::sync::Mutex::new(None),
             keepalive,
         })
     }
 
     pub fn size(&self) -> u64 {
-        self.blocks * u64::from(self.block_size)
+        self.blocks.saturating_mul(u64::from(self.block_size))
     }
 
     pub fn block_size(&self) -> u32 {
@@ -242,9 +247,24 @@ impl NvmeDisk {
             blocks,
             data: Arc::new(data),
         })
-        .await?;
+        .await
+        .map_err(|e| self.failed("write", e))?;
         self.bytes_written.fetch_add(n, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn failed(&self, what: &str, e: DiskError) -> DiskError {
+        if let Ok(mut f) = self.write_failed.lock()
+            && f.is_none()
+        {
+            *f = Some(format!("a {what} failed: {e}"));
+        }
+        e
+    }
+
+    /// The first write, zeroing or flush that failed since the disk was connected, if any.
+    pub fn write_failure(&self) -> Option<String> {
+        self.write_failed.lock().ok().and_then(|f| f.clone())
     }
 
     /// Zeroes `len` bytes at `offset` (block-aligned) without sending data, and lets the pool
@@ -263,7 +283,9 @@ impl NvmeDisk {
         let mut left = len / bs;
         while left > 0 {
             let blocks = left.min(65536) as u32;
-            self.submit(Op::Zeroes { lba, blocks }).await?;
+            self.submit(Op::Zeroes { lba, blocks })
+                .await
+                .map_err(|e| self.failed("zeroing", e))?;
             lba += u64::from(blocks);
             left -= u64::from(blocks);
         }
@@ -286,7 +308,9 @@ impl NvmeDisk {
         }
         for w in waits {
             w.await
-                .map_err(|_| DiskError::Gone("I/O queue closed".into()))??;
+                .map_err(|_| DiskError::Gone("I/O queue closed".into()))
+                .and_then(|r| r.map(|_| ()))
+                .map_err(|e| self.failed("flush", e))?;
         }
         Ok(())
     }

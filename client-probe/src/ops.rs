@@ -147,7 +147,7 @@ impl Probe {
     pub fn clean_stale(&self) -> Vec<String> {
         let mut cleaned = Vec::new();
         for r in Record::all(&self.state) {
-            if r.pid != 0 && sys::alive(r.pid) {
+            if sys::alive_as(r.pid, r.pid_start) {
                 continue;
             }
             tracing::warn!(attachment = %r.name, "removing what a stopped probe left attached");
@@ -205,6 +205,8 @@ impl Probe {
         if !src.is_dir() {
             return Err(TreeError::NoSource(src.display().to_string()).into());
         }
+        // One backup of a volume at a time on this host (two would write one filesystem).
+        let _lock = lock_volume(&self.state, volume)?;
         self.clean_stale();
         progress("volume", 0);
         let (vol, created) = match server::volume_by_name(&self.client, volume)? {
@@ -227,6 +229,7 @@ impl Probe {
         let mut rec = Record {
             name: name.clone(),
             pid: std::process::id(),
+            pid_start: sys::start_time(std::process::id()).unwrap_or(0),
             fuse_dir: self.run_dir(&name).join("fuse"),
             ..Record::default()
         };
@@ -342,8 +345,17 @@ impl Probe {
                 Err(_) => Err(String::new()),
             };
             // The filesystem is unmounted (which writes and flushes it) even when the copy
-            // failed, so the volume is consistent for the next backup.
-            let unmounted = sys::unmount(&mnt);
+            // failed, so the volume is consistent for the next backup. Strictly: a mount kept
+            // busy by someone is an error, never detached lazily and sealed while writable.
+            let unmounted = sys::run("umount", &[&mnt.to_string_lossy()])
+                .map(|_| ())
+                .map_err(|e| {
+                    ProbeError::Usage(format!(
+                        "cannot unmount the volume at {} (something uses it?): {e}; the backup \
+                         is not sealed",
+                        mnt.display()
+                    ))
+                });
             rec.mount_dir = None;
             rec.save(&self.state)?;
             let changes = synced?;
@@ -354,6 +366,14 @@ impl Probe {
         let detached = att.detach(self.rt.handle());
         let (changes, made, manifest) = r?;
         detached?;
+        // A write the filesystem met in background writeback fails nothing above it: the
+        // disk remembers it, and such a backup is never sealed.
+        if let Some(why) = disk.write_failure() {
+            return Err(ProbeError::Usage(format!(
+                "writing to the volume failed ({why}); the backup is not sealed (is the pool \
+                 full?)"
+            )));
+        }
         let _ = std::fs::remove_dir(&mnt);
         let _ = std::fs::remove_dir(self.run_dir(&rec.name));
         Ok(Attached {
@@ -492,7 +512,7 @@ impl Probe {
             Ok(m) => Ok(m),
             Err(e) => {
                 let cur = Record::load(&attach::record_path(&self.state, &name)).unwrap_or(rec);
-                if cur.pid != 0 && cur.pid != std::process::id() && sys::alive(cur.pid) {
+                if cur.pid != std::process::id() && sys::alive_as(cur.pid, cur.pid_start) {
                     unsafe_kill(cur.pid);
                     wait_gone(cur.pid, Duration::from_secs(10));
                 }
@@ -515,7 +535,7 @@ impl Probe {
             )));
         };
         sys::unmount(&dir)?;
-        if rec.pid != 0 && sys::alive(rec.pid) {
+        if sys::alive_as(rec.pid, rec.pid_start) {
             unsafe_kill(rec.pid);
             if !wait_gone(rec.pid, Duration::from_secs(30)) {
                 tracing::warn!(
@@ -545,6 +565,7 @@ pub fn serve_attachment(state: &Path, id: &Identity, rt: &Runtime, name: &str) -
     let mut rec = Record::load(&path)
         .ok_or_else(|| ProbeError::Usage(format!("no attachment record {name}")))?;
     rec.pid = std::process::id();
+    rec.pid_start = sys::start_time(rec.pid).unwrap_or(0);
     rec.save(state)?;
     let fail = |rec: &mut Record, e: &ProbeError| {
         rec.error = Some(e.to_string());
@@ -612,6 +633,22 @@ fn connect_target(rt: &Runtime, t: &Target) -> R<Arc<NvmeDisk>> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// An exclusive `flock` on `STATE/locks/VOLUME`, held while the returned file is open.
+fn lock_volume(state: &Path, volume: &str) -> R<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = state.join("locks");
+    std::fs::create_dir_all(&dir)?;
+    let f = std::fs::File::create(dir.join(volume))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(ProbeError::Usage(format!(
+            "another backup of volume {volume} is running on this host"
+        )));
+    }
+    Ok(f)
 }
 
 fn unsafe_kill(pid: u32) {

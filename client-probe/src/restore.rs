@@ -41,6 +41,7 @@ impl Probe {
         let mut rec = Record {
             name: name.clone(),
             pid: std::process::id(),
+            pid_start: crate::sys::start_time(std::process::id()).unwrap_or(0),
             fuse_dir: self.state.join("run").join(&name).join("fuse"),
             snapshot: Some(snap.id.clone()),
             read_only: true,
@@ -117,6 +118,20 @@ impl Probe {
                     let meta = std::fs::symlink_metadata(&from).map_err(|_| {
                         ProbeError::Usage(format!("{path} is not in snapshot {snapshot}"))
                     })?;
+                    // A symbolic link inside the snapshot on the way (`a -> /`) must not lead
+                    // the copy out of it to this host's files.
+                    let root = std::fs::canonicalize(&mnt)?;
+                    let inside = match from.parent() {
+                        Some(parent) if !rel.as_os_str().is_empty() => {
+                            std::fs::canonicalize(parent)?.starts_with(&root)
+                        }
+                        _ => true,
+                    };
+                    if !inside {
+                        return Err(ProbeError::Usage(format!(
+                            "{path} leads out of the snapshot through a symbolic link"
+                        )));
+                    }
                     // A folder is restored as a folder of that name inside `to`; a file as a
                     // file inside `to`.
                     // The whole snapshot: its contents (not a folder named after the mount
@@ -203,6 +218,9 @@ fn copy_image(p: &Probe, disk: &Arc<NvmeDisk>, to: &Path) -> R<u64> {
             )));
         }
     } else {
+        // Emptied first: the zero ranges skipped below must read as zero, not as whatever the
+        // file held before.
+        f.set_len(0)?;
         f.set_len(size)?;
     }
     let step = disk.max_transfer() as u64;

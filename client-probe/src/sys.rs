@@ -115,9 +115,38 @@ pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// When a process started (clock ticks after boot, /proc/PID/stat field 22): with its pid,
+/// what names one process across pid reuse and reboots.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process that was `pid`, started at `start` (0: unknown), still runs.
+pub fn alive_as(pid: u32, start: u64) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match start {
+        0 => alive(pid),
+        s => start_time(pid) == Some(s),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_is_named_by_pid_and_start_time() {
+        let me = std::process::id();
+        let t = start_time(me).expect("own start time");
+        assert!(alive_as(me, t));
+        assert!(!alive_as(me, t + 1));
+        assert!(!alive_as(0, 0));
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {

@@ -518,14 +518,19 @@ impl Catalog {
     }
 
     // ---- file manifests ----
-    /// Stores (or replaces) a snapshot's manifest.
-    pub fn put_manifest(&self, r: &ManifestRow) -> CResult<()> {
+    /// Stores (or replaces) a snapshot's manifest; false (nothing stored) if the snapshot is
+    /// gone — checked in the same transaction, so no manifest outlives its snapshot.
+    pub fn put_manifest(&self, r: &ManifestRow) -> CResult<bool> {
         self.tx(|c| {
+            let live: i64 = snapshots::table.find(&r.snapshot).count().get_result(c)?;
+            if live == 0 {
+                return Ok(false);
+            }
             diesel::delete(snapshot_manifests::table.find(&r.snapshot)).execute(c)?;
-            Ok(diesel::insert_into(snapshot_manifests::table)
+            diesel::insert_into(snapshot_manifests::table)
                 .values(r)
-                .execute(c)
-                .map(|_| ())?)
+                .execute(c)?;
+            Ok(true)
         })
     }
     pub fn manifest(&self, snapshot: &str) -> CResult<Option<ManifestRow>> {

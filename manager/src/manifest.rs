@@ -123,8 +123,15 @@ pub async fn put_manifest(
     };
     blocking(&state, move |st| {
         // The snapshot may have been deleted meanwhile: never keep a manifest without it.
-        crate::api::snapshot_row(st, &row.snapshot)?;
-        Ok(st.catalog.put_manifest(&row)?)
+        if st.catalog.put_manifest(&row)? {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(
+                "SNAPSHOT_NOT_FOUND",
+                "snapshot",
+                &row.snapshot,
+            ))
+        }
     })
     .await?;
     tracing::info!(snapshot = %info.snapshot, entries, file_bytes, "file manifest recorded");

@@ -253,6 +253,20 @@ impl Results {
     }
 }
 
+/// The benchmark dataset's generator: `MAAS_DATASET_SCRIPT` if set, else the steering
+/// repository's `../shared/datasets/mkdataset.py` beside this repository, else the copy in
+/// `tests/data/` (a clone on its own, as CI has it).
+pub fn dataset_script() -> PathBuf {
+    if let Some(p) = std::env::var_os("MAAS_DATASET_SCRIPT") {
+        return PathBuf::from(p);
+    }
+    let shared = repo_root().join("../shared/datasets/mkdataset.py");
+    if shared.is_file() {
+        return shared;
+    }
+    repo_root().join("tests/data/mkdataset.py")
+}
+
 /// The `maasd` binary beside this one (built if missing), or `MAAS_MAASD_BIN`.
 pub fn maasd_beside_me() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MAAS_MAASD_BIN") {

@@ -99,7 +99,7 @@ fn sh_ok(cmd: &str) -> String {
 }
 
 fn dataset(dir: &Path, scale: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/mkdataset.py");
+    let script = maas_tests::bench::dataset_script();
     sh_ok(&format!(
         "python3 {} create {} --scale {scale} >/dev/null",
         script.display(),
@@ -108,7 +108,7 @@ fn dataset(dir: &Path, scale: &str) {
 }
 
 fn mutate(dir: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/mkdataset.py");
+    let script = maas_tests::bench::dataset_script();
     sh_ok(&format!(
         "python3 {} mutate {} >/dev/null",
         script.display(),
@@ -313,7 +313,8 @@ fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
 
     mutate(&src);
     sh_ok(&format!(
-        "rm {0}/meta/hard2 && echo changed >> {0}/meta/old && setfattr -n user.maas.test -v again {0}/meta/xattr",
+        "rm {0}/meta/hard2 && echo changed >> {0}/meta/old && setfattr -n user.maas.test -v again {0}/meta/xattr \
+         && ln -s / {0}/meta/root-link",
         src.display()
     ));
     let b2 = probe.ok(&[
@@ -403,6 +404,18 @@ fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
         day1.display(),
         one.display()
     ));
+    // A symbolic link in the snapshot pointing out of it does not lead a restore to this
+    // host's files: `small/dir-01/logs-link`-like links are in the dataset; make one to /.
+    let through_link = probe.run(&[
+        "restore",
+        &s2,
+        "--path",
+        "meta/root-link/etc/hostname",
+        "--to",
+        &one.display().to_string(),
+    ]);
+    assert_eq!(through_link.status.code(), Some(2), "{through_link:?}");
+    assert!(!one.join("hostname").exists());
     let escape = probe.run(&[
         "restore",
         &s1,
@@ -423,8 +436,13 @@ fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
     assert_eq!(absent.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&absent.stderr).contains("not in snapshot"));
 
-    // Whole-image restore into a file: the file is the second day's filesystem.
+    // Whole-image restore into a file: the file is the second day's filesystem, even where
+    // the file held other bytes before (they must not show through the image's zeros).
     let img = t.path().join("day2.img");
+    sh_ok(&format!(
+        "yes MAAS-OLD-BYTES | head -c 300M > {}",
+        img.display()
+    ));
     let ri = probe.ok(&["restore", &s2, "--image", &img.display().to_string()]);
     assert_eq!(
         ri["bytes"].as_u64(),
@@ -437,6 +455,8 @@ fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
         img.display(),
         im.display()
     ));
+    // Nothing of the old file is left where the image is zero.
+    sh_ok(&format!("! grep -aq MAAS-OLD-BYTES {}", img.display()));
     let same = std::panic::catch_unwind(|| assert_same_tree(&src, &im));
     sh_ok(&format!("umount {}", im.display()));
     if let Err(e) = same {

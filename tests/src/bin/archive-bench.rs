@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use maas_tests::bench::{init_logging, maasd_beside_me, repo_root};
+use maas_tests::bench::{init_logging, maasd_beside_me};
 use maas_tests::maasd::{Maasd, export, seal, volume};
 use maas_tests::s3::{ACCESS_KEY, Kind, S3Server, SECRET_KEY};
 use serde_json::{Value, json};
@@ -188,7 +188,7 @@ fn main() -> Result<()> {
     }
     std::fs::create_dir_all(dir.join("mnt"))?;
     let data = dir.join("data");
-    let mkdataset = repo_root().join("../shared/datasets/mkdataset.py");
+    let mkdataset = maas_tests::bench::dataset_script();
     eprintln!("== dataset (scale {})", a.scale);
     run(
         Command::new("python3")

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use maas_tests::bench::{init_logging, maasd_beside_me, probe_beside_me, repo_root};
+use maas_tests::bench::{init_logging, maasd_beside_me, probe_beside_me};
 use maas_tests::maasd::Maasd;
 use serde_json::{Value, json};
 
@@ -93,7 +93,7 @@ fn du_bytes(p: &Path) -> Result<u64> {
 }
 
 fn mkdataset(args: &[&str]) -> Result<()> {
-    let script = repo_root().join("../shared/datasets/mkdataset.py");
+    let script = maas_tests::bench::dataset_script();
     run(
         Command::new("python3").arg(&script).args(args),
         "mkdataset.py",
