@@ -28,6 +28,8 @@ for _ in $(seq 100); do
 done
 token=$(cat "$work/data/admin.token")
 status=0
+# The hooks module (scripts/api_fuzz_hooks.py) gives schemathesis a serializer for JSON lines.
+PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=api_fuzz_hooks \
 st run "https://127.0.0.1:$port/api/v1/openapi.json" \
     --tls-verify "$cert" \
     --header "Authorization: Bearer $token" \
