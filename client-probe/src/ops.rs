@@ -151,23 +151,7 @@ impl Probe {
                 continue;
             }
             tracing::warn!(attachment = %r.name, "removing what a stopped probe left attached");
-            attach::clean_host(&r);
-            let mut server_ok = true;
-            if let Some(e) = &r.export
-                && let Err(err) = server::delete_export(&self.client, e)
-            {
-                tracing::warn!(export = %e, error = %err, "cannot delete a stale export yet");
-                server_ok = false;
-            }
-            if let Some(v) = &r.clone_volume
-                && let Err(err) = server::delete_volume(&self.client, v)
-            {
-                tracing::warn!(volume = %v, error = %err, "cannot delete a stale clone yet");
-                server_ok = false;
-            }
-            if server_ok {
-                r.remove(&self.state);
-            }
+            self.drop_clone(&r);
             cleaned.push(r.name.clone());
         }
         cleaned

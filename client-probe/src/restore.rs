@@ -70,7 +70,8 @@ impl Probe {
         }
     }
 
-    /// Removes what a clone for this host left, here and on the server.
+    /// Removes what an attachment left, here (mount, loop device, FUSE mount) and on the
+    /// server (its export and clone); the record goes once the server side is gone too.
     pub(crate) fn drop_clone(&self, rec: &Record) {
         attach::clean_host(rec);
         let mut ok = true;

@@ -253,6 +253,29 @@ impl Results {
     }
 }
 
+/// Runs a command to completion; its standard output, or an error with everything it printed.
+pub fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Fails unless `tool` is on the PATH, saying how to install it (`install`).
+pub fn need(tool: &str, install: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()));
+    if !found {
+        bail!("{tool} is missing: {install}");
+    }
+    Ok(())
+}
+
 /// The benchmark dataset's generator: `MAAS_DATASET_SCRIPT` if set, else the steering
 /// repository's `../shared/datasets/mkdataset.py` beside this repository, else the copy in
 /// `tests/data/` (a clone on its own, as CI has it).

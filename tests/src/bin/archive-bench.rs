@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use maas_tests::bench::{init_logging, maasd_beside_me};
+use maas_tests::bench::{init_logging, maasd_beside_me, need, run};
 use maas_tests::maasd::{Maasd, export, seal, volume};
 use maas_tests::s3::{ACCESS_KEY, Kind, S3Server, SECRET_KEY};
 use serde_json::{Value, json};
@@ -58,31 +58,10 @@ struct Args {
     encrypt: bool,
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn timed(cmd: &mut Command, what: &str) -> Result<f64> {
     let t = Instant::now();
     run(cmd, what)?;
     Ok(t.elapsed().as_secs_f64())
-}
-
-fn need(tool: &str) -> Result<()> {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()));
-    if !found {
-        bail!("{tool} is missing: apt-get install restic rsync");
-    }
-    Ok(())
 }
 
 /// Where s3s-fs's request log ends now: a phase's requests are those after it.
@@ -179,7 +158,7 @@ fn main() -> Result<()> {
     init_logging();
     let a = Args::parse();
     for t in ["restic", "rsync", "mkfs.ext4"] {
-        need(t)?;
+        need(t, "apt-get install restic rsync")?;
     }
     let dir = &a.dir;
     if dir.exists() {

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use maas_tests::bench::{init_logging, maasd_beside_me, probe_beside_me};
+use maas_tests::bench::{init_logging, maasd_beside_me, need, probe_beside_me, run};
 use maas_tests::maasd::Maasd;
 use serde_json::{Value, json};
 
@@ -47,18 +47,6 @@ struct Args {
     dir: PathBuf,
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Drops the page cache (after writing back), so every tool reads the dataset from disk.
 fn cold() {
     let _ = Command::new("sync").status();
@@ -70,15 +58,6 @@ fn timed(cmd: &mut Command, what: &str) -> Result<(f64, String)> {
     let t = Instant::now();
     let out = run(cmd, what)?;
     Ok((t.elapsed().as_secs_f64(), out))
-}
-
-fn need(tool: &str) -> Result<()> {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()));
-    if !found {
-        bail!("{tool} is missing: apt-get install restic borgbackup rsync");
-    }
-    Ok(())
 }
 
 fn du_bytes(p: &Path) -> Result<u64> {
@@ -149,7 +128,7 @@ fn main() -> Result<()> {
     init_logging();
     let a = Args::parse();
     for t in ["restic", "borg", "rsync"] {
-        need(t)?;
+        need(t, "apt-get install restic borgbackup rsync")?;
     }
     let dir = a.dir.clone();
     if dir.exists() {
