@@ -34,6 +34,23 @@ pub struct DiskFs {
     rt: Handle,
     read_only: bool,
     created: SystemTime,
+    /// Failed requests so far: logged at 1, 2, 4, 8... so a dead target cannot flood the log
+    /// (and a full stderr pipe cannot stall the threads that log).
+    failures: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Logs a failed request if it is the first, or the 2nd, 4th, 8th... of this filesystem.
+fn note_failure(
+    failures: &std::sync::atomic::AtomicU64,
+    what: &str,
+    offset: u64,
+    len: u64,
+    e: &DiskError,
+) {
+    let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(offset, len, error = %e, failures = n, "{what} the volume failed");
+    }
 }
 
 impl DiskFs {
@@ -43,6 +60,7 @@ impl DiskFs {
             rt,
             read_only,
             created: SystemTime::now(),
+            failures: Arc::default(),
         }
     }
 
@@ -196,11 +214,12 @@ impl fuser::Filesystem for DiskFs {
             return reply.error(Errno::EISDIR);
         }
         let disk = self.disk.clone();
+        let failures = self.failures.clone();
         self.rt.spawn(async move {
             match read_range(&disk, offset, size as usize).await {
                 Ok(b) => reply.data(&b),
                 Err(e) => {
-                    tracing::warn!(offset, size, error = %e, "read from the volume failed");
+                    note_failure(&failures, "reading from", offset, u64::from(size), &e);
                     reply.error(errno(&e))
                 }
             }
@@ -227,11 +246,12 @@ impl fuser::Filesystem for DiskFs {
         }
         let disk = self.disk.clone();
         let data = data.to_vec();
+        let failures = self.failures.clone();
         self.rt.spawn(async move {
             match write_range(&disk, offset, &data).await {
                 Ok(()) => reply.written(data.len() as u32),
                 Err(e) => {
-                    tracing::warn!(offset, len = data.len(), error = %e, "write to the volume failed");
+                    note_failure(&failures, "writing to", offset, data.len() as u64, &e);
                     reply.error(errno(&e))
                 }
             }
@@ -301,6 +321,7 @@ impl fuser::Filesystem for DiskFs {
             return reply.error(Errno::EOPNOTSUPP);
         }
         let disk = self.disk.clone();
+        let failures = self.failures.clone();
         self.rt.spawn(async move {
             let bs = u64::from(disk.block_size());
             let end = offset.saturating_add(length).min(disk.size());
@@ -325,7 +346,7 @@ impl fuser::Filesystem for DiskFs {
             match r {
                 Ok(()) => reply.ok(),
                 Err(e) => {
-                    tracing::warn!(offset, length, error = %e, "zeroing a range of the volume failed");
+                    note_failure(&failures, "zeroing a range of", offset, length, &e);
                     reply.error(errno(&e))
                 }
             }

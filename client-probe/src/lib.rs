@@ -3,11 +3,16 @@
 //!
 //! [`ops`] holds the commands; [`attach`] turns an export into a block device of this host
 //! through the userspace NVMe/TCP initiator ([`nvme_disk`]), FUSE ([`fuse_disk`]) and a loop
-//! device; [`tree`] is the file-tree source; [`server`] what the probe asks of maasd.
+//! device; [`tree`] is the file-tree source, [`image`] the block-device/image source
+//! ([`image_backup`] runs it); [`agent`] is `register`/`run` (the probe as the host's agent);
+//! [`server`] what the probe asks of maasd.
 
+pub mod agent;
 pub mod attach;
 pub mod fuse_disk;
 pub mod identity;
+pub mod image;
+pub mod image_backup;
 pub mod manifest;
 pub mod nvme_disk;
 pub mod ops;

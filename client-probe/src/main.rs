@@ -62,7 +62,8 @@ enum Cmd {
         /// The volume (made if it does not exist).
         #[arg(long)]
         volume: String,
-        /// A directory (file-tree backup).
+        /// A directory (file-tree backup), or a block device or image file (image backup:
+        /// only changed blocks are sent).
         #[arg(long)]
         source: PathBuf,
         /// Size of a new volume, or grow an existing one to it (e.g. 20G).
@@ -86,6 +87,17 @@ enum Cmd {
         /// A block device or a file to write the whole image to.
         #[arg(long)]
         image: Option<PathBuf>,
+    },
+    /// Register this host with maasd (name, IQN, host NQN); `run` does it too when needed.
+    Register,
+    /// Run as the host's agent: heartbeat, and run the jobs maasd queues for this host.
+    Run {
+        /// Seconds between heartbeats.
+        #[arg(long, default_value_t = 15)]
+        heartbeat: u64,
+        /// Seconds between asks for work while there is none.
+        #[arg(long, default_value_t = 5)]
+        poll: u64,
     },
     /// Unmount a snapshot mounted with `mount`, and delete its clone.
     Umount { dir: PathBuf },
@@ -225,29 +237,59 @@ fn run(cli: &Cli) -> R<()> {
             exclude,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let rep = probe.backup_tree(volume, source, size, exclude, &progress);
+            let rep = if maas_probe::image::is_image(source) {
+                if !exclude.is_empty() {
+                    return Err(ProbeError::Usage(
+                        "--exclude applies to directories, not to a device or image file".into(),
+                    ));
+                }
+                probe.backup_image(volume, source, size, &progress)
+            } else {
+                probe.backup_tree(volume, source, size, exclude, &progress)
+            };
             if let Some(pb) = &bar {
                 pb.finish_and_clear();
             }
             let rep = rep?;
             emit(cli.json, &rep, || {
-                println!(
-                    "snapshot {} of {}: {} files, {} changed ({}), {} new, {} deleted; {} written in {:.1} s",
-                    rep.snapshot,
-                    rep.volume,
-                    rep.changes.files,
-                    rep.changes.files_transferred,
-                    human(rep.changes.transferred_file_bytes),
-                    rep.changes.files_created,
-                    rep.changes.files_deleted,
-                    human(rep.bytes_written),
-                    rep.seconds
-                );
-                if rep.changes.vanished > 0 {
+                if let Some(c) = &rep.changes {
                     println!(
-                        "note: {} files vanished from the source while it was read",
-                        rep.changes.vanished
+                        "snapshot {} of {}: {} files, {} changed ({}), {} new, {} deleted; {} written in {:.1} s",
+                        rep.snapshot,
+                        rep.volume,
+                        c.files,
+                        c.files_transferred,
+                        human(c.transferred_file_bytes),
+                        c.files_created,
+                        c.files_deleted,
+                        human(rep.bytes_written),
+                        rep.seconds
                     );
+                    if c.vanished > 0 {
+                        println!(
+                            "note: {} files vanished from the source while it was read",
+                            c.vanished
+                        );
+                    }
+                }
+                if let Some(i) = &rep.image {
+                    println!(
+                        "snapshot {} of {}: image of {}, {} of {} blocks changed (compared with the {}); {} written in {:.1} s",
+                        rep.snapshot,
+                        rep.volume,
+                        human(i.source_bytes),
+                        i.blocks_changed,
+                        i.blocks,
+                        i.compared_with,
+                        human(rep.bytes_written),
+                        rep.seconds
+                    );
+                    if i.changed_during_backup {
+                        println!(
+                            "warning: the source changed while it was read; snapshot it first \
+                             (e.g. LVM) for a consistent image"
+                        );
+                    }
                 }
             });
             Ok(())
@@ -308,6 +350,42 @@ fn run(cli: &Cli) -> R<()> {
                 || println!("{} unmounted; its clone is deleted", dir.display()),
             );
             Ok(())
+        }
+        Cmd::Register => {
+            let h = probe.register()?;
+            emit(cli.json, &h, || {
+                println!(
+                    "host {} registered as {} ({}, {})",
+                    h.name, h.id, h.hostnqn, h.iqn
+                )
+            });
+            Ok(())
+        }
+        Cmd::Run { heartbeat, poll } => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            // SIGTERM (systemd's stop) and SIGINT end the agent after the job at hand.
+            probe.rt.spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::info!("stopping after the job at hand");
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            let exe = std::env::current_exe()?;
+            let opts = maas_probe::agent::AgentOptions {
+                heartbeat: std::time::Duration::from_secs((*heartbeat).max(1)),
+                poll: std::time::Duration::from_secs((*poll).max(1)),
+            };
+            probe.run_agent(&exe, &opts, &stop)
         }
         Cmd::Cleanup => {
             let cleaned = probe.clean_stale();

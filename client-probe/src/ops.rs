@@ -74,7 +74,12 @@ pub struct BackupReport {
     pub snapshot: String,
     pub created_volume: bool,
     pub made_filesystem: bool,
-    pub changes: Changes,
+    /// What a file-tree backup changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Changes>,
+    /// What an image backup changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::image::ImageChanges>,
     /// The file manifest recorded with the snapshot.
     pub manifest: crate::manifest::ManifestStats,
     /// Why the manifest could not be recorded (the snapshot is good; browsing by manifest
@@ -133,7 +138,7 @@ pub(crate) fn du(p: &Path) -> u64 {
     total
 }
 
-fn name_ok(name: &str) -> bool {
+pub(crate) fn name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
@@ -222,19 +227,11 @@ impl Probe {
         rec.export = Some(export.id.clone());
         rec.save(&self.state)?;
         let result = self.backup_attached(&mut rec, &export, created, src, excludes, progress);
-        // Whatever happened, the export goes (the next backup makes a new one).
-        let _ = server::delete_export(&self.client, &export.id);
-        let done = match result {
-            Ok(x) => {
-                rec.remove(&self.state);
-                x
-            }
-            Err(e) => {
-                attach::clean_host(&rec);
-                rec.remove(&self.state);
-                return Err(e);
-            }
-        };
+        // Whatever happened, what is attached goes, here and the export at maasd (the next
+        // backup makes a new one); if maasd cannot be told now, the record stays for the
+        // next command to finish the job.
+        self.drop_clone(&rec);
+        let done = result?;
         progress("seal", done.written);
         let snap = server::seal(&self.client, &vol.id, &|_| {})?;
         let (manifest, manifest_error) = match done.manifest {
@@ -253,7 +250,8 @@ impl Probe {
             snapshot: snap,
             created_volume: created,
             made_filesystem: done.made_fs,
-            changes: done.changes,
+            changes: Some(done.changes),
+            image: None,
             manifest,
             manifest_error,
             bytes_written: done.written,
@@ -348,6 +346,15 @@ impl Probe {
         };
         let r = inner();
         let detached = att.detach(self.rt.handle());
+        // When the volume itself failed (the target went away, the pool is full), that is
+        // the cause, whatever the tools above it made of it (ENOSPC, EIO, a failed umount).
+        if r.is_err()
+            && let Some(why) = disk.write_failure()
+        {
+            return Err(ProbeError::Disk(DiskError::Gone(format!(
+                "{why}; the backup is not sealed, the previous snapshot is intact"
+            ))));
+        }
         let (changes, made, manifest) = r?;
         detached?;
         // A write the filesystem met in background writeback fails nothing above it: the
@@ -620,7 +627,7 @@ fn connect_target(rt: &Runtime, t: &Target) -> R<Arc<NvmeDisk>> {
 }
 
 /// An exclusive `flock` on `STATE/locks/VOLUME`, held while the returned file is open.
-fn lock_volume(state: &Path, volume: &str) -> R<std::fs::File> {
+pub(crate) fn lock_volume(state: &Path, volume: &str) -> R<std::fs::File> {
     use std::os::fd::AsRawFd;
     let dir = state.join("locks");
     std::fs::create_dir_all(&dir)?;

@@ -183,8 +183,27 @@ impl Probe {
         self.clean_stale();
         let hc = self.clone_for_host(snapshot, "restore")?;
         let r = (|| -> R<u64> {
+            // An image backup's snapshot restores to exactly the image's length (its volume
+            // is rounded up); any other gives back the whole volume.
+            let image = match server::manifest(&self.client, snapshot)? {
+                Some(m) if m.len() == 1 && m[0].path == crate::image_backup::IMAGE_PATH => {
+                    Some((m[0].size, m[0].blake3.clone()))
+                }
+                _ => None,
+            };
             let disk = self.connect(&hc.export)?;
-            copy_image(self, &disk, to)
+            let (bytes, hash) = copy_image(self, &disk, to, image.as_ref().map(|i| i.0))?;
+            // The image's BLAKE3, recorded at backup, proves the restore end to end.
+            if let Some((_, Some(want))) = &image
+                && *want != hash
+            {
+                return Err(ProbeError::Usage(format!(
+                    "the restored image's BLAKE3 is {hash}, the backup recorded {want}: {} \
+                     does not hold the backed-up image",
+                    to.display()
+                )));
+            }
+            Ok(bytes)
         })();
         self.drop_clone(&hc.rec);
         let bytes = r?;
@@ -198,8 +217,10 @@ impl Probe {
     }
 }
 
-/// Reads the whole disk with several commands in flight and writes it out in order.
-fn copy_image(p: &Probe, disk: &Arc<NvmeDisk>, to: &Path) -> R<u64> {
+/// Reads the whole disk (or its first `limit` bytes) with several commands in flight and
+/// writes it out in order; the bytes written and their BLAKE3.
+fn copy_image(p: &Probe, disk: &Arc<NvmeDisk>, to: &Path, limit: Option<u64>) -> R<(u64, String)> {
+    let mut hasher = blake3::Hasher::new();
     let is_dev = std::fs::metadata(to)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
@@ -209,7 +230,7 @@ fn copy_image(p: &Probe, disk: &Arc<NvmeDisk>, to: &Path) -> R<u64> {
         .truncate(false)
         .open(to)
         .map_err(|e| ProbeError::Usage(format!("{}: {e}", to.display())))?;
-    let size = disk.size();
+    let size = limit.map_or(disk.size(), |l| l.min(disk.size()));
     if is_dev {
         let dev_size = f.seek(SeekFrom::End(0))?;
         if dev_size < size {
@@ -233,14 +254,18 @@ fn copy_image(p: &Probe, disk: &Arc<NvmeDisk>, to: &Path) -> R<u64> {
         let mut o = at;
         while o < batch_end {
             let n = (batch_end - o).min(step) as usize;
+            // The volume is read in whole blocks; an image's last partial block is cut below.
+            let io = n.div_ceil(4096) * 4096;
             let d = disk.clone();
-            reads.push((o, p.rt.spawn(async move { d.read(o, n).await })));
+            reads.push((o, n, p.rt.spawn(async move { d.read(o, io).await })));
             o += n as u64;
         }
-        for (off, h) in reads {
-            let buf =
+        for (off, n, h) in reads {
+            let mut buf =
                 p.rt.block_on(h)
                     .map_err(|e| ProbeError::Usage(format!("read task: {e}")))??;
+            buf.truncate(n);
+            hasher.update(&buf);
             // A file keeps holes where the image is zero; a device gets every byte.
             if is_dev || buf.iter().any(|&b| b != 0) {
                 f.seek(SeekFrom::Start(off))?;
@@ -250,7 +275,7 @@ fn copy_image(p: &Probe, disk: &Arc<NvmeDisk>, to: &Path) -> R<u64> {
         at = batch_end;
     }
     f.sync_all()?;
-    Ok(size)
+    Ok((size, hasher.finalize().to_hex().to_string()))
 }
 
 /// `path` as a path inside the snapshot: relative, without `..`.

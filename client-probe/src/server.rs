@@ -165,6 +165,25 @@ pub fn delete_volume(c: &Client, id: &str) -> R<()> {
     }
 }
 
+/// A volume, with what maasd knows of it (`unchanged_since`).
+pub fn volume(c: &Client, id: &str) -> R<api::Volume> {
+    c.get(&format!("/volumes/{id}"))
+}
+
+/// A snapshot's file manifest, if one was recorded.
+pub fn manifest(c: &Client, snapshot: &str) -> R<Option<Vec<api::ManifestEntry>>> {
+    match c.get_text(&format!("/snapshots/{snapshot}/manifest"), 1 << 30) {
+        Ok(text) => Ok(Some(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).map_err(|e| other(format!("manifest: {e}"))))
+                .collect::<R<Vec<_>>>()?,
+        )),
+        Err(e) if e.code() == Some("MANIFEST_NOT_FOUND") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Records a snapshot's file manifest (JSON lines).
 pub fn put_manifest(c: &Client, snapshot: &str, ndjson: &[u8]) -> R<api::ManifestInfo> {
     api::client::typed(c.send_bytes(

@@ -467,8 +467,25 @@ pub async fn get_volume(
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
-    let row = blocking(&state, move |st| volume_row(st, &id)).await?;
-    Ok(HttpResponse::Ok().json(volume_out(&row)))
+    let v = blocking(&state, move |st| {
+        let row = volume_row(st, &id)?;
+        let mut v = volume_out(&row);
+        if let Some(s) = st.catalog.newest_snapshot_of(&row.id)?
+            && s.location == "local"
+            && s.pool_snapshot >= 0
+        {
+            let vid = pool_volume(st, &row.id)?;
+            if st
+                .pool
+                .volume_unchanged_since(vid, SnapshotId(s.pool_snapshot as u64))?
+            {
+                v.unchanged_since = Some(s.id);
+            }
+        }
+        Ok(v)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(v))
 }
 
 #[utoipa::path(patch, path = "/api/v1/volumes/{id}", params(("id" = String, Path, description = "Resource id")), tag = "volumes", request_body = api::UpdateVolume, security(("bearer" = [])),

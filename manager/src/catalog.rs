@@ -65,6 +65,19 @@ pub mod schema {
             created_ms -> BigInt,
             updated_ms -> BigInt,
             progress_detail -> Nullable<Text>,
+            host -> Nullable<Text>,
+            params -> Nullable<Text>,
+        }
+    }
+    diesel::table! {
+        hosts (id) {
+            id -> Text,
+            name -> Text,
+            hostnqn -> Text,
+            iqn -> Text,
+            version -> Text,
+            created_ms -> BigInt,
+            last_heartbeat_ms -> Nullable<BigInt>,
         }
     }
     diesel::table! {
@@ -222,6 +235,22 @@ pub struct JobRow {
     pub created_ms: i64,
     pub updated_ms: i64,
     pub progress_detail: Option<String>,
+    /// The host whose probe runs the job (None: maasd runs it).
+    pub host: Option<String>,
+    /// What the probe is asked to do (JSON of `maas_api::HostTask`).
+    pub params: Option<String>,
+}
+
+#[derive(Clone, Debug, Queryable, Selectable, Insertable, AsChangeset, PartialEq)]
+#[diesel(table_name = hosts, treat_none_as_null = true)]
+pub struct HostRow {
+    pub id: String,
+    pub name: String,
+    pub hostnqn: String,
+    pub iqn: String,
+    pub version: String,
+    pub created_ms: i64,
+    pub last_heartbeat_ms: Option<i64>,
 }
 
 #[derive(Clone, Queryable, Selectable, Insertable, PartialEq)]
@@ -551,6 +580,18 @@ impl Catalog {
                 .optional()?)
         })
     }
+    /// The newest ready snapshot of `volume` (by creation time), if any.
+    pub fn newest_snapshot_of(&self, volume: &str) -> CResult<Option<SnapshotRow>> {
+        self.with(|c| {
+            Ok(snapshots::table
+                .filter(snapshots::volume.eq(volume.to_string()))
+                .filter(snapshots::state.eq("ready"))
+                .select(SnapshotRow::as_select())
+                .order((snapshots::created_ms.desc(), snapshots::id.desc()))
+                .first(c)
+                .optional()?)
+        })
+    }
     /// Ready snapshots of `volume` by id, after `after` (filtered here: exact pages).
     pub fn snapshots_of(
         &self,
@@ -851,12 +892,167 @@ impl Catalog {
             Ok(q.load(c)?)
         })
     }
+    /// Unfinished jobs maasd itself runs (jobs of hosts are the probes' and outlive maasd).
     pub fn unfinished_jobs(&self) -> CResult<Vec<JobRow>> {
         self.with(|c| {
             Ok(jobs::table
                 .filter(jobs::state.eq("queued").or(jobs::state.eq("running")))
+                .filter(jobs::host.is_null())
                 .select(JobRow::as_select())
                 .load(c)?)
+        })
+    }
+
+    /// Jobs of `host` in `state`, oldest first.
+    pub fn host_jobs(&self, host: &str, state: &str, limit: i64) -> CResult<Vec<JobRow>> {
+        self.with(|c| {
+            Ok(jobs::table
+                .filter(jobs::host.eq(host))
+                .filter(jobs::state.eq(state))
+                .order((jobs::created_ms.asc(), jobs::id.asc()))
+                .limit(limit)
+                .select(JobRow::as_select())
+                .load(c)?)
+        })
+    }
+
+    /// How many jobs of `host` are in `state`.
+    pub fn count_host_jobs(&self, host: &str, state: &str) -> CResult<i64> {
+        self.with(|c| {
+            Ok(jobs::table
+                .filter(jobs::host.eq(host))
+                .filter(jobs::state.eq(state))
+                .count()
+                .get_result(c)?)
+        })
+    }
+
+    /// Writes a job's new state only if it is still running (a report racing another, or one
+    /// arriving after the job ended, changes nothing); whether it did.
+    pub fn update_running_job(&self, r: &JobRow) -> CResult<bool> {
+        self.with(|c| {
+            Ok(diesel::update(
+                jobs::table
+                    .filter(jobs::id.eq(&r.id))
+                    .filter(jobs::state.eq("running")),
+            )
+            .set(r)
+            .execute(c)?
+                == 1)
+        })
+    }
+
+    /// Records a sign of life of `host` (and its probe's version), touching nothing else of
+    /// its row; false if there is no such host.
+    pub fn touch_host(&self, id: &str, now: i64, version: Option<&str>) -> CResult<bool> {
+        self.with(|c| {
+            let n = match version {
+                Some(v) => diesel::update(hosts::table.find(id))
+                    .set((hosts::last_heartbeat_ms.eq(Some(now)), hosts::version.eq(v)))
+                    .execute(c)?,
+                None => diesel::update(hosts::table.find(id))
+                    .set(hosts::last_heartbeat_ms.eq(Some(now)))
+                    .execute(c)?,
+            };
+            Ok(n == 1)
+        })
+    }
+
+    /// Hands work to `host`'s probe: a job already running for it first (its claim's answer
+    /// may have been lost, or the probe restarted without knowing it: it runs it again, so
+    /// host jobs run at least once and never stay "running" for a probe that forgot them),
+    /// else the oldest queued job, marked running atomically (a conditional update, so two
+    /// claimers, even on two managers, never both get it).
+    pub fn claim_host_job(&self, host: &str, now: i64) -> CResult<Option<JobRow>> {
+        if let Some(j) = self.host_jobs(host, "running", 1)?.into_iter().next() {
+            return Ok(Some(j));
+        }
+        for _ in 0..8 {
+            let Some(mut j) = self.host_jobs(host, "queued", 1)?.into_iter().next() else {
+                return Ok(None);
+            };
+            let n = self.with(|c| {
+                Ok(diesel::update(
+                    jobs::table
+                        .filter(jobs::id.eq(&j.id))
+                        .filter(jobs::state.eq("queued")),
+                )
+                .set((jobs::state.eq("running"), jobs::updated_ms.eq(now)))
+                .execute(c)?)
+            })?;
+            if n == 1 {
+                j.state = "running".into();
+                j.updated_ms = now;
+                return Ok(Some(j));
+            }
+        }
+        Ok(None)
+    }
+
+    // ---- hosts ----
+    pub fn insert_host(&self, r: &HostRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::insert_into(hosts::table)
+                .values(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn update_host(&self, r: &HostRow) -> CResult<()> {
+        self.with(|c| {
+            Ok(diesel::update(hosts::table.find(&r.id))
+                .set(r)
+                .execute(c)
+                .map(|_| ())?)
+        })
+    }
+    pub fn host(&self, id: &str) -> CResult<Option<HostRow>> {
+        self.with(|c| {
+            Ok(hosts::table
+                .find(id)
+                .select(HostRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn host_by_name(&self, name: &str) -> CResult<Option<HostRow>> {
+        self.with(|c| {
+            Ok(hosts::table
+                .filter(hosts::name.eq(name))
+                .select(HostRow::as_select())
+                .first(c)
+                .optional()?)
+        })
+    }
+    pub fn hosts(&self, after: Option<&str>, limit: i64) -> CResult<Vec<HostRow>> {
+        self.with(|c| {
+            let mut q = hosts::table
+                .select(HostRow::as_select())
+                .order(hosts::id.asc())
+                .limit(limit)
+                .into_boxed();
+            if let Some(a) = after {
+                q = q.filter(hosts::id.gt(a.to_string()));
+            }
+            Ok(q.load(c)?)
+        })
+    }
+    /// Deletes a host; its queued jobs fail (nobody will run them).
+    pub fn delete_host(&self, id: &str, failed_error: &str, now: i64) -> CResult<()> {
+        self.tx(|c| {
+            diesel::update(
+                jobs::table
+                    .filter(jobs::host.eq(id))
+                    .filter(jobs::state.eq("queued")),
+            )
+            .set((
+                jobs::state.eq("failed"),
+                jobs::error.eq(failed_error),
+                jobs::updated_ms.eq(now),
+            ))
+            .execute(c)?;
+            diesel::delete(hosts::table.find(id)).execute(c)?;
+            Ok(())
         })
     }
 

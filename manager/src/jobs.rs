@@ -88,6 +88,8 @@ pub async fn start(
         created_ms: now,
         updated_ms: now,
         progress_detail: None,
+        host: None,
+        params: None,
     };
     let r2 = row.clone();
     crate::state::blocking(state, move |st| Ok(st.catalog.insert_job(&r2)?)).await?;

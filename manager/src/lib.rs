@@ -9,6 +9,8 @@ pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod files;
+pub mod hosts;
 pub mod identity;
 pub mod jobs;
 pub mod manifest;

@@ -37,6 +37,9 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         crate::archive::verify_copy,
         crate::archive::check_target,
         crate::manifest::put_manifest, crate::manifest::get_manifest,
+        crate::files::list_files, crate::files::file_content,
+        crate::hosts::register_host, crate::hosts::list_hosts, crate::hosts::get_host, crate::hosts::delete_host,
+        crate::hosts::heartbeat, crate::hosts::queue_job, crate::hosts::claim_job, crate::hosts::report_job,
     ),
     components(schemas(
         maas_api::ErrorBody, maas_api::Health, maas_api::AddDevice, maas_api::Pool, maas_api::RamTier, maas_api::PoolReads, maas_api::Device, maas_api::Volume,
@@ -44,7 +47,7 @@ use crate::state::{AppState, POOL_ID, new_id, now_ms};
         maas_api::CreateClone, maas_api::Export, maas_api::CreateExport, maas_api::Chap, maas_api::ChapInfo, maas_api::ExportError,
         maas_api::Job, maas_api::Token, maas_api::CreateToken, maas_api::CreatedToken,
         maas_api::ArchiveTarget, maas_api::CreateArchiveTarget, maas_api::ObjectLock, maas_api::ArchiveSnapshot, maas_api::CheckArchiveTarget,
-        maas_api::SnapshotArchive, maas_api::ManifestEntry, maas_api::ManifestInfo,
+        maas_api::SnapshotArchive, maas_api::ManifestEntry, maas_api::ManifestInfo, maas_api::SnapshotFileEntry, maas_api::SnapshotFileListing, maas_api::Host, maas_api::RegisterHost, maas_api::Heartbeat, maas_api::HostTask, maas_api::JobReport, maas_api::JobReportError,
     )),
     modifiers(&Security),
 )]
@@ -107,6 +110,31 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(
                 "/snapshots/{id}/manifest",
                 web::get().to(crate::manifest::get_manifest),
+            )
+            .route("/hosts", web::post().to(crate::hosts::register_host))
+            .route("/hosts", web::get().to(crate::hosts::list_hosts))
+            .route("/hosts/{id}", web::get().to(crate::hosts::get_host))
+            .route("/hosts/{id}", web::delete().to(crate::hosts::delete_host))
+            .route(
+                "/hosts/{id}/heartbeat",
+                web::post().to(crate::hosts::heartbeat),
+            )
+            .route("/hosts/{id}/jobs", web::post().to(crate::hosts::queue_job))
+            .route(
+                "/hosts/{id}/jobs/claim",
+                web::post().to(crate::hosts::claim_job),
+            )
+            .route(
+                "/jobs/{id}/report",
+                web::post().to(crate::hosts::report_job),
+            )
+            .route(
+                "/snapshots/{id}/files",
+                web::get().to(crate::files::list_files),
+            )
+            .route(
+                "/snapshots/{id}/files/content",
+                web::get().to(crate::files::file_content),
             )
             .route(
                 "/snapshots/{id}/clones",

@@ -235,6 +235,7 @@ pub fn volume_out(r: &VolumeRow) -> api::Volume {
         labels: labels_of(&r.labels),
         origin_snapshot: r.origin_snapshot.clone(),
         created_at: rfc3339(r.created_ms),
+        unchanged_since: None,
     }
 }
 
@@ -370,6 +371,11 @@ pub fn job_out(r: &JobRow) -> api::Job {
             .and_then(|e| serde_json::from_str(e).ok()),
         created_at: rfc3339(r.created_ms),
         updated_at: rfc3339(r.updated_ms),
+        host: r.host.clone(),
+        params: r
+            .params
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok()),
     }
 }
 

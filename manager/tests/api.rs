@@ -622,6 +622,12 @@ fn openapi_document_is_complete() {
         "/api/v1/jobs",
         "/api/v1/jobs/{id}",
         "/api/v1/tokens",
+        "/api/v1/hosts",
+        "/api/v1/hosts/{id}/jobs",
+        "/api/v1/hosts/{id}/jobs/claim",
+        "/api/v1/jobs/{id}/report",
+        "/api/v1/snapshots/{id}/files",
+        "/api/v1/snapshots/{id}/files/content",
     ] {
         assert!(
             paths.contains_key(p),
@@ -637,6 +643,9 @@ fn openapi_document_is_complete() {
         "ErrorBody",
         "Pool",
         "Token",
+        "Host",
+        "HostTask",
+        "SnapshotFileListing",
     ] {
         assert!(schemas.contains_key(s), "schema {s} missing");
     }
@@ -756,4 +765,149 @@ fn listings_page_exactly_past_rows_that_are_not_ready() {
             "limit {limit}"
         );
     }
+}
+
+/// Hosts and the jobs their probes run, as a probe and an admin use them: registration (again
+/// with the same NQN is the same host; another NQN under the name is refused), heartbeats,
+/// jobs queued only by admins, claimed once (a claim repeated while the job runs hands the same
+/// job back, so a lost answer loses no job), reported on while running and finished once, and
+/// a deleted host's queued jobs failed, never left waiting.
+fn hosts_and_their_jobs(m: &Maasd) {
+    let reg = json!({"name": "web-1", "hostnqn": "nqn.2014-08.org.nvmexpress:uuid:0f8fad5b-d9cb-469f-a165-70867728950e",
+                     "iqn": "iqn.2026-12.net.example:web-1", "version": "0.1.0"});
+    let (s, h) = m.call("POST", "/hosts", Some(reg.clone()));
+    assert_eq!(s, 201, "{h}");
+    let id = h["id"].as_str().unwrap().to_string();
+    assert_eq!(h["state"], "online");
+    let (s, again) = m.call("POST", "/hosts", Some(reg.clone()));
+    assert_eq!((s, again["id"].as_str()), (200, Some(id.as_str())));
+    let mut other = reg.clone();
+    other["hostnqn"] =
+        json!("nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555");
+    let (s, e) = m.call("POST", "/hosts", Some(other));
+    assert_eq!((s, code(&e)), (409, "HOST_NAME_TAKEN"));
+    let mut bad = reg.clone();
+    bad["hostnqn"] = json!("not-an-nqn");
+    let (s, e) = m.call("POST", "/hosts", Some(bad));
+    assert_eq!((s, code(&e)), (400, "INVALID_FIELD"));
+    let hb = m.ok(
+        "POST",
+        &format!("/hosts/{id}/heartbeat"),
+        Some(json!({"version": "0.2.0"})),
+    );
+    assert_eq!(hb["version"], "0.2.0");
+    let (s, e) = m.call("POST", "/hosts/host-nope/heartbeat", Some(json!({})));
+    assert_eq!((s, code(&e)), (404, "HOST_NOT_FOUND"));
+
+    // Queueing needs an admin: an operator's token (what probes hold) cannot make other
+    // hosts' probes act.
+    let (_, tok) = m.call(
+        "POST",
+        "/tokens",
+        Some(json!({"name": "probe", "role": "operator"})),
+    );
+    let op = tok["secret"].as_str().unwrap().to_string();
+    let backup = json!({"kind": "backup", "volume": "web", "source": "/srv"});
+    let (s, e) = m.call_as(
+        Some(&op),
+        "POST",
+        &format!("/hosts/{id}/jobs"),
+        Some(backup.clone()),
+    );
+    assert_eq!((s, code(&e)), (403, "FORBIDDEN"), "{e}");
+    let (s, e) = m.call(
+        "POST",
+        &format!("/hosts/{id}/jobs"),
+        Some(json!({"kind": "restore", "snapshot": "s"})),
+    );
+    assert_eq!((s, code(&e)), (400, "INVALID_FIELD"), "{e}");
+    let (s, j1) = m.call("POST", &format!("/hosts/{id}/jobs"), Some(backup.clone()));
+    assert_eq!(s, 202, "{j1}");
+    assert_eq!(
+        (j1["state"].as_str(), j1["kind"].as_str()),
+        (Some("queued"), Some("host-backup"))
+    );
+    assert_eq!(j1["params"], backup);
+    let (_, j2) = m.call(
+        "POST",
+        &format!("/hosts/{id}/jobs"),
+        Some(json!({"kind": "umount", "dir": "/mnt/x"})),
+    );
+    assert_eq!(m.ok("GET", &format!("/hosts/{id}"), None)["jobs_queued"], 2);
+
+    // The probe (operator) claims: the oldest first; asking again while it runs gives it again.
+    let (s, c1) = m.call_as(Some(&op), "POST", &format!("/hosts/{id}/jobs/claim"), None);
+    assert_eq!((s, c1["id"].as_str()), (200, j1["id"].as_str()), "{c1}");
+    assert_eq!(c1["state"], "running");
+    let (_, c1b) = m.call_as(Some(&op), "POST", &format!("/hosts/{id}/jobs/claim"), None);
+    assert_eq!(c1b["id"], c1["id"]);
+    let j1id = j1["id"].as_str().unwrap();
+    let r = m.ok(
+        "POST",
+        &format!("/jobs/{j1id}/report"),
+        Some(json!({"state": "running", "progress": 0.5, "progress_detail": {"stage": "copy"}})),
+    );
+    assert_eq!(
+        (r["state"].as_str(), r["progress"].as_f64()),
+        (Some("running"), Some(0.5))
+    );
+    let (s, e) = m.call(
+        "POST",
+        &format!("/jobs/{j1id}/report"),
+        Some(json!({"state": "failed"})),
+    );
+    assert_eq!(
+        (s, code(&e)),
+        (400, "INVALID_FIELD"),
+        "a failure must say why"
+    );
+    let r = m.ok(
+        "POST",
+        &format!("/jobs/{j1id}/report"),
+        Some(json!({"state": "succeeded", "result": {"snapshot": "snap-x"}})),
+    );
+    assert_eq!(r["result"]["snapshot"], "snap-x");
+    // Once ended, a job takes no more reports (a late progress report cannot revive it).
+    let (s, e) = m.call(
+        "POST",
+        &format!("/jobs/{j1id}/report"),
+        Some(json!({"state": "running", "progress": 0.9})),
+    );
+    assert_eq!((s, code(&e)), (409, "JOB_NOT_RUNNING"));
+    assert_eq!(
+        m.ok("GET", &format!("/jobs/{j1id}"), None)["state"],
+        "succeeded"
+    );
+    // maasd's own jobs take no reports.
+    let (_, hosts_before) = m.call("GET", "/hosts", None);
+    assert_eq!(hosts_before["items"].as_array().unwrap().len(), 1);
+
+    // Deleting the host fails what still waits for it.
+    let (s, _) = m.call("DELETE", &format!("/hosts/{id}"), None);
+    assert_eq!(s, 204);
+    let j2 = m.ok(
+        "GET",
+        &format!("/jobs/{}", j2["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(
+        (j2["state"].as_str(), code(&j2["error"])),
+        (Some("failed"), "HOST_DELETED")
+    );
+    let (s, e) = m.call("POST", &format!("/hosts/{id}/jobs/claim"), None);
+    assert_eq!((s, code(&e)), (404, "HOST_NOT_FOUND"));
+}
+
+#[test]
+fn hosts_and_their_jobs_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Maasd::start(dir.path(), None);
+    hosts_and_their_jobs(&m);
+}
+
+#[test]
+fn hosts_and_their_jobs_on_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Maasd::start(dir.path(), Some(postgres_catalog()));
+    hosts_and_their_jobs(&m);
 }

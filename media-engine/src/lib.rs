@@ -15,3 +15,4 @@ pub mod nvme;
 pub use maas_proto::outq;
 pub mod read_completions;
 pub mod scsi;
+pub mod snapfs;

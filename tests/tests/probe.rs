@@ -228,6 +228,124 @@ print(len(got))
     );
 }
 
+/// The snapshot's files, browsed through the REST file endpoints by Python's HTTP client
+/// (every directory, in pages) and downloaded with curl, are `tree`'s: names, kinds, sizes,
+/// modes, owners, symlink targets and every file's bytes; a byte range of a large file is its
+/// bytes; a path that is not there is a 404, a directory is not downloadable.
+fn assert_rest_browse_matches(m: &Maasd, snapshot: &str, tree: &Path) {
+    let env: std::collections::HashMap<String, String> = m.maasctl_env().into_iter().collect();
+    let ca = env.get("MAAS_CA_CERT").cloned().unwrap_or_default();
+    let script = r#"
+import sys, os, stat, json, ssl, urllib.request, urllib.parse, urllib.error, blake3
+base, token, ca, snap, tree = sys.argv[1:6]
+ctx = ssl.create_default_context(cafile=ca) if ca else None
+def get(endpoint, **q):
+    url = f"{base}/snapshots/{snap}/{endpoint}?" + urllib.parse.urlencode(q)
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer " + token})
+    try:
+        with urllib.request.urlopen(req, context=ctx) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo"}
+checked = files = 0
+def walk(rel):
+    global checked, files
+    entries, after = [], None
+    while True:
+        q = {"path": rel or "/", "limit": 7}
+        if after is not None:
+            q["after"] = after
+        code, body = get("files", **q)
+        assert code == 200, (rel, code, body)
+        page = json.loads(body)
+        entries += page["entries"]
+        after = page.get("next_after")
+        if after is None:
+            break
+    names = [e["name"] for e in entries]
+    assert names == sorted(names, key=os.fsencode), (rel, names)
+    want = sorted(os.listdir(tree + rel) if rel else os.listdir(tree))
+    if not rel:
+        names = [n for n in names if n != "lost+found"]
+        entries = [e for e in entries if e["name"] != "lost+found"]
+    assert sorted(names) == want, (rel, sorted(set(names) ^ set(want))[:5])
+    for e in entries:
+        full = f"{tree}{rel}/{e['name']}"
+        st = os.lstat(full)
+        assert e["kind"] == kinds[stat.S_IFMT(st.st_mode)], (full, e)
+        assert e["mode"] == stat.S_IMODE(st.st_mode), (full, e)
+        assert (e["uid"], e["gid"]) == (st.st_uid, st.st_gid), (full, e)
+        checked += 1
+        if e["kind"] == "file":
+            assert e["size"] == st.st_size, (full, e)
+            code, data = get("files/content", path=f"{rel}/{e['name']}")
+            assert code == 200, (full, code, data[:200])
+            with open(full, "rb") as f:
+                assert data == f.read(), f"content of {full} differs"
+            files += 1
+        elif e["kind"] == "symlink":
+            assert e["link_target"] == os.readlink(full), (full, e)
+        elif e["kind"] == "dir":
+            walk(f"{rel}/{e['name']}")
+walk("")
+code, body = get("files", path="/no/such/dir")
+assert code == 404 and json.loads(body)["code"] == "PATH_NOT_FOUND", (code, body)
+code, body = get("files/content", path="/meta")
+assert code == 422 and json.loads(body)["code"] == "NOT_A_FILE", (code, body)
+print(checked, files)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(m.url(""))
+        .arg(&m.token)
+        .arg(&ca)
+        .arg(snapshot)
+        .arg(tree)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "REST browsing of {snapshot} does not match {}:\n{}",
+        tree.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Ranges with curl, the way a resumed download asks: the largest file, from its middle.
+    let big = sh_ok(&format!(
+        "cd {} && find . -type f -printf '%s %P\\n' | sort -n | tail -1 | cut -d' ' -f2-",
+        tree.display()
+    ));
+    let big = big.trim();
+    let len = std::fs::metadata(tree.join(big)).expect("stat").len();
+    assert!(len > 1 << 20, "the dataset's largest file is {len} bytes");
+    let part = tree.parent().expect("parent").join("range.part");
+    let cacert = if ca.is_empty() {
+        String::new()
+    } else {
+        format!("--cacert {ca}")
+    };
+    let url = format!(
+        "{}?path=/{}",
+        m.url(&format!("/snapshots/{snapshot}/files/content")),
+        big
+    );
+    let half = len / 2 + 12345;
+    sh_ok(&format!(
+        "curl -sS --fail {cacert} -H 'Authorization: Bearer {tok}' -r {half}- -o {part} '{url}' \
+         && tail -c +{skip} {file} | cmp - {part}",
+        tok = m.token,
+        part = part.display(),
+        skip = half + 1,
+        file = tree.join(big).display()
+    ));
+    let code = sh_ok(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' {cacert} -H 'Authorization: Bearer {tok}' -r {len}- '{url}'",
+        tok = m.token
+    ));
+    assert_eq!(code.trim(), "416");
+}
+
 fn snapshots(m: &Maasd, volume_id: &str) -> Vec<String> {
     let v = m.ok("GET", &format!("/volumes/{volume_id}/snapshots"), None);
     v["items"]
@@ -310,6 +428,8 @@ fn file_tree_backups_mount_back_exactly_through_the_userspace_initiator() {
     // The file manifest recorded with the snapshot lists the day's tree exactly.
     assert!(b1.get("manifest_error").is_none(), "{b1}");
     assert_manifest_matches(&m, &s1, &day1);
+    // The same files, browsed and downloaded through the REST API without mounting anything.
+    assert_rest_browse_matches(&m, &s1, &day1);
 
     mutate(&src);
     sh_ok(&format!(
@@ -667,4 +787,515 @@ fn bad_inputs_end_in_clear_messages_and_exit_codes_never_in_a_snapshot() {
     assert!(String::from_utf8_lossy(&bad_snap.stderr).contains("SNAPSHOT_NOT_FOUND"));
     assert_nothing_attached(&probe.state);
     assert_eq!(volume_names(&m), vec!["b".to_string()]);
+}
+
+/// Image backups: a sparse image file whose size is not a multiple of anything, backed up,
+/// changed in three places and backed up again (exactly those blocks sent, compared with the
+/// kept block map), then with the map lost as a killed probe leaves it (compared with the
+/// volume itself), then shrunk; every snapshot restores to exactly its day's bytes, and the
+/// manifest carries the image's length and BLAKE3 (Python's blake3 agrees).
+#[test]
+fn image_backups_send_changed_blocks_and_restore_exactly() {
+    let t = TestDir::new("probe-image");
+    let m = start_maasd(t.path());
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let img = t.path().join("disk.img");
+    let p = img.display().to_string();
+    // 48 MiB + 1000 bytes: data at the start, in the middle and up to the odd end, holes
+    // between (never read, never stored).
+    sh_ok(&format!(
+        "truncate -s $((48*1024*1024+1000)) {p} \
+         && head -c 5M /dev/urandom | dd of={p} conv=notrunc status=none \
+         && head -c 3M /dev/urandom | dd of={p} bs=1M seek=20 conv=notrunc status=none \
+         && head -c 70000 /dev/urandom | dd of={p} bs=1 seek=$((48*1024*1024+1000-70000)) conv=notrunc status=none"
+    ));
+    let day = |n: u32| {
+        let copy = t.path().join(format!("day{n}.img"));
+        sh_ok(&format!("cp --sparse=always {p} {}", copy.display()));
+        copy
+    };
+    let b1 = probe.ok(&["backup", "--volume", "disk", "--source", &p]);
+    let i1 = &b1["image"];
+    assert_eq!(b1["created_volume"], true, "{b1}");
+    assert_eq!(i1["compared_with"], "full", "{b1}");
+    assert_eq!(i1["source_bytes"], 48 * 1024 * 1024 + 1000, "{b1}");
+    assert!(i1["hole_bytes"].as_u64().unwrap_or(0) >= 30 << 20, "{b1}");
+    assert!(
+        b1["bytes_written"].as_u64().unwrap_or(u64::MAX) < 10 << 20,
+        "{b1}"
+    );
+    let s1 = b1["snapshot"].as_str().expect("snapshot").to_string();
+    let day1 = day(1);
+    // The manifest: one entry, the image's length and hash.
+    let (code, text) = manifest_text(&m, &s1);
+    assert_eq!(code, 200, "{text}");
+    let e: Value = serde_json::from_str(text.trim()).expect("one manifest entry");
+    assert_eq!(e["path"], "/image");
+    assert_eq!(e["size"], 48 * 1024 * 1024 + 1000);
+    let py_hash = sh_ok(&format!(
+        "python3 -c 'import blake3,sys; print(blake3.blake3(open(sys.argv[1],\"rb\").read()).hexdigest())' {p}"
+    ));
+    assert_eq!(e["blake3"].as_str(), Some(py_hash.trim()));
+
+    // Day 2: three 4 KiB writes in three different 64 KiB blocks (one of them in a hole).
+    sh_ok(&format!(
+        "for o in 100 5000 9000; do head -c 4096 /dev/urandom | dd of={p} bs=4096 seek=$o conv=notrunc status=none; done"
+    ));
+    let b2 = probe.ok(&["backup", "--volume", "disk", "--source", &p]);
+    let i2 = &b2["image"];
+    assert_eq!(i2["compared_with"], "map", "{b2}");
+    assert_eq!(i2["blocks_changed"], 3, "{b2}");
+    assert!(
+        b2["bytes_written"].as_u64().unwrap_or(u64::MAX) <= 3 * 65536,
+        "{b2}"
+    );
+    let s2 = b2["snapshot"].as_str().expect("snapshot").to_string();
+    let day2 = day(2);
+
+    // Day 3: the map is gone, as after a probe killed mid-backup: the volume is compared.
+    sh_ok(&format!(
+        "rm -f {}/blockmaps/* && head -c 4096 /dev/urandom | dd of={p} bs=4096 seek=7000 conv=notrunc status=none",
+        probe.state.display()
+    ));
+    let b3 = probe.ok(&["backup", "--volume", "disk", "--source", &p]);
+    assert_eq!(b3["image"]["compared_with"], "volume", "{b3}");
+    assert_eq!(b3["image"]["blocks_changed"], 1, "{b3}");
+    let s3 = b3["snapshot"].as_str().expect("snapshot").to_string();
+    let day3 = day(3);
+
+    // Day 4: the image shrinks; the snapshot holds the shorter image and nothing after it.
+    sh_ok(&format!("truncate -s $((21*1024*1024+5)) {p}"));
+    let b4 = probe.ok(&["backup", "--volume", "disk", "--source", &p]);
+    assert_eq!(b4["image"]["compared_with"], "map", "{b4}");
+    let s4 = b4["snapshot"].as_str().expect("snapshot").to_string();
+    let day4 = day(4);
+
+    for (s, want) in [(&s1, &day1), (&s2, &day2), (&s3, &day3), (&s4, &day4)] {
+        let out = t.path().join(format!("{s}.restored"));
+        let r = probe.ok(&["restore", s, "--image", &out.display().to_string()]);
+        assert_eq!(
+            r["bytes"].as_u64(),
+            std::fs::metadata(want).ok().map(|m| m.len()),
+            "{r}"
+        );
+        sh_ok(&format!("cmp {} {}", want.display(), out.display()));
+        std::fs::remove_file(&out).expect("rm");
+    }
+    assert_nothing_attached(&probe.state);
+    // An image is not a directory: --exclude is refused before anything is made.
+    let ex = probe.run(&[
+        "backup",
+        "--volume",
+        "disk",
+        "--source",
+        &p,
+        "--exclude",
+        "x",
+    ]);
+    assert_eq!(ex.status.code(), Some(2), "{ex:?}");
+}
+
+/// A `maas-probe run` agent in the background, stopped (SIGKILL) when dropped.
+struct Agent(std::process::Child);
+
+impl Agent {
+    fn start(probe: &Probe<'_>, log: &Path) -> Agent {
+        let log = std::fs::File::create(log).expect("agent log");
+        let child = probe
+            .cmd(&["run", "--heartbeat", "1", "--poll", "1"])
+            .env("MAAS_PROBE_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("maas-probe run");
+        Agent(child)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM: the agent ends (after the job at hand) with success.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "agent ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until `f` returns Some, for at most `limit`.
+fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The probe as the host's agent: it registers (the host shows with its NQN and IQN, online
+/// while it heartbeats), runs the backup and restore jobs queued for the host through the
+/// REST API and reports their results, keeps serving across a maasd restart, reports a
+/// failed job with a code, and a job cut short by killing the probe is reported failed at its
+/// next start, with nothing left attached and the volume's snapshots untouched.
+#[test]
+fn the_agent_runs_jobs_queued_at_maasd_and_survives_restarts() {
+    let t = TestDir::new("probe-agent");
+    let mut m = start_maasd(t.path());
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let src = t.path().join("src");
+    dataset(&src, "0.01");
+    add_metadata_cases(&src);
+    let ident = probe.ok(&["identity"]);
+    let h = probe.ok(&["register"]);
+    let host = h["id"].as_str().expect("host id").to_string();
+    assert_eq!(h["hostnqn"], ident["hostnqn"], "{h}");
+    assert_eq!(h["iqn"], ident["iqn"], "{h}");
+    // Registering again is harmless and keeps the id.
+    assert_eq!(probe.ok(&["register"])["id"], host.as_str());
+
+    let mut agent = Agent::start(&probe, &t.path().join("agent.log"));
+    let online = wait_for(Duration::from_secs(20), "the host online", || {
+        let h = m.ok("GET", &format!("/hosts/{host}"), None);
+        (h["state"] == "online").then_some(h)
+    });
+    assert!(online["last_heartbeat"].is_string(), "{online}");
+
+    let queue = |m: &Maasd, body: Value| -> Value {
+        let (code, j) = m.call("POST", &format!("/hosts/{host}/jobs"), Some(body));
+        assert_eq!(code, 202, "{j}");
+        assert_eq!(j["state"], "queued", "{j}");
+        j
+    };
+    let wait = |m: &Maasd, j: &Value| -> Value {
+        let id = j["id"].as_str().expect("job id").to_string();
+        wait_for(Duration::from_secs(300), "the host's job", || {
+            let j = m.ok("GET", &format!("/jobs/{id}"), None);
+            matches!(j["state"].as_str(), Some("succeeded" | "failed")).then_some(j)
+        })
+    };
+    let j1 = queue(
+        &m,
+        serde_json::json!({ "kind": "backup", "volume": "agent", "source": src.display().to_string() }),
+    );
+    let j1 = wait(&m, &j1);
+    assert_eq!(j1["state"], "succeeded", "{j1}");
+    assert_eq!(j1["host"], host.as_str());
+    let s1 = j1["result"]["snapshot"]
+        .as_str()
+        .expect("the job's result names the snapshot")
+        .to_string();
+    assert_manifest_matches(&m, &s1, &src);
+
+    // maasd restarts; the agent keeps asking and runs the next job.
+    drop(probe);
+    m.restart();
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let out = t.path().join("restored");
+    let j2 = queue(
+        &m,
+        serde_json::json!({ "kind": "restore", "snapshot": s1, "path": "/meta", "to": out.display().to_string() }),
+    );
+    let j2 = wait(&m, &j2);
+    assert_eq!(j2["state"], "succeeded", "{j2}");
+    assert_same_tree(&src.join("meta"), &out.join("meta"));
+
+    // A job that cannot work fails with a code and the probe's words.
+    let j3 = queue(
+        &m,
+        serde_json::json!({ "kind": "backup", "volume": "agent", "source": "/no/such/dir" }),
+    );
+    let j3 = wait(&m, &j3);
+    assert_eq!(j3["state"], "failed", "{j3}");
+    assert_eq!(j3["error"]["code"], "SOURCE_MISSING", "{j3}");
+
+    // The probe is killed in the middle of a backup: the next start reports the job failed,
+    // removes what it left attached, and the volume keeps exactly its one good snapshot.
+    mutate(&src);
+    let j4 = queue(
+        &m,
+        serde_json::json!({ "kind": "backup", "volume": "agent", "source": src.display().to_string() }),
+    );
+    let j4_id = j4["id"].as_str().expect("id").to_string();
+    wait_for(Duration::from_secs(60), "the backup to be attached", || {
+        let j = m.ok("GET", &format!("/jobs/{j4_id}"), None);
+        let attached = std::fs::read_dir(probe.state.join("attachments"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false);
+        (j["state"] == "running" && attached).then_some(())
+    });
+    agent.kill9();
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", "--"])
+        .arg(format!(
+            "--state-dir {} serve-attachment",
+            probe.state.display()
+        ))
+        .status();
+    let mut agent = Agent::start(&probe, &t.path().join("agent2.log"));
+    let j4 = wait(&m, &j4);
+    assert_eq!(j4["state"], "failed", "{j4}");
+    assert_eq!(j4["error"]["code"], "PROBE_STOPPED", "{j4}");
+    let vol = j1["result"]["volume_id"].as_str().expect("volume id");
+    assert_eq!(snapshots(&m, vol), vec![s1.clone()]);
+    // A graceful stop ends the agent with success, and nothing of the probe is attached.
+    let st = agent.stop();
+    assert!(st.success(), "{st}");
+    assert_nothing_attached(&probe.state);
+    assert_eq!(
+        m.ok("GET", "/hosts", None)["items"]
+            .as_array()
+            .map(|a| a.len()),
+        Some(1)
+    );
+}
+
+/// A TCP relay on 127.0.0.1 that counts the bytes it carries (both ways), for proving what
+/// crosses a link.
+struct CountingRelay {
+    port: u16,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingRelay {
+    fn start(to: std::net::SocketAddr) -> CountingRelay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = bytes.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let Ok(server) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                for (mut from, mut into) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let counted = counted.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            use std::io::{Read, Write};
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    counted.fetch_add(n as u64, Ordering::Relaxed);
+                                    if into.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        CountingRelay { port, bytes }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Three-party: the probe reaches maasd's REST API through a relay that counts every byte,
+/// and the engine's NVMe/TCP portal directly. A backup of the dataset moves its data on the
+/// block path only (the REST bytes are a small fraction: requests, and the file manifest).
+/// Then maasd is SIGKILLed in the middle of a backup: the probe ends with a clear error, the
+/// earlier snapshot is intact, and after maasd is back the next backup completes exactly.
+#[test]
+fn backup_data_never_crosses_the_rest_api_and_a_killed_maasd_loses_nothing() {
+    let t = TestDir::new("probe-3party");
+    let mut m = start_maasd(t.path());
+    let api_addr: std::net::SocketAddr = m
+        .base_url()
+        .split("://")
+        .nth(1)
+        .expect("url")
+        .parse()
+        .expect("host:port");
+    let relay = CountingRelay::start(api_addr);
+    let relayed_url = m
+        .base_url()
+        .replace(&api_addr.port().to_string(), &relay.port.to_string());
+    let state = t.path().join("probe");
+    let env = m.maasctl_env();
+    let probe_cmd = |args: &[&str]| -> Output {
+        let mut c = Command::new(probe_bin());
+        c.args(args)
+            .arg("--json")
+            .env("MAAS_PROBE_STATE_DIR", &state)
+            .env("MAAS_PROBE_LOG", "warn");
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c.env("MAAS_URL", &relayed_url);
+        c.output().expect("maas-probe")
+    };
+    let src = t.path().join("src");
+    dataset(&src, "0.05");
+    let data_bytes = maas_probe_du(&src);
+    let before = relay.bytes();
+    let out = probe_cmd(&[
+        "backup",
+        "--volume",
+        "three",
+        "--source",
+        &src.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b1: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rest = relay.bytes() - before;
+    let written = b1["bytes_written"].as_u64().unwrap_or(0);
+    eprintln!("REST bytes {rest}, block bytes written {written}, data {data_bytes}");
+    // (rsync leaves zero runs as holes, so a little less than the data may be written.)
+    assert!(written > data_bytes / 2, "{b1}");
+    assert!(
+        rest < data_bytes / 20,
+        "{rest} bytes crossed the REST API for {data_bytes} bytes of data"
+    );
+    let s1 = b1["snapshot"].as_str().expect("snapshot").to_string();
+    let vol = b1["volume_id"].as_str().expect("volume").to_string();
+    let day1 = t.path().join("day1");
+    sh_ok(&format!("cp -a {} {}", src.display(), day1.display()));
+
+    // maasd dies while the probe copies the next day's changes.
+    mutate(&src);
+    sh_ok(&format!(
+        "head -c 400M /dev/urandom > {}/big-new-file",
+        src.display()
+    ));
+    // (stderr to a file: a pipe nobody reads until the end would fill and stall the probe.)
+    let err_log = t.path().join("probe.err");
+    let mut child = {
+        let mut c = Command::new(probe_bin());
+        c.args(["backup", "--volume", "three", "--source"])
+            .arg(&src)
+            .arg("--json")
+            .env("MAAS_PROBE_STATE_DIR", &state)
+            .env("MAAS_PROBE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err_log).expect("probe.err"));
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c.env("MAAS_URL", &relayed_url);
+        c.spawn().expect("maas-probe")
+    };
+    wait_for(Duration::from_secs(60), "the copy to start", || {
+        std::fs::read_dir(state.join("attachments"))
+            .ok()?
+            .flatten()
+            .any(|e| {
+                std::fs::read_to_string(e.path())
+                    .map(|t| t.contains("mount_dir"))
+                    .unwrap_or(false)
+            })
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    m.kill9();
+    let t0 = Instant::now();
+    let out = wait_for(Duration::from_secs(120), "the probe to give up", || {
+        child.try_wait().ok().flatten()
+    });
+    assert!(
+        !out.success(),
+        "a backup whose server died mid-way succeeded"
+    );
+    let err = std::fs::read_to_string(&err_log).unwrap_or_default();
+    eprintln!("probe after maasd died ({:?}): {err}", t0.elapsed());
+    // The volume's connection is what failed (5), or maasd's API (3) if it died between.
+    assert!(
+        matches!(out.code(), Some(3 | 5)),
+        "unexpected exit {out}: {err}"
+    );
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(
+        !last.contains("too small"),
+        "a dead server reported as a full volume: {err}"
+    );
+    // A dead target does not flood the log with one line per failed request.
+    assert!(err.lines().count() < 40, "{err}");
+
+    // maasd is back: the first snapshot is intact, the next backup repairs and completes.
+    m.start_again();
+    let (m1, m2) = (t.path().join("m1"), t.path().join("m2"));
+    std::fs::create_dir_all(&m1).expect("mkdir");
+    std::fs::create_dir_all(&m2).expect("mkdir");
+    let probe = Probe {
+        maasd: &m,
+        state: state.clone(),
+    };
+    probe.ok(&["mount", &s1, &m1.display().to_string()]);
+    assert_same_tree(&day1, &m1);
+    probe.ok(&["umount", &m1.display().to_string()]);
+    let b2 = probe.ok(&[
+        "backup",
+        "--volume",
+        "three",
+        "--source",
+        &src.display().to_string(),
+    ]);
+    let s2 = b2["snapshot"].as_str().expect("snapshot").to_string();
+    probe.ok(&["mount", &s2, &m2.display().to_string()]);
+    assert_same_tree(&src, &m2);
+    probe.ok(&["umount", &m2.display().to_string()]);
+    assert!(snapshots(&m, &vol).contains(&s1));
+    assert_nothing_attached(&probe.state);
+    // No export of the probe's is left at maasd.
+    let exports = m.ok("GET", &format!("/volumes/{vol}/exports"), None);
+    assert_eq!(
+        exports["items"].as_array().map(|a| a.len()),
+        Some(0),
+        "{exports}"
+    );
+}
+
+/// Bytes of the regular files under `p`.
+fn maas_probe_du(p: &Path) -> u64 {
+    let out = sh_ok(&format!("find {} -type f -printf '%s\\n'", p.display()));
+    out.lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .sum()
 }

@@ -138,6 +138,11 @@ pub struct Volume {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_snapshot: Option<String>,
     pub created_at: String,
+    /// The volume's newest snapshot, when the volume holds exactly its content: nothing was
+    /// written to it since that seal (given by `GET /volumes/{id}` only). A backup tool may
+    /// then trust what it recorded of that snapshot instead of reading the volume back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged_since: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -508,6 +513,12 @@ pub struct Job {
     pub progress_detail: Option<serde_json::Value>,
     pub created_at: String,
     pub updated_at: String,
+    /// The host whose probe runs the job (jobs queued with `POST /hosts/{id}/jobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// What the probe was asked to do (a [`HostTask`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<serde_json::Value>,
 }
 
 impl Job {
@@ -668,4 +679,140 @@ pub struct ManifestInfo {
     /// Bytes of the regular files it lists.
     pub file_bytes: u64,
     pub created_at: String,
+}
+
+/// One entry of a snapshot's directory, read from the filesystem inside the snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct SnapshotFileEntry {
+    /// The name; bytes that are not UTF-8 are replaced (then `name_is_utf8` is false and the
+    /// entry cannot be addressed by path through the API).
+    pub name: String,
+    pub name_is_utf8: bool,
+    /// `file`, `dir`, `symlink`, `fifo`, `socket`, `char` or `block`.
+    pub kind: String,
+    pub size: u64,
+    /// Permission bits (e.g. 420 = 0644).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Where a symlink points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_target: Option<String>,
+}
+
+/// `GET /snapshots/{id}/files?path=`: a page of one directory, sorted by name.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct SnapshotFileListing {
+    pub snapshot: String,
+    pub path: String,
+    pub entries: Vec<SnapshotFileEntry>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
+
+/// A protected host, as its probe registered it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    /// The host's NVMe Qualified Name: exports for its probe name it.
+    pub hostnqn: String,
+    /// The host's iSCSI initiator name.
+    pub iqn: String,
+    /// The probe's version.
+    pub version: String,
+    /// `online` (a heartbeat in the last minute), `offline`, or `registered` (never seen).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    /// Jobs waiting for the host's probe, and running on it.
+    pub jobs_queued: u64,
+    pub jobs_running: u64,
+    pub created_at: String,
+}
+
+/// `POST /hosts`: a probe registers its host (again, after a reinstall: same name and NQN).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHost {
+    pub name: String,
+    pub hostnqn: String,
+    pub iqn: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// `POST /hosts/{id}/heartbeat`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    #[serde(default)]
+    pub version: String,
+}
+
+/// What a host's probe is asked to do (`POST /hosts/{id}/jobs`), as its one-shot commands
+/// take it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum HostTask {
+    /// `maas-probe backup`.
+    Backup {
+        volume: String,
+        source: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        exclude: Vec<String>,
+    },
+    /// `maas-probe restore`: files (`path` and `to`) or the whole image (`image`).
+    Restore {
+        snapshot: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<String>,
+    },
+    /// `maas-probe mount`.
+    Mount { snapshot: String, dir: String },
+    /// `maas-probe umount`.
+    Umount { dir: String },
+}
+
+impl HostTask {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HostTask::Backup { .. } => "host-backup",
+            HostTask::Restore { .. } => "host-restore",
+            HostTask::Mount { .. } => "host-mount",
+            HostTask::Umount { .. } => "host-umount",
+        }
+    }
+}
+
+/// `POST /jobs/{id}/report`: a probe reports on a job of its host. `state` `running` with
+/// `progress` (and `progress_detail`) while it works; `succeeded` with `result`, or `failed`
+/// with `error`, once.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobReport {
+    pub state: String,
+    #[serde(default)]
+    pub progress: Option<f64>,
+    #[serde(default)]
+    pub progress_detail: Option<serde_json::Value>,
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    #[serde(default)]
+    pub error: Option<JobReportError>,
+}
+
+/// Why a probe's job failed.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobReportError {
+    pub code: String,
+    pub message: String,
 }

@@ -73,6 +73,9 @@ enum Cmd {
     /// S3 buckets snapshots are archived to.
     #[command(subcommand)]
     ArchiveTarget(ArchiveTargetCmd),
+    /// Protected hosts (registered by their probes) and the jobs queued for them.
+    #[command(subcommand)]
+    Host(HostCmd),
     /// Long-running operations.
     #[command(subcommand)]
     Job(JobCmd),
@@ -154,6 +157,12 @@ enum SnapshotCmd {
         id: String,
     },
     /// Clone a snapshot into a new writable volume (instant mount).
+    /// List a directory of the filesystem inside a snapshot (no mount needed).
+    Files {
+        id: String,
+        #[arg(default_value = "/")]
+        path: String,
+    },
     Clone {
         id: String,
         name: String,
@@ -619,6 +628,42 @@ fn chap_body(a: &ChapArgs, protocol: &str) -> R<Option<Value>> {
 }
 
 #[derive(Subcommand)]
+enum HostCmd {
+    /// Hosts with their state (online while their probe heartbeats) and jobs.
+    List,
+    Get {
+        id: String,
+    },
+    /// Forget a host (its queued jobs fail).
+    Delete {
+        id: String,
+    },
+    /// Queue a backup for the host's probe (`maas-probe run`): `--wait` waits for it.
+    Backup {
+        id: String,
+        #[arg(long)]
+        volume: String,
+        /// A directory, block device or image file on the host.
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
+    /// Queue a restore of files (`--path P --to DIR`) or a whole image (`--image DEST`) on the
+    /// host.
+    Restore {
+        id: String,
+        snapshot: String,
+        #[arg(long, requires = "to", conflicts_with = "image")]
+        path: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        image: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum JobCmd {
     List,
     Get {
@@ -930,6 +975,48 @@ fn wait_job(c: &Client, id: &str, bar: bool) -> R<api::Job> {
 }
 
 /// Prints a job (after waiting for it with --wait); a failed job is an error.
+fn print_hosts(v: &[api::Host]) {
+    table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "LAST HEARTBEAT",
+            "QUEUED",
+            "RUNNING",
+            "VERSION",
+            "HOST NQN",
+        ],
+        v.iter()
+            .map(|h| {
+                vec![
+                    h.id.clone(),
+                    h.name.clone(),
+                    h.state.clone(),
+                    h.last_heartbeat.clone().unwrap_or_else(|| "never".into()),
+                    h.jobs_queued.to_string(),
+                    h.jobs_running.to_string(),
+                    h.version.clone(),
+                    h.hostnqn.clone(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// Percent-encodes a query parameter's value.
+fn query_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn job_result(cli: &Cli, c: &Client, v: Value) -> R<()> {
     let mut j: api::Job = typed(v)?;
     if cli.wait {
@@ -1165,6 +1252,43 @@ fn run(cli: &Cli) -> R<()> {
                     Some(json!({"target": target})),
                 )?,
             )?,
+            SnapshotCmd::Files { id, path } => {
+                let mut all: Vec<api::SnapshotFileEntry> = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let mut q = format!("/snapshots/{id}/files?path={}", query_escape(path));
+                    if let Some(a) = &after {
+                        q.push_str(&format!("&after={}", query_escape(a)));
+                    }
+                    let page: api::SnapshotFileListing = c.get(&q)?;
+                    all.extend(page.entries);
+                    match page.next_after {
+                        Some(a) => after = Some(a),
+                        None => break,
+                    }
+                }
+                emit(j, &all, || {
+                    table(
+                        &["MODE", "UID", "GID", "SIZE", "NAME"],
+                        all.iter()
+                            .map(|e| {
+                                let name = match &e.link_target {
+                                    Some(t) => format!("{} -> {t}", e.name),
+                                    None if e.kind == "dir" => format!("{}/", e.name),
+                                    None => e.name.clone(),
+                                };
+                                vec![
+                                    format!("{} {:04o}", e.kind, e.mode),
+                                    e.uid.to_string(),
+                                    e.gid.to_string(),
+                                    e.size.to_string(),
+                                    name,
+                                ]
+                            })
+                            .collect(),
+                    )
+                });
+            }
             SnapshotCmd::Clone { id, name } => job_result(
                 cli,
                 &c,
@@ -1314,6 +1438,53 @@ fn run(cli: &Cli) -> R<()> {
                 if !j {
                     println!("deleted {id}");
                 }
+            }
+        },
+        Cmd::Host(hc) => match hc {
+            HostCmd::List => {
+                let v: Vec<api::Host> = c.list("/hosts")?;
+                emit(j, &v, || print_hosts(&v));
+            }
+            HostCmd::Get { id } => {
+                let v: api::Host = c.get(&format!("/hosts/{id}"))?;
+                emit(j, &v, || print_hosts(std::slice::from_ref(&v)));
+            }
+            HostCmd::Delete { id } => {
+                c.call("DELETE", &format!("/hosts/{id}"), None)?;
+                emit(j, &json!({ "deleted": id }), || println!("host {id} deleted"));
+            }
+            HostCmd::Backup {
+                id,
+                volume,
+                source,
+                exclude,
+            } => job_result(
+                cli,
+                &c,
+                c.call(
+                    "POST",
+                    &format!("/hosts/{id}/jobs"),
+                    Some(json!({ "kind": "backup", "volume": volume, "source": source, "exclude": exclude })),
+                )?,
+            )?,
+            HostCmd::Restore {
+                id,
+                snapshot,
+                path,
+                to,
+                image,
+            } => {
+                let mut body = json!({ "kind": "restore", "snapshot": snapshot });
+                for (k, v) in [("path", path), ("to", to), ("image", image)] {
+                    if let Some(v) = v {
+                        body[k] = json!(v);
+                    }
+                }
+                job_result(
+                    cli,
+                    &c,
+                    c.call("POST", &format!("/hosts/{id}/jobs"), Some(body))?,
+                )?
             }
         },
         Cmd::Job(jc) => match jc {

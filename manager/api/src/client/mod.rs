@@ -72,7 +72,7 @@ pub struct Connect<'a> {
     pub timeout: Option<Duration>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Client {
     base: String,
     token: Option<Zeroizing<String>>,
@@ -131,6 +131,36 @@ impl Client {
     }
 
     fn request(&self, method: &str, path: &str, body: Option<Body<'_>>) -> R<Value> {
+        let r = self.send(method, path, body)?;
+        if r.status() == 204 {
+            return Ok(Value::Null);
+        }
+        let url = r.get_url().to_string();
+        r.into_json()
+            .map_err(|e| ClientError::Other(format!("bad response from {url}: {e}")))
+    }
+
+    /// A GET whose answer is text of another type than JSON (e.g. a manifest's JSON lines),
+    /// read up to `max` bytes (more is an error, not a truncated answer).
+    pub fn get_text(&self, path: &str, max: u64) -> R<String> {
+        use std::io::Read as _;
+        let r = self.send("GET", path, None)?;
+        let url = r.get_url().to_string();
+        let mut text = String::new();
+        r.into_reader()
+            .take(max.saturating_add(1))
+            .read_to_string(&mut text)
+            .map_err(|e| ClientError::Other(format!("reading the answer of {url}: {e}")))?;
+        if text.len() as u64 > max {
+            return Err(ClientError::Other(format!(
+                "the answer of {url} is larger than {max} bytes"
+            )));
+        }
+        Ok(text)
+    }
+
+    /// Sends one request; a successful response, or the server's error.
+    fn send(&self, method: &str, path: &str, body: Option<Body<'_>>) -> R<ureq::Response> {
         let url = format!("{}/api/v1{}", self.base, path);
         let mut req = self.agent.request(method, &url);
         if let Some(t) = &self.token {
@@ -142,13 +172,7 @@ impl Client {
             None => req.call(),
         };
         match res {
-            Ok(r) => {
-                if r.status() == 204 {
-                    return Ok(Value::Null);
-                }
-                r.into_json()
-                    .map_err(|e| ClientError::Other(format!("bad response from {url}: {e}")))
-            }
+            Ok(r) => Ok(r),
             Err(ureq::Error::Status(status, r)) => {
                 let text = r.into_string().unwrap_or_default();
                 match serde_json::from_str::<ErrorBody>(&text) {
