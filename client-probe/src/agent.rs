@@ -351,15 +351,26 @@ impl Probe {
             api::HostTask::Backup {
                 volume,
                 source,
+                postgres,
+                pre,
+                post,
                 size,
                 exclude,
             } => {
                 let src = Path::new(source);
-                let rep = if crate::image::is_image(src) {
-                    self.backup_image(volume, src, *size, progress)?
-                } else {
-                    self.backup_tree(volume, src, *size, exclude, progress)?
-                };
+                let rep =
+                    crate::hooks::around(
+                        pre.as_deref(),
+                        post.as_deref(),
+                        volume,
+                        || match postgres {
+                            Some(pg) => self.backup_postgres(volume, pg, *size, exclude, progress),
+                            None if crate::image::is_image(src) => {
+                                self.backup_image(volume, src, *size, progress)
+                            }
+                            None => self.backup_tree(volume, src, *size, exclude, progress),
+                        },
+                    )?;
                 json(serde_json::to_value(rep))
             }
             api::HostTask::Restore {

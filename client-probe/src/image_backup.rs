@@ -190,6 +190,8 @@ impl Probe {
             made_filesystem: false,
             changes: None,
             image: Some(changes),
+            postgres: None,
+            post_hook_error: None,
             manifest: crate::manifest::ManifestStats {
                 entries: 1,
                 ..Default::default()

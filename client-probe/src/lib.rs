@@ -10,12 +10,14 @@
 pub mod agent;
 pub mod attach;
 pub mod fuse_disk;
+pub mod hooks;
 pub mod identity;
 pub mod image;
 pub mod image_backup;
 pub mod manifest;
 pub mod nvme_disk;
 pub mod ops;
+pub mod postgres;
 pub mod restore;
 pub mod server;
 pub mod sys;

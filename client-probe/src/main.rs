@@ -64,8 +64,23 @@ enum Cmd {
         volume: String,
         /// A directory (file-tree backup), or a block device or image file (image backup:
         /// only changed blocks are sent).
+        #[arg(
+            long,
+            required_unless_present = "postgres",
+            conflicts_with = "postgres"
+        )]
+        source: Option<PathBuf>,
+        /// A PostgreSQL cluster to back up online and consistently, by libpq connection
+        /// string (e.g. "host=/run/postgresql user=postgres"); it must run on this host.
         #[arg(long)]
-        source: PathBuf,
+        postgres: Option<String>,
+        /// Run this (sh -c) first; if it fails, nothing is backed up.
+        #[arg(long)]
+        pre: Option<String>,
+        /// Run this (sh -c) after the backup, whatever happened (MAAS_BACKUP_STATUS,
+        /// MAAS_SNAPSHOT and MAAS_VOLUME say what).
+        #[arg(long)]
+        post: Option<String>,
         /// Size of a new volume, or grow an existing one to it (e.g. 20G).
         #[arg(long)]
         size: Option<String>,
@@ -233,20 +248,37 @@ fn run(cli: &Cli) -> R<()> {
         Cmd::Backup {
             volume,
             source,
+            postgres,
             size,
             exclude,
+            pre,
+            post,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let rep = if maas_probe::image::is_image(source) {
-                if !exclude.is_empty() {
-                    return Err(ProbeError::Usage(
-                        "--exclude applies to directories, not to a device or image file".into(),
-                    ));
-                }
-                probe.backup_image(volume, source, size, &progress)
-            } else {
-                probe.backup_tree(volume, source, size, exclude, &progress)
-            };
+            let rep =
+                maas_probe::hooks::around(pre.as_deref(), post.as_deref(), volume, || {
+                    match (source, postgres) {
+                        (_, Some(pg)) => {
+                            probe.backup_postgres(volume, pg, size, exclude, &progress)
+                        }
+                        (Some(src), None) if maas_probe::image::is_image(src) => {
+                            if !exclude.is_empty() {
+                                return Err(ProbeError::Usage(
+                                    "--exclude applies to directories, not to a device or image \
+                                 file"
+                                        .into(),
+                                ));
+                            }
+                            probe.backup_image(volume, src, size, &progress)
+                        }
+                        (Some(src), None) => {
+                            probe.backup_tree(volume, src, size, exclude, &progress)
+                        }
+                        (None, None) => Err(ProbeError::Usage(
+                            "backup needs --source or --postgres".into(),
+                        )),
+                    }
+                });
             if let Some(pb) = &bar {
                 pb.finish_and_clear();
             }
@@ -271,6 +303,17 @@ fn run(cli: &Cli) -> R<()> {
                             c.vanished
                         );
                     }
+                }
+                if let Some(p) = &rep.postgres {
+                    println!(
+                        "PostgreSQL {} backed up online from {} to {}",
+                        p.data_directory.display(),
+                        p.start_lsn,
+                        p.stop_lsn
+                    );
+                }
+                if let Some(e) = &rep.post_hook_error {
+                    println!("warning: the --post command failed: {e}");
                 }
                 if let Some(i) = &rep.image {
                     println!(

@@ -57,6 +57,10 @@ impl ProbeError {
 
 pub type R<T> = Result<T, ProbeError>;
 
+/// Work done on the mounted volume after a file-tree copy, before the seal (see
+/// [`Probe::backup_tree_with`]).
+pub type AfterCopy<'a> = &'a mut dyn FnMut(&Path) -> R<()>;
+
 /// Everything a command needs: where the probe keeps its state, who this host is, maasd.
 #[derive(Debug)]
 pub struct Probe {
@@ -86,6 +90,12 @@ pub struct BackupReport {
     /// will not know it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest_error: Option<String>,
+    /// What a PostgreSQL backup did (data directory, start and stop LSN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<crate::postgres::PgReport>,
+    /// Why the `--post` command failed (the backup itself succeeded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub post_hook_error: Option<String>,
     /// Bytes the probe wrote to and read from the volume over NVMe/TCP.
     pub bytes_written: u64,
     pub bytes_read: u64,
@@ -185,6 +195,21 @@ impl Probe {
         excludes: &[String],
         progress: &dyn Fn(&str, u64),
     ) -> R<BackupReport> {
+        self.backup_tree_with(volume, src, size, excludes, progress, None)
+    }
+
+    /// As [`Probe::backup_tree`]; `after_copy` runs on the mounted volume once the tree is
+    /// copied, before the manifest, the unmount and the seal (a database source finishes its
+    /// backup there). Its failure fails the backup: nothing is sealed.
+    pub fn backup_tree_with(
+        &self,
+        volume: &str,
+        src: &Path,
+        size: Option<u64>,
+        excludes: &[String],
+        progress: &dyn Fn(&str, u64),
+        after_copy: Option<AfterCopy<'_>>,
+    ) -> R<BackupReport> {
         let t0 = Instant::now();
         if !name_ok(volume) {
             return Err(ProbeError::Usage(format!(
@@ -226,7 +251,9 @@ impl Probe {
         let export = server::export_to_host(&self.client, &vol.id, &self.id.hostnqn, false)?;
         rec.export = Some(export.id.clone());
         rec.save(&self.state)?;
-        let result = self.backup_attached(&mut rec, &export, created, src, excludes, progress);
+        let result = self.backup_attached(
+            &mut rec, &export, created, src, excludes, progress, after_copy,
+        );
         // Whatever happened, what is attached goes, here and the export at maasd (the next
         // backup makes a new one); if maasd cannot be told now, the record stays for the
         // next command to finish the job.
@@ -252,6 +279,8 @@ impl Probe {
             made_filesystem: done.made_fs,
             changes: Some(done.changes),
             image: None,
+            postgres: None,
+            post_hook_error: None,
             manifest,
             manifest_error,
             bytes_written: done.written,
@@ -260,6 +289,7 @@ impl Probe {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // one call site; the arguments are the backup's
     fn backup_attached(
         &self,
         rec: &mut Record,
@@ -268,6 +298,7 @@ impl Probe {
         src: &Path,
         excludes: &[String],
         progress: &dyn Fn(&str, u64),
+        mut after_copy: Option<AfterCopy<'_>>,
     ) -> R<Attached> {
         progress("attach", 0);
         let disk = self.connect(export)?;
@@ -317,7 +348,12 @@ impl Probe {
             rec.mount_dir = Some(mnt.clone());
             rec.save(&self.state)?;
             progress("copy", 0);
-            let synced = tree::sync_tree(src, &mnt, excludes);
+            let synced: R<Changes> = tree::sync_tree(src, &mnt, excludes)
+                .map_err(ProbeError::from)
+                .and_then(|c| match after_copy.as_mut() {
+                    Some(f) => f(&mnt).map(|_| c),
+                    None => Ok(c),
+                });
             let manifest = match &synced {
                 Ok(_) => {
                     progress("manifest", 0);

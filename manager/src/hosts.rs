@@ -235,11 +235,28 @@ fn check_task(t: &api::HostTask) -> ApiResult<()> {
         api::HostTask::Backup {
             volume,
             source,
+            postgres,
+            pre,
+            post,
             exclude,
             ..
         } => {
             validate_name("volume", volume)?;
-            path_ok("source", source)?;
+            match postgres {
+                Some(pg) if source.is_empty() => path_ok("postgres", pg)?,
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "source",
+                        "a backup takes source or postgres, not both",
+                    ));
+                }
+                None => path_ok("source", source)?,
+            }
+            for (field, cmd) in [("pre", pre), ("post", post)] {
+                if let Some(c) = cmd {
+                    path_ok(field, c)?;
+                }
+            }
             if exclude.len() > 1000 {
                 return Err(ApiError::invalid("exclude", "at most 1000 patterns"));
             }
@@ -464,6 +481,9 @@ mod tests {
         let ok = api::HostTask::Backup {
             volume: "v".into(),
             source: "/srv".into(),
+            postgres: None,
+            pre: None,
+            post: None,
             size: None,
             exclude: vec![],
         };
@@ -471,6 +491,9 @@ mod tests {
         let bad = api::HostTask::Backup {
             volume: "a b".into(),
             source: "/srv".into(),
+            postgres: None,
+            pre: None,
+            post: None,
             size: None,
             exclude: vec![],
         };

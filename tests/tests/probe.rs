@@ -1299,3 +1299,223 @@ fn maas_probe_du(p: &Path) -> u64 {
         .filter_map(|l| l.trim().parse::<u64>().ok())
         .sum()
 }
+
+/// PostgreSQL clusters a test started, stopped (immediately) when it ends.
+struct PgClusters {
+    bin: PathBuf,
+    dirs: Vec<PathBuf>,
+}
+
+impl PgClusters {
+    fn new() -> PgClusters {
+        // The newest installed server's programs (Debian: /usr/lib/postgresql/N/bin).
+        let bin = sh_ok("ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1");
+        PgClusters {
+            bin: PathBuf::from(bin.trim()),
+            dirs: Vec::new(),
+        }
+    }
+
+    fn as_postgres(&self, cmd: &str) -> String {
+        sh_ok(&format!(
+            "runuser -u postgres -- sh -c '{}'",
+            cmd.replace('\'', r"'\''")
+        ))
+    }
+
+    fn start(&mut self, dir: &Path, port: u16, sock: &Path) {
+        self.dirs.push(dir.to_path_buf());
+        self.as_postgres(&format!(
+            "{}/pg_ctl -D {} -l {}/server.log -t 180 -w -o \"-p {port} -k {} -c listen_addresses=\" start",
+            self.bin.display(),
+            dir.display(),
+            sock.display(),
+            sock.display()
+        ));
+    }
+
+    fn psql(&self, sock: &Path, port: u16, sql: &str) -> String {
+        self.as_postgres(&format!(
+            "psql -X -A -t -q -v ON_ERROR_STOP=1 -h {} -p {port} -U postgres -d postgres -c \"{sql}\"",
+            sock.display()
+        ))
+    }
+}
+
+impl Drop for PgClusters {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .args(["-D"])
+                .arg(d)
+                .args(["-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+/// PostgreSQL: a live cluster, written to all through the backup, is backed up online by the
+/// probe (`--postgres`, between `--pre` and `--post` commands); its snapshot, restored to a
+/// folder, starts as a PostgreSQL that replays the copied WAL and holds every transaction
+/// committed before the backup began, and passes `pg_amcheck` (heap and every index).
+#[test]
+fn a_live_postgresql_is_backed_up_consistently_and_starts_from_its_snapshot() {
+    let t = TestDir::new("probe-pg");
+    sh_ok(&format!("chmod 755 {}", t.path().display()));
+    let m = start_maasd(t.path());
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let mut pg = PgClusters::new();
+    let (data, sock) = (t.path().join("pgdata"), t.path().join("sock"));
+    sh_ok(&format!(
+        "mkdir -p {0} {1} && chown postgres: {0} {1}",
+        data.display(),
+        sock.display()
+    ));
+    pg.as_postgres(&format!(
+        "{}/initdb -D {} -U postgres --auth=trust --no-sync >/dev/null",
+        pg.bin.display(),
+        data.display()
+    ));
+    let port = maas_tests::maasd::free_port();
+    pg.start(&data, port, &sock);
+    pg.psql(
+        &sock,
+        port,
+        "CREATE TABLE t (id bigint PRIMARY KEY, payload text NOT NULL); \
+         CREATE INDEX t_payload ON t (payload); \
+         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g",
+    );
+
+    // Writes go on during the whole backup.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, sock, bin) = (stop.clone(), sock.clone(), pg.bin.clone());
+        std::thread::spawn(move || {
+            let mut next = 1_000_000u64;
+            let mut batches = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sql = format!(
+                    "INSERT INTO t SELECT g, repeat(md5(g::text), 20) FROM generate_series({next}, {}) g",
+                    next + 499
+                );
+                let ok = Command::new("runuser")
+                    .args(["-u", "postgres", "--", "psql", "-X", "-q", "-h"])
+                    .arg(&sock)
+                    .args([
+                        "-p",
+                        &port.to_string(),
+                        "-U",
+                        "postgres",
+                        "-d",
+                        "postgres",
+                        "-c",
+                        &sql,
+                    ])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                if ok {
+                    batches += 1;
+                }
+                next += 500;
+                let _ = bin.as_path();
+            }
+            batches
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (pre, post) = (t.path().join("pre.ran"), t.path().join("post.ran"));
+    let conninfo = format!(
+        "host={} port={port} user=postgres dbname=postgres",
+        sock.display()
+    );
+    let b = probe.ok(&[
+        "backup",
+        "--volume",
+        "pg",
+        "--postgres",
+        &conninfo,
+        "--pre",
+        &format!("echo \"$MAAS_VOLUME\" > {}", pre.display()),
+        "--post",
+        &format!(
+            "echo \"$MAAS_BACKUP_STATUS $MAAS_SNAPSHOT\" > {}",
+            post.display()
+        ),
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches = writer.join().expect("writer");
+    assert!(batches > 0, "nothing was written during the backup");
+    let snap = b["snapshot"].as_str().expect("snapshot").to_string();
+    assert!(b["postgres"]["start_lsn"].is_string(), "{b}");
+    assert!(b["postgres"]["stop_lsn"].is_string(), "{b}");
+    assert!(b.get("post_hook_error").is_none(), "{b}");
+    assert_eq!(
+        std::fs::read_to_string(&pre).unwrap_or_default().trim(),
+        "pg"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&post).unwrap_or_default().trim(),
+        format!("succeeded {snap}")
+    );
+
+    // The snapshot, restored to a folder, is a data directory PostgreSQL starts from.
+    let restored = t.path().join("restored");
+    probe.ok(&[
+        "restore",
+        &snap,
+        "--path",
+        "/",
+        "--to",
+        &restored.display().to_string(),
+    ]);
+    assert!(
+        restored.join("backup_label").is_file(),
+        "no backup_label in the copy"
+    );
+    assert!(!restored.join("postmaster.pid").exists());
+    sh_ok(&format!(
+        "rm -rf {0}/lost+found && chown -R postgres: {0} && chmod 700 {0}",
+        restored.display()
+    ));
+    let (sock2, port2) = (t.path().join("sock2"), maas_tests::maasd::free_port());
+    sh_ok(&format!(
+        "mkdir -p {0} && chown postgres: {0}",
+        sock2.display()
+    ));
+    pg.start(&restored, port2, &sock2);
+    let before = pg.psql(&sock2, port2, "SELECT count(*) FROM t WHERE id <= 20000");
+    assert_eq!(before.trim(), "20000");
+    let total: u64 = pg
+        .psql(&sock2, port2, "SELECT count(*) FROM t")
+        .trim()
+        .parse()
+        .expect("count");
+    assert!(
+        total >= 20000 && (total - 20000) % 500 == 0,
+        "{total}: a batch was half there"
+    );
+    pg.as_postgres(&format!(
+        "{}/pg_amcheck -h {} -p {port2} -U postgres --install-missing --heapallindexed --all",
+        pg.bin.display(),
+        sock2.display()
+    ));
+    // A failing --pre stops the backup before anything is touched.
+    let refused = probe.run(&[
+        "backup",
+        "--volume",
+        "pg",
+        "--postgres",
+        &conninfo,
+        "--pre",
+        "exit 3",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--pre command failed"));
+    assert_nothing_attached(&probe.state);
+}

@@ -756,10 +756,18 @@ pub struct Heartbeat {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum HostTask {
-    /// `maas-probe backup`.
+    /// `maas-probe backup`: `source` (a directory, device or image file), or `postgres` (a
+    /// libpq connection string of a cluster on the host); `pre`/`post` commands around it.
     Backup {
         volume: String,
+        #[serde(default)]
         source: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        postgres: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pre: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        post: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         size: Option<u64>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
