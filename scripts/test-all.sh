@@ -18,6 +18,9 @@ command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
 command -v setfacl >/dev/null 2>&1 || need_apt+=(acl)
 command -v setfattr >/dev/null 2>&1 || need_apt+=(attr)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+# The probe's NBD source is tested against QEMU's own NBD server and dirty bitmaps.
+command -v qemu-nbd >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== installing: ${need_apt[*]}"
     $SUDO apt-get update -qq

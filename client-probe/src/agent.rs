@@ -352,6 +352,7 @@ impl Probe {
                 volume,
                 source,
                 postgres,
+                bitmap,
                 pre,
                 post,
                 size,
@@ -365,6 +366,9 @@ impl Probe {
                         volume,
                         || match postgres {
                             Some(pg) => self.backup_postgres(volume, pg, *size, exclude, progress),
+                            None if crate::nbd_source::is_nbd(source) => {
+                                self.backup_nbd(volume, source, bitmap.as_deref(), *size, progress)
+                            }
                             None if crate::image::is_image(src) => {
                                 self.backup_image(volume, src, *size, progress)
                             }

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod image;
 pub mod image_backup;
 pub mod manifest;
+pub mod nbd_source;
 pub mod nvme_disk;
 pub mod ops;
 pub mod postgres;

@@ -70,6 +70,10 @@ enum Cmd {
             conflicts_with = "postgres"
         )]
         source: Option<PathBuf>,
+        /// With an NBD source: the QEMU dirty bitmap that tracks changes since the last
+        /// backup (`qemu:dirty-bitmap:NAME`); incremental backups read only its dirty ranges.
+        #[arg(long)]
+        bitmap: Option<String>,
         /// A PostgreSQL cluster to back up online and consistently, by libpq connection
         /// string (e.g. "host=/run/postgresql user=postgres"); it must run on this host.
         #[arg(long)]
@@ -249,6 +253,7 @@ fn run(cli: &Cli) -> R<()> {
             volume,
             source,
             postgres,
+            bitmap,
             size,
             exclude,
             pre,
@@ -260,6 +265,17 @@ fn run(cli: &Cli) -> R<()> {
                     match (source, postgres) {
                         (_, Some(pg)) => {
                             probe.backup_postgres(volume, pg, size, exclude, &progress)
+                        }
+                        (Some(src), None)
+                            if maas_probe::nbd_source::is_nbd(&src.to_string_lossy()) =>
+                        {
+                            probe.backup_nbd(
+                                volume,
+                                &src.to_string_lossy(),
+                                bitmap.as_deref(),
+                                size,
+                                &progress,
+                            )
                         }
                         (Some(src), None) if maas_probe::image::is_image(src) => {
                             if !exclude.is_empty() {

@@ -1519,3 +1519,110 @@ fn a_live_postgresql_is_backed_up_consistently_and_starts_from_its_snapshot() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--pre command failed"));
     assert_nothing_attached(&probe.state);
 }
+
+/// `qemu-nbd` serving an image read-only on a UNIX socket (with a dirty bitmap), stopped
+/// when dropped.
+struct QemuNbd(std::process::Child);
+
+impl QemuNbd {
+    fn start(image: &Path, sock: &Path, bitmap: &str) -> QemuNbd {
+        let _ = std::fs::remove_file(sock);
+        let child = Command::new("qemu-nbd")
+            .args(["-r", "-t", "-f", "qcow2", "-x", "disk", "-B", bitmap, "-k"])
+            .arg(sock)
+            .arg(image)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        wait_for(Duration::from_secs(20), "qemu-nbd's socket", || {
+            sock.exists().then_some(())
+        });
+        QemuNbd(child)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A VM disk over NBD, as a hypervisor exports it: a qcow2 image written by `qemu-io`, with a
+/// persistent dirty bitmap made by `qemu-img bitmap`, served by `qemu-nbd -B`. The first
+/// backup reads only the allocated data; after more writes the incremental reads only what
+/// QEMU's bitmap marks dirty (bytes counted); each snapshot, restored, is the image as it was
+/// (`qemu-img compare`).
+#[test]
+fn vm_disks_over_nbd_back_up_incrementally_from_qemu_dirty_bitmaps() {
+    let t = TestDir::new("probe-nbd");
+    let m = start_maasd(t.path());
+    let probe = Probe {
+        maasd: &m,
+        state: t.path().join("probe"),
+    };
+    let img = t.path().join("vm.qcow2");
+    let p = img.display().to_string();
+    let sock = t.path().join("nbd.sock");
+    sh_ok(&format!(
+        "qemu-img create -q -f qcow2 {p} 96M \
+         && qemu-io -f qcow2 -c 'write -P 0x11 0 3M' -c 'write -P 0x22 40M 1M' -c 'write -P 0x33 95M 1M' {p} >/dev/null \
+         && qemu-img bitmap --add {p} b0"
+    ));
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let day1 = t.path().join("day1.raw");
+    sh_ok(&format!("qemu-img convert -O raw {p} {}", day1.display()));
+
+    let nbd = QemuNbd::start(&img, &sock, "b0");
+    let b1 = probe.ok(&[
+        "backup", "--volume", "vm", "--source", &uri, "--bitmap", "b0",
+    ]);
+    drop(nbd);
+    assert_eq!(b1["image"]["compared_with"], "allocation", "{b1}");
+    let read1 = b1["image"]["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        (5 << 20..=6 << 20).contains(&read1),
+        "read {read1} bytes for 5 MiB allocated: {b1}"
+    );
+    let s1 = b1["snapshot"].as_str().expect("snapshot").to_string();
+
+    // The guest writes; QEMU's bitmap records where.
+    sh_ok(&format!(
+        "qemu-io -f qcow2 -c 'write -P 0x44 1M 64k' -c 'write -P 0x55 60M 128k' {p} >/dev/null"
+    ));
+    let day2 = t.path().join("day2.raw");
+    sh_ok(&format!("qemu-img convert -O raw {p} {}", day2.display()));
+    let nbd = QemuNbd::start(&img, &sock, "b0");
+    let b2 = probe.ok(&[
+        "backup", "--volume", "vm", "--source", &uri, "--bitmap", "b0",
+    ]);
+    drop(nbd);
+    assert_eq!(b2["image"]["compared_with"], "dirty-bitmap", "{b2}");
+    let read2 = b2["image"]["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(
+        read2,
+        192 << 10,
+        "the incremental read more than the dirty 192 KiB: {b2}"
+    );
+    let s2 = b2["snapshot"].as_str().expect("snapshot").to_string();
+
+    for (s, want) in [(&s1, &day1), (&s2, &day2)] {
+        let out = t.path().join(format!("{s}.raw"));
+        let r = probe.ok(&["restore", s, "--image", &out.display().to_string()]);
+        assert_eq!(r["bytes"].as_u64(), Some(96 << 20), "{r}");
+        sh_ok(&format!(
+            "qemu-img compare -q -f raw -F raw {} {}",
+            want.display(),
+            out.display()
+        ));
+    }
+    assert_nothing_attached(&probe.state);
+    // A bitmap the server does not offer is an error, not a silent full read.
+    let nbd = QemuNbd::start(&img, &sock, "b0");
+    let wrong = probe.run(&[
+        "backup", "--volume", "vm", "--source", &uri, "--bitmap", "nope",
+    ]);
+    drop(nbd);
+    assert_eq!(wrong.status.code(), Some(2), "{wrong:?}");
+}

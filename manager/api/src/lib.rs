@@ -764,6 +764,9 @@ pub enum HostTask {
         source: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         postgres: Option<String>,
+        /// With an NBD `source`: the QEMU dirty bitmap of changes since the last backup.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bitmap: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pre: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]

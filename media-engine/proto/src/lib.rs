@@ -4,8 +4,10 @@
 //! authentication (DH-HMAC-CHAP, [`nvme::auth`], both roles), the NVMe/TCP PDU codec
 //! ([`nvme::tcp::pdu`]), the sans-IO host queue ([`nvme::tcp::host`]) with its thin tokio driver
 //! ([`nvme::tcp::client`]), and the zero-copy output queue and buffer pool the codecs write into.
-//! Nothing here knows the pool, SQL or HTTP.
+//! The NBD client side ([`nbd`]) reads VM disks from hypervisors. Nothing here knows the pool,
+//! SQL or HTTP.
 
 pub mod bufpool;
+pub mod nbd;
 pub mod nvme;
 pub mod outq;

@@ -1,0 +1,368 @@
+//! VM disks over NBD, as agentless hypervisor backup reads them: the hypervisor exports the
+//! disk (`qemu-nbd`, QEMU's NBD server, libvirt's backup jobs) and tracks changed blocks in a
+//! dirty bitmap. The first backup reads only what is allocated (`base:allocation`); a later
+//! one reads only the ranges the bitmap (`qemu:dirty-bitmap:NAME`) marks dirty — provided the
+//! volume still holds exactly the snapshot of the last backup (maasd says so:
+//! `unchanged_since`) and the disk kept its size; otherwise it reads the allocated ranges
+//! again. Keeping the bitmap in step (a new one per backup, or clearing it) is the
+//! hypervisor's side, as with every changed-block-tracking API.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use maas_proto::nbd::{Client, NbdError, STATE_DIRTY, STATE_ZERO};
+use serde::{Deserialize, Serialize};
+
+use crate::attach::Record;
+use crate::image::ImageChanges;
+use crate::ops::{BackupReport, Probe, ProbeError, R, lock_volume, name_ok};
+use crate::server;
+use crate::sys;
+
+/// Bytes handled at a time (one NBD read, one or more volume writes).
+const WINDOW: u64 = 4 << 20;
+
+/// Where an NBD export is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdUri {
+    pub socket: Option<PathBuf>,
+    pub tcp: Option<String>,
+    pub export: String,
+}
+
+pub fn is_nbd(s: &str) -> bool {
+    s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+}
+
+/// Parses `nbd+unix:///EXPORT?socket=PATH` and `nbd://HOST[:PORT]/EXPORT` (the NBD URI form
+/// QEMU and libnbd use).
+pub fn parse_uri(s: &str) -> Option<NbdUri> {
+    if let Some(rest) = s.strip_prefix("nbd+unix://") {
+        let (path, query) = rest.split_once('?')?;
+        let export = path.trim_start_matches('/').to_string();
+        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
+        return Some(NbdUri {
+            socket: Some(PathBuf::from(socket)),
+            tcp: None,
+            export,
+        });
+    }
+    let rest = s.strip_prefix("nbd://")?;
+    let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+    if hostport.is_empty() {
+        return None;
+    }
+    let addr = if hostport.contains(':') && !hostport.ends_with(']') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:10809")
+    };
+    Some(NbdUri {
+        socket: None,
+        tcp: Some(addr),
+        export: export.to_string(),
+    })
+}
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+fn connect(uri: &NbdUri, queries: &[&str]) -> Result<Client<Box<dyn Stream>>, NbdError> {
+    let s: Box<dyn Stream> = match (&uri.socket, &uri.tcp) {
+        (Some(p), _) => Box::new(std::os::unix::net::UnixStream::connect(p)?),
+        (None, Some(a)) => {
+            let t = std::net::TcpStream::connect(a)?;
+            t.set_nodelay(true)?;
+            Box::new(t)
+        }
+        (None, None) => return Err(NbdError::Protocol("no address".into())),
+    };
+    Client::connect(s, &uri.export, queries)
+}
+
+/// What the probe keeps of the last NBD backup of a volume.
+#[derive(Debug, Serialize, Deserialize)]
+struct LastNbd {
+    snapshot: String,
+    size: u64,
+}
+
+fn nbd_err(e: NbdError) -> ProbeError {
+    ProbeError::Usage(format!("NBD source: {e}"))
+}
+
+/// The ranges of `[0, size)` whose `context` runs satisfy `want`, merged and widened to whole
+/// 64 KiB (so volume writes are aligned).
+fn ranges<S: Read + Write>(
+    c: &mut Client<S>,
+    context: u32,
+    want: impl Fn(u32) -> bool,
+) -> Result<Vec<(u64, u64)>, NbdError> {
+    let size = c.export.size;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        let len = (size - at).min(1 << 30) as u32;
+        let runs = c.block_status(context, at, len)?;
+        for (l, flags) in runs {
+            let l = u64::from(l).min(size - at);
+            if want(flags) {
+                let (s, e) = ((at / 65536) * 65536, (at + l).div_ceil(65536) * 65536);
+                match out.last_mut() {
+                    Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                    _ => out.push((s, e)),
+                }
+            }
+            at += l;
+            if at >= size {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Probe {
+    fn nbd_state(&self, attachment: &str) -> PathBuf {
+        self.state.join("nbd").join(format!("{attachment}.json"))
+    }
+
+    /// `maas-probe backup --volume NAME --source nbd://... [--bitmap NAME]`.
+    pub fn backup_nbd(
+        &self,
+        volume: &str,
+        uri_text: &str,
+        bitmap: Option<&str>,
+        size: Option<u64>,
+        progress: &dyn Fn(&str, u64),
+    ) -> R<BackupReport> {
+        let t0 = Instant::now();
+        if !name_ok(volume) {
+            return Err(ProbeError::Usage(format!(
+                "volume name {volume:?}: use 1-128 of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        let uri = parse_uri(uri_text).ok_or_else(|| {
+            ProbeError::Usage(format!(
+                "{uri_text:?} is not an NBD URI (nbd+unix:///EXPORT?socket=PATH or \
+                 nbd://HOST[:PORT]/EXPORT)"
+            ))
+        })?;
+        let bitmap_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut queries = vec!["base:allocation"];
+        if let Some(b) = &bitmap_ctx {
+            queries.push(b.as_str());
+        }
+        let mut nbd = connect(&uri, &queries).map_err(nbd_err)?;
+        let disk_size = nbd.export.size;
+        if disk_size == 0 {
+            return Err(ProbeError::Usage("the NBD export is empty".into()));
+        }
+        if let (Some(b), None) = (
+            &bitmap_ctx,
+            bitmap_ctx.as_deref().and_then(|b| nbd.context(b)),
+        ) {
+            return Err(ProbeError::Usage(format!(
+                "the NBD server does not offer {b} (is the export started with that bitmap, \
+                 e.g. qemu-nbd -B?)"
+            )));
+        }
+        let _lock = lock_volume(&self.state, volume)?;
+        self.clean_stale();
+        let want = size.unwrap_or(0).max(disk_size).div_ceil(1 << 20) * (1 << 20);
+        let (vol, created) = match server::volume_by_name(&self.client, volume)? {
+            Some(v) if v.size < want => (server::grow_volume(&self.client, &v.id, want)?, false),
+            Some(v) => (v, false),
+            None => (server::create_volume(&self.client, volume, want)?, true),
+        };
+        let name = format!("backup-{volume}");
+        let state_path = self.nbd_state(&name);
+        let last: Option<LastNbd> = std::fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let unchanged = if created {
+            None
+        } else {
+            server::volume(&self.client, &vol.id)?.unchanged_since
+        };
+        let incremental = match (&last, &unchanged, &bitmap_ctx) {
+            (Some(l), Some(s), Some(_)) => l.snapshot == *s && l.size == disk_size,
+            _ => false,
+        };
+        // From the first write on, the record no longer describes the volume.
+        match std::fs::remove_file(&state_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        progress("extents", 0);
+        let to_copy = if incremental {
+            let id = bitmap_ctx
+                .as_deref()
+                .and_then(|b| nbd.context(b))
+                .ok_or_else(|| ProbeError::Usage("bitmap context lost".into()))?;
+            ranges(&mut nbd, id, |f| f & STATE_DIRTY != 0).map_err(nbd_err)?
+        } else {
+            match nbd.context("base:allocation") {
+                // Everything but what the server says reads as zeroes.
+                Some(id) => ranges(&mut nbd, id, |f| f & STATE_ZERO == 0).map_err(nbd_err)?,
+                // No allocation map: everything is read.
+                None => vec![(0, disk_size.div_ceil(65536) * 65536)],
+            }
+        };
+
+        let mut rec = Record {
+            name: name.clone(),
+            pid: std::process::id(),
+            pid_start: sys::start_time(std::process::id()).unwrap_or(0),
+            ..Record::default()
+        };
+        rec.save(&self.state)?;
+        let export = server::export_to_host(&self.client, &vol.id, &self.id.hostnqn, false)?;
+        rec.export = Some(export.id.clone());
+        rec.save(&self.state)?;
+        progress("attach", 0);
+        let copied = (|| -> R<(ImageChanges, u64, u64)> {
+            let disk = self.connect(&export)?;
+            let vol_size = disk.size();
+            let mut ch = ImageChanges {
+                source_bytes: disk_size,
+                compared_with: if incremental {
+                    "dirty-bitmap"
+                } else {
+                    "allocation"
+                }
+                .into(),
+                blocks: disk_size.div_ceil(65536),
+                ..Default::default()
+            };
+            // A full backup into an existing volume: what is not copied must read as zero.
+            if !incremental && !created {
+                let mut at = 0u64;
+                for &(s, e) in &to_copy {
+                    if s > at {
+                        self.rt.block_on(disk.write_zeroes(at, s - at))?;
+                    }
+                    at = e.min(vol_size);
+                }
+                if at < vol_size {
+                    self.rt.block_on(disk.write_zeroes(at, vol_size - at))?;
+                }
+            }
+            let mut done = 0u64;
+            for &(s, e) in &to_copy {
+                let mut at = s;
+                let end = e.min(disk_size.div_ceil(4096) * 4096);
+                while at < end {
+                    let n = (end - at).min(WINDOW);
+                    // The disk's bytes (its last partial 4 KiB padded with zeroes).
+                    let readable = (disk_size.saturating_sub(at)).min(n) as u32;
+                    let mut buf = nbd.read(at, readable).map_err(nbd_err)?;
+                    buf.resize(n as usize, 0);
+                    for (k, blk) in buf.chunks(65536).enumerate() {
+                        let off = at + (k * 65536) as u64;
+                        ch.blocks_changed += 1;
+                        if blk.iter().all(|&b| b == 0) {
+                            ch.blocks_zeroed += 1;
+                            self.rt.block_on(disk.write_zeroes(off, blk.len() as u64))?;
+                        } else {
+                            self.rt.block_on(disk.write(off, blk.to_vec()))?;
+                        }
+                    }
+                    at += n;
+                    done += n;
+                    progress("copy", done);
+                }
+            }
+            self.rt.block_on(disk.flush())?;
+            if let Some(why) = disk.write_failure() {
+                return Err(ProbeError::Usage(format!(
+                    "writing to the volume failed ({why}); the backup is not sealed"
+                )));
+            }
+            ch.bytes_read = nbd.data_bytes;
+            Ok((
+                ch,
+                disk.bytes_written
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                disk.bytes_read.load(std::sync::atomic::Ordering::Relaxed),
+            ))
+        })();
+        self.drop_clone(&rec);
+        let (changes, written, read) = copied?;
+        nbd.disconnect();
+        progress("seal", written);
+        let snap = server::seal(&self.client, &vol.id, &|_| {})?;
+        let rec = LastNbd {
+            snapshot: snap.clone(),
+            size: disk_size,
+        };
+        if let Err(e) = std::fs::create_dir_all(self.state.join("nbd"))
+            .and_then(|_| std::fs::write(&state_path, serde_json::to_vec(&rec).unwrap_or_default()))
+        {
+            tracing::warn!(error = %e, "the NBD backup record was not kept: the next backup reads all");
+        }
+        let entry = maas_api::ManifestEntry {
+            path: crate::image_backup::IMAGE_PATH.into(),
+            kind: "block".into(),
+            size: disk_size,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            blake3: None,
+            target: None,
+        };
+        let text = crate::manifest::to_ndjson(std::slice::from_ref(&entry));
+        let manifest_error = server::put_manifest(&self.client, &snap, &text)
+            .err()
+            .map(|e| e.to_string());
+        Ok(BackupReport {
+            volume: volume.to_string(),
+            volume_id: vol.id,
+            snapshot: snap,
+            created_volume: created,
+            made_filesystem: false,
+            changes: None,
+            image: Some(changes),
+            postgres: None,
+            post_hook_error: None,
+            manifest: crate::manifest::ManifestStats {
+                entries: 1,
+                ..Default::default()
+            },
+            manifest_error,
+            bytes_written: written,
+            bytes_read: read,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert_eq!(
+            parse_uri("nbd+unix:///disk0?socket=/run/q.sock"),
+            Some(NbdUri {
+                socket: Some("/run/q.sock".into()),
+                tcp: None,
+                export: "disk0".into()
+            })
+        );
+        assert_eq!(
+            parse_uri("nbd://10.0.0.5/vm").map(|u| u.tcp),
+            Some(Some("10.0.0.5:10809".into()))
+        );
+        assert_eq!(
+            parse_uri("nbd://10.0.0.5:10810/vm").map(|u| u.tcp),
+            Some(Some("10.0.0.5:10810".into()))
+        );
+        assert_eq!(parse_uri("nbd+unix:///x"), None);
+        assert_eq!(parse_uri("/dev/sda"), None);
+    }
+}
