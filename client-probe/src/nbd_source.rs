@@ -260,15 +260,26 @@ impl Probe {
                     let readable = (disk_size.saturating_sub(at)).min(n) as u32;
                     let mut buf = nbd.read(at, readable).map_err(nbd_err)?;
                     buf.resize(n as usize, 0);
+                    // The window's 64 KiB blocks go out together (several commands in flight);
+                    // the next window is read while nothing else waits.
+                    let mut writes = Vec::new();
                     for (k, blk) in buf.chunks(65536).enumerate() {
                         let off = at + (k * 65536) as u64;
                         ch.blocks_changed += 1;
+                        let d = disk.clone();
                         if blk.iter().all(|&b| b == 0) {
                             ch.blocks_zeroed += 1;
-                            self.rt.block_on(disk.write_zeroes(off, blk.len() as u64))?;
+                            let n = blk.len() as u64;
+                            writes.push(self.rt.spawn(async move { d.write_zeroes(off, n).await }));
                         } else {
-                            self.rt.block_on(disk.write(off, blk.to_vec()))?;
+                            let data = blk.to_vec();
+                            writes.push(self.rt.spawn(async move { d.write(off, data).await }));
                         }
+                    }
+                    for w in writes {
+                        self.rt
+                            .block_on(w)
+                            .map_err(|e| ProbeError::Usage(format!("write task: {e}")))??;
                     }
                     at += n;
                     done += n;
