@@ -358,24 +358,17 @@ impl Probe {
                 size,
                 exclude,
             } => {
-                let src = Path::new(source);
-                let rep =
-                    crate::hooks::around(
-                        pre.as_deref(),
-                        post.as_deref(),
-                        volume,
-                        || match postgres {
-                            Some(pg) => self.backup_postgres(volume, pg, *size, exclude, progress),
-                            None if crate::nbd_source::is_nbd(source) => {
-                                self.backup_nbd(volume, source, bitmap.as_deref(), *size, progress)
-                            }
-                            None if crate::image::is_image(src) => {
-                                self.backup_image(volume, src, *size, progress)
-                            }
-                            None => self.backup_tree(volume, src, *size, exclude, progress),
-                        },
-                    )?;
-                json(serde_json::to_value(rep))
+                let req = crate::ops::BackupRequest {
+                    volume,
+                    source: (!source.is_empty()).then_some(source.as_str()),
+                    postgres: postgres.as_deref(),
+                    bitmap: bitmap.as_deref(),
+                    size: *size,
+                    exclude,
+                    pre: pre.as_deref(),
+                    post: post.as_deref(),
+                };
+                json(serde_json::to_value(self.backup(&req, progress)?))
             }
             api::HostTask::Restore {
                 snapshot,
@@ -383,15 +376,12 @@ impl Probe {
                 to,
                 image,
             } => {
-                let rep = match (path, to, image) {
-                    (Some(p), Some(to), None) => self.restore_files(snapshot, p, Path::new(to))?,
-                    (None, None, Some(i)) => self.restore_image(snapshot, Path::new(i))?,
-                    _ => {
-                        return Err(ProbeError::Usage(
-                            "a restore takes path and to, or image".into(),
-                        ));
-                    }
-                };
+                let rep = self.restore(
+                    snapshot,
+                    path.as_deref(),
+                    to.as_deref().map(Path::new),
+                    image.as_deref().map(Path::new),
+                )?;
                 json(serde_json::to_value(rep))
             }
             api::HostTask::Mount { snapshot, dir } => json(serde_json::to_value(self.mount(

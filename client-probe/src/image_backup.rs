@@ -7,11 +7,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::attach::Record;
 use crate::image::{Baseline, BlockMap, ImageChanges, ImageSource, sync_image};
-use crate::ops::{BackupReport, Probe, ProbeError, R, lock_volume, name_ok};
+use crate::ops::{BackupReport, Probe, ProbeError, R, check_volume_name, lock_volume};
 use crate::server;
-use crate::sys;
 use crate::tree::TreeError;
 
 /// The manifest path of an image backup's one entry.
@@ -33,11 +31,7 @@ impl Probe {
         progress: &dyn Fn(&str, u64),
     ) -> R<BackupReport> {
         let t0 = Instant::now();
-        if !name_ok(volume) {
-            return Err(ProbeError::Usage(format!(
-                "volume name {volume:?}: use 1-128 of A-Z a-z 0-9 . _ -"
-            )));
-        }
+        check_volume_name(volume)?;
         let mut src = ImageSource::open(src_path).map_err(|e| match e {
             crate::image::ImageError::Source(_, io)
                 if io.kind() == std::io::ErrorKind::NotFound =>
@@ -52,15 +46,7 @@ impl Probe {
         let _lock = lock_volume(&self.state, volume)?;
         self.clean_stale();
         progress("volume", 0);
-        let need = src.len.div_ceil(1 << 20) * (1 << 20);
-        let want = size.unwrap_or(0).max(need).div_ceil(1 << 20) * (1 << 20);
-        let (vol, created) = match server::volume_by_name(&self.client, volume)? {
-            // An image that grew grows its volume: the backup never fails for want of room
-            // that the pool has.
-            Some(v) if v.size < want => (server::grow_volume(&self.client, &v.id, want)?, false),
-            Some(v) => (v, false),
-            None => (server::create_volume(&self.client, volume, want)?, true),
-        };
+        let (vol, created) = self.image_volume(volume, src.len, size)?;
         let name = format!("backup-{volume}");
         let map_path = self.block_map_path(&name);
         let prev = BlockMap::load(&map_path);
@@ -90,16 +76,7 @@ impl Probe {
         // comes back only with the next seal.
         BlockMap::forget(&map_path).map_err(|e| ProbeError::Usage(e.to_string()))?;
 
-        let mut rec = Record {
-            name: name.clone(),
-            pid: std::process::id(),
-            pid_start: sys::start_time(std::process::id()).unwrap_or(0),
-            ..Record::default()
-        };
-        rec.save(&self.state)?;
-        let export = server::export_to_host(&self.client, &vol.id, &self.id.hostnqn, false)?;
-        rec.export = Some(export.id.clone());
-        rec.save(&self.state)?;
+        let (rec, export) = self.export_for_backup(&name, &vol.id)?;
         progress("attach", 0);
         let synced = (|| -> R<(Vec<[u8; 16]>, ImageChanges, u64, u64)> {
             let disk = self.connect(&export)?;
@@ -160,46 +137,95 @@ impl Probe {
             blake3: Some(changes.blake3.clone()),
             target: None,
         };
-        // The manifest carries the image's length (restores give back exactly it) and hash:
-        // worth a few tries before the backup reports it missing.
-        let text = crate::manifest::to_ndjson(std::slice::from_ref(&entry));
-        let mut manifest_error = None;
+        let manifest_error = self.record_image_manifest(&snap, &entry);
+        if changes.changed_during_backup {
+            tracing::warn!(source = %src_path.display(), "the source changed while it was read");
+        }
+        Ok(image_report(
+            volume,
+            vol.id,
+            snap,
+            created,
+            changes,
+            manifest_error,
+            written,
+            read,
+            t0,
+        ))
+    }
+
+    /// The volume an image of `bytes` is backed up into: made, or grown to hold it (and to
+    /// `size` if that is larger), in whole MiB. An image that grew grows its volume: the
+    /// backup never fails for want of room that the pool has.
+    pub(crate) fn image_volume(
+        &self,
+        volume: &str,
+        bytes: u64,
+        size: Option<u64>,
+    ) -> R<(maas_api::Volume, bool)> {
+        let want = size.unwrap_or(0).max(bytes).div_ceil(1 << 20) * (1 << 20);
+        Ok(match server::volume_by_name(&self.client, volume)? {
+            Some(v) if v.size < want => (server::grow_volume(&self.client, &v.id, want)?, false),
+            Some(v) => (v, false),
+            None => (server::create_volume(&self.client, volume, want)?, true),
+        })
+    }
+
+    /// Records an image snapshot's one-entry manifest: it carries the image's length
+    /// (restores give back exactly it), worth a few tries; the error if it could not be.
+    pub(crate) fn record_image_manifest(
+        &self,
+        snap: &str,
+        entry: &maas_api::ManifestEntry,
+    ) -> Option<String> {
+        let text = crate::manifest::to_ndjson(std::slice::from_ref(entry));
+        let mut error = None;
         for attempt in 0..5 {
-            match server::put_manifest(&self.client, &snap, &text) {
-                Ok(_) => {
-                    manifest_error = None;
-                    break;
-                }
+            match server::put_manifest(&self.client, snap, &text) {
+                Ok(_) => return None,
                 Err(e) => {
-                    manifest_error = Some(e.to_string());
+                    error = Some(e.to_string());
                     std::thread::sleep(std::time::Duration::from_millis(500 << attempt));
                 }
             }
         }
-        if let Some(e) = &manifest_error {
+        if let Some(e) = &error {
             tracing::warn!(snapshot = %snap, error = %e, "the manifest was not recorded");
         }
-        if changes.changed_during_backup {
-            tracing::warn!(source = %src_path.display(), "the source changed while it was read");
-        }
-        Ok(BackupReport {
-            volume: volume.to_string(),
-            volume_id: vol.id,
-            snapshot: snap,
-            created_volume: created,
-            made_filesystem: false,
-            changes: None,
-            image: Some(changes),
-            postgres: None,
-            post_hook_error: None,
-            manifest: crate::manifest::ManifestStats {
-                entries: 1,
-                ..Default::default()
-            },
-            manifest_error,
-            bytes_written: written,
-            bytes_read: read,
-            seconds: t0.elapsed().as_secs_f64(),
-        })
+        error
+    }
+}
+
+/// The report of an image (or NBD) backup.
+#[allow(clippy::too_many_arguments)] // the report's own fields
+pub(crate) fn image_report(
+    volume: &str,
+    volume_id: String,
+    snapshot: String,
+    created: bool,
+    changes: ImageChanges,
+    manifest_error: Option<String>,
+    written: u64,
+    read: u64,
+    t0: Instant,
+) -> BackupReport {
+    BackupReport {
+        volume: volume.to_string(),
+        volume_id,
+        snapshot,
+        created_volume: created,
+        made_filesystem: false,
+        changes: None,
+        image: Some(changes),
+        postgres: None,
+        post_hook_error: None,
+        manifest: crate::manifest::ManifestStats {
+            entries: 1,
+            ..Default::default()
+        },
+        manifest_error,
+        bytes_written: written,
+        bytes_read: read,
+        seconds: t0.elapsed().as_secs_f64(),
     }
 }

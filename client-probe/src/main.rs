@@ -260,41 +260,20 @@ fn run(cli: &Cli) -> R<()> {
             post,
         } => {
             let size = size.as_deref().map(parse_size).transpose()?;
-            let rep =
-                maas_probe::hooks::around(pre.as_deref(), post.as_deref(), volume, || {
-                    match (source, postgres) {
-                        (_, Some(pg)) => {
-                            probe.backup_postgres(volume, pg, size, exclude, &progress)
-                        }
-                        (Some(src), None)
-                            if maas_probe::nbd_source::is_nbd(&src.to_string_lossy()) =>
-                        {
-                            probe.backup_nbd(
-                                volume,
-                                &src.to_string_lossy(),
-                                bitmap.as_deref(),
-                                size,
-                                &progress,
-                            )
-                        }
-                        (Some(src), None) if maas_probe::image::is_image(src) => {
-                            if !exclude.is_empty() {
-                                return Err(ProbeError::Usage(
-                                    "--exclude applies to directories, not to a device or image \
-                                 file"
-                                        .into(),
-                                ));
-                            }
-                            probe.backup_image(volume, src, size, &progress)
-                        }
-                        (Some(src), None) => {
-                            probe.backup_tree(volume, src, size, exclude, &progress)
-                        }
-                        (None, None) => Err(ProbeError::Usage(
-                            "backup needs --source or --postgres".into(),
-                        )),
-                    }
-                });
+            let source = source.as_ref().map(|p| p.to_string_lossy());
+            let rep = probe.backup(
+                &ops::BackupRequest {
+                    volume,
+                    source: source.as_deref(),
+                    postgres: postgres.as_deref(),
+                    bitmap: bitmap.as_deref(),
+                    size,
+                    exclude,
+                    pre: pre.as_deref(),
+                    post: post.as_deref(),
+                },
+                &progress,
+            );
             if let Some(pb) = &bar {
                 pb.finish_and_clear();
             }
@@ -378,13 +357,7 @@ fn run(cli: &Cli) -> R<()> {
             to,
             image,
         } => {
-            let rep = match (path, to, image) {
-                (Some(p), Some(t), None) => probe.restore_files(snapshot, p, t),
-                (None, None, Some(i)) => probe.restore_image(snapshot, i),
-                _ => Err(ProbeError::Usage(
-                    "restore needs --path P --to DIR, or --image DEVICE_OR_FILE".into(),
-                )),
-            };
+            let rep = probe.restore(snapshot, path.as_deref(), to.as_deref(), image.as_deref());
             if let Some(pb) = &bar {
                 pb.finish_and_clear();
             }

@@ -14,11 +14,10 @@ use std::time::Instant;
 use maas_proto::nbd::{Client, NbdError, STATE_DIRTY, STATE_ZERO};
 use serde::{Deserialize, Serialize};
 
-use crate::attach::Record;
 use crate::image::ImageChanges;
-use crate::ops::{BackupReport, Probe, ProbeError, R, lock_volume, name_ok};
+use crate::image_backup::image_report;
+use crate::ops::{BackupReport, Probe, ProbeError, R, check_volume_name, lock_volume};
 use crate::server;
-use crate::sys;
 
 /// Bytes handled at a time (one NBD read, one or more volume writes).
 const WINDOW: u64 = 4 << 20;
@@ -138,11 +137,7 @@ impl Probe {
         progress: &dyn Fn(&str, u64),
     ) -> R<BackupReport> {
         let t0 = Instant::now();
-        if !name_ok(volume) {
-            return Err(ProbeError::Usage(format!(
-                "volume name {volume:?}: use 1-128 of A-Z a-z 0-9 . _ -"
-            )));
-        }
+        check_volume_name(volume)?;
         let uri = parse_uri(uri_text).ok_or_else(|| {
             ProbeError::Usage(format!(
                 "{uri_text:?} is not an NBD URI (nbd+unix:///EXPORT?socket=PATH or \
@@ -170,12 +165,7 @@ impl Probe {
         }
         let _lock = lock_volume(&self.state, volume)?;
         self.clean_stale();
-        let want = size.unwrap_or(0).max(disk_size).div_ceil(1 << 20) * (1 << 20);
-        let (vol, created) = match server::volume_by_name(&self.client, volume)? {
-            Some(v) if v.size < want => (server::grow_volume(&self.client, &v.id, want)?, false),
-            Some(v) => (v, false),
-            None => (server::create_volume(&self.client, volume, want)?, true),
-        };
+        let (vol, created) = self.image_volume(volume, disk_size, size)?;
         let name = format!("backup-{volume}");
         let state_path = self.nbd_state(&name);
         let last: Option<LastNbd> = std::fs::read(&state_path)
@@ -212,16 +202,7 @@ impl Probe {
             }
         };
 
-        let mut rec = Record {
-            name: name.clone(),
-            pid: std::process::id(),
-            pid_start: sys::start_time(std::process::id()).unwrap_or(0),
-            ..Record::default()
-        };
-        rec.save(&self.state)?;
-        let export = server::export_to_host(&self.client, &vol.id, &self.id.hostnqn, false)?;
-        rec.export = Some(export.id.clone());
-        rec.save(&self.state)?;
+        let (rec, export) = self.export_for_backup(&name, &vol.id)?;
         progress("attach", 0);
         let copied = (|| -> R<(ImageChanges, u64, u64)> {
             let disk = self.connect(&export)?;
@@ -305,13 +286,13 @@ impl Probe {
         nbd.disconnect();
         progress("seal", written);
         let snap = server::seal(&self.client, &vol.id, &|_| {})?;
-        let rec = LastNbd {
+        let last = LastNbd {
             snapshot: snap.clone(),
             size: disk_size,
         };
-        if let Err(e) = std::fs::create_dir_all(self.state.join("nbd"))
-            .and_then(|_| std::fs::write(&state_path, serde_json::to_vec(&rec).unwrap_or_default()))
-        {
+        if let Err(e) = std::fs::create_dir_all(self.state.join("nbd")).and_then(|_| {
+            std::fs::write(&state_path, serde_json::to_vec(&last).unwrap_or_default())
+        }) {
             tracing::warn!(error = %e, "the NBD backup record was not kept: the next backup reads all");
         }
         let entry = maas_api::ManifestEntry {
@@ -325,29 +306,18 @@ impl Probe {
             blake3: None,
             target: None,
         };
-        let text = crate::manifest::to_ndjson(std::slice::from_ref(&entry));
-        let manifest_error = server::put_manifest(&self.client, &snap, &text)
-            .err()
-            .map(|e| e.to_string());
-        Ok(BackupReport {
-            volume: volume.to_string(),
-            volume_id: vol.id,
-            snapshot: snap,
-            created_volume: created,
-            made_filesystem: false,
-            changes: None,
-            image: Some(changes),
-            postgres: None,
-            post_hook_error: None,
-            manifest: crate::manifest::ManifestStats {
-                entries: 1,
-                ..Default::default()
-            },
+        let manifest_error = self.record_image_manifest(&snap, &entry);
+        Ok(image_report(
+            volume,
+            vol.id,
+            snap,
+            created,
+            changes,
             manifest_error,
-            bytes_written: written,
-            bytes_read: read,
-            seconds: t0.elapsed().as_secs_f64(),
-        })
+            written,
+            read,
+            t0,
+        ))
     }
 }
 

@@ -70,6 +70,22 @@ pub struct Probe {
     pub rt: Runtime,
 }
 
+/// What to back up (the fields of `maas-probe backup` and of a host job's backup).
+#[derive(Debug, Default)]
+pub struct BackupRequest<'a> {
+    pub volume: &'a str,
+    /// A directory, a block device or image file, or an NBD URI.
+    pub source: Option<&'a str>,
+    /// A libpq connection string of a PostgreSQL cluster on this host.
+    pub postgres: Option<&'a str>,
+    /// With an NBD source: QEMU's dirty bitmap.
+    pub bitmap: Option<&'a str>,
+    pub size: Option<u64>,
+    pub exclude: &'a [String],
+    pub pre: Option<&'a str>,
+    pub post: Option<&'a str>,
+}
+
 /// A backup's outcome, as `--json` prints it.
 #[derive(Debug, Serialize)]
 pub struct BackupReport {
@@ -148,7 +164,18 @@ pub(crate) fn du(p: &Path) -> u64 {
     total
 }
 
-pub(crate) fn name_ok(name: &str) -> bool {
+/// Refuses a volume name maasd would refuse, before anything is made.
+pub(crate) fn check_volume_name(volume: &str) -> R<()> {
+    if name_ok(volume) {
+        Ok(())
+    } else {
+        Err(ProbeError::Usage(format!(
+            "volume name {volume:?}: use 1-128 of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
+fn name_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
@@ -170,6 +197,58 @@ impl Probe {
             cleaned.push(r.name.clone());
         }
         cleaned
+    }
+
+    /// A read-write export of volume `vol_id` to this host for backup attachment `name`,
+    /// recorded (before the export is made and after) so that a killed probe's leftovers are
+    /// found and removed by the next command.
+    pub(crate) fn export_for_backup(
+        &self,
+        name: &str,
+        vol_id: &str,
+    ) -> R<(Record, maas_api::Export)> {
+        let mut rec = Record {
+            name: name.to_string(),
+            pid: std::process::id(),
+            pid_start: sys::start_time(std::process::id()).unwrap_or(0),
+            ..Record::default()
+        };
+        rec.save(&self.state)?;
+        let export = server::export_to_host(&self.client, vol_id, &self.id.hostnqn, false)?;
+        rec.export = Some(export.id.clone());
+        rec.save(&self.state)?;
+        Ok((rec, export))
+    }
+
+    /// A backup as the CLI and host jobs ask for it: the source decides the kind (PostgreSQL,
+    /// an NBD URI, a block device or image file, else a directory), between the hooks.
+    pub fn backup(&self, req: &BackupRequest<'_>, progress: &dyn Fn(&str, u64)) -> R<BackupReport> {
+        let volume = req.volume;
+        crate::hooks::around(req.pre, req.post, volume, || {
+            match (req.source, req.postgres) {
+                (None, Some(pg)) => {
+                    self.backup_postgres(volume, pg, req.size, req.exclude, progress)
+                }
+                (Some(src), None) if crate::nbd_source::is_nbd(src) => {
+                    self.backup_nbd(volume, src, req.bitmap, req.size, progress)
+                }
+                (Some(src), None) if crate::image::is_image(Path::new(src)) => {
+                    if !req.exclude.is_empty() {
+                        return Err(ProbeError::Usage(
+                            "--exclude applies to directories, not to a device or image file"
+                                .into(),
+                        ));
+                    }
+                    self.backup_image(volume, Path::new(src), req.size, progress)
+                }
+                (Some(src), None) => {
+                    self.backup_tree(volume, Path::new(src), req.size, req.exclude, progress)
+                }
+                _ => Err(ProbeError::Usage(
+                    "a backup takes a source or a PostgreSQL connection, one of them".into(),
+                )),
+            }
+        })
     }
 
     fn run_dir(&self, name: &str) -> PathBuf {
@@ -211,11 +290,7 @@ impl Probe {
         after_copy: Option<AfterCopy<'_>>,
     ) -> R<BackupReport> {
         let t0 = Instant::now();
-        if !name_ok(volume) {
-            return Err(ProbeError::Usage(format!(
-                "volume name {volume:?}: use 1-128 of A-Z a-z 0-9 . _ -"
-            )));
-        }
+        check_volume_name(volume)?;
         if !src.is_dir() {
             return Err(TreeError::NoSource(src.display().to_string()).into());
         }
@@ -240,16 +315,8 @@ impl Probe {
             }
         };
         let name = format!("backup-{volume}");
-        let mut rec = Record {
-            name: name.clone(),
-            pid: std::process::id(),
-            pid_start: sys::start_time(std::process::id()).unwrap_or(0),
-            fuse_dir: self.run_dir(&name).join("fuse"),
-            ..Record::default()
-        };
-        rec.save(&self.state)?;
-        let export = server::export_to_host(&self.client, &vol.id, &self.id.hostnqn, false)?;
-        rec.export = Some(export.id.clone());
+        let (mut rec, export) = self.export_for_backup(&name, &vol.id)?;
+        rec.fuse_dir = self.run_dir(&name).join("fuse");
         rec.save(&self.state)?;
         let result = self.backup_attached(
             &mut rec, &export, created, src, excludes, progress, after_copy,

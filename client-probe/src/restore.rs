@@ -178,6 +178,24 @@ impl Probe {
 
     /// Writes the snapshot's whole image to a block device or a file (made if missing; holes
     /// where the snapshot is zero), then syncs it.
+    /// A restore as the CLI and host jobs ask for it: files (`path` into folder `to`) or the
+    /// whole image (into `image`, a device or a file).
+    pub fn restore(
+        &self,
+        snapshot: &str,
+        path: Option<&str>,
+        to: Option<&Path>,
+        image: Option<&Path>,
+    ) -> R<RestoreReport> {
+        match (path, to, image) {
+            (Some(p), Some(t), None) => self.restore_files(snapshot, p, t),
+            (None, None, Some(i)) => self.restore_image(snapshot, i),
+            _ => Err(ProbeError::Usage(
+                "a restore takes --path P --to DIR, or --image DEVICE_OR_FILE".into(),
+            )),
+        }
+    }
+
     pub fn restore_image(&self, snapshot: &str, to: &Path) -> R<RestoreReport> {
         let t0 = Instant::now();
         self.clean_stale();

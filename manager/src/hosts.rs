@@ -11,7 +11,7 @@ use maas_api as api;
 
 use crate::api::{Body, Page, page, validate_name};
 use crate::auth::{Caller, Role};
-use crate::catalog::{HostRow, JobRow};
+use crate::catalog::HostRow;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, blocking, job_out, new_id, now_ms, rfc3339};
 
@@ -322,7 +322,6 @@ pub async fn queue_job(
                 ),
             ));
         }
-        let now = now_ms();
         let target = match &task {
             api::HostTask::Backup { volume, .. } => Some(volume.clone()),
             api::HostTask::Restore { snapshot, .. } | api::HostTask::Mount { snapshot, .. } => {
@@ -330,20 +329,9 @@ pub async fn queue_job(
             }
             api::HostTask::Umount { .. } => None,
         };
-        let row = JobRow {
-            id: new_id("job"),
-            kind: task.kind().into(),
-            state: "queued".into(),
-            progress_milli: 0,
-            target,
-            error: None,
-            result: None,
-            created_ms: now,
-            updated_ms: now,
-            progress_detail: None,
-            host: Some(h.id.clone()),
-            params: serde_json::to_string(&task).ok(),
-        };
+        let mut row = crate::jobs::queued_row(task.kind(), target);
+        row.host = Some(h.id.clone());
+        row.params = serde_json::to_string(&task).ok();
         st.catalog.insert_job(&row)?;
         tracing::info!(job = %row.id, host = %h.name, kind = %row.kind, "job queued for a host");
         Ok(row)
@@ -478,8 +466,8 @@ mod tests {
 
     #[test]
     fn tasks_are_checked() {
-        let ok = api::HostTask::Backup {
-            volume: "v".into(),
+        let backup = |volume: &str| api::HostTask::Backup {
+            volume: volume.into(),
             source: "/srv".into(),
             postgres: None,
             bitmap: None,
@@ -488,18 +476,8 @@ mod tests {
             size: None,
             exclude: vec![],
         };
-        assert!(check_task(&ok).is_ok());
-        let bad = api::HostTask::Backup {
-            volume: "a b".into(),
-            source: "/srv".into(),
-            postgres: None,
-            bitmap: None,
-            pre: None,
-            post: None,
-            size: None,
-            exclude: vec![],
-        };
-        assert!(check_task(&bad).is_err());
+        assert!(check_task(&backup("v")).is_ok());
+        assert!(check_task(&backup("a b")).is_err());
         let mixed = api::HostTask::Restore {
             snapshot: "s".into(),
             path: Some("/a".into()),

@@ -76,21 +76,7 @@ pub async fn start(
     target: Option<String>,
     work: impl FnOnce(&AppState, &Progress<'_>) -> ApiResult<serde_json::Value> + Send + 'static,
 ) -> ApiResult<JobRow> {
-    let now = now_ms();
-    let row = JobRow {
-        id: new_id("job"),
-        kind: kind.into(),
-        state: "queued".into(),
-        progress_milli: 0,
-        target,
-        error: None,
-        result: None,
-        created_ms: now,
-        updated_ms: now,
-        progress_detail: None,
-        host: None,
-        params: None,
-    };
+    let row = queued_row(kind, target);
     let r2 = row.clone();
     crate::state::blocking(state, move |st| Ok(st.catalog.insert_job(&r2)?)).await?;
     let st = state.clone();
@@ -131,6 +117,25 @@ pub async fn start(
         st.running_jobs.fetch_sub(1, Ordering::SeqCst);
     });
     Ok(row)
+}
+
+/// A new job's row, queued now (for maasd to run; [`JobRow::host`] set makes it a probe's).
+pub fn queued_row(kind: &str, target: Option<String>) -> JobRow {
+    let now = now_ms();
+    JobRow {
+        id: new_id("job"),
+        kind: kind.into(),
+        state: "queued".into(),
+        progress_milli: 0,
+        target,
+        error: None,
+        result: None,
+        created_ms: now,
+        updated_ms: now,
+        progress_detail: None,
+        host: None,
+        params: None,
+    }
 }
 
 /// Fails jobs a previous run left unfinished.

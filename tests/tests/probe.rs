@@ -1155,7 +1155,8 @@ fn backup_data_never_crosses_the_rest_api_and_a_killed_maasd_loses_nothing() {
         .replace(&api_addr.port().to_string(), &relay.port.to_string());
     let state = t.path().join("probe");
     let env = m.maasctl_env();
-    let probe_cmd = |args: &[&str]| -> Output {
+    // (Not the `Probe` helper: that borrows maasd, which this test kills and starts again.)
+    let probe_cmd = |args: &[&str]| -> Command {
         let mut c = Command::new(probe_bin());
         c.args(args)
             .arg("--json")
@@ -1165,7 +1166,7 @@ fn backup_data_never_crosses_the_rest_api_and_a_killed_maasd_loses_nothing() {
             c.env(k, v);
         }
         c.env("MAAS_URL", &relayed_url);
-        c.output().expect("maas-probe")
+        c
     };
     let src = t.path().join("src");
     dataset(&src, "0.05");
@@ -1177,7 +1178,9 @@ fn backup_data_never_crosses_the_rest_api_and_a_killed_maasd_loses_nothing() {
         "three",
         "--source",
         &src.display().to_string(),
-    ]);
+    ])
+    .output()
+    .expect("maas-probe");
     assert!(
         out.status.success(),
         "{}",
@@ -1206,21 +1209,12 @@ fn backup_data_never_crosses_the_rest_api_and_a_killed_maasd_loses_nothing() {
     ));
     // (stderr to a file: a pipe nobody reads until the end would fill and stall the probe.)
     let err_log = t.path().join("probe.err");
-    let mut child = {
-        let mut c = Command::new(probe_bin());
-        c.args(["backup", "--volume", "three", "--source"])
-            .arg(&src)
-            .arg("--json")
-            .env("MAAS_PROBE_STATE_DIR", &state)
-            .env("MAAS_PROBE_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&err_log).expect("probe.err"));
-        for (k, v) in &env {
-            c.env(k, v);
-        }
-        c.env("MAAS_URL", &relayed_url);
-        c.spawn().expect("maas-probe")
-    };
+    let src_arg = src.display().to_string();
+    let mut child = probe_cmd(&["backup", "--volume", "three", "--source", &src_arg])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_log).expect("probe.err"))
+        .spawn()
+        .expect("maas-probe");
     wait_for(Duration::from_secs(60), "the copy to start", || {
         std::fs::read_dir(state.join("attachments"))
             .ok()?
